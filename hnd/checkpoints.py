@@ -1,0 +1,290 @@
+"""Reading the original's published checkpoints and this project's own, safely; saving ours.
+
+Every file is read with ``torch.load(..., weights_only=True, map_location="cpu")``; the only
+extra class allowed is ``argparse.Namespace`` (the original KD checkpoints store their
+command-line arguments in one). Formats understood (original-hnd.md §4.1, §2.7):
+
+- ``original-naive``: ``{type, model, acc, epoch}``, ``model`` = whole student state_dict with
+  the original keys (``student_model.*``, ``features.N.*``, ``classifier.*``);
+- ``original-kd``: ``{model, optimizer, lr_scheduler, best_value, config, args}``, same keys;
+- ``original-hnd``: ``{type, model, epoch, best_valid_value, student}``, ``model`` = head only
+  (``extractor.*``, ``module_seq.*``); the tail comes from the pretrained teacher;
+- ``original-teacher`` / a plain state_dict with torchvision keys: a teacher;
+- ``hnd``: ours, ``{format: "hnd", version, model, part, state_dict, ...}``, keys as in
+  :class:`hnd.students.Student` (``head.encoder.*``, ``head.decoder.*``, ``tail.*``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hnd.errors import HndError, describe_mismatch
+from hnd.models import build_model, resolve
+from hnd.students import Student, build_student
+
+FORMAT_VERSION = 1
+_INCEPTION_TAIL = ["Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c",
+                   "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c"]
+_N_ENCODER = 7  # stem (4) + BN + ReLU + bottleneck conv
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read from disk, its weights already in this project's key layout."""
+
+    path: Path
+    format: str
+    part: str  # student | head | teacher
+    state_dict: dict[str, torch.Tensor]  # keys relative to Student, StudentHead or the teacher
+    model: str | None = None  # the model name the file records, if any
+    meta: dict = field(default_factory=dict)
+
+
+def read_file(path: str | os.PathLike) -> object:
+    """``torch.load`` a file safely, turning every failure into a one-line :class:`HndError`."""
+    path = Path(path)
+    if not path.exists():
+        raise HndError(f"checkpoint not found: {path}")
+    if not path.is_file():
+        raise HndError(f"checkpoint is not a file: {path}")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on odd pickles; our error says it all
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        text = str(exc)
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if isinstance(exc, pickle.UnpicklingError) and found:
+            raise HndError(f"refused {path}: loading it would run code or build objects that are not plain "
+                           f"data ({found.group(1)}); only tensors and plain data are loaded") from None
+        detail = re.search(r"Unsupported [^\n.]*", text)
+        detail = detail.group(0) if detail else f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+        raise HndError(f"cannot read {path}: truncated, or not a weights-only PyTorch checkpoint ({detail})") from None
+
+
+def _is_state_dict(obj: object) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def _split_key(key: str) -> tuple[str, int, str]:
+    prefix, index, rest = key.split(".", 2)
+    return prefix, int(index), rest
+
+
+def convert_original_head(state: dict) -> dict:
+    """Original head keys (``extractor.i``, ``module_seq.j``) -> ours (``encoder.i``, ``decoder.j``)."""
+    out = {}
+    for key, value in state.items():
+        prefix, i, rest = _split_key(key)
+        if prefix == "module_seq":
+            i += 4  # module_seq continues the extractor's 4 stem modules
+        elif prefix != "extractor":
+            raise HndError(f"unexpected key {key!r} in an original head checkpoint")
+        out[f"encoder.{i}.{rest}" if i < _N_ENCODER else f"decoder.{i - _N_ENCODER}.{rest}"] = value
+    return out
+
+
+def _convert_original_tail(state: dict) -> dict:
+    """Original flattened tail keys (``features.N.*``, ``classifier.*``) -> ours (``tail.<stage>.*``).
+
+    The original flattened the teacher's tail into one list (DenseNet: dense layers of block 3,
+    the 4 modules of transition3, dense layers of block 4, norm5, ...; ResNet: the bottleneck
+    blocks of layer3 and layer4; Inception-v3: Mixed_5b ... Mixed_7c). Which index is which is
+    read off the keys themselves, so a checkpoint of another depth is recognised as such.
+    """
+    subkeys: dict[int, set[str]] = {}
+    for key in state:
+        if key.startswith("features."):
+            _, i, rest = _split_key(key)
+            subkeys.setdefault(i, set()).add(rest)
+    indices = sorted(subkeys)
+    names: dict[int, str] = {}
+    if any(k.startswith("branch") for k in subkeys.get(0, ())):  # Inception-v3
+        names = dict(zip(indices, _INCEPTION_TAIL))
+        classifier = "fc"
+    elif "conv3.weight" in subkeys.get(0, ()):  # ResNet bottleneck blocks
+        layer, block = 2, 0
+        for i in indices:
+            if "downsample.0.weight" in subkeys[i]:  # each layer starts with a downsampling block
+                layer, block = layer + 1, 0
+            names[i] = f"layer{layer}.{block}"
+            block += 1
+        classifier = "fc"
+    else:  # DenseNet: dense layers, transition3 (norm, relu, conv, pool), dense layers, norm5
+        block, layer, plain = 3, 0, 0
+        for i in indices:
+            if "norm1.weight" in subkeys[i]:
+                layer += 1
+                names[i] = f"denseblock{block}.denselayer{layer}"
+            else:
+                names[i] = ["transition3.norm", "transition3.conv", "norm5"][min(plain, 2)]
+                plain += 1
+                if plain == 2:
+                    block, layer = 4, 0
+        classifier = "classifier"
+    out = {}
+    for key, value in state.items():
+        if key.startswith("classifier."):
+            out[f"tail.{classifier}.{key.split('.', 1)[1]}"] = value
+        elif key.startswith("features."):
+            _, i, rest = _split_key(key)
+            out[f"tail.{names[i]}.{rest}"] = value
+        else:
+            raise HndError(f"unexpected key {key!r} in an original whole-model checkpoint")
+    return out
+
+
+def convert_original_model(state: dict) -> dict:
+    """Whole original student state_dict -> our :class:`Student` keys."""
+    head = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("student_model.")}
+    tail = {k: v for k, v in state.items() if not k.startswith("student_model.")}
+    converted = {f"head.{k}": v for k, v in convert_original_head(head).items()}
+    converted.update(_convert_original_tail(tail))
+    return converted
+
+
+def parse_checkpoint(obj: object, path: Path) -> Checkpoint:
+    """Recognise the format of a loaded object and convert its weights to our layout."""
+    if isinstance(obj, dict) and obj.get("format") == "hnd":
+        if not _is_state_dict(obj.get("state_dict")) or obj.get("part") not in ("student", "head", "teacher"):
+            raise HndError(f"{path}: damaged hnd checkpoint (needs 'state_dict' and 'part')")
+        meta = {k: v for k, v in obj.items() if k not in ("state_dict",)}
+        return Checkpoint(path, "hnd", obj["part"], obj["state_dict"], obj.get("model"), meta)
+    state = obj.get("model") if isinstance(obj, dict) and "model" in obj else obj
+    meta = {k: v for k, v in obj.items() if k != "model"} if state is not obj else {}
+    if not _is_state_dict(state):
+        raise HndError(f"{path} is not a checkpoint hnd understands: expected a state_dict, an "
+                       "original naive/KD/HND checkpoint or an hnd checkpoint")
+    keys = list(state)
+    if keys[0].startswith(("extractor.", "module_seq.")):
+        return Checkpoint(path, "original-hnd", "head", convert_original_head(state), None, meta)
+    if any(k.startswith("student_model.") for k in keys):
+        fmt = "original-kd" if "args" in meta or "optimizer" in meta else "original-naive"
+        return Checkpoint(path, fmt, "student", convert_original_model(state), None, meta)
+    return Checkpoint(path, "original-teacher" if meta else "state_dict", "teacher", state, None, meta)
+
+
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read and recognise any supported checkpoint file."""
+    return parse_checkpoint(read_file(path), Path(path))
+
+
+def _count(state: dict, pattern: str) -> int:
+    return len({m.group(1) for k in state if (m := re.match(pattern, k))})
+
+
+def _head_family(head: dict) -> str | None:
+    """Head design from its decoder: the number of convs (BNs excluded) tells the family."""
+    convs = _count(head, r"decoder\.(\d+)\.weight$") - _count(head, r"decoder\.(\d+)\.running_mean$")
+    return {5: "densenet", 4: "resnet", 3: "inception"}.get(convs)
+
+
+def identify(state: dict, part: str) -> str:
+    """Which model a converted state_dict looks like, for error messages."""
+    if part == "teacher":
+        return _identify_teacher(state) or "an unknown teacher"
+    head = {k[5:]: v for k, v in state.items() if k.startswith("head.")} if part == "student" else state
+    if "encoder.6.weight" not in head:
+        return "an unknown model"
+    channels = head["encoder.6.weight"].shape[0]
+    family = _head_family(head)
+    if family is None:
+        return f"an unknown head with {channels} bottleneck channels"
+    if part == "student":
+        tail = {k[5:]: v for k, v in state.items() if k.startswith("tail.")}
+        teacher = _identify_teacher(tail) or f"an unknown {family}"
+    else:  # a head alone does not tell which member of the family it was trained for
+        teacher = {"densenet": "densenet121/169/201", "resnet": "resnet50/101/152",
+                   "inception": "inception_v3"}[family]
+    return f"{teacher}_head_mimic-ver{'1b' if family == 'inception' else '2b'}-{channels}ch"
+
+
+def _identify_teacher(state: dict) -> str | None:
+    """Teacher name from torchvision-layout keys (with or without the ``features.`` prefix)."""
+    state = {k.removeprefix("features."): v for k, v in state.items()}
+    layers = _count(state, r"denseblock3\.denselayer(\d+)\.")
+    if layers:
+        return {24: "densenet121", 32: "densenet169", 48: "densenet201"}.get(layers)
+    blocks = _count(state, r"layer3\.(\d+)\.")
+    if blocks:
+        return {6: "resnet50", 23: "resnet101", 36: "resnet152"}.get(blocks)
+    return "inception_v3" if any(k.startswith("Mixed_7c.") for k in state) else None
+
+
+def _load_into(module: nn.Module, ckpt: Checkpoint, name: str) -> None:
+    diffs = describe_mismatch(module.state_dict(), ckpt.state_dict)
+    if diffs or (ckpt.model is not None and ckpt.model != name):
+        looks = ckpt.model or identify(ckpt.state_dict, ckpt.part)
+        raise HndError(f"{ckpt.path} ({ckpt.format}, {ckpt.part}) does not fit {name}: it looks like "
+                       f"{looks}; first mismatches: {diffs or 'none (model name differs)'}")
+    module.load_state_dict(ckpt.state_dict)
+
+
+def load_model(name: str, checkpoint: str | os.PathLike) -> nn.Module:
+    """Build model ``name`` with the weights of ``checkpoint`` (any supported format), eval mode.
+
+    A head-only checkpoint (original HND, or ours with ``part="head"``) takes its tail from
+    the teacher's pretrained weights.
+    """
+    teacher, student = resolve(name)
+    ckpt = read_checkpoint(checkpoint)
+    if student is None:
+        if ckpt.part != "teacher":
+            raise HndError(f"{ckpt.path} holds a {ckpt.part} ({identify(ckpt.state_dict, ckpt.part)}); "
+                           f"{name} is a teacher: give a student name or a teacher checkpoint")
+        model = build_model(name, pretrained=False)
+        _load_into(model, ckpt, name)
+        return model.eval()
+    if ckpt.part == "teacher":
+        raise HndError(f"{ckpt.path} holds a teacher ({identify(ckpt.state_dict, 'teacher')}); "
+                       f"{name} is a student: use the teacher's name or a student checkpoint")
+    if ckpt.part == "head":
+        model = build_student(student, pretrained=True)
+        _load_into(model.head, ckpt, name)
+    else:
+        model = build_student(student, pretrained=False)
+        _load_into(model, ckpt, name)
+    return model.eval()
+
+
+def atomic_save(obj: object, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename: the target is
+    either the old file or the complete new one, never a partial write."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: str | os.PathLike, name: str, model: nn.Module, *, part: str = "student",
+                    **extra: object) -> None:
+    """Save ``model`` as an hnd checkpoint. part: ``student`` (whole), ``head`` (student head
+    only; the tail is the pretrained teacher's) or ``teacher``. ``extra`` holds plain data."""
+    _, student = resolve(name)
+    if part not in (("student", "head") if student else ("teacher",)):
+        raise HndError(f"part {part!r} does not apply to {name}")
+    module = model.head if part == "head" else model
+    if student is not None and not isinstance(model, Student):
+        raise HndError(f"{name} is a student but the model is a {type(model).__name__}")
+    atomic_save({"format": "hnd", "version": FORMAT_VERSION, "model": name, "part": part,
+                 "state_dict": module.state_dict(), **extra}, path)
+

@@ -1,0 +1,65 @@
+"""Project plumbing: dependencies agree, the README's commands are what CI runs, imports stay light."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[<>=!~\[; ]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_environment_yml_matches_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = project["dependencies"] + project["optional-dependencies"]["book"] + project["optional-dependencies"]["test"]
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    listed = [r for r in pip if not r.startswith("-e")]
+    assert sorted(listed) == sorted(declared)
+    assert "-e ." in pip
+
+
+def test_constraints_pin_torch_and_torchvision_together():
+    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    import torch
+    import torchvision
+
+    assert torch.__version__.split("+")[0] == pins["torch"]
+    assert torchvision.__version__.split("+")[0] == pins["torchvision"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = {_name(r) for r in project["dependencies"] + sum(project["optional-dependencies"].values(), [])}
+    assert names <= {_name(p) for p in pins}, "every dependency has a tested version"
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"^\s*(\./run\.sh \w+)\s*$", readme, flags=re.M)
+    assert commands[:2] == ["./run.sh book", "./run.sh test"]
+    ci = [line for line in (ROOT / ".ci/run").read_text().splitlines() if line and not line.startswith("#")]
+    assert ci[-1] == "./run.sh test"
+
+
+def test_import_hnd_stays_light():
+    code = ("import sys, hnd; heavy = {'papermill', 'jupyter_book', 'matplotlib', 'sphinx', 'seaborn'}; "
+            "print(sorted(heavy & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_torchvision_imports():
+    import torchvision.models
+
+    assert torchvision.models.densenet169 is not None

@@ -1,0 +1,114 @@
+"""Teachers: torchvision builders, the paper's weights, and exact head/tail splits."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from hnd.errors import HndError
+from hnd.teachers import TEACHERS, build_teacher, split_teacher, teacher_spec, teacher_stages, weights_path
+
+from conftest import PAPER_TEACHERS
+
+# Official cut (original-hnd.md §2.2-2.4): head output per image.
+HEAD_OUTPUT = {"densenet": (256, 14, 14), "resnet": (512, 28, 28), "inception": (192, 35, 35)}
+
+
+@pytest.mark.parametrize("name", list(TEACHERS))
+def test_head_then_tail_equals_teacher(name):
+    torch.manual_seed(0)
+    teacher = build_teacher(name, pretrained=False)
+    size = teacher_spec(name).input_size
+    x = torch.randn(2, 3, size, size)
+    head, tail = split_teacher(name, teacher)
+    with torch.no_grad():
+        h = head(x)
+        assert tuple(h.shape[1:]) == HEAD_OUTPUT[teacher_spec(name).family]
+        assert torch.equal(tail(h), teacher(x))
+
+
+@pytest.mark.parametrize("name", ["densenet121", "resnet50", "inception_v3"])
+def test_every_split_point_is_exact(name):
+    teacher = build_teacher(name, pretrained=False, transform_input=name == "inception_v3" or None)
+    size = teacher_spec(name).input_size
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        expected = teacher(x)
+        for stage, _ in teacher_stages(name, teacher)[:-1]:
+            head, tail = split_teacher(name, teacher, stage)
+            assert torch.equal(tail(head(x)), expected), stage
+
+
+def test_inception_transform_input_in_head_only_when_teacher_has_it():
+    teacher = build_teacher("inception_v3", pretrained=False, transform_input=True)
+    head, tail = split_teacher("inception_v3", teacher)
+    assert list(head.named_children())[0][0] == "transform_input"
+    plain_head, _ = split_teacher("inception_v3", teacher, transform_input=False)
+    assert "transform_input" not in dict(plain_head.named_children())
+    x = torch.randn(1, 3, 299, 299)
+    with torch.no_grad():
+        assert torch.equal(tail(head(x)), teacher(x))
+        assert not torch.allclose(plain_head(x), head(x))  # the original's target differs
+
+
+def test_paper_weights_are_imagenet1k_v1():
+    for name in TEACHERS:
+        assert teacher_spec(name).weights.name == "IMAGENET1K_V1"
+    # ResNet-152 V1 (78.31%) rather than torchvision's default V2 (82.3%).
+    assert weights_path("resnet152").name == "resnet152-394f9c45.pth"
+    assert teacher_spec("resnet152").weights.meta["_metrics"]["ImageNet-1K"]["acc@1"] == pytest.approx(78.312)
+
+
+@pytest.mark.parametrize("name", PAPER_TEACHERS)
+def test_pretrained_weights_load_from_torch_cache(name, pretrained, torch_home):
+    state = pretrained(name)
+    assert str(weights_path(name)).startswith(str(torch_home))
+    teacher = build_teacher(name)
+    loaded = teacher.state_dict()
+    assert not teacher.training
+    # Every loaded tensor is the file's (DenseNet files use old 'norm.1' keys, remapped).
+    file_values = {k.replace("norm.1", "norm1").replace("norm.2", "norm2").replace("conv.1", "conv1")
+                   .replace("conv.2", "conv2"): v for k, v in state.items()}
+    for key, value in loaded.items():
+        if key.endswith("num_batches_tracked") and key not in file_values:
+            continue  # absent from old DenseNet files
+        assert torch.equal(value, file_values[key]), key
+    if name == "inception_v3":
+        assert teacher.transform_input and teacher.AuxLogits is None
+        assert not any(k.startswith("AuxLogits") for k in loaded)
+
+
+def test_missing_weights_name_the_file_and_place(torch_home):
+    path = weights_path("densenet121")
+    assert not path.exists()
+    with pytest.raises(HndError) as err:
+        build_teacher("densenet121")
+    assert path.name in str(err.value) and str(path.parent) in str(err.value)
+
+
+def test_wrong_or_unsafe_weights_file_is_a_clear_error(pretrained, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    path = weights_path("resnet101")
+    path.parent.mkdir(parents=True)
+    torch.save(build_teacher("resnet50", pretrained=False).state_dict(), path)  # a resnet50 file
+    with pytest.raises(HndError, match="do not fit resnet101"):
+        build_teacher("resnet101")
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    torch.save({"x": Payload()}, path)
+    with pytest.raises(HndError, match="cannot read pretrained weights"):
+        build_teacher("resnet101")
+    assert not (tmp_path / "ran").exists()
+
+
+def test_unknown_teacher_and_split_point():
+    with pytest.raises(HndError, match="valid teachers: densenet121"):
+        teacher_spec("vgg16")
+    teacher = build_teacher("resnet50", pretrained=False)
+    with pytest.raises(HndError, match="valid: conv1"):
+        split_teacher("resnet50", teacher, "layer9")
