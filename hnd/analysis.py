@@ -164,14 +164,16 @@ def analyze_model(name: str, model: nn.Module, split_point: str | None = None) -
         device_parts = head_parts = {"head"}
     last_device = [r for r in rows if r.part in device_parts][-1]
     last_head = [r for r in rows if r.part in head_parts][-1]
+    head_params, head_macs = _totals(rows, head_parts)
+    encoder_params, encoder_macs = _totals(rows, device_parts)
+    tail_params, tail_macs = _totals(rows, {"tail"})
     summary = Summary(
         model=name, kind="student" if student else "teacher", teacher=teacher, split_point=split,
         input_shape=(3, size, size),
         params=sum(r.params for r in rows), macs=rows[-1].cum_macs,
-        head_params=_totals(rows, head_parts)[0], head_macs=_totals(rows, head_parts)[1],
-        head_output_shape=last_head.output_shape,
-        encoder_params=_totals(rows, device_parts)[0], encoder_macs=_totals(rows, device_parts)[1],
-        tail_params=_totals(rows, {"tail"})[0], tail_macs=_totals(rows, {"tail"})[1],
+        head_params=head_params, head_macs=head_macs, head_output_shape=last_head.output_shape,
+        encoder_params=encoder_params, encoder_macs=encoder_macs,
+        tail_params=tail_params, tail_macs=tail_macs,
         bottleneck_shape=last_device.output_shape,
         bottleneck_bytes={k: last_device.bytes(k) for k in DTYPE_BYTES},
     )

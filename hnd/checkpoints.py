@@ -282,9 +282,9 @@ def save_checkpoint(path: str | os.PathLike, name: str, model: nn.Module, *, par
     _, student = resolve(name)
     if part not in (("student", "head") if student else ("teacher",)):
         raise HndError(f"part {part!r} does not apply to {name}")
-    module = model.head if part == "head" else model
     if student is not None and not isinstance(model, Student):
         raise HndError(f"{name} is a student but the model is a {type(model).__name__}")
+    module = model.head if part == "head" else model
     atomic_save({"format": "hnd", "version": FORMAT_VERSION, "model": name, "part": part,
                  "state_dict": module.state_dict(), **extra}, path)
 

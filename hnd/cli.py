@@ -42,7 +42,8 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     print(f"{s.model} ({s.kind} of {s.teacher}), input {_fmt_shape(s.input_shape)}, split after {s.split_point}")
     print(f"  params {s.params:,}  MACs {s.macs:,}")
     print(f"  head     params {s.head_params:,}  MACs {s.head_macs:,}  output {_fmt_shape(s.head_output_shape)}")
-    print(f"  device   params {s.encoder_params:,}  MACs {s.encoder_macs:,}  ({s.kind == 'student' and 'encoder' or 'head'})")
+    device_part = "encoder" if s.kind == "student" else "head"
+    print(f"  device   params {s.encoder_params:,}  MACs {s.encoder_macs:,}  ({device_part})")
     print(f"  tail     params {s.tail_params:,}  MACs {s.tail_macs:,}")
     b = s.bottleneck_bytes
     print(f"  sent     {_fmt_shape(s.bottleneck_shape)} = {s.bottleneck_pct_of_input:.3f}% of the input; "

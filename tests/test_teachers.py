@@ -78,6 +78,11 @@ def test_pretrained_weights_load_from_torch_cache(name, pretrained, torch_home):
     if name == "inception_v3":
         assert teacher.transform_input and teacher.AuxLogits is None
         assert not any(k.startswith("AuxLogits") for k in loaded)
+    size = teacher_spec(name).input_size
+    x = torch.randn(1, 3, size, size)
+    head, tail = split_teacher(name, teacher)
+    with torch.no_grad():
+        assert torch.equal(tail(head(x)), teacher(x))
 
 
 def test_missing_weights_name_the_file_and_place(torch_home):
