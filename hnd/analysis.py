@@ -119,6 +119,25 @@ class Analysis:
     def to_dict(self) -> dict:
         return {"summary": self.summary.to_dict(), "layers": [r.to_dict() for r in self.rows]}
 
+    def smaller_than_input(self) -> list[LayerRow]:
+        """Candidate split points: layers whose output holds fewer values than the input."""
+        return [r for r in self.rows if r.numel < prod(self.summary.input_shape)]
+
+
+def compare_heads(teacher: Analysis, student: Analysis) -> dict:
+    """What running the student's encoder instead of the teacher head changes on the device."""
+    t, s = teacher.summary, student.summary
+    return {
+        "teacher": t.teacher, "channels": s.bottleneck_shape[0],
+        "teacher_head_params": t.head_params, "teacher_head_macs": t.head_macs,
+        "encoder_params": s.encoder_params, "encoder_macs": s.encoder_macs,
+        "macs_reduction_pct": 100.0 * (1 - s.encoder_macs / t.head_macs),
+        "bottleneck_shape": "x".join(map(str, s.bottleneck_shape)),
+        **{f"bytes_{k}": v for k, v in s.bottleneck_bytes.items()},
+        "pct_of_input": s.bottleneck_pct_of_input,
+        "teacher_split_bytes_fp32": t.bottleneck_bytes["fp32"],
+    }
+
 
 def _device_of(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)

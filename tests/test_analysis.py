@@ -95,3 +95,19 @@ def test_real_model_is_analysed_on_its_device():
     a = analyze_model("resnet50_head_mimic-ver2b-3ch", student)
     assert a.summary.encoder_macs == 118659840 and next(student.parameters()).device.type == "cpu"
     assert a.to_dict()["summary"]["bottleneck_shape"] == [3, 29, 29]
+
+
+def test_candidate_split_points_and_head_comparison():
+    from hnd.analysis import compare_heads
+
+    teacher = analyze("densenet169")
+    candidates = teacher.smaller_than_input()
+    assert all(r.numel < 3 * 224 * 224 for r in candidates)
+    # Original notebook: transition1's output is 0.667 of the input, transition2's 0.333.
+    by_name = {r.name: r.numel / (3 * 224 * 224) for r in candidates}
+    assert round(by_name["head.transition1.pool"], 3) == 0.667 and round(by_name["head.transition2.pool"], 3) == 0.333
+    assert "head.conv0" not in by_name
+    row = compare_heads(teacher, analyze("densenet169_head_mimic-ver2b-3ch"))
+    assert row["encoder_macs"] == 118659840 and row["teacher_head_macs"] == 2076884992
+    assert row["macs_reduction_pct"] == pytest.approx(100 * (1 - 118659840 / 2076884992))
+    assert (row["bytes_int8"], row["bottleneck_shape"]) == (2523, "3x29x29")
