@@ -167,11 +167,15 @@ def parse_checkpoint(obj: object, path: Path) -> Checkpoint:
         raise HndError(f"{path} is not a checkpoint hnd understands: expected a state_dict, an "
                        "original naive/KD/HND checkpoint or an hnd checkpoint")
     keys = list(state)
-    if keys[0].startswith(("extractor.", "module_seq.")):
-        return Checkpoint(path, "original-hnd", "head", convert_original_head(state), None, meta)
-    if any(k.startswith("student_model.") for k in keys):
-        fmt = "original-kd" if "args" in meta or "optimizer" in meta else "original-naive"
-        return Checkpoint(path, fmt, "student", convert_original_model(state), None, meta)
+    try:
+        if keys[0].startswith(("extractor.", "module_seq.")):
+            return Checkpoint(path, "original-hnd", "head", convert_original_head(state), None, meta)
+        if any(k.startswith("student_model.") for k in keys):
+            fmt = "original-kd" if "args" in meta or "optimizer" in meta else "original-naive"
+            return Checkpoint(path, fmt, "student", convert_original_model(state), None, meta)
+    except (ValueError, KeyError, IndexError):  # keys not of the original's "<part>.<index>.<name>" form
+        raise HndError(f"{path}: looks like an original HND checkpoint but its keys do not follow the "
+                       f"original layout (first key {keys[0]!r})") from None
     return Checkpoint(path, "original-teacher" if meta else "state_dict", "teacher", state, None, meta)
 
 

@@ -178,6 +178,9 @@ def test_truncated_and_foreign_files(students, tmp_path, legacy):
         read_checkpoint(tmp_path / "text.pt")
     with pytest.raises(HndError, match="checkpoint not found"):
         read_checkpoint(tmp_path / "missing.pt")
+    torch.save({"model": {"student_model.weird": torch.ones(1)}}, tmp_path / "odd.pt")
+    with pytest.raises(HndError, match="keys do not follow the original layout"):
+        read_checkpoint(tmp_path / "odd.pt")
     torch.save([1, 2, 3], tmp_path / "list.pt")
     with pytest.raises(HndError, match="not a checkpoint hnd understands"):
         read_checkpoint(tmp_path / "list.pt")
