@@ -28,11 +28,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hnd.autoencoder import AutoencoderModel, build_ae_model
 from hnd.errors import HndError, describe_mismatch
 from hnd.models import build_model, resolve
 from hnd.students import Student, build_student
+from hnd.teachers import build_teacher, classifier_classes
 
 FORMAT_VERSION = 1
+PARTS = ("student", "head", "teacher", "ae")  # what an hnd checkpoint's state_dict holds
 _INCEPTION_TAIL = ["Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c",
                    "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c"]
 _N_ENCODER = 7  # stem (4) + BN + ReLU + bottleneck conv
@@ -44,7 +47,7 @@ class Checkpoint:
 
     path: Path
     format: str
-    part: str  # student | head | teacher
+    part: str  # student | head | teacher | ae (teacher head + autoencoder + tail)
     state_dict: dict[str, torch.Tensor]  # keys relative to Student, StudentHead or the teacher
     model: str | None = None  # the model name the file records, if any
     meta: dict = field(default_factory=dict)
@@ -157,7 +160,7 @@ def convert_original_model(state: dict) -> dict:
 def parse_checkpoint(obj: object, path: Path) -> Checkpoint:
     """Recognise the format of a loaded object and convert its weights to our layout."""
     if isinstance(obj, dict) and obj.get("format") == "hnd":
-        if not _is_state_dict(obj.get("state_dict")) or obj.get("part") not in ("student", "head", "teacher"):
+        if not _is_state_dict(obj.get("state_dict")) or obj.get("part") not in PARTS:
             raise HndError(f"{path}: damaged hnd checkpoint (needs 'state_dict' and 'part')")
         meta = {k: v for k, v in obj.items() if k not in ("state_dict",)}
         return Checkpoint(path, "hnd", obj["part"], obj["state_dict"], obj.get("model"), meta)
@@ -235,19 +238,34 @@ def _load_into(module: nn.Module, ckpt: Checkpoint, name: str) -> None:
     module.load_state_dict(ckpt.state_dict)
 
 
-def load_model(name: str, checkpoint: str | os.PathLike) -> nn.Module:
+def load_model(name: str | None, checkpoint: str | os.PathLike) -> nn.Module:
     """Build model ``name`` with the weights of ``checkpoint`` (any supported format), eval mode.
 
-    A head-only checkpoint (original HND, or ours with ``part="head"``) takes its tail from
-    the teacher's pretrained weights.
+    ``name=None`` takes the model the file records (hnd checkpoints), so a model can be
+    rebuilt from the file alone. The class count is read off the weights. A head-only
+    checkpoint (original HND, or ours with ``part="head"``) takes its tail from the teacher's
+    pretrained weights; ``part="ae"`` is the autoencoder baseline on teacher ``name``.
     """
-    teacher, student = resolve(name)
     ckpt = read_checkpoint(checkpoint)
+    if name is None:
+        if ckpt.model is None:
+            raise HndError(f"{ckpt.path} ({ckpt.format}) does not record its model; give the model name")
+        name = ckpt.model
+    teacher, student = resolve(name)
+    num_classes = classifier_classes(ckpt.state_dict) or 1000
+    if ckpt.part == "ae":
+        if student is not None:
+            raise HndError(f"{ckpt.path} holds an autoencoder baseline; give its teacher's name, not {name}")
+        channels = ckpt.state_dict["ae.encoder.9.weight"].shape[0]
+        model = build_ae_model(teacher, build_teacher(teacher, pretrained=False, num_classes=num_classes),
+                               channels)
+        _load_into(model, ckpt, name)
+        return model.eval()
     if student is None:
         if ckpt.part != "teacher":
             raise HndError(f"{ckpt.path} holds a {ckpt.part} ({identify(ckpt.state_dict, ckpt.part)}); "
                            f"{name} is a teacher: give a student name or a teacher checkpoint")
-        model = build_model(name, pretrained=False)
+        model = build_model(name, pretrained=False, num_classes=num_classes)
         _load_into(model, ckpt, name)
         return model.eval()
     if ckpt.part == "teacher":
@@ -257,7 +275,7 @@ def load_model(name: str, checkpoint: str | os.PathLike) -> nn.Module:
         model = build_student(student, pretrained=True)
         _load_into(model.head, ckpt, name)
     else:
-        model = build_student(student, pretrained=False)
+        model = build_student(student, pretrained=False, num_classes=num_classes)
         _load_into(model, ckpt, name)
     return model.eval()
 
@@ -282,13 +300,15 @@ def atomic_save(obj: object, path: str | os.PathLike) -> None:
 def save_checkpoint(path: str | os.PathLike, name: str, model: nn.Module, *, part: str = "student",
                     **extra: object) -> None:
     """Save ``model`` as an hnd checkpoint. part: ``student`` (whole), ``head`` (student head
-    only; the tail is the pretrained teacher's) or ``teacher``. ``extra`` holds plain data."""
+    only; the tail is the pretrained teacher's), ``teacher`` or ``ae`` (an
+    :class:`~hnd.autoencoder.AutoencoderModel` on teacher ``name``). ``extra`` holds plain data."""
     _, student = resolve(name)
-    if part not in (("student", "head") if student else ("teacher",)):
+    if part not in (("student", "head") if student else ("teacher", "ae")):
         raise HndError(f"part {part!r} does not apply to {name}")
     if student is not None and not isinstance(model, Student):
         raise HndError(f"{name} is a student but the model is a {type(model).__name__}")
+    if part == "ae" and not isinstance(model, AutoencoderModel):
+        raise HndError(f"part 'ae' needs an AutoencoderModel, got a {type(model).__name__}")
     module = model.head if part == "head" else model
     atomic_save({"format": "hnd", "version": FORMAT_VERSION, "model": name, "part": part,
                  "state_dict": module.state_dict(), **extra}, path)
-

@@ -1,9 +1,11 @@
-"""Command line: ``hnd models | inspect | predict``. ``--json`` prints one JSON document."""
+"""Command line: ``hnd models | inspect | predict | config | train | evaluate | data``.
+``--json`` prints one JSON document."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from hnd.errors import HndError
@@ -88,6 +90,106 @@ def cmd_predict(args: argparse.Namespace) -> None:
         print("logits:", " ".join(f"{v:.4f}" for v in pred.logits))
 
 
+def _resolved_config(args: argparse.Namespace):
+    from hnd.config import resolve_config
+    from hnd.training import resume_config
+
+    if getattr(args, "resume", False):
+        return resume_config(args.out or _default_out(args), args.name, args.method, args.config, args.overrides)
+    return resolve_config(args.name, args.method, args.config, args.overrides)
+
+
+def _default_out(args: argparse.Namespace) -> str:
+    return f"runs/{args.method}/{args.name}"
+
+
+def cmd_config(args: argparse.Namespace) -> None:
+    from hnd.config import dump_config
+
+    sys.stdout.write(dump_config(_resolved_config(args)))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from hnd.training import fit
+
+    config = _resolved_config(args)
+    out = args.out or _default_out(args)
+    result = fit(config, args.data, out, resume=args.resume, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) == 0:
+        test = result["test"]
+        print(f"{config.method} {config.model}: best epoch {result['best_epoch']} "
+              f"(selection top-1 {result['select_top1']:.2f}%); test top-1 {test['top1']:.2f}% "
+              f"top-5 {test['top5']:.2f}% on {test['images']} images; {result['checkpoint']}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from hnd.evaluation import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.name, args.method, args.checkpoint, args.data, student_only=args.student_only,
+                                 batch_size=args.batch_size, num_workers=args.workers, device=args.device,
+                                 progress=not args.no_progress and not args.json)
+    if args.json:
+        _print_json(result)
+        return
+    print(f"{result['model']} ({result['format']}, {result['method']}) on {result['data']}")
+    for who in ("student", "teacher"):
+        acc = result[who]
+        if acc:
+            label = "model" if who == "student" else "teacher"
+            print(f"  {label:8s} top-1 {acc['top1']:.2f}%  top-5 {acc['top5']:.2f}%  ({acc['images']} images)")
+
+
+def cmd_data_synth(args: argparse.Namespace) -> None:
+    from hnd.synth import write_synthetic_dataset
+
+    summary = write_synthetic_dataset(args.out, classes=args.classes, train_per_class=args.train_per_class,
+                                      val_per_class=args.val_per_class, image_size=args.image_size,
+                                      seed=args.seed)
+    print(f"wrote {summary['root']}: {len(summary['classes'])} classes, "
+          + ", ".join(f"{split} {n}" for split, n in summary["counts"].items()) + " images")
+
+
+def _print_layout(layout) -> None:
+    counts = ", ".join(f"{split} {n} images" for split, n in layout.counts().items())
+    print(f"{layout.root}: {len(layout.classes)} classes, {counts}")
+
+
+def cmd_data_check(args: argparse.Namespace) -> None:
+    from hnd.data import check_layout, load_image
+
+    layout = check_layout(args.root)
+    bad = []
+    if args.verify:
+        for items in layout.samples.values():
+            for path, _ in items:
+                try:
+                    load_image(path)
+                except HndError as exc:
+                    bad.append(str(exc))
+    if args.json:
+        _print_json({"root": str(layout.root), "classes": layout.classes, "counts": layout.counts(),
+                     "unreadable": bad})
+    else:
+        _print_layout(layout)
+        for line in bad:
+            print(f"  {line}")
+    if bad:
+        raise HndError(f"{len(bad)} unreadable images; delete them or train with skip_bad_images=true")
+
+
+def cmd_data_imagenet(args: argparse.Namespace) -> None:
+    from hnd.data import prepare_imagenet
+
+    _print_layout(prepare_imagenet(args.root))
+
+
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="student name (naive, kd, hnd) or teacher name (ae, teacher)")
+    p.add_argument("--method", required=True, help="naive | kd | hnd | ae | teacher")
+    p.add_argument("--config", help="YAML file of config keys applied over the official preset")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config keys, e.g. epochs=2 lr=0.01")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hnd", description="Head Network Distillation for split computing.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -110,15 +212,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logits", action="store_true", help="also print all logits")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("config", help="print the resolved training config (official preset + overrides)")
+    _add_run_arguments(p)
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("train", help="train with naive, kd, hnd, ae or teacher (torchrun for several processes)")
+    _add_run_arguments(p)
+    p.add_argument("--data", required=True, help="image folder with train/<class>/ and val/<class>/")
+    p.add_argument("--out", help="run folder (default runs/METHOD/NAME)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="top-1/top-5 of a checkpoint (and its teacher) on DATA/val")
+    p.add_argument("name", help="the checkpoint's model name")
+    p.add_argument("--method", required=True, help="naive | kd | hnd | ae | teacher")
+    p.add_argument("--checkpoint", required=True, help="original naive/KD/HND checkpoint or an hnd checkpoint")
+    p.add_argument("--data", required=True, help="image folder with val/<class>/")
+    p.add_argument("--student-only", action="store_true", help="skip the teacher")
+    p.add_argument("--batch-size", type=int, default=50, help="default 50, as the original's test batch")
+    p.add_argument("--workers", type=int, default=-1, help="data-loading processes (default min(cpus, 8))")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_evaluate)
+
+    data = sub.add_parser("data", help="datasets: generate, check, prepare ImageNet")
+    dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    p = dsub.add_parser("synth", help="write the generated ImageFolder dataset (no download)")
+    p.add_argument("--out", required=True, help="new folder to create")
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--train-per-class", type=int, default=100)
+    p.add_argument("--val-per-class", type=int, default=20)
+    p.add_argument("--image-size", type=int, default=72)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_data_synth)
+    p = dsub.add_parser("check", help="check an image folder's layout (and, with --verify, every image)")
+    p.add_argument("root")
+    p.add_argument("--verify", action="store_true", help="open every image and list unreadable ones")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_data_check)
+    p = dsub.add_parser("imagenet", help="extract the official ILSVRC2012 archives in ROOT into train/ and val/")
+    p.add_argument("root", help="folder holding the three ILSVRC2012 archives")
+    p.set_defaults(func=cmd_data_imagenet)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse cannot take positionals after options, so key=value pairs anywhere land here.
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.func(args)
     except HndError as exc:
-        print(f"hnd: error: {exc}", file=sys.stderr)
+        message = str(exc)
+        if message.startswith("Caught "):  # re-raised from a DataLoader worker, with its traceback
+            message = message.strip().splitlines()[-1].split("HndError: ", 1)[-1]
+        print(f"hnd: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("hnd: interrupted", file=sys.stderr)

@@ -1,13 +1,28 @@
-"""Images in, tensors out: the evaluation transform of each model and safe image loading."""
+"""Images in, tensors out: transforms, image folders in the ImageNet layout, and loaders.
+
+Datasets are folders in the standard layout ``ROOT/train/<class>/*.JPEG`` and
+``ROOT/val/<class>/*.JPEG`` (ImageNet prepared by ``hnd data imagenet``, the generated set
+of ``hnd data synth``, or any other). Training transforms are the original's by default
+(original-hnd.md §3.6) or torchvision's reference recipe. Random augmentation is seeded per
+(seed, epoch, image), so a batch is the same whatever the number of workers or processes,
+and an interrupted epoch can be replayed exactly.
+"""
 
 from __future__ import annotations
 
 import os
+import random
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset, Sampler
 from torchvision import transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from hnd.errors import HndError
 from hnd.models import resolve
@@ -15,18 +30,45 @@ from hnd.teachers import teacher_spec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+SPLITS = ("train", "val")
+_WNID = re.compile(r"^n\d{8}$")
+_BILINEAR = transforms.InterpolationMode.BILINEAR
 
 
-def eval_transform(name: str) -> transforms.Compose:
+def input_sizes(name: str, input_size: int | None = None, resize_size: int | None = None) -> tuple[int, int]:
+    """(network input side, evaluation resize side) for model ``name``; defaults are the
+    teacher's (224/256, Inception-v3 299/327), and a custom input side keeps the same ratio."""
+    spec = teacher_spec(resolve(name)[0])
+    size = input_size or spec.input_size
+    return size, resize_size or round(size * spec.resize_size / spec.input_size)
+
+
+def _normalize() -> list:
+    return [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+
+
+def eval_transform(name: str, input_size: int | None = None, resize_size: int | None = None) -> transforms.Compose:
     """The original's evaluation transform for model ``name``: shorter side to 256 (327 for
     Inception-v3, bilinear), centre crop 224 (299), ImageNet mean/std normalization."""
-    spec = teacher_spec(resolve(name)[0])
-    return transforms.Compose([
-        transforms.Resize(spec.resize_size, interpolation=transforms.InterpolationMode.BILINEAR),
-        transforms.CenterCrop(spec.input_size),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    size, resize = input_sizes(name, input_size, resize_size)
+    return transforms.Compose([transforms.Resize(resize, interpolation=_BILINEAR),
+                               transforms.CenterCrop(size), *_normalize()])
+
+
+def train_transform(name: str, kind: str = "original", input_size: int | None = None,
+                    resize_size: int | None = None) -> transforms.Compose:
+    """Training augmentation. ``original``: warp the image to the input size, resize to the
+    resize side, random crop, horizontal flip (what the original did). ``torchvision``: the
+    reference recipe, RandomResizedCrop + flip."""
+    size, resize = input_sizes(name, input_size, resize_size)
+    if kind == "original":
+        steps = [transforms.Resize((size, size), interpolation=_BILINEAR),
+                 transforms.Resize(resize, interpolation=_BILINEAR), transforms.RandomCrop(size)]
+    elif kind == "torchvision":
+        steps = [transforms.RandomResizedCrop(size, interpolation=_BILINEAR)]
+    else:
+        raise HndError(f"unknown transforms {kind!r}; valid: original, torchvision")
+    return transforms.Compose([*steps, transforms.RandomHorizontalFlip(), *_normalize()])
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
@@ -45,3 +87,153 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 def image_tensor(name: str, path: str | os.PathLike) -> torch.Tensor:
     """Image file -> normalized batch of one, [1, 3, S, S], for model ``name``."""
     return eval_transform(name)(load_image(path)).unsqueeze(0)
+
+
+@dataclass
+class Layout:
+    """A checked image folder: its root, class names (sorted = label order) and per-split files."""
+
+    root: Path
+    classes: list[str]
+    samples: dict[str, list[tuple[str, int]]]  # split -> [(path, label)]
+
+    def counts(self) -> dict[str, int]:
+        return {split: len(items) for split, items in self.samples.items()}
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def check_layout(root: str | os.PathLike, splits: tuple[str, ...] = SPLITS) -> Layout:
+    """Scan ``root`` and check it is an image folder in the ImageNet layout; every problem is
+    a one-line error naming the path: a missing split, no classes, an empty class, classes
+    that differ between splits, or a folder of ImageNet class ids with a count other than 1000."""
+    root = Path(root)
+    hint = f"expected {root}/train/<class>/*.JPEG and {root}/val/<class>/*.JPEG"
+    if not root.is_dir():
+        raise HndError(f"data folder not found: {root}" if not root.exists() else f"not a folder: {root}")
+    classes: list[str] | None = None
+    samples: dict[str, list[tuple[str, int]]] = {}
+    for split in splits:
+        folder = root / split
+        if not folder.is_dir():
+            raise HndError(f"{folder} is missing; {hint} (see `hnd data imagenet`, `hnd data synth`)")
+        names = sorted(e.name for e in os.scandir(folder) if e.is_dir())
+        if not names:
+            raise HndError(f"{folder} has no class folders; {hint}")
+        if classes is None:
+            classes = names
+        elif names != classes:
+            only = sorted(set(names) ^ set(classes))
+            raise HndError(f"{folder} has other classes than {root / splits[0]}: {', '.join(only[:5])}"
+                           f"{' ...' if len(only) > 5 else ''} appear in only one of them")
+        items = []
+        for label, name in enumerate(classes):
+            files = sorted(e.path for e in os.scandir(folder / name) if e.is_file() and _is_image(e.name))
+            if not files:
+                raise HndError(f"class folder {folder / name} holds no images ({', '.join(IMG_EXTENSIONS)})")
+            items += [(path, label) for path in files]
+        samples[split] = items
+    if 2 * sum(bool(_WNID.match(c)) for c in classes) >= len(classes) and len(classes) != 1000:
+        raise HndError(f"{root} looks like ImageNet (class folders are WordNet ids) but has {len(classes)} "
+                       "classes, not 1000; is the extraction incomplete?")
+    return Layout(root, classes, samples)
+
+
+def holdout_split(samples: list[tuple[str, int]], per_class: int, seed: int = 0) -> tuple[list, list]:
+    """Split train samples into (train, held out): ``per_class`` images of every class, chosen
+    with a fixed seed independent of the run's seed, so that every run selects on the same slice."""
+    by_class: dict[int, list[int]] = {}
+    for i, (_, label) in enumerate(samples):
+        by_class.setdefault(label, []).append(i)
+    held = set()
+    for label, indices in by_class.items():
+        if len(indices) <= per_class:
+            raise HndError(f"class {label} has {len(indices)} training images; holdout_per_class={per_class} "
+                           "must leave some for training (lower it, or use selection=val)")
+        held.update(random.Random(f"{seed}/{label}").sample(indices, per_class))
+    return ([s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held])
+
+
+class ImageDataset(Dataset):
+    """(image, label) pairs from a list of files. With ``augment``, the transform's random draws
+    are seeded by (seed, epoch, index): call :meth:`set_epoch` before each epoch."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform: Callable, *, augment: bool = False,
+                 seed: int = 0, skip_bad_images: bool = False):
+        self.samples = samples
+        self.transform = transform
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+        self.skip_bad_images = skip_bad_images
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        try:
+            image = load_image(path)
+        except HndError as exc:
+            if not self.skip_bad_images:
+                raise HndError(f"{exc}; pass skip_bad_images=true to skip such files") from None
+            print(f"hnd: warning: skipped unreadable image {path}", file=sys.stderr)
+            return None
+        if not self.augment:
+            return self.transform(image), label
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF)
+            return self.transform(image), label
+
+
+def collate(batch: list):
+    """Default collation, dropping the images that were skipped as unreadable."""
+    batch = [item for item in batch if item is not None]
+    if not batch:
+        return None
+    return torch.utils.data.default_collate(batch)
+
+
+class ShardSampler(Sampler[int]):
+    """Indices ``rank, rank + world, ...`` in order: each process evaluates a disjoint shard and
+    no image is counted twice (unlike DistributedSampler, which pads)."""
+
+    def __init__(self, length: int, rank: int = 0, world_size: int = 1):
+        self.indices = range(rank, length, world_size)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def prepare_imagenet(root: str | os.PathLike) -> Layout:
+    """Extract the official ILSVRC2012 archives found in ``root`` (``ILSVRC2012_img_train.tar``,
+    ``ILSVRC2012_img_val.tar``, ``ILSVRC2012_devkit_t12.tar.gz``) into ``root/train/<wnid>/`` and
+    ``root/val/<wnid>/`` with :class:`torchvision.datasets.ImageNet`, which checks each archive's
+    MD5 and sorts the validation images into class folders; then check the layout."""
+    from torchvision.datasets import ImageNet
+
+    root = Path(root)
+    if not root.is_dir():
+        raise HndError(f"folder not found: {root}; put the three ILSVRC2012 archives in it")
+    needed = [] if (root / "meta.bin").is_file() else ["ILSVRC2012_devkit_t12.tar.gz"]
+    needed += [f"ILSVRC2012_img_{split}.tar" for split in SPLITS if not (root / split).is_dir()]
+    missing = [name for name in needed if not (root / name).is_file()]
+    if missing:
+        raise HndError(f"{root} lacks {', '.join(missing)}; download the ILSVRC2012 archives from "
+                       "image-net.org into it")
+    for split in SPLITS:
+        try:
+            ImageNet(str(root), split=split)
+        except ImportError as exc:  # the devkit's meta.mat is read with scipy
+            raise HndError(f"preparing ImageNet needs {exc.name or 'scipy'}: pip install scipy") from None
+        except RuntimeError as exc:
+            raise HndError(str(exc).splitlines()[0]) from None
+    return check_layout(root)

@@ -137,17 +137,26 @@ class Student(nn.Module):
         return self.head.encoder, nn.Sequential(self.head.decoder, self.tail)
 
 
-def build_student(name: str | StudentName, *, pretrained: bool = True, num_classes: int = 1000) -> Student:
-    """Build a student: a freshly initialised head and the teacher's tail.
+def student_from_teacher(name: str | StudentName, teacher: nn.Module) -> Student:
+    """A student with a fresh head and ``teacher``'s tail (the same modules, not a copy).
 
-    pretrained: take the tail from the teacher's pretrained ImageNet weights (the original's
-    starting point for all three methods); otherwise the tail is randomly initialised.
     The head takes plainly normalized input, like the original (for Inception-v3 no
     ``transform_input`` is applied).
     """
     if isinstance(name, str):
         name = parse_student_name(name)
-    teacher = build_teacher(name.teacher, pretrained=pretrained, num_classes=num_classes)
     _, tail = split_teacher(name.teacher, teacher, transform_input=False)
     head = StudentHead(teacher_spec(name.teacher).family, name.bottleneck_channels)
-    return Student(name, head, tail).eval()
+    return Student(name, head, tail)
+
+
+def build_student(name: str | StudentName, *, pretrained: bool = True, num_classes: int = 1000) -> Student:
+    """Build a student: a freshly initialised head and the teacher's tail.
+
+    pretrained: take the tail from the teacher's pretrained ImageNet weights (the original's
+    starting point for all three methods); otherwise the tail is randomly initialised.
+    """
+    if isinstance(name, str):
+        name = parse_student_name(name)
+    teacher = build_teacher(name.teacher, pretrained=pretrained, num_classes=num_classes)
+    return student_from_teacher(name, teacher).eval()

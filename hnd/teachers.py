@@ -163,6 +163,23 @@ def build_teacher(name: str, *, pretrained: bool = True, num_classes: int = 1000
     return model.eval()
 
 
+def replace_classifier(name: str, teacher: nn.Module, num_classes: int) -> nn.Module:
+    """Give ``teacher`` a freshly initialised classifier for ``num_classes`` classes (fine-tuning
+    on another dataset); returns the teacher."""
+    attr = "classifier" if teacher_spec(name).family == "densenet" else "fc"
+    old = getattr(teacher, attr)
+    setattr(teacher, attr, nn.Linear(old.in_features, num_classes))
+    return teacher
+
+
+def classifier_classes(state: dict[str, torch.Tensor]) -> int | None:
+    """Number of classes of a teacher or student state_dict, read off its final linear layer."""
+    for key in ("classifier.weight", "fc.weight", "tail.classifier.weight", "tail.fc.weight"):
+        if key in state and state[key].ndim == 2:
+            return state[key].shape[0]
+    return None
+
+
 class InceptionInputTransform(nn.Module):
     """Inception-v3's ``transform_input`` step (ImageNet-normalized → the [-1, 1] range of the
     ported weights), as a module so that it can start a teacher head."""

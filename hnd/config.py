@@ -1,0 +1,230 @@
+"""Training configurations: the official presets of the original code, and overrides.
+
+A :class:`TrainConfig` holds every setting of a training run. :func:`preset` returns the
+original's official configuration for a (model, method) pair (original-hnd.md §3.5);
+:func:`resolve_config` applies a YAML file and ``key=value`` overrides on top of it, checking
+every key and value. The resolved config is saved with the run (``config.yaml``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from hnd.data import input_sizes
+from hnd.errors import HndError
+from hnd.models import resolve
+
+METHODS = ("naive", "kd", "hnd", "ae", "teacher")
+STUDENT_METHODS = ("naive", "kd", "hnd")  # trained model is a bottleneck student
+AE_CHANNELS = (3, 6, 9, 12, 15, 18)  # the original's autoencoder-baseline configs
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run. Defaults are those of the HND method's official config."""
+
+    model: str  # a student name (naive, kd, hnd) or a teacher name (ae, teacher)
+    method: str  # naive | kd | hnd | ae | teacher
+    epochs: int = 20
+    batch_size: int = 32  # per process, as in the original
+    eval_batch_size: int = 50  # the original's test batch
+    optimizer: str = "adam"  # sgd | adam
+    lr: float = 1e-3
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 0.0
+    milestones: list[int] = field(default_factory=lambda: [5, 10, 15])  # MultiStepLR, stepped per epoch
+    gamma: float = 0.1
+    kd_temperature: float = 1.0
+    kd_alpha: float = 0.5  # weight of the cross-entropy term: alpha*CE + (1-alpha)*T^2*KL
+    ae_channels: int = 3  # ae only: bottleneck channels of the autoencoder
+    pretrained: bool = True  # teacher (and the student's tail) from torchvision's ImageNet weights
+    teacher_checkpoint: str | None = None  # a teacher trained with this library, instead of `pretrained`
+    inception_transform_input: bool = False  # Inception-v3 teacher: the original never applied it
+    input_size: int | None = None  # None: the teacher's (224, Inception-v3 299)
+    resize_size: int | None = None  # None: input_size * 256/224 (Inception-v3: 327/299)
+    transforms: str = "original"  # original | torchvision (RandomResizedCrop reference recipe)
+    selection: str = "holdout"  # holdout: select on a slice of train, test on val; val: the original
+    holdout_per_class: int = 10  # images per class held out of train for model selection
+    skip_bad_images: bool = False  # skip unreadable images (reported) instead of failing
+    num_workers: int = -1  # data-loading processes; -1: min(cpus, 8)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: str = "none"  # none | bf16 | fp16 (CUDA only)
+    channels_last: bool = False  # CUDA only
+    sync_bn: bool = False  # distributed runs: BatchNorm statistics over all processes' batches
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_CHOICES = {
+    "method": METHODS,
+    "optimizer": ("sgd", "adam"),
+    "transforms": ("original", "torchvision"),
+    "selection": ("holdout", "val"),
+    "amp": ("none", "bf16", "fp16"),
+}
+
+# Per-method fields of the official configs; all four paper teachers share them.
+_METHOD_PRESETS: dict[str, dict] = {
+    "naive": {"optimizer": "sgd", "lr": 1e-3, "momentum": 0.9, "weight_decay": 1e-4},
+    "kd": {"optimizer": "sgd", "lr": 1e-3, "momentum": 0.9, "weight_decay": 1e-4},
+    "hnd": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0},
+    "ae": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0},
+    # The original's org/*.yaml: fine-tuning a teacher, no learning-rate schedule.
+    "teacher": {"optimizer": "sgd", "lr": 1e-2, "momentum": 0.9, "weight_decay": 5e-4, "epochs": 50,
+                "batch_size": 20, "milestones": []},
+}
+
+
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise HndError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+    return method
+
+
+def check_model_for_method(model: str, method: str) -> None:
+    """naive/kd/hnd train a student, ae/teacher a teacher; say which names fit."""
+    _, student = resolve(model)
+    if method in STUDENT_METHODS and student is None:
+        raise HndError(f"method {method} trains a student, but {model} is a teacher; give a student name "
+                       f"such as {model}_head_mimic-ver{'1b' if model == 'inception_v3' else '2b'}-3ch")
+    if method not in STUDENT_METHODS and student is not None:
+        raise HndError(f"method {method} trains on the teacher {student.teacher}; give the teacher's name, "
+                       f"not the student {model}")
+
+
+def preset(model: str, method: str) -> TrainConfig:
+    """The official configuration of (model, method), as the original's YAML files have it."""
+    check_model_for_method(model, check_method(method))
+    return TrainConfig(model=model, method=method, **_METHOD_PRESETS[method])
+
+
+def _field_types() -> dict[str, object]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _coerce(key: str, value: object, kind: object) -> object:
+    """Check ``value`` against the field's annotation; ints are accepted for floats."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if type(None) in args:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        kind = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is list:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list):
+            raise HndError(f"{key} must be a list of {args[0].__name__}, e.g. {key}=[5,10,15]; got {value!r}")
+        return [_coerce(key, v, args[0]) for v in value]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # e.g. device=0 is unusual but a path like 123 is a string
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise HndError(f"{key} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def apply_overrides(config: TrainConfig, overrides: dict) -> TrainConfig:
+    """A copy of ``config`` with ``overrides`` (field -> value) applied and checked."""
+    types = _field_types()
+    values = config.to_dict()
+    for key, value in overrides.items():
+        if key not in types:
+            raise HndError(f"unknown config key {key!r}; valid keys: {', '.join(types)}")
+        values[key] = _coerce(key, value, types[key])
+    new = TrainConfig(**values)
+    validate(new)
+    return new
+
+
+def parse_assignments(pairs: list[str]) -> dict:
+    """``["lr=0.01", "milestones=[2,4]"]`` -> ``{"lr": 0.01, "milestones": [2, 4]}`` (YAML values)."""
+    out = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise HndError(f"expected key=value, got {pair!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            out[key.strip()] = text
+    return out
+
+
+def read_config_file(path: str | os.PathLike) -> dict:
+    """A YAML mapping of config fields, from ``--config FILE``."""
+    path = Path(path)
+    if not path.is_file():
+        raise HndError(f"config file not found: {path}")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise HndError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise HndError(f"{path} must hold a mapping of config keys, got a {type(doc).__name__}")
+    return doc
+
+
+def validate(config: TrainConfig) -> None:
+    """Check values that types alone do not: choices, ranges, method/model fit."""
+    for key, choices in _CHOICES.items():
+        if getattr(config, key) not in choices:
+            raise HndError(f"{key} must be one of {', '.join(choices)}, got {getattr(config, key)!r}")
+    check_model_for_method(config.model, config.method)
+    positive = ["epochs", "batch_size", "eval_batch_size", "holdout_per_class", "ae_channels"]
+    for key in positive:
+        if getattr(config, key) <= 0:
+            raise HndError(f"{key} must be positive, got {getattr(config, key)}")
+    if not config.lr > 0 or not config.gamma > 0 or not config.momentum >= 0 or not config.weight_decay >= 0:
+        raise HndError("lr and gamma must be positive, momentum and weight_decay non-negative")
+    if not 0 <= config.kd_alpha <= 1 or not config.kd_temperature > 0:
+        raise HndError("kd_alpha must be in [0, 1] and kd_temperature positive")
+    if any(b <= a for a, b in zip(config.milestones, config.milestones[1:])) or any(m <= 0 for m in config.milestones):
+        raise HndError(f"milestones must be strictly increasing positive epochs, got {config.milestones}")
+    for key in ("input_size", "resize_size"):
+        value = getattr(config, key)
+        if value is not None and value < 32:
+            raise HndError(f"{key} must be at least 32, got {value}")
+    size, resize = input_sizes(config.model, config.input_size, config.resize_size)
+    if resize < size:
+        raise HndError(f"resize_size ({resize}) must be at least the input size ({size})")
+
+
+def resolve_config(model: str, method: str, config_file: str | os.PathLike | None = None,
+                   assignments: list[str] = ()) -> TrainConfig:
+    """Official preset of (model, method), then the YAML file, then ``key=value`` pairs."""
+    overrides = read_config_file(config_file) if config_file else {}
+    overrides.update(parse_assignments(list(assignments)))
+    for key, value in (("model", model), ("method", method)):
+        if key in overrides and overrides.pop(key) != value:
+            raise HndError(f"the config sets {key} to something else than the command line ({value!r}); "
+                           f"give {key} on the command line only")
+    return apply_overrides(preset(model, method), overrides)
+
+
+def config_from_dict(doc: dict) -> TrainConfig:
+    """Rebuild a saved config (checkpoints, ``config.yaml``); unknown keys are an error."""
+    if not isinstance(doc, dict) or "model" not in doc or "method" not in doc:
+        raise HndError("saved config lacks 'model' or 'method'")
+    base = TrainConfig(model=doc["model"], method=check_method(doc["method"]))
+    return apply_overrides(base, {k: v for k, v in doc.items() if k not in ("model", "method")})
+
+
+def dump_config(config: TrainConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

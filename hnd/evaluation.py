@@ -1,0 +1,110 @@
+"""Top-1/top-5 accuracy of a model on an image folder, and of a checkpoint against its teacher
+(the equivalent of the original's ``-test_only`` and ``-student_only``)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from hnd.checkpoints import load_model, read_checkpoint
+from hnd.config import TrainConfig, check_method, config_from_dict, preset
+from hnd.data import ImageDataset, ShardSampler, check_layout, collate, eval_transform
+from hnd.distributed import Dist, all_reduce_sum, pick_device
+from hnd.errors import HndError
+from hnd.methods import build_reference_teacher
+from hnd.teachers import classifier_classes
+
+
+@dataclass
+class Accuracy:
+    top1: float  # percent
+    top5: float  # percent (top-k with k = min(5, classes))
+    loss: float  # mean cross-entropy
+    images: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_workers(num_workers: int) -> int:
+    return min(os.cpu_count() or 1, 8) if num_workers < 0 else num_workers
+
+
+def eval_loader(dataset: ImageDataset, batch_size: int, num_workers: int, dist: Dist = Dist(),
+                pin_memory: bool = False) -> DataLoader:
+    """In-order loader over this process's shard of ``dataset``."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), dist.rank, dist.world_size),
+                      num_workers=default_workers(num_workers), collate_fn=collate, pin_memory=pin_memory)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, *, amp_dtype: torch.dtype | None = None,
+             channels_last: bool = False, progress: bool = False, desc: str = "eval") -> Accuracy:
+    """Accuracy of ``model`` (put in eval mode) over ``loader``, summed over all processes."""
+    model.eval()
+    totals = [0.0, 0.0, 0.0, 0.0]  # loss sum, top-1 hits, top-5 hits, images
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
+        if batch is None:  # every image of the batch was skipped as unreadable
+            continue
+        x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(x)
+        logits = logits.float()
+        k = min(5, logits.shape[1])
+        hits = logits.topk(k, dim=1).indices == y[:, None]  # [N, k]
+        totals[0] += F.cross_entropy(logits, y, reduction="sum").item()
+        totals[1] += hits[:, 0].sum().item()
+        totals[2] += hits.any(dim=1).sum().item()
+        totals[3] += len(y)
+    loss, top1, top5, n = all_reduce_sum(totals, device)
+    if n == 0:
+        raise HndError("no image could be evaluated")
+    return Accuracy(100 * top1 / n, 100 * top5 / n, loss / n, int(n))
+
+
+def _checkpoint_config(name: str | None, method: str, ckpt) -> TrainConfig:
+    """The run's config (hnd checkpoints record it) or the official preset (original files)."""
+    if "config" in ckpt.meta:
+        config = config_from_dict(ckpt.meta["config"])
+        if name is not None and config.model != name:
+            raise HndError(f"{ckpt.path} was trained for {config.model}, not {name}")
+        if config.method != method:
+            raise HndError(f"{ckpt.path} was trained with --method {config.method}, not {method}")
+        return config
+    if name is None:
+        raise HndError(f"{ckpt.path} ({ckpt.format}) does not record its model; give the model name")
+    return preset(name, method)
+
+
+def evaluate_checkpoint(name: str | None, method: str, checkpoint: str | os.PathLike, data: str | os.PathLike, *,
+                        student_only: bool = False, batch_size: int = 50, num_workers: int = -1,
+                        device: str = "auto", progress: bool = False) -> dict:
+    """Top-1/top-5 on ``data``/val of the model in ``checkpoint`` (any supported format) and,
+    unless ``student_only``, of the teacher it was trained from."""
+    check_method(method)
+    ckpt = read_checkpoint(checkpoint)
+    config = _checkpoint_config(name, method, ckpt)
+    model = load_model(config.model, checkpoint)
+    layout = check_layout(data, splits=("val",))
+    classes = classifier_classes(model.state_dict())
+    if classes != len(layout.classes):
+        raise HndError(f"{checkpoint} classifies {classes} classes but {layout.root}/val has {len(layout.classes)}")
+    dev = pick_device(device)
+    dataset = ImageDataset(layout.samples["val"], eval_transform(config.model, config.input_size, config.resize_size))
+    loader = eval_loader(dataset, batch_size, num_workers, pin_memory=dev.type == "cuda")
+    result = {"model": config.model, "method": method, "checkpoint": str(checkpoint), "format": ckpt.format,
+              "data": str(layout.root / "val"), "student": None, "teacher": None}
+    result["student"] = evaluate(model.to(dev), loader, dev, progress=progress, desc="model").to_dict()
+    trained_teacher = config.teacher_checkpoint or config.pretrained
+    if not student_only and method != "teacher" and trained_teacher:
+        teacher = build_reference_teacher(config, len(layout.classes)).to(dev)
+        result["teacher"] = evaluate(teacher, loader, dev, progress=progress, desc="teacher").to_dict()
+    return result

@@ -1,0 +1,138 @@
+"""What each training method trains, against which frozen reference, with which loss.
+
+- ``naive``: the whole student (head + tail), cross-entropy on the labels;
+- ``kd``: the whole student, ``alpha·CE + (1-alpha)·T²·KL`` against the frozen teacher's logits;
+- ``hnd``: only the student head, summed squared error to the frozen teacher head's output
+  (the teacher head stays in eval mode, so its BatchNorm statistics never move);
+- ``ae``: an autoencoder inserted at the teacher's split point, summed squared error to the
+  frozen teacher head's output (the baseline of the papers);
+- ``teacher``: a teacher trained (or fine-tuned) with cross-entropy, e.g. on a dataset
+  without pretrained weights.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hnd.autoencoder import build_ae_model
+from hnd.checkpoints import load_model
+from hnd.config import TrainConfig
+from hnd.errors import HndError
+from hnd.losses import head_mse_loss, kd_loss
+from hnd.models import resolve
+from hnd.students import student_from_teacher
+from hnd.teachers import build_teacher, replace_classifier, split_teacher, teacher_spec
+
+
+def build_reference_teacher(config: TrainConfig, num_classes: int) -> nn.Module:
+    """The teacher a run starts from, in eval mode: a teacher checkpoint trained with this
+    library, torchvision's pretrained weights (classifier replaced if the dataset has another
+    class count and the method may train it), or random weights (``pretrained=false``)."""
+    name = resolve(config.model)[0]
+    inception = teacher_spec(name).family == "inception"
+    if config.teacher_checkpoint:
+        teacher = load_model(name, config.teacher_checkpoint)
+        found = teacher.fc.out_features if hasattr(teacher, "fc") else teacher.classifier.out_features
+        if found != num_classes:
+            raise HndError(f"teacher checkpoint {config.teacher_checkpoint} has {found} classes but the data has "
+                           f"{num_classes}")
+        if inception:
+            teacher.transform_input = config.inception_transform_input
+        return teacher.eval()
+    transform_input = config.inception_transform_input if inception else None
+    if not config.pretrained:
+        return build_teacher(name, pretrained=False, num_classes=num_classes, transform_input=transform_input)
+    teacher = build_teacher(name, pretrained=True, transform_input=transform_input)
+    if num_classes != 1000:
+        if config.method not in ("naive", "teacher"):
+            raise HndError(f"method {config.method} needs a teacher trained for the data's {num_classes} classes; "
+                           f"train one with `hnd train {name} --method teacher` and pass "
+                           "teacher_checkpoint=RUN/best.pt")
+        replace_classifier(name, teacher, num_classes)
+    return teacher.eval()
+
+
+@dataclass
+class Task:
+    """The modules of one method. ``model`` is evaluated end to end and saved; ``trained`` is
+    the part whose parameters are optimised (its forward is the one wrapped by DDP);
+    ``reference`` is frozen and gives the targets."""
+
+    method: str
+    model: nn.Module
+    trained: nn.Module
+    reference: nn.Module | None
+    part: str  # checkpoint part: student | teacher | ae
+    kd_temperature: float = 1.0
+    kd_alpha: float = 0.5
+
+    @property
+    def summed_loss(self) -> bool:
+        """HND and AE losses are sums over the batch, not means."""
+        return self.method in ("hnd", "ae")
+
+    def train_mode(self) -> None:
+        """Everything in eval mode except the trained part (frozen BN statistics stay put)."""
+        self.model.eval()
+        if self.reference is not None:
+            self.reference.eval()
+        self.trained.train()
+
+    def loss(self, forward: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(loss, logits or None) of one batch; ``forward`` is ``trained``, possibly DDP-wrapped."""
+        if self.method in ("naive", "teacher"):
+            logits = forward(x)
+            return F.cross_entropy(logits, y), logits
+        with torch.no_grad():
+            target = self.reference(x)  # KD: teacher logits; HND/AE: teacher head output
+        if self.method == "kd":
+            logits = forward(x)
+            return kd_loss(logits, target, y, temperature=self.kd_temperature, alpha=self.kd_alpha), logits
+        if self.method == "hnd":
+            return head_mse_loss(forward(x), target), None
+        return head_mse_loss(forward(target), target), None  # ae reconstructs the head output
+
+
+@torch.no_grad()
+def check_input_size(task: Task, size: int) -> None:
+    """Run one blank image through the model (eval mode) so that an input too small for its
+    layers fails here, with a clear message, rather than in the first training step."""
+    try:
+        task.model.eval()(torch.zeros(1, 3, size, size))
+    except RuntimeError as exc:
+        raise HndError(f"input_size={size} is too small for this model ({str(exc).splitlines()[0]}); "
+                       "use a larger input_size") from None
+
+
+def _freeze(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module.eval()
+
+
+def build_task(config: TrainConfig, num_classes: int) -> Task:
+    """Build the modules of ``config.method`` (fresh student head / autoencoder from the
+    current RNG state: seed before calling)."""
+    teacher = build_reference_teacher(config, num_classes)
+    kd = {"kd_temperature": config.kd_temperature, "kd_alpha": config.kd_alpha}
+    if config.method == "teacher":
+        return Task("teacher", teacher, teacher, None, "teacher", **kd)
+    if config.method == "naive":
+        student = student_from_teacher(config.model, teacher)  # the tail is trained in place
+        return Task("naive", student, student, None, "student", **kd)
+    if config.method == "kd":
+        student = student_from_teacher(config.model, copy.deepcopy(teacher))  # own, trainable tail
+        return Task("kd", student, student, _freeze(teacher), "student", **kd)
+    teacher_name = resolve(config.model)[0]
+    _freeze(teacher)
+    if config.method == "hnd":
+        teacher_head, _ = split_teacher(teacher_name, teacher, transform_input=False)
+        student = student_from_teacher(config.model, teacher)  # shares the frozen tail
+        return Task("hnd", student, student.head, teacher_head, "student", **kd)
+    model = build_ae_model(teacher_name, teacher, config.ae_channels)  # only model.ae is trainable
+    return Task("ae", model, model.ae, model.head, "ae", **kd)

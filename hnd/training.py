@@ -1,0 +1,290 @@
+"""The training loop shared by every method: run folder, checkpoints, exact resume, DDP.
+
+A run folder holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one JSON line per
+epoch), ``last.pt`` and ``best.pt`` (hnd checkpoints with the optimizer, scheduler, epoch,
+best value, config and library versions, written atomically) and, at the end,
+``result.json`` (test accuracy of the best checkpoint). ``resume=True`` continues from
+``last.pt``: every random draw is seeded per epoch (and per image for augmentation), so a
+run killed at any point and resumed ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+from tqdm import tqdm
+
+import hnd
+from hnd.checkpoints import read_file, save_checkpoint
+from hnd.config import TrainConfig, apply_overrides, config_from_dict, dump_config, parse_assignments, \
+    read_config_file
+from hnd.data import ImageDataset, check_layout, collate, eval_transform, holdout_split, input_sizes, train_transform
+from hnd.distributed import Dist, all_reduce_sum, barrier, broadcast_flag, setup, sync_batchnorm, teardown
+from hnd.errors import HndError
+from hnd.evaluation import Accuracy, default_workers, eval_loader, evaluate
+from hnd.methods import Task, build_task, check_input_size
+
+# Keys a resumed run may change: they do not alter what is computed.
+RESUMABLE_CHANGES = ("epochs", "num_workers", "device")
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a small text file atomically (temporary file + rename)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_metrics(run: str | os.PathLike) -> list[dict]:
+    """The per-epoch lines of a run's ``metrics.jsonl``."""
+    path = Path(run) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _last_checkpoint(out: Path) -> dict:
+    path = out / "last.pt"
+    if not path.is_file():
+        raise HndError(f"nothing to resume in {out}: no last.pt there; start the run without --resume")
+    ckpt = read_file(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "hnd" or "optimizer" not in ckpt:
+        raise HndError(f"{path} is not a resumable hnd training checkpoint")
+    return ckpt
+
+
+def resume_config(out: str | os.PathLike, model: str, method: str, config_file: str | os.PathLike | None = None,
+                  assignments: list[str] = ()) -> TrainConfig:
+    """The config of the run in ``out``, with overrides that do not change the computation
+    (``epochs`` to extend a run, ``num_workers``, ``device``); anything else is an error."""
+    saved = config_from_dict(_last_checkpoint(Path(out))["config"])
+    if (saved.model, saved.method) != (model, method):
+        raise HndError(f"{out} holds a {saved.method} run of {saved.model}, not {method} of {model}")
+    overrides = read_config_file(config_file) if config_file else {}
+    overrides.update(parse_assignments(list(assignments)))
+    overrides = {k: v for k, v in overrides.items() if k not in ("model", "method")}
+    config = apply_overrides(saved, overrides)
+    changed = [k for k, v in config.to_dict().items() if v != saved.to_dict()[k] and k not in RESUMABLE_CHANGES]
+    if changed:
+        raise HndError(f"--resume continues the saved config; it cannot change {', '.join(changed)} "
+                       f"(only {', '.join(RESUMABLE_CHANGES)})")
+    return config
+
+
+@dataclass
+class _Loop:
+    """Everything one epoch needs."""
+
+    task: Task
+    forward: torch.nn.Module  # task.trained, DDP-wrapped in distributed runs
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    dist: Dist
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+    progress: bool
+
+
+def make_optimizer(config: TrainConfig, module: torch.nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in module.parameters() if p.requires_grad]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def train_one_epoch(loop: _Loop, loader: DataLoader, epoch: int) -> dict:
+    """One pass over ``loader``; returns loss per image, top-1/top-5 (methods with logits),
+    images seen by all processes and seconds."""
+    task, world = loop.task, loop.dist.world_size
+    task.train_mode()
+    # DDP averages gradients over processes; a loss summed over the batch must then be scaled
+    # by the world size so that the update equals the single-process one for the global batch.
+    grad_scale = world if task.summed_loss else 1
+    totals = [0.0, 0.0, 0.0, 0.0]  # loss * images, top-1 hits, top-5 hits, images
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not loop.progress, dynamic_ncols=True)
+    for batch in bar:
+        if batch is None:
+            continue
+        x, y = batch[0].to(loop.device, non_blocking=True), batch[1].to(loop.device, non_blocking=True)
+        if loop.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        loop.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(loop.device.type, dtype=loop.amp_dtype or torch.float32,
+                            enabled=loop.amp_dtype is not None):
+            loss, logits = task.loss(loop.forward, x, y)
+        loop.scaler.scale(loss * grad_scale).backward()
+        loop.scaler.step(loop.optimizer)
+        loop.scaler.update()
+        value = loss.item()
+        if not math.isfinite(value):
+            raise HndError(f"the {task.method} loss became {value} in epoch {epoch + 1}; lower lr "
+                           f"(now {loop.optimizer.param_groups[0]['lr']:g}) or check the teacher and data")
+        totals[0] += value if task.summed_loss else value * len(y)
+        totals[3] += len(y)
+        if logits is not None:
+            hits = logits.detach().topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]
+            totals[1] += hits[:, 0].sum().item()
+            totals[2] += hits.any(dim=1).sum().item()
+        bar.set_postfix(loss=f"{value / (len(y) if task.summed_loss else 1):.4g}")
+    seconds = time.perf_counter() - start
+    loss_sum, top1, top5, n = all_reduce_sum(totals, loop.device)
+    stats = {"train_loss": loss_sum / max(n, 1), "images": int(n), "seconds": seconds,
+             "images_per_s": n / seconds if seconds > 0 else 0.0}
+    if task.method in ("naive", "kd", "teacher"):
+        stats.update(train_top1=100 * top1 / max(n, 1), train_top5=100 * top5 / max(n, 1))
+    return stats
+
+
+def _versions() -> dict:
+    return {"hnd": hnd.__version__, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__)}
+
+
+def _prepare_run_folder(out: Path, config: TrainConfig, resume: bool, dist: Dist) -> dict | None:
+    """Check the run folder and return the checkpoint to resume. A new run never replaces one
+    that has a checkpoint; a folder whose run died before its first checkpoint is reused."""
+    if resume:
+        return _last_checkpoint(out)
+    if (out / "last.pt").exists():
+        raise HndError(f"{out} already holds a run; continue it with --resume or choose another --out")
+    barrier()  # every process has looked before the main process writes
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / "config.yaml", dump_config(config))
+        write_text(out / "metrics.jsonl", "")
+    return None
+
+
+def fit(config: TrainConfig, data: str | os.PathLike, out: str | os.PathLike, *, resume: bool = False,
+        progress: bool = True) -> dict:
+    """Train ``config.model`` with ``config.method`` on ``data`` into run folder ``out``; returns
+    the run's result (test accuracy of the best checkpoint). Works in one process or under
+    torchrun (DDP: gloo on CPU, NCCL on CUDA)."""
+    dist, device = setup(config.device)
+    try:
+        return _fit(config, Path(data), Path(out), resume, progress, dist, device)
+    finally:
+        teardown()
+
+
+def _fit(config: TrainConfig, data: Path, out: Path, resume: bool, progress: bool, dist: Dist,
+         device: torch.device) -> dict:
+    if device.type != "cuda" and config.amp != "none":
+        raise HndError(f"amp={config.amp} needs a CUDA device; use amp=none on {device}")
+    layout = check_layout(data)
+    if config.selection == "holdout":
+        train_samples, select_samples = holdout_split(layout.samples["train"], config.holdout_per_class)
+    else:  # the original protocol: select on val, report val
+        train_samples, select_samples = layout.samples["train"], layout.samples["val"]
+    torch.manual_seed(config.seed)  # fresh heads, autoencoders and replaced classifiers
+    task = build_task(config, len(layout.classes))
+    check_input_size(task, input_sizes(config.model, config.input_size)[0])
+    saved = _prepare_run_folder(out, config, resume, dist)
+    task.model.to(device)
+    if task.reference is not None:
+        task.reference.to(device)
+    if config.channels_last:
+        task.model.to(memory_format=torch.channels_last)
+    if config.sync_bn and dist.enabled:
+        sync_batchnorm(task.trained, device)
+    optimizer = make_optimizer(config, task.trained)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, config.milestones, config.gamma)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
+    start_epoch, best_top1, best_epoch = 0, float("-inf"), 0
+    if saved is not None:
+        task.model.load_state_dict(saved["state_dict"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        scaler.load_state_dict(saved["scaler"])
+        start_epoch, best_top1, best_epoch = saved["epoch"], saved["best_top1"], saved["best_epoch"]
+        if dist.main:  # drop lines of epochs after the checkpoint (they will be redone)
+            kept = [m for m in read_metrics(out) if m["epoch"] <= start_epoch]
+            write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in kept))
+
+    forward = task.trained
+    if dist.enabled:
+        forward = DistributedDataParallel(task.trained, device_ids=[device.index] if device.type == "cuda" else None)
+    workers = default_workers(config.num_workers)
+    train_set = ImageDataset(train_samples, train_transform(config.model, config.transforms, config.input_size,
+                                                            config.resize_size),
+                             augment=True, seed=config.seed, skip_bad_images=config.skip_bad_images)
+    sampler = DistributedSampler(train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
+                                 seed=config.seed)
+    pin = device.type == "cuda"
+    train_loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler, num_workers=workers,
+                              collate_fn=collate, pin_memory=pin)
+    evaluation = eval_transform(config.model, config.input_size, config.resize_size)
+    select_loader = eval_loader(ImageDataset(select_samples, evaluation, skip_bad_images=config.skip_bad_images),
+                                config.eval_batch_size, workers, dist, pin)
+    amp_dtype = AMP_DTYPES[config.amp]
+    loop = _Loop(task, forward, optimizer, scaler, device, dist, amp_dtype, config.channels_last,
+                 progress and dist.main)
+    extra = {"method": config.method, "config": config.to_dict(), "classes": layout.classes,
+             "versions": _versions()}
+
+    epochs = tqdm(range(start_epoch, config.epochs), desc=f"{config.method} {config.model}", initial=start_epoch,
+                  total=config.epochs, disable=not loop.progress, dynamic_ncols=True)
+    for epoch in epochs:
+        torch.manual_seed(config.seed * 1_000_003 + epoch)  # dropout and anything else random
+        sampler.set_epoch(epoch)
+        train_set.set_epoch(epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        stats = train_one_epoch(loop, train_loader, epoch)
+        select = evaluate(task.model, select_loader, device, amp_dtype=amp_dtype, channels_last=config.channels_last,
+                          progress=loop.progress, desc="select")
+        scheduler.step()
+        improved = broadcast_flag(select.top1 > best_top1, device)
+        if improved:
+            best_top1, best_epoch = select.top1, epoch + 1
+        line = {"epoch": epoch + 1, "lr": lr, **stats, "select_top1": select.top1, "select_top5": select.top5,
+                "select_loss": select.loss, "best_epoch": best_epoch}
+        if dist.main:
+            state = {"epoch": epoch + 1, "best_top1": best_top1, "best_epoch": best_epoch,
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "scaler": scaler.state_dict(), **extra}
+            if improved:
+                save_checkpoint(out / "best.pt", config.model, task.model, part=task.part, **state)
+            with open(out / "metrics.jsonl", "a") as f:  # before last.pt, so that no line is ever lost
+                f.write(json.dumps(line) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            save_checkpoint(out / "last.pt", config.model, task.model, part=task.part, **state)
+        epochs.set_postfix(select_top1=f"{select.top1:.2f}")
+        barrier()
+
+    return _final_test(config, task, layout, out, dist, device, loop, evaluation, workers, pin)
+
+
+def _final_test(config, task, layout, out, dist, device, loop, evaluation, workers, pin) -> dict:
+    """Evaluate the best checkpoint on val (the test set) and write ``result.json``."""
+    best = read_file(out / "best.pt")
+    task.model.load_state_dict(best["state_dict"])
+    test_loader = eval_loader(ImageDataset(layout.samples["val"], evaluation, skip_bad_images=config.skip_bad_images),
+                              config.eval_batch_size, workers, dist, pin)
+    test: Accuracy = evaluate(task.model, test_loader, device, amp_dtype=loop.amp_dtype,
+                              channels_last=config.channels_last, progress=loop.progress, desc="test")
+    result = {"model": config.model, "method": config.method, "epochs": config.epochs,
+              "best_epoch": best["best_epoch"], "select_top1": best["best_top1"], "selection": config.selection,
+              "test": test.to_dict(), "checkpoint": str(out / "best.pt")}
+    if dist.main:
+        write_text(out / "result.json", json.dumps(result, indent=1) + "\n")
+    barrier()
+    return result

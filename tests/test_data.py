@@ -1,0 +1,292 @@
+"""Data: folder layout checks, the held-out split, seeded augmentation, transforms, sharding."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from hnd.data import (ImageDataset, ShardSampler, check_layout, collate, eval_transform, holdout_split,
+                      input_sizes, prepare_imagenet, train_transform)
+from hnd.errors import HndError
+
+from conftest import PAPER_TEACHERS
+
+
+def error(fn, *args, **kwargs) -> str:
+    """The message of the HndError that ``fn(*args, **kwargs)`` raises; it must be one line."""
+    with pytest.raises(HndError) as info:
+        fn(*args, **kwargs)
+    message = str(info.value)
+    assert message and "\n" not in message
+    return message
+
+
+def write_image(path: Path, seed: int, size: tuple[int, int] = (40, 30)) -> Path:
+    """A tiny JPEG of random pixels (structure, so that every crop and flip differs)."""
+    g = torch.Generator().manual_seed(seed)
+    pixels = (torch.rand(size[1], size[0], 3, generator=g) * 255).to(torch.uint8).numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, quality=90)
+    return path
+
+
+def make_folder(root: Path, classes: dict[str, tuple[int, int]]) -> Path:
+    """``root/{train,val}/<class>/*.JPEG`` with (train, val) image counts per class."""
+    seed = 0
+    for name, counts in classes.items():
+        for split, count in zip(("train", "val"), counts):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                seed += 1
+                write_image(root / split / name / f"img{i:02d}.JPEG", seed)
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """Three classes, created out of order: 4/2, 3/1, 5/2 images."""
+    return make_folder(tmp_path_factory.mktemp("data"), {"zebra": (4, 2), "ant": (3, 1), "moth": (5, 2)})
+
+
+def test_good_layout(folder):
+    (folder / "train" / "ant" / "notes.txt").write_text("not an image")  # ignored
+    layout = check_layout(folder)
+    assert layout.root == folder
+    assert layout.classes == ["ant", "moth", "zebra"]
+    assert layout.counts() == {"train": 12, "val": 5}
+    labels = [label for _, label in layout.samples["train"]]
+    assert labels == [0] * 3 + [1] * 5 + [2] * 4
+    for split in ("train", "val"):
+        for path, label in layout.samples[split]:
+            assert Path(path).parent == folder / split / layout.classes[label]
+            assert path.endswith(".JPEG")
+
+
+def test_layout_of_one_split(folder):
+    assert check_layout(folder, splits=("val",)).counts() == {"val": 5}
+
+
+def test_missing_root(tmp_path):
+    assert str(tmp_path / "absent") in error(check_layout, tmp_path / "absent")
+    (tmp_path / "file").write_text("x")
+    assert str(tmp_path / "file") in error(check_layout, tmp_path / "file")
+
+
+def test_missing_split(tmp_path):
+    make_folder(tmp_path, {"a": (1, 0)})
+    shutil.rmtree(tmp_path / "val")
+    message = error(check_layout, tmp_path)
+    assert str(tmp_path / "val") in message and "missing" in message
+
+
+def test_split_without_class_folders(tmp_path):
+    write_image(tmp_path / "train" / "loose.JPEG", 1)  # images directly in the split, no class folders
+    (tmp_path / "val").mkdir()
+    message = error(check_layout, tmp_path)
+    assert str(tmp_path / "train") in message and "class" in message
+
+
+def test_empty_class_folder(tmp_path):
+    make_folder(tmp_path, {"a": (2, 1), "b": (2, 1)})
+    for f in (tmp_path / "val" / "b").iterdir():
+        f.unlink()
+    (tmp_path / "val" / "b" / "readme.txt").write_text("no images here")
+    message = error(check_layout, tmp_path)
+    assert str(tmp_path / "val" / "b") in message
+
+
+def test_classes_differ_between_splits(tmp_path):
+    make_folder(tmp_path, {"a": (2, 1), "b": (2, 1)})
+    write_image(tmp_path / "val" / "capybara" / "x.JPEG", 3)
+    message = error(check_layout, tmp_path)
+    assert str(tmp_path / "val") in message and "capybara" in message
+
+
+@pytest.mark.parametrize("names", [["n01440764", "n01443537", "n01484850"],
+                                   ["n01440764", "n01443537", "cats"]])
+def test_incomplete_imagenet(tmp_path, names):
+    make_folder(tmp_path, {n: (1, 1) for n in names})
+    message = error(check_layout, tmp_path)
+    assert str(tmp_path) in message and "1000" in message and "3" in message
+
+
+def test_few_wordnet_ids_are_not_imagenet(tmp_path):
+    make_folder(tmp_path, {"n01440764": (1, 1), "cats": (1, 1), "dogs": (1, 1)})
+    assert check_layout(tmp_path).classes == ["cats", "dogs", "n01440764"]
+
+
+def samples_of(counts: list[int]) -> list[tuple[str, int]]:
+    return [(f"c{label}/img{i}.JPEG", label) for label, n in enumerate(counts) for i in range(n)]
+
+
+def test_holdout_split_is_exact_and_disjoint():
+    samples = samples_of([12, 15, 11, 30])
+    train, held = holdout_split(samples, 10)
+    assert sorted(train + held) == sorted(samples)
+    assert not set(train) & set(held)
+    for label in range(4):
+        assert sum(1 for _, y in held if y == label) == 10
+    assert [s for s in samples if s in set(train)] == train  # order kept
+
+
+def test_holdout_split_is_deterministic():
+    samples = samples_of([20, 20, 20])
+    first = holdout_split(samples, 5)
+    random.seed(123)
+    torch.manual_seed(123)
+    holdout_split(samples, 3, seed=9)  # other calls in between change nothing
+    assert holdout_split(samples, 5) == first
+    assert holdout_split(samples, per_class=5, seed=0) == first
+    assert holdout_split(samples, 5, seed=1) != first
+
+
+def test_holdout_split_per_class_independent_of_other_classes():
+    """A class's held-out images do not depend on which other classes the list holds."""
+    samples = samples_of([20, 20, 20])
+    _, held = holdout_split(samples, 5)
+    only_first = [s for s in samples if s[1] == 0]
+    _, held_first = holdout_split(only_first, 5)
+    assert held_first == [s for s in held if s[1] == 0]
+    interleaved = [s for pair in zip(samples[:20], samples[20:40]) for s in pair]
+    _, held_inter = holdout_split(interleaved, 5)
+    assert sorted(held_inter) == sorted(s for s in held if s[1] < 2)
+
+
+def test_holdout_split_needs_enough_images():
+    message = error(holdout_split, samples_of([20, 10, 20]), 10)
+    assert "class 1" in message and "10" in message and "holdout_per_class" in message
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> list[tuple[str, int]]:
+    root = tmp_path_factory.mktemp("images")
+    return [(str(write_image(root / f"{i}.JPEG", 100 + i, (40 + i, 30))), i % 3) for i in range(6)]
+
+
+def augmented(images, seed=0, kind="torchvision") -> ImageDataset:
+    return ImageDataset(images, train_transform("resnet50", kind, input_size=32), augment=True, seed=seed)
+
+
+@pytest.mark.parametrize("kind", ["original", "torchvision"])
+def test_augmentation_is_seeded_by_seed_epoch_index(images, kind):
+    a, b = augmented(images, kind=kind), augmented(images, kind=kind)
+    a.set_epoch(3)
+    b.set_epoch(3)
+    torch.manual_seed(1)
+    x, y = a[2]
+    torch.manual_seed(2)  # the global RNG plays no part
+    assert torch.equal(x, b[2][0]) and y == b[2][1] == images[2][1]
+    assert torch.equal(x, a[2][0])
+    epochs = []
+    for epoch in range(4):
+        a.set_epoch(epoch)
+        epochs.append(a[2][0])
+    assert all(not torch.equal(epochs[0], e) for e in epochs[1:])
+    assert not torch.equal(augmented(images, seed=1, kind=kind)[0][0], augmented(images, kind=kind)[0][0])
+
+
+def test_augmentation_leaves_the_global_rng_alone(images):
+    dataset = augmented(images)
+    torch.manual_seed(5)
+    random.seed(5)
+    before, py_before = torch.get_rng_state(), random.getstate()
+    dataset[1]
+    assert torch.equal(torch.get_rng_state(), before)
+    assert random.getstate() == py_before
+
+
+def test_same_batches_with_any_number_of_workers(images):
+    dataset = augmented(images, seed=4, kind="original")
+    dataset.set_epoch(2)
+    direct = torch.stack([dataset[i][0] for i in range(len(images))])
+    for workers in (0, 2):
+        loader = DataLoader(dataset, batch_size=4, num_workers=workers, collate_fn=collate)
+        batches = list(loader)
+        assert torch.equal(torch.cat([x for x, _ in batches]), direct), workers
+        assert torch.cat([y for _, y in batches]).tolist() == [y for _, y in images]
+
+
+def test_unreadable_image(images, tmp_path):
+    bad = tmp_path / "broken.JPEG"
+    bad.write_bytes(b"\x00garbage, not a JPEG" * 10)
+    samples = [images[0], (str(bad), 1), images[1]]
+    transform = eval_transform("resnet50", 32)
+    message = error(ImageDataset(samples, transform).__getitem__, 1)
+    assert str(bad) in message and "skip_bad_images" in message
+    lenient = ImageDataset(samples, transform, skip_bad_images=True)
+    assert lenient[1] is None
+    x, y = collate([lenient[i] for i in range(3)])
+    assert x.shape == (2, 3, 32, 32) and y.tolist() == [images[0][1], images[1][1]]
+    assert collate([None, None]) is None
+    x, y = next(iter(DataLoader(lenient, batch_size=3, collate_fn=collate)))
+    assert x.shape[0] == 2
+
+
+def test_missing_image(tmp_path):
+    missing = tmp_path / "gone.JPEG"
+    message = error(ImageDataset([(str(missing), 0)], eval_transform("resnet50")).__getitem__, 0)
+    assert str(missing) in message
+
+
+@pytest.mark.parametrize("kind", ["original", "torchvision"])
+@pytest.mark.parametrize("name, size", [("resnet50", 48), ("inception_v3_head_mimic-ver1b-3ch", 75),
+                                        ("densenet169", None)])
+def test_train_transform_shape(images, kind, name, size):
+    image = Image.open(images[0][0])
+    expected = size or (299 if name.startswith("inception") else 224)
+    torch.manual_seed(0)
+    assert train_transform(name, kind, input_size=size)(image).shape == (3, expected, expected)
+
+
+def test_unknown_train_transform():
+    assert "autoaugment" in error(train_transform, "resnet50", "autoaugment")
+
+
+@pytest.mark.parametrize("teacher", PAPER_TEACHERS)
+def test_input_sizes(teacher):
+    default = (299, 327) if teacher == "inception_v3" else (224, 256)
+    assert input_sizes(teacher) == default
+    student = f"{teacher}_head_mimic-ver{'1b' if teacher == 'inception_v3' else '2b'}-6ch"
+    assert input_sizes(student) == default
+    assert input_sizes(teacher, 64, 70) == (64, 70)
+
+
+def test_custom_input_sizes():
+    assert input_sizes("resnet50", 64) == (64, 73)
+    assert input_sizes("inception_v3", 96) == (96, 105)
+
+
+def test_eval_transform(images):
+    image = Image.open(images[3][0])
+    transform = eval_transform("resnet50", 64)
+    assert transform.transforms[0].size == 73 and transform.transforms[1].size == (64, 64)
+    x = transform(image)
+    assert x.shape == (3, 64, 64)
+    assert torch.equal(x, transform(image))
+    assert eval_transform("inception_v3").transforms[0].size == 327
+    assert eval_transform("resnet50", 48, 60)(image).shape == (3, 48, 48)
+
+
+@pytest.mark.parametrize("length", [0, 1, 7, 10])
+def test_shards_cover_without_padding(length):
+    for world in (1, 2, 3):
+        shards = [list(ShardSampler(length, rank, world)) for rank in range(world)]
+        assert [len(ShardSampler(length, rank, world)) for rank in range(world)] == [len(s) for s in shards]
+        assert sorted(i for s in shards for i in s) == list(range(length))
+        assert all(s == sorted(s) for s in shards)
+
+
+def test_prepare_imagenet_without_archives(tmp_path):
+    message = error(prepare_imagenet, tmp_path)
+    assert "ILSVRC2012" in message and "archive" in message
+
+
+def test_prepare_imagenet_missing_folder(tmp_path):
+    message = error(prepare_imagenet, tmp_path / "absent")
+    assert str(tmp_path / "absent") in message and "ILSVRC2012" in message
