@@ -102,11 +102,17 @@ class Task:
 def check_input_size(task: Task, size: int) -> None:
     """Run one blank image through the model (eval mode) so that an input too small for its
     layers fails here, with a clear message, rather than in the first training step."""
+    x = torch.zeros(1, 3, size, size)
     try:
-        task.model.eval()(torch.zeros(1, 3, size, size))
+        task.model.eval()(x)
     except RuntimeError as exc:
-        raise HndError(f"input_size={size} is too small for this model ({str(exc).splitlines()[0]}); "
-                       "use a larger input_size") from None
+        raise HndError(f"input_size={size} does not fit this model ({str(exc).splitlines()[0]}); "
+                       "use the official input size or a larger one") from None
+    if task.method == "hnd":  # the student head must reproduce the teacher head's shape
+        student, teacher = tuple(task.trained(x).shape[1:]), tuple(task.reference.eval()(x).shape[1:])
+        if student != teacher:
+            raise HndError(f"at input_size={size} the student head outputs {student} but the teacher head "
+                           f"{teacher}; choose another input_size (the official one always fits)")
 
 
 def _freeze(module: nn.Module) -> nn.Module:

@@ -202,7 +202,9 @@ def _fit(config: TrainConfig, data: Path, out: Path, resume: bool, progress: boo
     if task.reference is not None:
         task.reference.to(device)
     if config.channels_last:
-        task.model.to(memory_format=torch.channels_last)
+        for module in (task.model, task.reference):
+            if module is not None:
+                module.to(memory_format=torch.channels_last)
     if config.sync_bn and dist.enabled:
         sync_batchnorm(task.trained, device)
     optimizer = make_optimizer(config, task.trained)

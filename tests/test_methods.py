@@ -269,3 +269,13 @@ def test_pretrained_teacher_fine_tuned_on_other_classes(pretrained):
     model = build_reference_teacher(TrainConfig(model="resnet152", method="teacher"), num_classes=10)
     assert model.fc.out_features == 10
     assert torch.equal(model.conv1.weight, state["conv1.weight"])
+
+
+def test_hnd_input_size_where_head_shapes_differ_is_a_clear_error():
+    """At 66 px a ResNet student head outputs 512x8x8 but the teacher's layer2 512x9x9: caught
+    before training, with a one-line message."""
+    config = TrainConfig(model="resnet50_head_mimic-ver2b-3ch", method="hnd", pretrained=False, input_size=66)
+    task = build_task(config, num_classes=1000)
+    message = str(pytest.raises(HndError, check_input_size, task, 66).value)
+    assert "student head outputs" in message and "\n" not in message
+    check_input_size(task, 64)  # 8x8 on both sides
