@@ -280,21 +280,26 @@ def load_model(name: str | None, checkpoint: str | os.PathLike) -> nn.Module:
     return model.eval()
 
 
-def atomic_save(obj: object, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename: the target is
-    either the old file or the complete new one, never a partial write."""
+def atomic_write(path: str | os.PathLike, write, mode: str = "wb") -> None:
+    """Call ``write(file)`` on a temporary file in ``path``'s folder, then rename it to ``path``:
+    the target is either the old file or the complete new one, never a partial write."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_save(obj: object, path: str | os.PathLike) -> None:
+    """``torch.save`` ``obj`` to ``path`` atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save_checkpoint(path: str | os.PathLike, name: str, model: nn.Module, *, part: str = "student",

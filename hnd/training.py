@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 import hnd
-from hnd.checkpoints import read_file, save_checkpoint
+from hnd.checkpoints import atomic_write, read_file, save_checkpoint
 from hnd.config import TrainConfig, apply_overrides, config_from_dict, dump_config, parse_assignments, \
     read_config_file
 from hnd.data import ImageDataset, check_layout, collate, eval_transform, holdout_split, input_sizes, train_transform
@@ -41,17 +40,8 @@ AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def write_text(path: Path, text: str) -> None:
-    """Write a small text file atomically (temporary file + rename)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write a small text file atomically."""
+    atomic_write(path, lambda f: f.write(text), mode="w")
 
 
 def read_metrics(run: str | os.PathLike) -> list[dict]:

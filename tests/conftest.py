@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from hnd.errors import HndError
 from hnd.teachers import TEACHERS, teacher_spec, weights_path
 
 PAPER_TEACHERS = ["densenet169", "densenet201", "resnet152", "inception_v3"]
@@ -90,3 +91,12 @@ def image_file(tmp_path_factory) -> Path:
     pixels = (torch.rand(240, 320, 3, generator=g) * 255).to(torch.uint8).numpy()
     Image.fromarray(pixels).save(path, quality=90)
     return path
+
+
+def error(fn, *args, **kwargs) -> str:
+    """The message of the HndError that ``fn(*args, **kwargs)`` raises; it must be one line."""
+    with pytest.raises(HndError) as info:
+        fn(*args, **kwargs)
+    message = str(info.value)
+    assert message and "\n" not in message
+    return message

@@ -7,9 +7,8 @@ import yaml
 
 from hnd.config import (METHODS, TrainConfig, config_from_dict, dump_config, preset, read_config_file,
                         resolve_config)
-from hnd.errors import HndError
 
-from conftest import PAPER_TEACHERS
+from conftest import PAPER_TEACHERS, error
 
 STUDENT = {t: f"{t}_head_mimic-ver{'1b' if t == 'inception_v3' else '2b'}-3ch" for t in PAPER_TEACHERS}
 SGD = {"optimizer": "sgd", "lr": 1e-3, "momentum": 0.9, "weight_decay": 1e-4}
@@ -17,15 +16,6 @@ ADAM = {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0}
 COMMON = {"milestones": [5, 10, 15], "gamma": 0.1, "epochs": 20, "batch_size": 32, "eval_batch_size": 50,
           "kd_temperature": 1.0, "kd_alpha": 0.5}
 OFFICIAL = {"naive": SGD, "kd": SGD, "hnd": ADAM, "ae": ADAM}
-
-
-def error(fn, *args, **kwargs) -> str:
-    """The message of the HndError that ``fn(*args, **kwargs)`` raises; it must be one line."""
-    with pytest.raises(HndError) as info:
-        fn(*args, **kwargs)
-    message = str(info.value)
-    assert message and "\n" not in message
-    return message
 
 
 def model_for(teacher: str, method: str) -> str:

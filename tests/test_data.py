@@ -13,18 +13,8 @@ from torch.utils.data import DataLoader
 
 from hnd.data import (ImageDataset, ShardSampler, check_layout, collate, eval_transform, holdout_split,
                       input_sizes, prepare_imagenet, train_transform)
-from hnd.errors import HndError
 
-from conftest import PAPER_TEACHERS
-
-
-def error(fn, *args, **kwargs) -> str:
-    """The message of the HndError that ``fn(*args, **kwargs)`` raises; it must be one line."""
-    with pytest.raises(HndError) as info:
-        fn(*args, **kwargs)
-    message = str(info.value)
-    assert message and "\n" not in message
-    return message
+from conftest import PAPER_TEACHERS, error
 
 
 def write_image(path: Path, seed: int, size: tuple[int, int] = (40, 30)) -> Path:
