@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set everything up in ./.venv, then run one job:
-#   ./run.sh book   build the book (default CPU profile) into _build/html
-#   ./run.sh test   run the whole test suite
+#   ./run.sh book [PROFILE]   run the notebooks of a profile (default cpu) and build the book
+#                             into _build/html; finished runs are kept and skipped next time
+#   ./run.sh test             run the whole test suite (needs Chromium for the browser check)
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV="${HND_VENV:-.venv}"
@@ -20,16 +21,27 @@ setup() {
 }
 
 book() {
-    mkdir -p _executed/notebooks
-    for nb in notebooks/*.ipynb; do
-        "$PY" -m papermill "$nb" "_executed/$nb" -k python3 --cwd notebooks --no-progress-bar
-    done
-    "$VENV/bin/jupyter-book" build . -W -n --keep-going
-    echo "book: open _build/html/index.html"
+    local profile="${1:-cpu}" status=0
+    "$PY" -m hnd book run --profile "$profile" || status=$?
+    [ "$status" -le 1 ] || exit "$status"  # 1: some runs failed; the book still shows the others
+    "$PY" -m hnd book build --profile "$profile"
+    return "$status"
+}
+
+chromium_check() {
+    # The browser test opens the built book in headless Chromium (Debian's `chromium`).
+    command -v "${HND_CHROMIUM:-chromium}" >/dev/null && return
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "run.sh: installing chromium for the browser test"
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
+            || echo "run.sh: could not install chromium; the browser test will fail" >&2
+    else
+        echo "run.sh: chromium not found; install it (apt-get install -y chromium) or the browser test fails" >&2
+    fi
 }
 
 case "${1:-}" in
-    book) setup; book ;;
-    test) shift; setup; "$PY" -m pytest -q tests "$@" ;;
-    *) echo "usage: ./run.sh book | test" >&2; exit 2 ;;
+    book) shift; setup; book "$@" ;;
+    test) shift; setup; chromium_check; "$PY" -m pytest -q tests "$@" ;;
+    *) echo "usage: ./run.sh book [smoke|cpu|paper] | test" >&2; exit 2 ;;
 esac

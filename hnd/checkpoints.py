@@ -280,6 +280,10 @@ def load_model(name: str | None, checkpoint: str | os.PathLike) -> nn.Module:
     return model.eval()
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read the process's umask (there is no getter)
+
+
 def atomic_write(path: str | os.PathLike, write, mode: str = "wb") -> None:
     """Call ``write(file)`` on a temporary file in ``path``'s folder, then rename it to ``path``:
     the target is either the old file or the complete new one, never a partial write."""
@@ -287,6 +291,7 @@ def atomic_write(path: str | os.PathLike, write, mode: str = "wb") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; give it a normal file's mode
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()

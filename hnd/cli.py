@@ -1,4 +1,4 @@
-"""Command line: ``hnd models | inspect | predict | config | train | evaluate | data``.
+"""Command line: ``hnd models | inspect | predict | config | train | evaluate | data | book``.
 ``--json`` prints one JSON document."""
 
 from __future__ import annotations
@@ -183,6 +183,21 @@ def cmd_data_imagenet(args: argparse.Namespace) -> None:
     _print_layout(prepare_imagenet(args.root))
 
 
+def cmd_book_run(args: argparse.Namespace) -> int:
+    from hnd.book import run_grid, summary_table
+
+    summaries = run_grid(args.profile, runs=args.out, only=args.only, jobs=args.jobs, data=args.data,
+                         full=args.full)
+    print(summary_table(summaries))
+    return 1 if any(s["status"] != "done" for s in summaries) else 0
+
+
+def cmd_book_build(args: argparse.Namespace) -> int:
+    from hnd.book import build_book
+
+    return build_book(args.profile, runs=args.runs)
+
+
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", help="student name (naive, kd, hnd) or teacher name (ae, teacher)")
     p.add_argument("--method", required=True, help="naive | kd | hnd | ae | teacher")
@@ -256,6 +271,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = dsub.add_parser("imagenet", help="extract the official ILSVRC2012 archives in ROOT into train/ and val/")
     p.add_argument("root", help="folder holding the three ILSVRC2012 archives")
     p.set_defaults(func=cmd_data_imagenet)
+
+    book = sub.add_parser("book", help="run the book's notebooks over a profile's grid, build the book")
+    bsub = book.add_subparsers(dest="book_command", required=True, metavar="ACTION")
+    p = bsub.add_parser("run", help="execute every grid cell of a profile with papermill (resumable)")
+    p.add_argument("--profile", default="cpu", help="smoke | cpu | paper (notebooks/profiles/*.yaml; default cpu)")
+    p.add_argument("--only", metavar="PATTERN", help="run only cells whose id matches (glob or substring)")
+    p.add_argument("--jobs", type=int, default=1, help="cells run at once within a step (default 1)")
+    p.add_argument("--data", help="dataset root (required by the paper profile; default: the profile's)")
+    p.add_argument("--out", help="runs folder (default runs/book/PROFILE)")
+    p.add_argument("--full", action="store_true", help="allow a full-scale (GPU) profile such as paper")
+    p.set_defaults(func=cmd_book_run)
+    p = bsub.add_parser("build", help="render the finished notebooks with Jupyter Book into _build/html")
+    p.add_argument("--profile", default="cpu", help="profile whose runs to render (default cpu)")
+    p.add_argument("--runs", help="runs folder (default runs/book/PROFILE)")
+    p.set_defaults(func=cmd_book_build)
     return parser
 
 
@@ -268,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        args.func(args)
+        code = args.func(args)
     except HndError as exc:
         message = str(exc)
         if message.startswith("Caught "):  # re-raised from a DataLoader worker, with its traceback
@@ -281,4 +311,4 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `hnd inspect X | head`
         sys.stdout = None
         return 141
-    return 0
+    return code or 0

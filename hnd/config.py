@@ -19,6 +19,7 @@ import yaml
 from hnd.data import input_sizes
 from hnd.errors import HndError
 from hnd.models import resolve
+from hnd.students import StudentName, check_channels
 
 METHODS = ("naive", "kd", "hnd", "ae", "teacher")
 STUDENT_METHODS = ("naive", "kd", "hnd")  # trained model is a bottleneck student
@@ -228,3 +229,23 @@ def config_from_dict(doc: dict) -> TrainConfig:
 
 def dump_config(config: TrainConfig) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def experiment_config(teacher: str, method: str, channels: int, overrides: dict | None = None) -> TrainConfig:
+    """The config of one cell of the book's grid: ``teacher`` backbone, ``method``, bottleneck
+    ``channels`` (the student's, or the autoencoder's for ``ae``; ignored for ``teacher``),
+    official preset of the model that trains, then ``overrides``."""
+    check_method(method)
+    name, student = resolve(teacher)
+    if student is not None:
+        raise HndError(f"teacher must be a backbone name such as resnet152, got the student {teacher}")
+    overrides = dict(overrides or {})
+    fixed = [k for k in ("model", "method", "ae_channels") if k in overrides]
+    if fixed:
+        raise HndError(f"overrides cannot set {', '.join(fixed)}: they follow from teacher, method and channels")
+    channels = check_channels(channels)
+    if method in STUDENT_METHODS:
+        return apply_overrides(preset(str(StudentName(name, channels)), method), overrides)
+    if method == "ae":
+        overrides["ae_channels"] = channels
+    return apply_overrides(preset(name, method), overrides)

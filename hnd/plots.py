@@ -1,4 +1,4 @@
-"""Figures for the book, drawn from :class:`hnd.analysis.Analysis` results.
+"""Figures for the book: split analyses, training runs, the grid's comparisons, rate–accuracy.
 
 This is the package's only plotting module. It imports matplotlib, so ``import hnd`` does
 not import it. Every function returns a new :class:`matplotlib.figure.Figure`; close it
@@ -7,6 +7,7 @@ with ``plt.close(fig)`` once shown.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from math import prod
 
@@ -15,6 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, NullFormatter
 
 from hnd.analysis import Analysis
+from hnd.rate import RatePoint
 
 SIZE_COLOR, MACS_COLOR, SPLIT_COLOR = "tab:blue", "tab:orange", "tab:red"
 _PERCENT = FuncFormatter(lambda v, _: f"{v:g}%")
@@ -166,4 +168,174 @@ def plot_head_comparison(teachers: Iterable[Analysis], students: Iterable[Analys
     handles, labels = axes[-1].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
+    return fig
+
+
+METHOD_COLORS = {"naive": "tab:gray", "kd": "tab:orange", "hnd": "tab:blue", "ae": "tab:green",
+                 "teacher": "black"}
+METHOD_LABELS = {"naive": "naive", "kd": "KD", "hnd": "HND", "ae": "AE", "teacher": "teacher"}
+
+
+def plot_training(metrics: list[dict], title: str = "") -> Figure:
+    """One training run per epoch (``metrics.jsonl`` lines): training loss, top-1 on the
+    selection split (and on the training batches where the method has logits), seconds."""
+    fig, (loss_ax, acc_ax, time_ax) = plt.subplots(1, 3, figsize=(11, 3.2))
+    epochs = [m["epoch"] for m in metrics]
+    loss_ax.plot(epochs, [m["train_loss"] for m in metrics], marker="o", color="tab:red")
+    loss_ax.set_yscale("log")
+    loss_ax.set(xlabel="epoch", ylabel="training loss per image", title="loss")
+    acc_ax.plot(epochs, [m["select_top1"] for m in metrics], marker="o", label="selection split")
+    if all("train_top1" in m for m in metrics):
+        acc_ax.plot(epochs, [m["train_top1"] for m in metrics], marker=".", ls="--", label="training batches")
+    acc_ax.yaxis.set_major_formatter(_PERCENT)
+    acc_ax.set(xlabel="epoch", ylabel="top-1", title="accuracy")
+    acc_ax.legend(fontsize=8)
+    time_ax.bar(epochs, [m["seconds"] for m in metrics], color="0.6")
+    time_ax.set(xlabel="epoch", ylabel="seconds", title="time per epoch")
+    for ax in (loss_ax, acc_ax, time_ax):
+        ax.grid(alpha=0.3, lw=0.5)
+        ax.set_xticks(epochs if len(epochs) <= 12 else ax.get_xticks())
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_accuracy_vs_channels(runs: list[dict], teacher_top1: dict[str, float] | None = None) -> Figure:
+    """The papers' main comparison: test top-1 against bottleneck channels, a line per method,
+    one panel per backbone, the teacher's top-1 as a dashed reference line. ``runs`` are dicts
+    with ``teacher``, ``method``, ``channels`` and ``test_top1``."""
+    teacher_top1 = teacher_top1 or {}
+    backbones = sorted({r["teacher"] for r in runs} | set(teacher_top1))
+    fig, axes = plt.subplots(1, max(len(backbones), 1), figsize=(4.2 * max(len(backbones), 1), 3.4),
+                             squeeze=False, sharey=True)
+    for ax, backbone in zip(axes[0], backbones):
+        for method in ("naive", "kd", "hnd", "ae"):
+            points = sorted((r["channels"], r["test_top1"]) for r in runs
+                            if r["teacher"] == backbone and r["method"] == method)
+            if points:
+                ax.plot(*zip(*points), marker="o", color=METHOD_COLORS[method], label=METHOD_LABELS[method])
+        if backbone in teacher_top1:
+            ax.axhline(teacher_top1[backbone], color="black", ls="--", lw=1, label="teacher")
+        ax.set_xticks(sorted({r["channels"] for r in runs if r["teacher"] == backbone}) or [0])
+        ax.yaxis.set_major_formatter(_PERCENT)
+        ax.set(title=backbone, xlabel="bottleneck channels")
+        ax.grid(alpha=0.3, lw=0.5)
+    axes[0, 0].set_ylabel("test top-1")
+    axes[0, -1].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def plot_training_time(runs: list[dict]) -> Figure:
+    """Training cost per method: seconds per epoch and images per second, one bar per
+    (method, channels) run, grouped by method. ``runs`` are dicts with ``method``,
+    ``channels``, ``seconds_per_epoch`` and ``images_per_s``."""
+    methods = [m for m in ("teacher", "naive", "kd", "hnd", "ae") if any(r["method"] == m for r in runs)]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+    for ax, key, label in ((axes[0], "seconds_per_epoch", "seconds per epoch"),
+                           (axes[1], "images_per_s", "training images per second")):
+        x = 0
+        ticks, names = [], []
+        for method in methods:
+            group = sorted((r for r in runs if r["method"] == method), key=lambda r: (r.get("teacher"), r["channels"]))
+            start = x
+            for r in group:
+                ax.bar(x, r[key], color=METHOD_COLORS[method], width=0.8)
+                if method != "teacher":
+                    ax.text(x, r[key], f"{r['channels']}", ha="center", va="bottom", fontsize=7)
+                x += 1
+            ticks.append((start + x - 1) / 2)
+            names.append(METHOD_LABELS[method])
+            x += 0.6
+        ax.set_xticks(ticks, names)
+        ax.set(ylabel=label)
+        ax.grid(axis="y", alpha=0.3, lw=0.5)
+    axes[0].set_title("numbers on bars: bottleneck channels", fontsize=8, loc="left")
+    fig.tight_layout()
+    return fig
+
+
+_FORMAT_MARKERS = {"fp32": "o", "fp16": "s", "int8": "^", "int8+zlib": "D"}
+
+
+def _sparse(n: int, most: int) -> list[int]:
+    """At most ``most`` indices spread evenly over ``range(n)``, the first and last included."""
+    if n <= most:
+        return list(range(n))
+    return sorted({round(k * (n - 1) / (most - 1)) for k in range(most)})
+
+
+def _annotate_sparsely(ax, series: list[dict], most: int, placed: list, y_tol: float, **text) -> None:
+    """Write each chosen point's ``setting`` next to it, skipping points that lie too close (in
+    log bytes and top-1) to one already written, so that labels do not pile up."""
+    for i in _sparse(len(series), most):
+        x, y = series[i]["bytes"], series[i]["top1"]
+        if any(abs(math.log10(x / px)) < 0.08 and abs(y - py) < y_tol for px, py in placed):
+            continue
+        placed.append((x, y))
+        ax.annotate(series[i]["setting"], (x, y), textcoords="offset points", **text)
+
+
+def plot_rate_accuracy(points: list[RatePoint] | list[dict], teacher_top1: float | None = None) -> Figure:
+    """Top-1 against bytes sent per image (log scale) for :mod:`hnd.rate` points: bottlenecks
+    as markers (colour by model, marker by tensor format), one line per input codec over its
+    qualities, one line per teacher through its split stages (in stage order), the raw input
+    size as a dotted vertical line, the teacher's top-1 (if given) as a dashed line. The
+    legend sits to the right of the axes."""
+    rows = [p.to_dict() if hasattr(p, "to_dict") else dict(p) for p in points]
+    fig, ax = plt.subplots(figsize=(8.5, 4.5), layout="constrained")
+    handles: list = []
+    colors = (f"C{k % 10}" for k in range(10**6))  # one colour per model, codec and teacher
+    placed: list = []  # annotated (bytes, top1)
+    tops = [r["top1"] for r in rows] + ([teacher_top1] if teacher_top1 is not None else [])
+    y_tol = 0.04 * ((max(tops) - min(tops)) if tops else 1) or 1
+
+    labels = list(dict.fromkeys(r["label"] for r in rows if r["kind"] == "bottleneck"))
+    formats = list(dict.fromkeys(r["setting"] for r in rows if r["kind"] == "bottleneck"))
+    spare = iter("os^Dvp*hX")
+    markers = {f: _FORMAT_MARKERS.get(f) or next(spare) for f in formats}
+    for label in labels:
+        color = next(colors)
+        for fmt in formats:
+            series = [r for r in rows if r["kind"] == "bottleneck" and r["label"] == label and r["setting"] == fmt]
+            if series:
+                ax.scatter([r["bytes"] for r in series], [r["top1"] for r in series], s=40, color=color,
+                           marker=markers[fmt], edgecolors="black", linewidths=0.4, zorder=3)
+        handles.append(plt.Line2D([], [], ls="", marker="o", ms=7, color=color, label=label))
+    handles += [plt.Line2D([], [], ls="", marker=markers[f], ms=6, color="0.6", mec="black", mew=0.4,
+                           label=f"bottleneck {f}") for f in formats]
+
+    inputs = [r for r in rows if r["kind"] == "input"]
+    for label in dict.fromkeys(r["label"] for r in inputs if r["setting"] != "raw"):
+        series = [r for r in inputs if r["label"] == label and r["setting"] != "raw"]
+        series.sort(key=lambda r: (int(r["setting"][1:]) if r["setting"][1:].isdigit() else 0, r["bytes"]))
+        (line,) = ax.plot([r["bytes"] for r in series], [r["top1"] for r in series], marker=".", ms=6,
+                          lw=1.2, color=next(colors), label=f"input: {label}")
+        handles.append(line)
+        _annotate_sparsely(ax, series, 3, placed, y_tol, xytext=(3, 4), fontsize=7, color=line.get_color())
+
+    for label in dict.fromkeys(r["label"] for r in rows if r["kind"] == "teacher_split"):
+        series = [r for r in rows if r["kind"] == "teacher_split" and r["label"] == label]
+        (line,) = ax.plot([r["bytes"] for r in series], [r["top1"] for r in series], marker="x", ms=5,
+                          lw=0.8, color=next(colors), label=f"{label} split after a stage")
+        handles.append(line)
+        _annotate_sparsely(ax, series, 6, placed, y_tol, xytext=(0, -10), fontsize=6, ha="center",
+                           color=line.get_color())
+
+    raw = {(r["label"], r["bytes"]): r for r in inputs if r["setting"] == "raw"}
+    for (label, size), r in raw.items():
+        handles.append(ax.axvline(size, color="0.3", lw=1, ls=":", label=f"raw input ({size:,.0f} B)"))
+        ax.plot(size, r["top1"], marker="*", ms=9, color="0.3", ls="")
+    if teacher_top1 is not None:
+        handles.append(ax.axhline(teacher_top1, color="black", lw=1, ls="--",
+                                  label=f"teacher top-1 ({teacher_top1:.1f}%)"))
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(EngFormatter(unit="B", sep=" "))
+    ax.yaxis.set_major_formatter(_PERCENT)
+    ax.set_xlabel("bytes sent per image (log scale)")
+    ax.set_ylabel("top-1")
+    ax.grid(lw=0.3, alpha=0.5, which="both")
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     return fig

@@ -9,6 +9,7 @@ index), so the same arguments give byte-identical files (with the same NumPy and
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -24,6 +25,7 @@ from hnd.errors import HndError
 _SUPERSAMPLE = 2  # shapes are drawn at twice the size and reduced, for smooth edges
 _SPLIT_IDS = {"train": 0, "val": 1}
 _JPEG_QUALITY = 90
+SUMMARY_FILE = "synth.json"  # the generation settings, written inside the dataset folder
 _MAX_GROWTH = 1.3  # width and height each lie in [image_size, image_size * _MAX_GROWTH]
 
 Point = tuple[float, float]
@@ -214,7 +216,10 @@ def write_synthetic_dataset(out: str | os.PathLike, *, classes: int = 10, train_
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
+    summary = {"classes": names, "counts": {s: classes * n for s, n in per_class.items()},
+               "image_size": image_size, "seed": seed}
     try:
+        (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
         for split, count in per_class.items():
             for label, name in enumerate(names):
                 folder = tmp / split / name
@@ -234,5 +239,27 @@ def write_synthetic_dataset(out: str | os.PathLike, *, classes: int = 10, train_
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"root": str(out), "classes": names, "counts": {s: classes * n for s, n in per_class.items()},
-            "image_size": image_size, "seed": seed}
+    return {"root": str(out), **summary}
+
+
+def ensure_synthetic_dataset(out: str | os.PathLike, *, classes: int = 10, train_per_class: int = 100,
+                             val_per_class: int = 20, image_size: int = 72, seed: int = 0) -> dict:
+    """Like :func:`write_synthetic_dataset`, but reuse ``out`` if it already holds the dataset
+    these arguments generate (checked against its ``synth.json``); anything else there is an error."""
+    out = Path(out)
+    summary_file = out / SUMMARY_FILE
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return write_synthetic_dataset(out, classes=classes, train_per_class=train_per_class,
+                                       val_per_class=val_per_class, image_size=image_size, seed=seed)
+    if not summary_file.is_file():
+        raise HndError(f"{out} exists but is not a generated dataset (no {SUMMARY_FILE}); delete it or choose "
+                       f"another folder")
+    saved = json.loads(summary_file.read_text())
+    wanted = {"classes": list(SYNTH_CLASSES[:classes]),
+              "counts": {"train": classes * train_per_class, "val": classes * val_per_class},
+              "image_size": image_size, "seed": seed}
+    if saved != wanted:
+        diff = ", ".join(f"{k}: {saved.get(k)} there, {v} wanted" for k, v in wanted.items() if saved.get(k) != v)
+        raise HndError(f"{out} holds a generated dataset with other settings ({diff}); delete it or choose "
+                       f"another folder")
+    return {"root": str(out), **saved}

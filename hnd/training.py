@@ -163,6 +163,25 @@ def _prepare_run_folder(out: Path, config: TrainConfig, resume: bool, dist: Dist
     return None
 
 
+def train_or_resume(config: TrainConfig, data: str | os.PathLike, out: str | os.PathLike, *,
+                    progress: bool = True) -> dict:
+    """Make ``out`` hold the finished run of ``config``: start it, continue it from ``last.pt``
+    after an interruption, or return the saved result if it is done. A run of another config
+    in ``out`` is an error, never overwritten."""
+    out = Path(out)
+    if not (out / "last.pt").is_file():
+        return fit(config, data, out, progress=progress)
+    saved = config_from_dict(_last_checkpoint(out)["config"]).to_dict()
+    changed = [k for k, v in config.to_dict().items() if saved[k] != v and k not in RESUMABLE_CHANGES]
+    if changed:
+        raise HndError(f"{out} holds a run with other settings ({', '.join(changed)}); delete it or choose "
+                       f"another folder")
+    result_file = out / "result.json"
+    if result_file.is_file() and saved["epochs"] == config.epochs:
+        return json.loads(result_file.read_text())
+    return fit(config, data, out, resume=True, progress=progress)
+
+
 def fit(config: TrainConfig, data: str | os.PathLike, out: str | os.PathLike, *, resume: bool = False,
         progress: bool = True) -> dict:
     """Train ``config.model`` with ``config.method`` on ``data`` into run folder ``out``; returns

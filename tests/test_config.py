@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from hnd.config import (METHODS, TrainConfig, config_from_dict, dump_config, preset, read_config_file,
-                        resolve_config)
+from hnd.config import (METHODS, TrainConfig, config_from_dict, dump_config, experiment_config, preset,
+                        read_config_file, resolve_config)
+from hnd.errors import HndError
 
 from conftest import PAPER_TEACHERS, error
 
@@ -196,3 +197,17 @@ def test_config_from_dict_rejects_bad_documents():
     doc = TrainConfig(model=STUDENT["resnet152"], method="hnd").to_dict()
     assert "colour" in error(config_from_dict, {**doc, "colour": "red"})
     assert "optimizer" in error(config_from_dict, {**doc, "optimizer": "lbfgs"})
+
+
+def test_experiment_config_picks_the_model_of_the_method():
+    assert experiment_config("resnet50", "hnd", 6).model == "resnet50_head_mimic-ver2b-6ch"
+    assert experiment_config("inception_v3", "kd", 3).model == "inception_v3_head_mimic-ver1b-3ch"
+    ae = experiment_config("densenet169", "ae", 9, {"epochs": 2})
+    assert (ae.model, ae.ae_channels, ae.epochs, ae.optimizer) == ("densenet169", 9, 2, "adam")
+    assert experiment_config("resnet152", "teacher", 3).model == "resnet152"
+    with pytest.raises(HndError, match="overrides cannot set ae_channels"):
+        experiment_config("resnet50", "ae", 3, {"ae_channels": 6})
+    with pytest.raises(HndError, match="teacher must be a backbone name"):
+        experiment_config("resnet50_head_mimic-ver2b-3ch", "hnd", 3)
+    with pytest.raises(HndError, match="unknown config key 'lrr'"):
+        experiment_config("resnet50", "hnd", 3, {"lrr": 1})

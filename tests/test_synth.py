@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -13,15 +14,15 @@ from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
 from hnd.errors import HndError
-from hnd.synth import SYNTH_CLASSES, write_synthetic_dataset
+from hnd.synth import SYNTH_CLASSES, ensure_synthetic_dataset, write_synthetic_dataset
 
 SMALL = {"classes": 3, "train_per_class": 4, "val_per_class": 2, "image_size": 40}
 
 
 def hashes(root: Path) -> dict[str, str]:
-    """SHA-256 of every file under ``root``, keyed by its relative path."""
+    """SHA-256 of every image under ``root``, keyed by its relative path."""
     return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+            for p in sorted(root.rglob("*.JPEG"))}
 
 
 def siblings(path: Path) -> list[str]:
@@ -44,7 +45,8 @@ def test_layout_counts_and_summary(small):
     names = list(SYNTH_CLASSES[:3])
     assert summary == {"root": str(out), "classes": names, "counts": {"train": 12, "val": 6},
                        "image_size": 40, "seed": 0}
-    assert sorted(p.name for p in out.iterdir()) == ["train", "val"]
+    assert sorted(p.name for p in out.iterdir()) == ["synth.json", "train", "val"]
+    assert json.loads((out / "synth.json").read_text()) == {k: v for k, v in summary.items() if k != "root"}
     for split, n in (("train", 4), ("val", 2)):
         assert sorted(p.name for p in (out / split).iterdir()) == names
         for name in names:
@@ -192,3 +194,16 @@ def test_a_tiny_cnn_learns_it(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert accuracy > 0.5, f"validation accuracy {accuracy:.2f}, chance is 0.25"
+
+
+def test_ensure_reuses_the_same_dataset_and_refuses_others(tmp_path):
+    out = tmp_path / "data"
+    first = ensure_synthetic_dataset(out, **SMALL)
+    stamp = {p: p.stat().st_mtime_ns for p in out.rglob("*.JPEG")}
+    assert ensure_synthetic_dataset(out, **SMALL) == first  # reused, not rewritten
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.JPEG")} == stamp
+    with pytest.raises(HndError, match=r"other settings \(image_size: 40 there, 48 wanted\); delete it"):
+        ensure_synthetic_dataset(out, **{**SMALL, "image_size": 48})
+    (tmp_path / "mine" / "train").mkdir(parents=True)
+    with pytest.raises(HndError, match="is not a generated dataset"):
+        ensure_synthetic_dataset(tmp_path / "mine", **SMALL)

@@ -21,7 +21,7 @@ from hnd.errors import HndError
 from hnd.evaluation import evaluate_checkpoint
 from hnd.methods import build_task
 from hnd.synth import write_synthetic_dataset
-from hnd.training import fit, read_metrics, resume_config
+from hnd.training import fit, read_metrics, resume_config, train_or_resume
 
 TEACHER = "resnet50"
 STUDENT = "resnet50_head_mimic-ver2b-3ch"
@@ -224,3 +224,18 @@ def test_unreadable_image_is_named_or_skipped(synth, teacher_ckpt, tmp_path):
     done = _cli(*common, "--out", str(tmp_path / "b"), "skip_bad_images=true")
     assert done.returncode == 0, done.stderr
     assert f"skipped unreadable image {bad}" in done.stderr
+
+
+def test_train_or_resume_starts_continues_and_reuses(synth, teacher_ckpt, tmp_path):
+    out = tmp_path / "run"
+    first = train_or_resume(_config("hnd", teacher_ckpt, "epochs=1"), synth, out, progress=False)
+    stamp = (out / "last.pt").stat().st_mtime_ns
+    again = train_or_resume(_config("hnd", teacher_ckpt, "epochs=1"), synth, out, progress=False)
+    assert again == first and (out / "last.pt").stat().st_mtime_ns == stamp  # finished: read back
+    with pytest.raises(HndError, match=r"holds a run with other settings \(lr\); delete it or choose"):
+        train_or_resume(_config("hnd", teacher_ckpt, "epochs=1", "lr=0.5"), synth, out, progress=False)
+    (out / "result.json").unlink()  # as if killed after the last epoch, before the test
+    longer = train_or_resume(_config("hnd", teacher_ckpt, "epochs=2"), synth, out, progress=False)
+    assert [m["epoch"] for m in read_metrics(out)] == [1, 2] and longer["epochs"] == 2
+    assert json.loads((out / "result.json").read_text()) == longer
+

@@ -1,0 +1,615 @@
+"""The book's grid runner and build: profiles, one papermill run per grid cell, Jupyter Book.
+
+A profile (``notebooks/profiles/<name>.yaml``) names a dataset and a list of steps; a step
+runs one notebook over the product of its ``grid`` values, plus fixed ``parameters``.
+:func:`run_grid` checks every cell's parameter names and types against the notebook's
+``parameters`` cell before any kernel starts, then runs the steps in order (the cells of a
+step ``jobs`` at a time), each with papermill into ``<runs>/<notebook>/<cell>/``: the executed
+notebook, ``parameters.yaml``, ``log.txt`` and ``results.json``. Finished cells are skipped,
+so an interrupted grid continues where it stopped; a failing cell is recorded and the others
+go on. :func:`build_book` renders the finished notebooks with Jupyter Book 1, execution off.
+
+papermill and Jupyter Book are imported or started only here, never by ``import hnd``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fnmatch
+import itertools
+import os
+import platform
+import queue
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import yaml
+
+import hnd
+from hnd.errors import HndError
+from hnd.results import GRID_FILE, METRICS_FILE, RESULTS_FILE, read_json, write_json
+
+NOTEBOOKS_DIR = "notebooks"
+PROFILES_DIR = "notebooks/profiles"
+STAGE_DIR = "_executed"  # what the book renders: copies of the finished notebooks, generated pages
+_STAGE_MARK = ".written-by-hnd-book-build"
+# Parameters the runner sets when a notebook declares them and the profile leaves them out.
+RUNNER_PARAMETERS = ("output_dir", "profile", "data")
+_PROFILE_KEYS = {"description", "full_scale", "data", "steps"}
+_STEP_KEYS = {"notebook", "name", "grid", "parameters"}
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "list": (list,),
+          "dict": (dict,)}
+
+
+@dataclass
+class Profile:
+    name: str
+    path: Path
+    description: str
+    full_scale: bool  # GPU-scale: never started without --full
+    data: dict  # {"synth": {...}} (generated into <runs>/data), {"imagenet": true} (--data) or {}
+    steps: list[dict]
+
+
+@dataclass
+class Cell:
+    id: str  # "<notebook stem>/<cell name>", also its folder under the runs folder
+    notebook: str  # stem, e.g. "02_train"
+    step: int
+    label: str  # for people: "method=hnd, channels=3"
+    parameters: dict = field(default_factory=dict)
+
+
+def profile_names(root: str | os.PathLike = ".") -> list[str]:
+    return sorted(p.stem for p in (Path(root) / PROFILES_DIR).glob("*.yaml"))
+
+
+def load_profile(name: str, root: str | os.PathLike = ".") -> Profile:
+    """Read and check ``notebooks/profiles/<name>.yaml``."""
+    names = profile_names(root)
+    path = Path(root) / PROFILES_DIR / f"{name}.yaml"
+    if name not in names:
+        where = Path(root).resolve() / PROFILES_DIR
+        raise HndError(f"unknown profile {name!r}; valid profiles: {', '.join(names) or f'none in {where}'}")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise HndError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("steps"), list) or not doc["steps"]:
+        raise HndError(f"{path} must be a mapping with a non-empty list of steps")
+    unknown = set(doc) - _PROFILE_KEYS
+    if unknown:
+        raise HndError(f"{path}: unknown keys {', '.join(sorted(unknown))}; valid: {', '.join(sorted(_PROFILE_KEYS))}")
+    data = doc.get("data") or {}
+    if not isinstance(data, dict) or len(data) > 1 or (data and next(iter(data)) not in ("synth", "imagenet")):
+        raise HndError(f"{path}: data must be {{synth: {{...}}}} or {{imagenet: true}}")
+    for i, step in enumerate(doc["steps"], 1):
+        if not isinstance(step, dict) or "notebook" not in step:
+            raise HndError(f"{path}: step {i} must be a mapping with a notebook")
+        bad = set(step) - _STEP_KEYS
+        if bad:
+            raise HndError(f"{path}: step {i} has unknown keys {', '.join(sorted(bad))}; "
+                           f"valid: {', '.join(sorted(_STEP_KEYS))}")
+        grid = step.get("grid") or {}
+        if not isinstance(grid, dict) or any(not isinstance(v, list) or not v for v in grid.values()):
+            raise HndError(f"{path}: step {i}: grid must map parameter names to non-empty lists")
+        if not isinstance(step.get("parameters") or {}, dict):
+            raise HndError(f"{path}: step {i}: parameters must be a mapping")
+    return Profile(name, path, str(doc.get("description", "")).strip(), bool(doc.get("full_scale", False)), data,
+                   doc["steps"])
+
+
+def _fill(value: object, places: dict[str, str], where: str) -> object:
+    """Substitute ``{out}``, ``{data}``, ``{cell}`` in the strings of a parameter value."""
+    if isinstance(value, str):
+        try:
+            return value.format_map(places)
+        except (KeyError, ValueError, IndexError) as exc:
+            raise HndError(f"{where}: cannot fill {value!r} ({exc}); placeholders: "
+                           f"{', '.join('{' + k + '}' for k in places)}") from None
+    if isinstance(value, list):
+        return [_fill(v, places, where) for v in value]
+    if isinstance(value, dict):
+        return {k: _fill(v, places, where) for k, v in value.items()}
+    return value
+
+
+def _cell_name(step: dict, combo: dict) -> str:
+    parts = [step["name"]] if step.get("name") else []
+    parts += [f"{k}-{v}" for k, v in combo.items()]
+    return "_".join(parts) or "default"
+
+
+def plan_cells(profile: Profile, runs: Path, data: Path | None) -> list[Cell]:
+    """Every cell of the profile, in run order, with placeholders filled in."""
+    cells, seen = [], set()
+    for number, step in enumerate(profile.steps, 1):
+        grid = step.get("grid") or {}
+        for values in itertools.product(*grid.values()):
+            combo = dict(zip(grid, values))
+            cell_id = f"{step['notebook']}/{_cell_name(step, combo)}"
+            if cell_id in seen:
+                raise HndError(f"{profile.path}: two cells are called {cell_id}; give one step a name")
+            seen.add(cell_id)
+            places = {"out": str(runs), "data": str(data) if data else "", "cell": str(runs / cell_id)}
+            where = f"profile {profile.name}, cell {cell_id}"
+            parameters = _fill({**(step.get("parameters") or {}), **combo}, places, where)
+            label = ", ".join(f"{k}={v}" for k, v in combo.items()) or step.get("name") or step["notebook"]
+            cells.append(Cell(cell_id, step["notebook"], number, label, parameters))
+    return cells
+
+
+def select_cells(cells: list[Cell], only: str | None) -> list[Cell]:
+    """Cells whose id matches ``only`` (a glob, or a substring when it has no wildcard)."""
+    if not only:
+        return cells
+    pattern = only if any(ch in only for ch in "*?[") else f"*{only}*"
+    chosen = [c for c in cells if fnmatch.fnmatchcase(c.id, pattern)]
+    if not chosen:
+        raise HndError(f"--only {only!r} matches no cell; cells: {', '.join(c.id for c in cells)}")
+    return chosen
+
+
+def notebook_path(root: Path, stem: str) -> Path:
+    return root / NOTEBOOKS_DIR / f"{stem}.ipynb"
+
+
+def declared_parameters(notebook: Path) -> dict[str, dict]:
+    """The notebook's ``parameters`` cell as papermill reads it: name -> type name, default, help."""
+    import papermill
+
+    if not notebook.is_file():
+        raise HndError(f"notebook not found: {notebook}")
+    return papermill.inspect_notebook(str(notebook))
+
+
+def _type_ok(value: object, type_name: str) -> bool:
+    names = [t.strip() for t in type_name.replace("Optional[", "").rstrip("]").split("|")]
+    if value is None:
+        return "None" in names or type_name.startswith("Optional[")
+    kinds = tuple(k for n in names for k in _TYPES.get(n, (object,)))
+    if isinstance(value, bool) and bool not in kinds and object not in kinds:
+        return False
+    return isinstance(value, kinds)
+
+
+def check_cells(cells: list[Cell], root: Path) -> dict[str, dict]:
+    """Raise a one-line error for the first unknown parameter name or wrongly typed value;
+    return each notebook's declared parameters."""
+    declared: dict[str, dict] = {}
+    for cell in cells:
+        if cell.notebook not in declared:
+            declared[cell.notebook] = declared_parameters(notebook_path(root, cell.notebook))
+        spec = declared[cell.notebook]
+        for name, value in cell.parameters.items():
+            if name not in spec:
+                raise HndError(f"{cell.id}: {cell.notebook}.ipynb has no parameter {name!r}; "
+                               f"its parameters: {', '.join(spec)}")
+            type_name = spec[name]["inferred_type_name"]
+            if not _type_ok(value, type_name):
+                raise HndError(f"{cell.id}: parameter {name} must be {type_name}, got {value!r}")
+    return declared
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version(), "hnd": hnd.__version__}
+    for package in ("torch", "torchvision", "numpy", "pillow", "papermill", "nbclient", "ipykernel",
+                    "jupyter-book", "matplotlib"):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            out[package] = None
+    return out
+
+
+def _hardware() -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        memory_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        memory_gib = None
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return {"platform": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(), "memory_gib": memory_gib,
+            "gpus": gpus}
+
+
+def _visible_gpus() -> list[str]:
+    """CUDA device ids the runner may hand out, one per parallel job."""
+    import torch
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [d.strip() for d in visible.split(",") if d.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+def _git(root: Path) -> dict:
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    revision = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"revision": revision, "dirty": bool(status) if status is not None else None}
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+def _notebook_error(path: Path) -> str | None:
+    """``ename: evalue`` of the first error output of an executed notebook."""
+    import nbformat
+
+    try:
+        nb = nbformat.read(path, as_version=4)
+    except Exception:  # noqa: BLE001 - a partial or missing notebook has no readable error
+        return None
+    for cell in nb.cells:
+        for out in cell.get("outputs", []) if cell.cell_type == "code" else []:
+            if out.get("output_type") == "error":
+                value = str(out.get("evalue", "")).strip().splitlines()
+                return f"{out.get('ename')}: {value[-1] if value else ''}".rstrip(": ")
+    return None
+
+
+def _log_tail(path: Path, lines: int = 3) -> str:
+    try:
+        text = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return " | ".join(text[-lines:])
+
+
+class _Runner:
+    """Runs cells and keeps ``grid.json`` current (threads share it under a lock)."""
+
+    def __init__(self, profile: Profile, root: Path, runs: Path, cells: list[Cell], data: Path | None,
+                 jobs: int, log):
+        self.profile, self.root, self.runs, self.cells, self.data = profile, root, runs, cells, data
+        self.jobs, self.log = jobs, log
+        self.lock = threading.Lock()
+        self.slots: queue.Queue[int] = queue.Queue()  # which of the `jobs` parallel places a cell takes
+        for slot in range(jobs):
+            self.slots.put(slot)
+        self.gpus = _visible_gpus()
+        self.status: dict[str, dict] = {}
+        self.environment = {"versions": _versions(), "git": _git(root), "hardware": _hardware()}
+        for cell in cells:
+            saved = self._saved(cell)
+            self.status[cell.id] = {k: saved.get(k) for k in ("status", "seconds", "error")} if saved else \
+                {"status": "planned", "seconds": None, "error": None}
+        self.write_grid()
+
+    def _saved(self, cell: Cell) -> dict | None:
+        path = self.runs / cell.id / RESULTS_FILE
+        try:
+            return read_json(path) if path.is_file() else None
+        except HndError:
+            return None
+
+    def is_done(self, cell: Cell) -> bool:
+        saved = self._saved(cell)
+        return bool(saved and saved.get("status") == "done" and saved.get("parameters") == cell.parameters
+                    and (self.runs / cell.id / "notebook.ipynb").is_file())
+
+    def write_grid(self) -> None:
+        with self.lock:
+            cells = [{"id": c.id, "notebook": c.notebook, "label": c.label, "step": c.step, **self.status[c.id]}
+                     for c in self.cells]
+            write_json(self.runs / GRID_FILE, {"profile": self.profile.name, "description": self.profile.description,
+                                               "data": str(self.data) if self.data else None, "updated": _now(),
+                                               **self.environment, "cells": cells})
+
+    def run(self, cell: Cell, declared: dict, position: str) -> dict:
+        folder = self.runs / cell.id
+        folder.mkdir(parents=True, exist_ok=True)
+        parameters = dict(cell.parameters)
+        defaults = {"output_dir": str(folder), "profile": self.profile.name,
+                    "data": str(self.data) if self.data else None}
+        for name in RUNNER_PARAMETERS:
+            if name in declared and name not in parameters and defaults[name] is not None:
+                parameters[name] = defaults[name]
+        (folder / METRICS_FILE).unlink(missing_ok=True)
+        write_json(folder / "parameters.json", parameters)
+        (folder / "parameters.yaml").write_text(yaml.safe_dump(parameters, sort_keys=False))
+        notebook = notebook_path(self.root, cell.notebook)
+        command = [sys.executable, "-m", "papermill", str(notebook), str(folder / "notebook.ipynb"),
+                   "-f", str(folder / "parameters.yaml"), "-k", "python3", "--cwd", str(notebook.parent),
+                   "--no-progress-bar"]
+        record = {"profile": self.profile.name, "cell": cell.id, "notebook": cell.notebook, "label": cell.label,
+                  "step": cell.step, "parameters": cell.parameters, "injected": parameters, "status": "running",
+                  "started": _now(), "command": " ".join(command[1:]).replace(str(self.root) + os.sep, ""),
+                  **self.environment}
+        write_json(folder / RESULTS_FILE, record)
+        with self.lock:
+            self.status[cell.id] = {"status": "running", "seconds": None, "error": None}
+        self.write_grid()
+        self.log(f"{position} {cell.id}: running")
+        slot = self.slots.get()
+        env = dict(os.environ)
+        if self.jobs > 1:  # share the cores between parallel kernels, one GPU each if there are enough
+            threads = str(max(1, (os.cpu_count() or 1) // self.jobs))
+            env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+            if len(self.gpus) >= self.jobs:
+                env["CUDA_VISIBLE_DEVICES"] = self.gpus[slot]
+        start = time.perf_counter()
+        try:
+            with open(folder / "log.txt", "w") as log_file:
+                rc = subprocess.run(command, cwd=self.root, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL).returncode
+        finally:
+            self.slots.put(slot)
+        seconds = round(time.perf_counter() - start, 1)
+        metrics_file = folder / METRICS_FILE
+        metrics = read_json(metrics_file) if metrics_file.is_file() else {}
+        error = None
+        if rc != 0:
+            error = _notebook_error(folder / "notebook.ipynb") or _log_tail(folder / "log.txt") or f"exit code {rc}"
+        record.update(status="done" if rc == 0 else "failed", finished=_now(), seconds=seconds, metrics=metrics,
+                      error=error)
+        write_json(folder / RESULTS_FILE, record)
+        with self.lock:
+            self.status[cell.id] = {"status": record["status"], "seconds": seconds, "error": error}
+        self.write_grid()
+        self.log(f"{position} {cell.id}: {record['status']} in {seconds:.1f} s" + (f" ({error})" if error else ""))
+        return record
+
+
+def _prepare_data(profile: Profile, runs: Path, data: str | os.PathLike | None, log) -> Path | None:
+    """The dataset root of the run: given, generated (synth) or required (imagenet)."""
+    from hnd.data import check_layout
+
+    if data:
+        return check_layout(data).root
+    if "imagenet" in profile.data:
+        raise HndError(f"profile {profile.name} runs on ImageNet; give its folder with --data "
+                       "(train/ and val/ with one folder per class; see `hnd data imagenet`)")
+    if "synth" in profile.data:
+        from hnd.synth import ensure_synthetic_dataset
+
+        settings = profile.data["synth"] or {}
+        log(f"data: generated dataset in {runs / 'data'} ({settings})")
+        try:
+            ensure_synthetic_dataset(runs / "data", **settings)
+        except TypeError as exc:
+            raise HndError(f"{profile.path}: bad synth settings ({exc})") from None
+        return (runs / "data").resolve()
+    return None
+
+
+def default_runs(root: Path, profile: str) -> Path:
+    return root / "runs" / "book" / profile
+
+
+def run_grid(profile_name: str, *, root: str | os.PathLike = ".", runs: str | os.PathLike | None = None,
+             only: str | None = None, jobs: int = 1, data: str | os.PathLike | None = None, full: bool = False,
+             log=print) -> list[dict]:
+    """Run the cells of a profile (see the module docstring); returns one summary per selected
+    cell (id, status, seconds, error, metrics)."""
+    root = Path(root).resolve()
+    profile = load_profile(profile_name, root)
+    if jobs < 1:
+        raise HndError(f"--jobs must be at least 1, got {jobs}")
+    if profile.full_scale and not full:
+        raise HndError(f"profile {profile.name} is full scale ({profile.description.splitlines()[0]}); "
+                       "add --full to start it")
+    runs = Path(runs).resolve() if runs else default_runs(root, profile.name)
+    placeholder = (Path(data).resolve() if data else (runs / "data" if "synth" in profile.data else None))
+    cells = plan_cells(profile, runs, placeholder)
+    chosen = select_cells(cells, only)
+    declared = check_cells(cells, root)  # every cell, so a typo anywhere stops the run before it starts
+    data_root = _prepare_data(profile, runs, data, log)
+    runner = _Runner(profile, root, runs, cells, data_root, jobs, log)
+    total, done_before = len(chosen), 0
+    summaries: dict[str, dict] = {}
+    counter = itertools.count(1)
+    for step in sorted({c.step for c in chosen}):
+        todo = []
+        for cell in (c for c in chosen if c.step == step):
+            if runner.is_done(cell):
+                done_before += 1
+                saved = runner._saved(cell)
+                log(f"[{next(counter)}/{total}] {cell.id}: done before, skipped")
+                summaries[cell.id] = {"id": cell.id, "status": "done", "seconds": saved.get("seconds"),
+                                      "error": None, "metrics": saved.get("metrics", {}), "skipped": True}
+            else:
+                todo.append(cell)
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = {cell.id: pool.submit(runner.run, cell, declared[cell.notebook], f"[{next(counter)}/{total}]")
+                       for cell in todo}
+            for cell_id, future in futures.items():
+                record = future.result()
+                summaries[cell_id] = {"id": cell_id, "status": record["status"], "seconds": record["seconds"],
+                                      "error": record["error"], "metrics": record["metrics"], "skipped": False}
+    return [summaries[c.id] for c in chosen]
+
+
+def _headline(metrics: dict) -> str:
+    """The one number worth a summary column."""
+    for key in ("test_top1", "top1", "headline"):
+        if isinstance(metrics.get(key), (int, float)):
+            return f"{key} {metrics[key]:.2f}"
+    return ""
+
+
+def summary_table(summaries: list[dict]) -> str:
+    """A plain-text table of cell, status, seconds, headline metric, error."""
+    rows = [("cell", "status", "seconds", "result")]
+    for s in summaries:
+        status = s["status"] + (" (cached)" if s.get("skipped") else "")
+        seconds = f"{s['seconds']:.1f}" if isinstance(s.get("seconds"), (int, float)) else "-"
+        rows.append((s["id"], status, seconds, s["error"] or _headline(s.get("metrics") or {})))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [f"{r[0]:{widths[0]}}  {r[1]:{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}" for r in rows]
+    failed = sum(s["status"] != "done" for s in summaries)
+    lines.append(f"{len(summaries) - failed} of {len(summaries)} cells finished" + (f", {failed} failed" if failed else ""))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the book
+
+
+def _jupyter_book() -> list[str]:
+    exe = Path(sys.executable).with_name("jupyter-book")
+    if exe.exists():
+        return [str(exe)]
+    return [sys.executable, "-c", "from jupyter_book.cli.main import main; main()"]
+
+
+def _stage_folder(root: Path) -> Path:
+    """An empty ``_executed`` folder; refuses to delete one it did not write."""
+    stage = root / STAGE_DIR
+    if stage.exists():
+        if not (stage / _STAGE_MARK).exists():
+            raise HndError(f"{stage} exists but was not written by `hnd book build`; move it away first")
+        shutil.rmtree(stage)
+    stage.mkdir()
+    (stage / _STAGE_MARK).write_text("generated by `hnd book build`; deleted and rewritten by every build\n")
+    return stage
+
+
+def _expand_toc(entries: list, staged: dict[str, list[tuple[str, str]]], missing: dict[str, list[dict]],
+                stage: Path, profile: str) -> list:
+    """Replace every ``glob: _executed/<notebook>/*`` entry by the staged notebooks (titled by
+    their grid cell), or by a page that says which runs are missing."""
+    out = []
+    for entry in entries:
+        if isinstance(entry, dict) and "glob" in entry and str(entry["glob"]).startswith(STAGE_DIR + "/"):
+            notebook = str(entry["glob"]).split("/")[1]
+            if staged.get(notebook):
+                out += [{"file": f"{STAGE_DIR}/{notebook}/{name}", **({"title": title} if title else {})}
+                        for name, title in staged[notebook]]
+            else:
+                page = stage / notebook / "missing.md"
+                page.parent.mkdir(parents=True, exist_ok=True)
+                cells = missing.get(notebook, [])
+                lines = [f"# {notebook}: no finished run", "",
+                         f"No run of `notebooks/{notebook}.ipynb` finished in profile `{profile}`."]
+                lines += [f"- `{c['id']}`: {c['status']}" + (f" ({c['error']})" if c.get("error") else "") for c in cells]
+                page.write_text("\n".join(lines) + "\n")
+                out.append({"file": f"{STAGE_DIR}/{notebook}/missing"})
+            continue
+        if isinstance(entry, dict):
+            entry = dict(entry)
+            for key in ("chapters", "sections", "parts"):
+                if key in entry:
+                    entry[key] = _expand_toc(entry[key], staged, missing, stage, profile)
+        out.append(entry)
+    return out
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _environment_lines(grid: dict) -> list[str]:
+    versions = ", ".join(f"{k} {v}" for k, v in grid.get("versions", {}).items() if v)
+    hw = grid.get("hardware", {})
+    gpus = ", ".join(hw.get("gpus") or []) or "no GPU"
+    git = grid.get("git", {})
+    revision = (git.get("revision") or "unknown")[:12] + (" (with uncommitted changes)" if git.get("dirty") else "")
+    return [f"- versions: {versions}",
+            f"- hardware: {hw.get('cpu')}, {hw.get('cpus')} CPUs, {hw.get('memory_gib')} GiB memory, {gpus}",
+            f"- platform: {hw.get('platform')}",
+            f"- git revision: `{revision}`"]
+
+
+def _profile_page(grid: dict, cells: list[dict]) -> str:
+    done = [c for c in cells if c["status"] == "done"]
+    missing = [c for c in cells if c["status"] != "done"]
+    text = (f"```{{note}}\nThe results on this page were produced by the **`{grid['profile']}` profile** "
+            f"({_md_escape(grid.get('description', '').rstrip('.'))}), last run on {grid.get('updated', '?')[:10]}. "
+            f"{len(done)} of {len(cells)} runs finished")
+    text += (": missing " + ", ".join(f"`{c['id']}`" for c in missing) + "." if missing else ".")
+    return text + " See {doc}`/book/reproducibility` for how to re-run them.\n```\n"
+
+
+def _summary_page(grid: dict, cells: list[dict], runs: Path) -> str:
+    lines = [f"### This build: profile `{grid['profile']}`", "", _md_escape(grid.get("description", "")), "",
+             f"Runs folder: `{runs}`; data: `{grid.get('data')}`; last updated {grid.get('updated')}.", ""]
+    lines += _environment_lines(grid)
+    lines += ["", "| cell | status | seconds | result |", "|---|---|---:|---|"]
+    for c in cells:
+        result = c.get("error") or ""
+        path = runs / c["id"] / RESULTS_FILE
+        if not result and path.is_file():
+            try:
+                result = _headline(read_json(path).get("metrics") or {})
+            except HndError:
+                result = ""
+        seconds = f"{c['seconds']:.1f}" if isinstance(c.get("seconds"), (int, float)) else ""
+        lines.append(f"| `{c['id']}` | {c['status']} | {seconds} | {_md_escape(str(result))} |")
+    total = sum(c["seconds"] for c in cells if isinstance(c.get("seconds"), (int, float)))
+    lines += ["", f"Total notebook time: {total / 60:.1f} minutes."]
+    return "\n".join(lines) + "\n"
+
+
+def build_book(profile_name: str, *, root: str | os.PathLike = ".", runs: str | os.PathLike | None = None,
+               log=print) -> int:
+    """Stage the finished notebooks of a profile's runs into ``_executed/`` with a generated
+    table of contents and profile pages, then run ``jupyter-book build`` (``-W -n
+    --keep-going``; execution off in ``_config.yml``). Returns its exit code."""
+    root = Path(root).resolve()
+    for name in ("_config.yml", "_toc.yml"):
+        if not (root / name).is_file():
+            raise HndError(f"no {name} in {root}; run `hnd book build` from the repository root")
+    load_profile(profile_name, root)
+    runs = Path(runs).resolve() if runs else default_runs(root, profile_name)
+    grid_path = runs / GRID_FILE
+    if not grid_path.is_file():
+        raise HndError(f"no runs of profile {profile_name} in {runs}; run `hnd book run --profile {profile_name}` first")
+    grid = read_json(grid_path)
+    if grid.get("profile") != profile_name:
+        raise HndError(f"{runs} holds runs of profile {grid.get('profile')}, not {profile_name}")
+    cells = grid["cells"]
+    stage = _stage_folder(root)
+    staged: dict[str, list[tuple[str, str]]] = {}
+    missing: dict[str, list[dict]] = {}
+    for cell in cells:
+        source = runs / cell["id"] / "notebook.ipynb"
+        if cell["status"] == "done" and source.is_file():
+            name = cell["id"].split("/", 1)[1]
+            target = stage / cell["notebook"] / f"{name}.ipynb"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+            title = cell["label"] if cell["label"] != cell["notebook"] else None  # None: the page's own
+            staged.setdefault(cell["notebook"], []).append((name, title))
+        else:
+            missing.setdefault(cell["notebook"], []).append(cell)
+    toc = yaml.safe_load((root / "_toc.yml").read_text())
+    for key in ("chapters", "parts"):
+        if key in toc:
+            toc[key] = _expand_toc(toc[key], staged, missing, stage, profile_name)
+    (stage / "_toc.yml").write_text(yaml.safe_dump(toc, sort_keys=False))
+    (stage / "profile.md").write_text(_profile_page(grid, cells))
+    (stage / "summary.md").write_text(_summary_page(grid, cells, runs))
+    for notebook, absent in missing.items():
+        for cell in absent:
+            log(f"book: missing run {cell['id']} ({cell['status']})")
+    command = [*_jupyter_book(), "build", str(root), "--toc", str(stage / "_toc.yml"), "-W", "-n", "--keep-going"]
+    log("book: " + " ".join(command[-7:]))
+    rc = subprocess.run(command, cwd=root).returncode
+    if rc == 0:
+        log(f"book: open {root / '_build' / 'html' / 'index.html'}")
+    return rc

@@ -1,0 +1,240 @@
+"""Rate–accuracy: top-1/top-5 against the bytes per image that an edge device sends.
+
+Three things a device could send, each measured on the same images:
+
+- ``bottleneck``: a student's (or autoencoder's) bottleneck ``z`` in one of
+  :data:`hnd.codec.TENSOR_FORMATS`; the server decodes it and runs the decoder and tail.
+- ``input``: the image itself, cropped as for evaluation and compressed with an image codec
+  (plus the uncompressed RGB crop, setting ``raw``); the server runs the whole teacher.
+- ``teacher_split``: the unmodified teacher cut after one of its stages, the tensor after the
+  split point sent in a tensor format; the server runs the remaining stages.
+
+Every tensor or image is encoded and decoded on its own, exactly as it would travel, so the
+accuracy includes the codec's loss and the bytes are real payload sizes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from torchvision import transforms
+
+from hnd.codec import (TENSOR_FORMATS, check_image_codec, check_quality, check_tensor_format, decode_image,
+                       encode_image, tensor_roundtrip)
+from hnd.data import ImageDataset, eval_transform, load_image
+from hnd.distributed import pick_device
+from hnd.evaluation import eval_loader
+from hnd.errors import HndError
+from hnd.teachers import teacher_stages
+
+KINDS = ("bottleneck", "input", "teacher_split")
+
+
+@dataclass
+class RatePoint:
+    """One point of a rate–accuracy curve."""
+
+    kind: str  # one of KINDS
+    label: str  # what is evaluated: a model name, "<teacher> <codec>", "<teacher> raw"
+    setting: str  # tensor format, codec quality ("q75", "lossless", "raw") or split stage
+    bytes: float  # mean bytes sent per image
+    top1: float  # percent
+    top5: float  # percent, top-k with k = min(5, classes)
+    images: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _Tally:
+    """Running top-1/top-5 hits and bytes for one point."""
+
+    def __init__(self) -> None:
+        self.top1 = self.top5 = self.images = 0
+        self.bytes = 0.0
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor, sizes: Sequence[float]) -> None:
+        logits = logits.float()
+        k = min(5, logits.shape[1])
+        hits = logits.topk(k, dim=1).indices == labels[:, None]  # [N, k]
+        self.top1 += int(hits[:, 0].sum())
+        self.top5 += int(hits.any(dim=1).sum())
+        self.images += len(labels)
+        self.bytes += float(sum(sizes))
+
+    def point(self, kind: str, label: str, setting: str) -> RatePoint:
+        if self.images == 0:
+            raise HndError("no image could be evaluated")
+        n = self.images
+        return RatePoint(kind, label, setting, self.bytes / n, 100 * self.top1 / n, 100 * self.top5 / n, n)
+
+
+def select_samples(samples: Sequence[tuple[str, int]], max_images: int | None) -> list[tuple[str, int]]:
+    """The first ``max_images`` samples in class-balanced order: the first image of every
+    class, then the second of every class, and so on (classes in order of first appearance),
+    kept in their original order. ``None`` keeps all. The choice depends only on the list."""
+    samples = list(samples)
+    if not samples:
+        raise HndError("no images to evaluate: the sample list is empty")
+    if max_images is None:
+        return samples
+    if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images <= 0:
+        raise HndError(f"max_images must be a positive integer or None, got {max_images!r}")
+    rank: dict[int, int] = {}  # label -> images of it seen so far
+    order = []
+    for index, (_, label) in enumerate(samples):
+        order.append((rank.get(label, 0), index))
+        rank[label] = rank.get(label, 0) + 1
+    chosen = sorted(index for _, index in sorted(order)[:max_images])
+    return [samples[i] for i in chosen]
+
+
+def eval_transform_parts(name: str, input_size: int | None = None,
+                         resize_size: int | None = None) -> tuple[transforms.Compose, transforms.Compose]:
+    """``eval_transform`` cut in two: (geometry: resize + centre crop, PIL -> PIL; to-tensor +
+    normalize, PIL -> [3, S, S]). Composing them is ``eval_transform`` itself."""
+    steps = eval_transform(name, input_size, resize_size).transforms
+    cut = next(i for i, step in enumerate(steps) if isinstance(step, transforms.ToTensor))
+    return transforms.Compose(steps[:cut]), transforms.Compose(steps[cut:])
+
+
+def _prepare(model: nn.Module, device: str | torch.device) -> tuple[nn.Module, torch.device]:
+    device = pick_device(device) if isinstance(device, str) else torch.device(device)
+    return model.to(device).eval(), device
+
+
+@torch.no_grad()
+def bottleneck_rate(model: nn.Module, name: str, samples: Sequence[tuple[str, int]],
+                    formats: Sequence[str] = TENSOR_FORMATS, *, input_size: int | None = None,
+                    resize_size: int | None = None, label: str | None = None, device: str | torch.device = "auto",
+                    batch_size: int = 32, num_workers: int = -1, max_images: int | None = None) -> list[RatePoint]:
+    """Accuracy and bytes of ``model``'s bottleneck sent in each of ``formats``.
+
+    model: anything with ``encode(x) -> z`` and ``decode(z) -> logits`` (a Student, an
+    AutoencoderModel). name: the model name that picks the evaluation transform. The encoder
+    runs once per batch; ``decode(roundtrip(z))`` runs once per format. label: defaults to
+    ``name``. max_images: see :func:`select_samples`.
+    """
+    formats = list(dict.fromkeys(check_tensor_format(f) for f in formats))
+    if not formats:
+        raise HndError(f"no tensor format given; valid: {', '.join(TENSOR_FORMATS)}")
+    model, device = _prepare(model, device)
+    dataset = ImageDataset(select_samples(samples, max_images), eval_transform(name, input_size, resize_size))
+    tallies = {fmt: _Tally() for fmt in formats}
+    for x, y in eval_loader(dataset, batch_size, num_workers, pin_memory=device.type == "cuda"):
+        x, y = x.to(device), y.to(device)
+        z = model.encode(x)  # [N, bc, H', W']
+        for fmt in formats:
+            received, sizes = tensor_roundtrip(z, fmt)
+            tallies[fmt].add(model.decode(received), y, sizes)
+    return [tallies[fmt].point("bottleneck", label or name, fmt) for fmt in formats]
+
+
+class _CodedImages(Dataset):
+    """Per sample: the evaluation crop as sent raw and after each quality of ``codec``, as
+    normalized tensors [1 + Q, 3, S, S], their sizes in bytes [1 + Q], and the label. The
+    encoding runs here, in the loader's workers."""
+
+    def __init__(self, samples: list[tuple[str, int]], geometry, to_tensor, codec: str,
+                 qualities: list[int | None]):
+        self.samples, self.geometry, self.to_tensor = samples, geometry, to_tensor
+        self.codec, self.qualities = codec, qualities
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        crop = self.geometry(load_image(path))  # PIL, S x S
+        images, sizes = [self.to_tensor(crop)], [crop.width * crop.height * 3]
+        for quality in self.qualities:
+            data = encode_image(crop, self.codec, quality)
+            images.append(self.to_tensor(decode_image(data)))
+            sizes.append(len(data))
+        return torch.stack(images), torch.tensor(sizes, dtype=torch.float64), label
+
+
+@torch.no_grad()
+def input_rate(teacher: nn.Module, teacher_name: str, samples: Sequence[tuple[str, int]], codec: str,
+               qualities: Sequence[int], *, input_size: int | None = None, resize_size: int | None = None,
+               device: str | torch.device = "auto", batch_size: int = 32, num_workers: int = -1,
+               max_images: int | None = None) -> list[RatePoint]:
+    """Accuracy of ``teacher`` on images sent with ``codec`` at each of ``qualities``.
+
+    Each image is resized and centre-cropped as ``eval_transform`` does, then compressed,
+    decompressed, normalized and classified; bytes are the compressed crop's size. The first
+    point is the reference: the uncompressed RGB crop (S*S*3 bytes, setting ``raw``, label
+    ``"<teacher_name> raw"``), whose accuracy is plain evaluation. PNG is lossless, so it
+    gives one point (setting ``lossless``) whatever ``qualities`` holds; jpeg/webp points
+    have settings ``q<quality>``. max_images: see :func:`select_samples`.
+    """
+    check_image_codec(codec)
+    if codec == "png":
+        settings, sent = ["lossless"], [None]
+    else:
+        sent = list(dict.fromkeys(check_quality(q) for q in qualities))
+        if not sent:
+            raise HndError(f"no quality given for {codec}; give integers from 1 to 100")
+        settings = [f"q{q}" for q in sent]
+    teacher, device = _prepare(teacher, device)
+    geometry, to_tensor = eval_transform_parts(teacher_name, input_size, resize_size)
+    dataset = _CodedImages(select_samples(samples, max_images), geometry, to_tensor, codec, sent)
+    tallies = [_Tally() for _ in range(1 + len(sent))]
+    for x, sizes, y in eval_loader(dataset, batch_size, num_workers, pin_memory=device.type == "cuda"):
+        x, y = x.to(device), y.to(device)  # x: [N, 1 + Q, 3, S, S]
+        for i, tally in enumerate(tallies):
+            tally.add(teacher(x[:, i].contiguous()), y, sizes[:, i].tolist())  # [N, 3, S, S]
+    points = [tallies[0].point("input", f"{teacher_name} raw", "raw")]
+    points += [t.point("input", f"{teacher_name} {codec}", s) for t, s in zip(tallies[1:], settings)]
+    return points
+
+
+def split_stages(teacher_name: str, teacher: nn.Module) -> list[str]:
+    """The stages after which ``teacher`` can be split for transmission: all before the flatten
+    that feeds the classifier."""
+    names = [n for n, _ in teacher_stages(teacher_name, teacher)]
+    return names[:names.index("flatten")]
+
+
+@torch.no_grad()
+def teacher_split_rate(teacher: nn.Module, teacher_name: str, samples: Sequence[tuple[str, int]],
+                       fmt: str = "int8+zlib", *, stages: Sequence[str] | None = None,
+                       input_size: int | None = None, resize_size: int | None = None,
+                       device: str | torch.device = "auto", batch_size: int = 32, num_workers: int = -1,
+                       max_images: int | None = None) -> list[RatePoint]:
+    """Accuracy and bytes of the unmodified teacher split after each of ``stages`` (default:
+    every stage of :func:`split_stages`), the tensor at the split point sent in ``fmt``.
+
+    The head runs once per batch: after each stage, the activation is sent and the remaining
+    stages (the tail) run on what was received. Points come in the teacher's stage order;
+    label ``teacher_name``, setting the stage. max_images: see :func:`select_samples`.
+    """
+    check_tensor_format(fmt)
+    teacher, device = _prepare(teacher, device)
+    valid = split_stages(teacher_name, teacher)
+    wanted = list(valid if stages is None else [stages] if isinstance(stages, str) else stages)
+    unknown = [s for s in wanted if s not in valid]
+    if unknown or not wanted:
+        problem = f"unknown split stage {unknown[0]!r}" if unknown else "no split stage given"
+        raise HndError(f"{problem} for {teacher_name}; valid: {', '.join(valid)}")
+    named = teacher_stages(teacher_name, teacher)
+    cuts = [i for i, (n, _) in enumerate(named) if n in wanted]
+    tallies = {i: _Tally() for i in cuts}
+    dataset = ImageDataset(select_samples(samples, max_images),
+                           eval_transform(teacher_name, input_size, resize_size))
+    for x, y in eval_loader(dataset, batch_size, num_workers, pin_memory=device.type == "cuda"):
+        h, y = x.to(device), y.to(device)
+        for i, (_, stage) in enumerate(named[:cuts[-1] + 1]):
+            h = stage(h)  # activation after stage i, e.g. [N, C, H, W]
+            if i in tallies:
+                # Send before the next stage runs: in-place modules (ReLU) may overwrite h.
+                received, sizes = tensor_roundtrip(h, fmt)
+                logits = received
+                for _, rest in named[i + 1:]:
+                    logits = rest(logits)
+                tallies[i].add(logits, y, sizes)
+    return [tallies[i].point("teacher_split", teacher_name, named[i][0]) for i in cuts]

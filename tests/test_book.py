@@ -1,0 +1,253 @@
+"""The grid runner and the book build: profiles, parameter checks before any kernel starts,
+results.json, skipping finished cells, failures, and a book that still builds without them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+from browser import check_pages
+from conftest import error
+from hnd.book import build_book, check_cells, load_profile, plan_cells, profile_names, run_grid, summary_table
+from hnd.cli import main
+from hnd.errors import HndError
+from hnd.results import finished_runs, grid_cells, read_json, unfinished_cells
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILES = ("smoke", "cpu", "paper")
+
+
+def test_the_three_profiles_exist():
+    assert set(PROFILES) <= set(profile_names(ROOT))
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_every_profile_cell_fits_its_notebook(name, tmp_path):
+    profile = load_profile(name, ROOT)
+    cells = plan_cells(profile, tmp_path / "runs", tmp_path / "data")
+    declared = check_cells(cells, ROOT)  # parameter names and types against the notebooks
+    assert {c.notebook for c in cells} >= {"01_split_points", "02_train", "04_results"}
+    train = [c for c in cells if c.notebook == "02_train"]
+    methods = {c.parameters["method"] for c in train}
+    assert methods >= {"naive", "kd", "hnd", "ae"}
+    trained_teacher = [c for c in train if c.parameters["method"] == "teacher"]
+    for cell in train:
+        assert "teacher" in cell.parameters and "{out}" not in json.dumps(cell.parameters)
+        if trained_teacher and cell not in trained_teacher:  # students start from the profile's teacher
+            assert cell.parameters["teacher_checkpoint"] == str(tmp_path / "runs" / trained_teacher[0].id / "run/best.pt")
+    assert all("profile" in spec and "output_dir" in declared["02_train"] for spec in declared.values())
+    assert len({c.id for c in cells}) == len(cells)
+
+
+def test_paper_profile_is_the_papers_grid(tmp_path):
+    profile = load_profile("paper", ROOT)
+    assert profile.full_scale and "imagenet" in profile.data
+    train = [c.parameters for c in plan_cells(profile, tmp_path, tmp_path) if c.parameters.get("method")]
+    grid = {(p["teacher"], p["method"], p["channels"]) for p in train}
+    assert grid == {(t, m, c) for t in ("densenet169", "densenet201", "resnet152", "inception_v3")
+                    for m in ("naive", "kd", "hnd", "ae") for c in (3, 6, 9, 12)}
+    assert all(p["overrides"] == {} for p in train)  # the official recipes, unchanged
+
+
+# ---------------------------------------------------------------------------------------------
+# A toy project: the real book files, and a fast notebook in place of the training chapter.
+
+TOY_PARAMETERS = '''x: int = 1  # a number to square
+fail: bool = False  # raise an error instead
+output_dir: str = ""  # the cell folder (set by the runner)
+profile: str = "manual"  # the profile (set by the runner)'''
+
+TOY_CODE = '''from hnd.results import write_metrics
+if fail:
+    raise ValueError(f"boom {x}")
+write_metrics(output_dir, {"test_top1": float(x * x)})
+print("squared", x * x)'''
+
+
+def write_toy_notebook(path: Path) -> None:
+    nb = new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+                                "language_info": {"name": "python"}})
+    params = new_code_cell(TOY_PARAMETERS)
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [new_markdown_cell("# Toy chapter"), params, new_code_cell(TOY_CODE)]
+    nbformat.write(nb, path)
+
+
+@pytest.fixture
+def toy(tmp_path):
+    """A copy of the book's files whose 02_train notebook is a toy, and a profile for it."""
+    root = tmp_path / "project"
+    root.mkdir()
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy(ROOT / name, root / name)
+    for folder in ("book", "_vendor"):
+        shutil.copytree(ROOT / folder, root / folder)
+    (root / "notebooks" / "profiles").mkdir(parents=True)
+    write_toy_notebook(root / "notebooks" / "02_train.ipynb")
+    profile = {"description": "toy grid", "steps": [
+        {"notebook": "02_train", "grid": {"x": [2, 3]}},
+        {"notebook": "02_train", "name": "broken", "parameters": {"x": 4, "fail": True}},
+    ]}
+    (root / "notebooks" / "profiles" / "toy.yaml").write_text(yaml.safe_dump(profile))
+    return root
+
+
+def write_profile(root: Path, name: str, doc: dict) -> None:
+    (root / "notebooks" / "profiles" / f"{name}.yaml").write_text(yaml.safe_dump(doc))
+
+
+def test_runs_record_results_and_failures_and_resume(toy):
+    runs = toy / "runs"
+    lines = []
+    summaries = run_grid("toy", root=toy, runs=runs, log=lines.append)
+    assert [(s["id"], s["status"]) for s in summaries] == [
+        ("02_train/x-2", "done"), ("02_train/x-3", "done"), ("02_train/broken", "failed")]
+    assert summaries[2]["error"] == "ValueError: boom 4"
+    assert any("[3/3] 02_train/broken: failed" in line for line in lines)
+
+    record = read_json(runs / "02_train" / "x-3" / "results.json")
+    assert record["status"] == "done" and record["parameters"] == {"x": 3}
+    assert record["injected"]["output_dir"] == str(runs / "02_train" / "x-3")
+    assert record["injected"]["profile"] == "toy"
+    assert record["metrics"] == {"test_top1": 9.0}
+    assert record["seconds"] > 0 and record["started"] <= record["finished"]
+    assert record["versions"]["papermill"] and record["versions"]["torch"]
+    assert record["hardware"]["cpus"] >= 1 and "git" in record
+    assert "papermill" in record["command"] and "parameters.yaml" in record["command"]
+    executed = nbformat.read(runs / "02_train" / "x-3" / "notebook.ipynb", as_version=4)
+    assert "squared 9" in "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code"
+                                  for o in c.outputs)
+    # The failed cell keeps its partial notebook and its error.
+    partial = nbformat.read(runs / "02_train" / "broken" / "notebook.ipynb", as_version=4)
+    assert partial.metadata.papermill.exception is True
+
+    table = summary_table(summaries)
+    assert "02_train/broken" in table and "ValueError: boom 4" in table and "2 of 3 cells finished, 1 failed" in table
+    assert [r["metrics"]["test_top1"] for r in finished_runs(runs)] == [4.0, 9.0]
+    assert [c["id"] for c in unfinished_cells(runs)] == ["02_train/broken"]
+
+    # Again: finished cells are skipped (their notebooks untouched), the failed one runs again.
+    stamp = (runs / "02_train" / "x-2" / "notebook.ipynb").stat().st_mtime_ns
+    # An interrupted cell (killed while running) is run again too.
+    record["status"] = "running"
+    (runs / "02_train" / "x-3" / "results.json").write_text(json.dumps(record))
+    again = run_grid("toy", root=toy, runs=runs, log=lines.append)
+    assert [s.get("skipped") for s in again] == [True, False, False]
+    assert (runs / "02_train" / "x-2" / "notebook.ipynb").stat().st_mtime_ns == stamp
+    assert [s["status"] for s in again] == ["done", "done", "failed"]
+    assert [c["status"] for c in grid_cells(runs)] == ["done", "done", "failed"]
+
+
+def test_cli_exit_code_and_only(toy, monkeypatch, capsys):
+    monkeypatch.chdir(toy)
+    assert main(["book", "run", "--profile", "toy", "--only", "x-2"]) == 0
+    out = capsys.readouterr().out
+    assert "02_train/x-2" in out and "1 of 1 cells finished" in out and "broken" not in out
+    assert main(["book", "run", "--profile", "toy", "--only", "broken"]) == 1
+    assert "1 failed" in capsys.readouterr().out
+    assert (toy / "runs" / "book" / "toy" / "grid.json").is_file()
+
+
+def test_bad_input_stops_before_any_kernel_starts(toy, capsys):
+    write_profile(toy, "typo", {"steps": [{"notebook": "02_train", "grid": {"x": [1]}, "parameters": {"fial": True}}]})
+    write_profile(toy, "wrongtype", {"steps": [{"notebook": "02_train", "parameters": {"x": "three"}}]})
+    write_profile(toy, "nobook", {"steps": [{"notebook": "99_none"}]})
+    write_profile(toy, "badkey", {"steps": [{"notebook": "02_train", "params": {}}]})
+    write_profile(toy, "placeholder", {"steps": [{"notebook": "02_train", "parameters": {"output_dir": "{nope}"}}]})
+    cases = {
+        "nosuch": "unknown profile 'nosuch'; valid profiles: badkey, nobook, placeholder, toy, typo, wrongtype",
+        "typo": "02_train/x-1: 02_train.ipynb has no parameter 'fial'; its parameters: x, fail, output_dir, profile",
+        "wrongtype": "02_train/default: parameter x must be int, got 'three'",
+        "nobook": "notebook not found: ",
+        "badkey": "step 1 has unknown keys params; valid: grid, name, notebook, parameters",
+        "placeholder": "cannot fill '{nope}'",
+    }
+    for name, message in cases.items():
+        with pytest.raises(HndError) as info:
+            run_grid(name, root=toy, runs=toy / "runs" / name)
+        assert message in str(info.value) and "\n" not in str(info.value)
+        assert not (toy / "runs" / name).exists()  # nothing started, nothing written
+    with pytest.raises(HndError, match="--only 'zzz' matches no cell; cells: 02_train/x-2, 02_train/x-3"):
+        run_grid("toy", root=toy, only="zzz")
+    assert main(["book", "run", "--profile", "nosuch"]) == 2
+    assert capsys.readouterr().err.startswith("hnd: error: unknown profile 'nosuch'; valid profiles: ")
+
+
+def test_paper_profile_needs_full_and_data():
+    assert "add --full to start it" in error(run_grid, "paper", root=ROOT)
+    with pytest.raises(HndError, match="runs on ImageNet; give its folder with --data"):
+        run_grid("paper", root=ROOT, runs=ROOT / "runs" / "never-created", full=True)
+    assert not (ROOT / "runs" / "never-created").exists()
+
+
+def test_book_builds_without_the_failed_runs_and_names_them(toy):
+    runs = toy / "runs"
+    run_grid("toy", root=toy, runs=runs, log=lambda line: None)
+    lines = []
+    assert build_book("toy", root=toy, runs=runs, log=lines.append) == 0
+    assert any("missing run 02_train/broken (failed)" in line for line in lines)
+    html = toy / "_build" / "html"
+    chapter = html / "_executed" / "02_train"
+    assert sorted(p.name for p in chapter.glob("*.html")) == ["x-2.html", "x-3.html"]
+    assert "squared 4" in (chapter / "x-2.html").read_text()
+    # Chapters without a finished run get a page that says so.
+    missing = (html / "_executed" / "01_split_points" / "missing.html").read_text()
+    assert "No run of" in missing and "01_split_points" in missing
+    training = (html / "book" / "training.html").read_text()
+    assert "toy</span></code> profile</strong>" in training and "02_train/broken</span>" in training
+    summary = (html / "book" / "reproducibility.html").read_text()
+    assert "ValueError: boom 4" in summary and "test_top1 9.00" in summary
+    # A second build replaces the staged copies; a foreign _executed folder is never deleted.
+    assert build_book("toy", root=toy, runs=runs, log=lambda line: None) == 0
+    shutil.rmtree(toy / "_executed")
+    (toy / "_executed").mkdir()
+    (toy / "_executed" / "mine.txt").write_text("keep")
+    with pytest.raises(HndError, match="was not written by `hnd book build`; move it away first"):
+        build_book("toy", root=toy, runs=runs)
+    assert (toy / "_executed" / "mine.txt").read_text() == "keep"
+
+
+def test_build_needs_runs_of_that_profile(toy):
+    with pytest.raises(HndError, match=r"no runs of profile toy in .*; run `hnd book run --profile toy` first"):
+        build_book("toy", root=toy, runs=toy / "empty")
+
+
+def test_smoke_book_builds_and_every_page_works_in_a_browser(tmp_path):
+    """The smoke profile end to end, as a reader gets it: run, build, open every page."""
+    root = tmp_path / "project"
+    root.mkdir()
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy(ROOT / name, root / name)
+    for folder in ("book", "_vendor", "notebooks"):
+        shutil.copytree(ROOT / folder, root / folder)
+    summaries = run_grid("smoke", root=root, log=lambda line: None)
+    failed = [(s["id"], s["error"]) for s in summaries if s["status"] != "done"]
+    assert not failed, failed
+    runs = root / "runs" / "book" / "smoke"
+    train = {r["metrics"]["method"]: r["metrics"] for r in finished_runs(runs, "02_train")}
+    assert set(train) == {"teacher", "naive", "kd", "hnd", "ae"}
+    assert all(0 <= m["test_top1"] <= 100 and m["checkpoint"].startswith(str(runs)) for m in train.values())
+    rate = read_json(runs / "03_rate_accuracy" / "default" / "metrics.json")["points"]
+    assert {p["kind"] for p in rate} == {"bottleneck", "input", "teacher_split"}
+
+    assert build_book("smoke", root=root, log=lambda line: None) == 0
+    html = root / "_build" / "html"
+    pages = sorted(p.relative_to(html).as_posix() for p in html.rglob("*.html")
+                   if p.name not in ("genindex.html", "search.html") and p.relative_to(html).parts[0] != "_static")
+    executed = [p for p in pages if p.startswith("_executed/")]
+    assert len(executed) == 1 + 5 + 1 + 1 and "_executed/02_train/method-hnd_channels-3.html" in executed
+    assert not any("missing" in p for p in pages)
+    images = 0
+    for page in executed:
+        text = (html / page).read_text()
+        assert "{glue" not in text and "smoke</span></code></strong> profile" in text, page
+        images += text.count("<img ")
+    assert images >= 4 + 5 + 1 + 2  # split points, one per training run, rate plane, results
+    problems = {page: found for page, found in check_pages(html, pages).items() if found}
+    assert not problems, problems

@@ -1,0 +1,244 @@
+"""Rate–accuracy on a tiny generated dataset with random-init models: a lossless transmission
+gives exactly the plain evaluation's accuracy, bytes are the payload sizes the shapes imply,
+and the plot draws one artist per series."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hnd import build_model
+from hnd.autoencoder import build_ae_model
+from hnd.codec import TENSOR_FORMATS
+from hnd.data import ImageDataset, check_layout, eval_transform, load_image
+from hnd.evaluation import evaluate, eval_loader
+from hnd.rate import (RatePoint, bottleneck_rate, eval_transform_parts, input_rate, select_samples, split_stages,
+                      teacher_split_rate)
+from hnd.students import student_from_teacher
+from hnd.synth import write_synthetic_dataset
+from hnd.teachers import teacher_stages
+
+from conftest import error
+
+TEACHER, STUDENT = "resnet50", "resnet50_head_mimic-ver2b-3ch"
+SIZE, CLASSES = 32, 6  # 6 outputs, so that top-5 is not always a hit
+KW = {"input_size": SIZE, "device": "cpu", "batch_size": 8, "num_workers": 0}
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def val(tmp_path_factory) -> list[tuple[str, int]]:
+    root = tmp_path_factory.mktemp("rate") / "synth"
+    write_synthetic_dataset(root, classes=3, train_per_class=1, val_per_class=2, image_size=48, seed=0)
+    return check_layout(root, splits=("val",)).samples["val"]  # 6 images
+
+
+@pytest.fixture(scope="module")
+def models() -> tuple[torch.nn.Module, torch.nn.Module]:
+    torch.manual_seed(0)
+    teacher = build_model(TEACHER, pretrained=False, num_classes=CLASSES)
+    return teacher, student_from_teacher(STUDENT, teacher).eval()
+
+
+def _relabel(model, name: str, samples, size: int = SIZE) -> list[tuple[str, int]]:
+    """Give the images labels from ``model``'s own ranking: its 1st, 2nd and last choice in turn.
+    Plain evaluation then gives top-1 1/3 and top-5 2/3, and an equal accuracy means equal
+    predictions, not chance."""
+    transform = eval_transform(name, size)
+    x = torch.stack([transform(load_image(path)) for path, _ in samples])  # [N, 3, S, S]
+    with torch.no_grad():
+        ranks = model.eval()(x).argsort(dim=1, descending=True)  # [N, classes]
+    picks = [0, 1, ranks.shape[1] - 1]
+    return [(path, int(ranks[i, picks[i % 3]])) for i, (path, _) in enumerate(samples)]
+
+
+def _plain(model, name: str, samples, size: int = SIZE):
+    dataset = ImageDataset(samples, eval_transform(name, size))
+    result = evaluate(model, eval_loader(dataset, KW["batch_size"], 0), CPU)
+    assert (result.top1, result.top5) == pytest.approx((100 / 3, 200 / 3))  # the labels work as meant
+    return result
+
+
+def _same_accuracy(point: RatePoint, plain) -> bool:
+    return (point.top1, point.top5, point.images) == (plain.top1, plain.top5, plain.images)
+
+
+def test_bottleneck_fp32_is_plain_evaluation_and_bytes_follow_the_shape(val, models):
+    _, student = models
+    samples = _relabel(student, STUDENT, val)
+    plain = _plain(student, STUDENT, samples)
+    points = bottleneck_rate(student, STUDENT, samples, **KW)
+    assert [p.setting for p in points] == list(TENSOR_FORMATS)
+    assert {(p.kind, p.label, p.images) for p in points} == {("bottleneck", STUDENT, 6)}
+    by = {p.setting: p for p in points}
+    assert _same_accuracy(by["fp32"], plain)
+    with torch.no_grad():
+        numel = student.encode(torch.zeros(1, 3, SIZE, SIZE))[0].numel()  # bc x H' x W'
+    assert numel == 3 * 5 * 5
+    assert (by["fp32"].bytes, by["fp16"].bytes, by["int8"].bytes) == (4 * numel, 2 * numel, numel + 8)
+    assert by["int8"].bytes < by["fp16"].bytes < by["fp32"].bytes
+    assert (by["int8+zlib"].top1, by["int8+zlib"].top5) == (by["int8"].top1, by["int8"].top5)  # lossless zlib
+
+
+def test_bottleneck_of_an_autoencoder_with_fewer_images(val, models):
+    teacher, _ = models
+    torch.manual_seed(1)
+    ae = build_ae_model(TEACHER, teacher, 2).eval()
+    points = bottleneck_rate(ae, TEACHER, val, ["int8", "fp32"], label="AE 2ch", max_images=3,
+                             **{**KW, "input_size": 64})
+    assert [(p.label, p.setting, p.images) for p in points] == [("AE 2ch", "int8", 3), ("AE 2ch", "fp32", 3)]
+    numel = 2 * 4 * 4  # layer2 output 512 x 8 x 8 at 64 px, minus 4 by the encoder
+    assert [p.bytes for p in points] == [numel + 8, 4 * numel]
+
+
+def test_input_raw_and_png_are_plain_evaluation(val, models):
+    teacher, _ = models
+    samples = _relabel(teacher, TEACHER, val)
+    plain = _plain(teacher, TEACHER, samples)
+    points = input_rate(teacher, TEACHER, samples, "jpeg", [10, 60, 95], **KW)
+    assert [(p.kind, p.label, p.setting) for p in points] == [
+        ("input", "resnet50 raw", "raw"), ("input", "resnet50 jpeg", "q10"),
+        ("input", "resnet50 jpeg", "q60"), ("input", "resnet50 jpeg", "q95")]
+    raw, *jpeg = points
+    assert raw.bytes == SIZE * SIZE * 3 and _same_accuracy(raw, plain)
+    assert jpeg[0].bytes < jpeg[1].bytes < jpeg[2].bytes < raw.bytes
+    assert all(p.images == 6 for p in points)
+    png = input_rate(teacher, TEACHER, samples, "png", [], **KW)
+    assert [p.setting for p in png] == ["raw", "lossless"]
+    assert _same_accuracy(png[1], plain) and 0 < png[1].bytes
+
+
+def test_transform_parts_compose_to_eval_transform(image_file):
+    geometry, to_tensor = eval_transform_parts(TEACHER, 40)
+    image = load_image(image_file)
+    crop = geometry(image)
+    assert crop.size == (40, 40)
+    assert torch.equal(to_tensor(crop), eval_transform(TEACHER, 40)(image))
+
+
+def test_teacher_split_fp32_is_the_teacher_at_every_stage(val, models):
+    teacher, _ = models
+    samples = _relabel(teacher, TEACHER, val)
+    plain = _plain(teacher, TEACHER, samples)
+    points = teacher_split_rate(teacher, TEACHER, samples, "fp32", **KW)
+    stages = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool"]
+    assert split_stages(TEACHER, teacher) == stages
+    assert [(p.kind, p.label, p.setting) for p in points] == [("teacher_split", TEACHER, s) for s in stages]
+    assert all(_same_accuracy(p, plain) for p in points)
+    h, numels = torch.zeros(1, 3, SIZE, SIZE), {}
+    with torch.no_grad():
+        for name, stage in teacher_stages(TEACHER, teacher)[:len(stages)]:
+            h = stage(h)
+            numels[name] = h[0].numel()
+    assert [p.bytes for p in points] == [4 * numels[s] for s in stages]
+
+
+def test_teacher_split_chosen_stages_default_format(val, models):
+    teacher, _ = models
+    points = teacher_split_rate(teacher, TEACHER, val, stages=["layer4", "layer2"], max_images=3, **KW)
+    assert [p.setting for p in points] == ["layer2", "layer4"]  # teacher order
+    assert points[0].bytes < 512 * 4 * 4 + 8 + 16  # int8 codes, zlib adds at most a few bytes
+    assert points[1].bytes < 2048 + 8 + 16
+
+
+def _record_inputs(module: torch.nn.Module, seen: list) -> None:
+    module.register_forward_pre_hook(lambda _, args: seen.append(args[0].clone()))
+
+
+def test_server_runs_on_what_was_received(val, monkeypatch):
+    """Through a channel that delivers a constant tensor (or a black image), the server's first
+    module sees exactly what was delivered: decoder, tail and teacher run on the received data."""
+    import hnd.rate
+    from PIL import Image
+
+    torch.manual_seed(0)
+    teacher = build_model(TEACHER, pretrained=False, num_classes=CLASSES)
+    student = student_from_teacher(STUDENT, teacher).eval()
+    monkeypatch.setattr(hnd.rate, "tensor_roundtrip", lambda z, fmt: (torch.full_like(z, 0.5), [7] * len(z)))
+    monkeypatch.setattr(hnd.rate, "decode_image", lambda data: Image.new("RGB", (SIZE, SIZE)))
+    decoder_in, layer2_in, conv1_in = [], [], []
+    _record_inputs(student.head.decoder, decoder_in)
+    _record_inputs(teacher.layer2, layer2_in)
+    _record_inputs(teacher.conv1, conv1_in)
+
+    (point,) = bottleneck_rate(student, STUDENT, val, ["fp32"], **KW)
+    assert point.bytes == 7
+    assert [z.shape for z in decoder_in] == [(6, 3, 5, 5)] and bool((decoder_in[0] == 0.5).all())
+
+    layer2_in.clear()
+    teacher_split_rate(teacher, TEACHER, val, stages=["layer1"], **KW)  # the head stops at layer1
+    assert [h.shape for h in layer2_in] == [(6, 256, 8, 8)] and bool((layer2_in[0] == 0.5).all())
+
+    conv1_in.clear()
+    input_rate(teacher, TEACHER, val, "jpeg", [50], **KW)
+    _, to_tensor = eval_transform_parts(TEACHER, SIZE)
+    black = to_tensor(Image.new("RGB", (SIZE, SIZE)))  # [3, S, S]
+    raw, sent = conv1_in  # the raw crop first, then what came out of the codec
+    assert bool((sent == black).all()) and not (raw == black).all()
+
+
+def test_select_samples_is_class_balanced_and_fixed():
+    samples = [("a0", 0), ("a1", 0), ("a2", 0), ("b0", 1), ("b1", 1), ("c0", 2)]
+    assert select_samples(samples, 4) == [("a0", 0), ("a1", 0), ("b0", 1), ("c0", 2)]
+    assert select_samples(samples, 3) == [("a0", 0), ("b0", 1), ("c0", 2)]
+    assert select_samples(samples, None) == samples == select_samples(samples, 100)
+    assert "positive" in error(select_samples, samples, 0)
+    assert "empty" in error(select_samples, [], 3)
+
+
+def test_errors_are_one_line(val, models):
+    teacher, student = models
+    assert "int4" in error(bottleneck_rate, student, STUDENT, val, ["int4"], **KW)
+    assert "gif" in error(input_rate, teacher, TEACHER, val, "gif", [50], **KW)
+    assert "1 to 100" in error(input_rate, teacher, TEACHER, val, "jpeg", [0], **KW)
+    assert "no quality" in error(input_rate, teacher, TEACHER, val, "webp", [], **KW)
+    message = error(teacher_split_rate, teacher, TEACHER, val, stages=["fc"], **KW)
+    assert "'fc'" in message and "layer2" in message and "flatten" not in message
+    assert "bf16" in error(teacher_split_rate, teacher, TEACHER, val, "bf16", **KW)
+
+
+def _points() -> list:
+    """Hand-made points of every kind: two bottleneck models in four formats, two codecs with
+    the raw reference each, one teacher's splits; half as RatePoint, half as dicts."""
+    points = [RatePoint("bottleneck", model, fmt, b, top1, top1 + 5, 10)
+              for model, top1 in (("student 3ch", 60.0), ("student 12ch", 70.0))
+              for fmt, b in zip(TENSOR_FORMATS, (300, 150, 83, 70))]
+    for codec in ("jpeg", "webp"):
+        points.append(RatePoint("input", "resnet50 raw", "raw", 3072, 75.0, 90.0, 10))
+        points += [RatePoint("input", f"resnet50 {codec}", f"q{q}", 8 * q + (0 if codec == "jpeg" else -50),
+                             40 + q / 3, 80.0, 10).to_dict() for q in (10, 30, 50, 75, 95)]
+    points += [RatePoint("teacher_split", "resnet50", s, b, 75.0, 90.0, 10).to_dict()
+               for s, b in (("conv1", 9000), ("maxpool", 3000), ("layer1", 10000), ("layer2", 6000),
+                            ("layer3", 3300), ("layer4", 1700), ("avgpool", 1700))]
+    return points
+
+
+@pytest.mark.parametrize("teacher_top1", [75.0, None])
+def test_plot_rate_accuracy(teacher_top1):
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hnd.plots import plot_rate_accuracy
+
+    fig = plot_rate_accuracy(_points(), teacher_top1=teacher_top1)
+    try:
+        (ax,) = fig.axes
+        assert len(ax.collections) == 2 * len(TENSOR_FORMATS)  # one marker series per model x format
+        # 2 codec lines + 1 teacher-split line + raw size (vertical line and its point) + teacher top-1
+        assert len(ax.lines) == 3 + 2 + (teacher_top1 is not None)
+        assert ax.get_xscale() == "log"
+        assert any(line.get_xdata()[0] == 3072 and len(set(line.get_xdata())) == 1 for line in ax.lines)
+        assert {t.get_text() for t in ax.texts} >= {"q10", "q95", "conv1", "layer4"}
+        assert "avgpool" not in {t.get_text() for t in ax.texts}  # same place as layer4: not written twice
+        fig.canvas.draw()
+        legend, axes_box = ax.get_legend().get_window_extent(), ax.get_window_extent()
+        assert legend.x0 >= axes_box.x1 and legend.x1 <= fig.bbox.x1 + 1  # beside the axes, inside the figure
+        texts = {t.get_text() for t in ax.get_legend().get_texts()}
+        assert {"student 3ch", "bottleneck int8+zlib", "input: resnet50 jpeg"} <= texts
+        assert any(math.isclose(line.get_ydata()[0], 75.0) and line.get_linestyle() == "--"
+                   for line in ax.lines) == (teacher_top1 is not None)
+    finally:
+        plt.close(fig)
