@@ -271,8 +271,9 @@ def _fit(config: TrainConfig, data: Path, out: Path, resume: bool, progress: boo
             state = {"epoch": epoch + 1, "best_top1": best_top1, "best_epoch": best_epoch,
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict(), **extra}
-            if improved:
-                save_checkpoint(out / "best.pt", config.model, task.model, part=task.part, **state)
+            if improved:  # the weights to evaluate and deploy; resuming needs only last.pt
+                model_state = {k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "scaler")}
+                save_checkpoint(out / "best.pt", config.model, task.model, part=task.part, **model_state)
             with open(out / "metrics.jsonl", "a") as f:  # before last.pt, so that no line is ever lost
                 f.write(json.dumps(line) + "\n")
                 f.flush()

@@ -76,6 +76,8 @@ def test_fit_writes_a_complete_run(method, synth, teacher_ckpt, tmp_path):
     last = read_file(out / "last.pt")  # weights_only: plain data only
     assert last["epoch"] == 2 and last["method"] == method and last["config"]["method"] == method
     assert {"optimizer", "scheduler", "versions", "classes", "best_top1"} <= last.keys()
+    best = read_file(out / "best.pt")
+    assert {"versions", "classes", "best_top1", "config"} <= best.keys() and "optimizer" not in best.keys()
     assert json.loads((out / "result.json").read_text()) == result
 
     # The model is rebuilt from the file alone and reproduces the run's test accuracy.
