@@ -1,4 +1,5 @@
-"""Command line: ``hnd models | inspect | predict | config | train | evaluate | data | book``.
+"""Command line: ``hnd models | inspect | predict | config | train | evaluate | data | book | plan |
+profile-device``.
 ``--json`` prints one JSON document."""
 
 from __future__ import annotations
@@ -198,6 +199,59 @@ def cmd_book_build(args: argparse.Namespace) -> int:
     return build_book(args.profile, runs=args.runs)
 
 
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:9.2f}"
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from hnd.latency import crossovers, load_device_profile, options, plan
+    from hnd.teachers import teacher_spec
+
+    teacher_spec(args.name)
+    device, server = load_device_profile(args.device), load_device_profile(args.server)
+    opts = options(args.name, device, server, channels=args.channels, formats=args.formats,
+                   lossless_ratio=args.lossless_ratio, input_bytes=args.input_bytes, split_format=args.split_format)
+    ranked = plan(opts, args.rate, args.rtt)
+    cross = crossovers(opts, args.rtt)
+    if args.json:
+        _print_json({"teacher": args.name, "rate_mbps": args.rate, "rtt_ms": args.rtt,
+                     "device": device.name, "server": server.name,
+                     "options": [{**o.to_dict(), "delay_s": d, "breakdown_s": o.breakdown(args.rate, args.rtt)}
+                                 for o, d in ranked],
+                     "crossovers": cross})
+        return
+    best, best_delay = ranked[0]
+    print(f"{args.name} at {args.rate:g} Mbit/s, RTT {args.rtt:g} ms; device {device.name}, server {server.name}")
+    print(f"best: {best.label}: {best_delay * 1e3:.2f} ms")
+    shown = ranked if args.top <= 0 else ranked[:args.top]
+    width = max(len(o.label) for o, _ in shown)
+    print(f"\n{'#':>3s} {'option':{width}s} {'delay ms':>9s} {'device':>9s} {'encode':>9s} {'transfer':>9s} "
+          f"{'rtt':>9s} {'server':>9s} {'bytes':>10s} {'top-1 %':>8s}")
+    for rank, (o, d) in enumerate(shown, 1):
+        b = o.breakdown(args.rate, args.rtt)
+        acc = f"{o.accuracy:8.2f}" if o.accuracy is not None else f"{'-':>8s}"
+        print(f"{rank:3d} {o.label:{width}s} {_ms(d)} {_ms(b['device'])} {_ms(b['encode'])} {_ms(b['transfer'])} "
+              f"{_ms(b['rtt'])} {_ms(b['server'])} {o.bytes:10,.0f} {acc}")
+    if len(shown) < len(ranked):
+        print(f"... {len(ranked) - len(shown)} more (--top 0 shows all)")
+    print(f"\nbest option by data rate (0.1 to 1000 Mbit/s, RTT {args.rtt:g} ms):")
+    if not cross:
+        print(f"  {best.label} throughout")
+    for c in cross:
+        print(f"  at {c['rate_mbps']:10.3f} Mbit/s: {c['from']} -> {c['to']}")
+
+
+def cmd_profile_device(args: argparse.Namespace) -> None:
+    from hnd.latency import measure_device_profile, save_device_profile
+
+    profile = measure_device_profile(args.models, repeats=args.repeats, warmup=args.warmup, threads=args.threads,
+                                     name=args.name)
+    save_device_profile(profile, args.out)
+    layers = sum(len(t) for t in profile.layer_seconds.values())
+    print(f"wrote {args.out}: {profile.name}, {layers} layers of {len(profile.layer_seconds)} models, "
+          f"{profile.macs_per_s:.3g} MACs/s, int8 encoding {profile.encode_bytes_per_s:.3g} bytes/s")
+
+
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", help="student name (naive, kd, hnd) or teacher name (ae, teacher)")
     p.add_argument("--method", required=True, help="naive | kd | hnd | ae | teacher")
@@ -286,6 +340,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="cpu", help="profile whose runs to render (default cpu)")
     p.add_argument("--runs", help="runs folder (default runs/book/PROFILE)")
     p.set_defaults(func=cmd_book_build)
+
+    p = sub.add_parser("plan", help="rank where to split a teacher's work at a data rate (latency model)")
+    p.add_argument("name", help="teacher name, e.g. densenet169")
+    p.add_argument("--rate", type=float, required=True, help="data rate of the link, Mbit/s")
+    p.add_argument("--rtt", type=float, default=0.0, help="round-trip time, ms (default 0)")
+    p.add_argument("--device", default="this-machine", help="device profile name or file (default this-machine)")
+    p.add_argument("--server", default="gpu-server", help="server profile name or file (default gpu-server)")
+    p.add_argument("--channels", type=int, nargs="+", default=[3, 6, 9, 12], help="student bottleneck channels")
+    p.add_argument("--formats", nargs="+", default=["fp32", "fp16", "int8"], help="student tensor formats")
+    p.add_argument("--split-format", default="int8", help="tensor format of teacher splits (default int8)")
+    p.add_argument("--lossless-ratio", type=float, help="measured zlib ratio (bytes after / before) on int8 bottlenecks")
+    p.add_argument("--input-bytes", type=float, help="bytes of the offloaded input (default raw RGB)")
+    p.add_argument("--top", type=int, default=20, help="rows of the table (default 20; 0 for all)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("profile-device", help="measure this machine's per-layer batch-1 times into a profile")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="teachers, students or mobilenet_v2")
+    p.add_argument("--out", required=True, help="profile file to write (.yaml or .json)")
+    p.add_argument("--name", default="this-machine", help="profile name (default this-machine)")
+    p.add_argument("--repeats", type=int, default=20, help="timed runs per layer (default 20)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed runs per layer first (default 5)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default torch's)")
+    p.set_defaults(func=cmd_profile_device)
     return parser
 
 

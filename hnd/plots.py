@@ -339,3 +339,74 @@ def plot_rate_accuracy(points: list[RatePoint] | list[dict], teacher_top1: float
     ax.grid(lw=0.3, alpha=0.5, which="both")
     ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     return fig
+
+
+DELAY_PARTS = (("device", "tab:blue"), ("encode", "tab:purple"), ("transfer", "tab:orange"), ("rtt", "0.6"),
+               ("server", "tab:green"))
+_RATES = [10 ** (k / 20) for k in range(-20, 61)]  # 0.1 .. 1000 Mbps
+
+
+def _delay_curve(option, rtt_ms: float) -> list[float]:
+    return [1e3 * option.delay(r, rtt_ms) for r in _RATES]
+
+
+def plot_delay_breakdown(options: list, rate_mbps: float, rtt_ms: float, *, crossings: list[dict] = (),
+                         title: str = "") -> Figure:
+    """Left: each option's delay at one link, stacked by where the time goes. Right: delay
+    against data rate (log-log), the chosen rate dashed, the rates where the best option
+    changes marked. ``options`` are :class:`hnd.latency.Option`."""
+    fig, (bars, curves) = plt.subplots(1, 2, figsize=(11, 0.45 * len(options) + 2.2),
+                                       gridspec_kw={"width_ratios": [1.1, 1]})
+    ranked = sorted(options, key=lambda o: o.delay(rate_mbps, rtt_ms), reverse=True)
+    for i, option in enumerate(ranked):
+        left = 0.0
+        for part, color in DELAY_PARTS:
+            width = 1e3 * option.breakdown(rate_mbps, rtt_ms)[part]
+            bars.barh(i, width, left=left, color=color, label=part if i == 0 else None)
+            left += width
+    bars.set_yticks(range(len(ranked)), [o.label for o in ranked], fontsize=8)
+    bars.set_xlabel(f"delay per image (ms) at {rate_mbps:.3g} Mbps, RTT {rtt_ms:.0f} ms")
+    bars.legend(fontsize=7, loc="lower right")
+    bars.grid(axis="x", alpha=0.3, lw=0.5)
+    for option in options:
+        curves.loglog(_RATES, _delay_curve(option, rtt_ms), label=option.label, lw=1.2)
+    curves.axvline(rate_mbps, color="black", ls="--", lw=0.8)
+    for c in crossings:
+        curves.axvline(c["rate_mbps"], color="tab:red", ls=":", lw=0.8)
+        curves.text(c["rate_mbps"], curves.get_ylim()[1], f"{c['rate_mbps']:.3g}", rotation=90, va="top",
+                    ha="right", fontsize=7, color="tab:red")
+    curves.set(xlabel="data rate (Mbps)", ylabel="delay per image (ms)")
+    curves.grid(alpha=0.3, lw=0.5, which="both")
+    curves.legend(fontsize=7, loc="upper right")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_delay_vs_rate(options_by_teacher: dict[str, list], rtt_ms: float) -> Figure:
+    """The papers' delay comparison: per backbone, delay against data rate for local
+    computing, offloading, the best split of the plain teacher at each rate (the lower
+    envelope over its split points) and the students."""
+    names = list(options_by_teacher)
+    cols = min(2, len(names))
+    rows = (len(names) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.6 * rows), squeeze=False, sharey=True)
+    for ax, name in zip(axes.flat, names):
+        choices = options_by_teacher[name]
+        splits = [o for o in choices if o.kind == "teacher_split"]
+        for option in (o for o in choices if o.kind != "teacher_split"):
+            ax.loglog(_RATES, _delay_curve(option, rtt_ms), label=option.label, lw=1.2,
+                      ls="--" if option.kind.startswith("local") else "-")
+        if splits:
+            envelope = [min(1e3 * o.delay(r, rtt_ms) for o in splits) for r in _RATES]
+            ax.loglog(_RATES, envelope, color="black", lw=1.6, label="best teacher split")
+        ax.set(title=name, xlabel="data rate (Mbps)")
+        ax.grid(alpha=0.3, lw=0.5, which="both")
+        ax.legend(fontsize=7)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(f"delay per image (ms), RTT {rtt_ms:g} ms")
+    for ax in list(axes.flat)[len(names):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return fig

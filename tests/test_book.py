@@ -32,7 +32,8 @@ def test_every_profile_cell_fits_its_notebook(name, tmp_path):
     profile = load_profile(name, ROOT)
     cells = plan_cells(profile, tmp_path / "runs", tmp_path / "data")
     declared = check_cells(cells, ROOT)  # parameter names and types against the notebooks
-    assert {c.notebook for c in cells} >= {"01_split_points", "02_train", "04_results"}
+    assert {c.notebook for c in cells} >= {"01_split_points", "02_train", "03_rate_accuracy", "04_results",
+                                           "05_where_to_split"}
     train = [c for c in cells if c.notebook == "02_train"]
     methods = {c.parameters["method"] for c in train}
     assert methods >= {"naive", "kd", "hnd", "ae"}
@@ -241,13 +242,15 @@ def test_smoke_book_builds_and_every_page_works_in_a_browser(tmp_path):
     pages = sorted(p.relative_to(html).as_posix() for p in html.rglob("*.html")
                    if p.name not in ("genindex.html", "search.html") and p.relative_to(html).parts[0] != "_static")
     executed = [p for p in pages if p.startswith("_executed/")]
-    assert len(executed) == 1 + 5 + 1 + 1 and "_executed/02_train/method-hnd_channels-3.html" in executed
+    assert len(executed) == 1 + 5 + 1 + 1 + 1 and "_executed/02_train/method-hnd_channels-3.html" in executed
     assert not any("missing" in p for p in pages)
     images = 0
     for page in executed:
         text = (html / page).read_text()
         assert "{glue" not in text and "smoke</span></code></strong> profile" in text, page
         images += text.count("<img ")
-    assert images >= 4 + 5 + 1 + 2  # split points, one per training run, rate plane, results
+    assert images >= 4 + 5 + 1 + 2 + 1  # split points, per training run, rate plane, results, delay
+    explorer = (html / "_executed" / "05_where_to_split" / "default.html").read_text()
+    assert explorer.count('type="application/vnd.jupyter.widget-view+json"') >= 1  # rendered: check_pages
     problems = {page: found for page, found in check_pages(html, pages).items() if found}
     assert not problems, problems

@@ -32,7 +32,8 @@ def glued(nb: nbformat.NotebookNode) -> set[str]:
 
 
 def test_there_are_notebooks():
-    assert [p.stem for p in NOTEBOOKS] == ["01_split_points", "02_train", "03_rate_accuracy", "04_results"]
+    assert [p.stem for p in NOTEBOOKS] == ["01_split_points", "02_train", "03_rate_accuracy", "04_results",
+                                             "05_where_to_split"]
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
