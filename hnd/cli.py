@@ -204,13 +204,15 @@ def _ms(seconds: float) -> str:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from hnd.latency import crossovers, load_device_profile, options, plan
+    from hnd.latency import crossovers, load_device_profile, measure_input_codec, options, plan
     from hnd.teachers import teacher_spec
 
     teacher_spec(args.name)
     device, server = load_device_profile(args.device), load_device_profile(args.server)
+    codec = measure_input_codec(args.name, args.images, args.codec, args.quality) if args.images else None
     opts = options(args.name, device, server, channels=args.channels, formats=args.formats,
-                   lossless_ratio=args.lossless_ratio, input_bytes=args.input_bytes, split_format=args.split_format)
+                   lossless_ratio=args.lossless_ratio, input_bytes=args.input_bytes, split_format=args.split_format,
+                   input_codec=codec)
     ranked = plan(opts, args.rate, args.rtt)
     cross = crossovers(opts, args.rtt)
     if args.json:
@@ -352,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-format", default="int8", help="tensor format of teacher splits (default int8)")
     p.add_argument("--lossless-ratio", type=float, help="measured zlib ratio (bytes after / before) on int8 bottlenecks")
     p.add_argument("--input-bytes", type=float, help="bytes of the offloaded input (default raw RGB)")
+    p.add_argument("--images", metavar="DIR", help="measure the offloaded input: encode images found under DIR")
+    p.add_argument("--codec", default="jpeg", help="with --images: jpeg | webp | png (default jpeg)")
+    p.add_argument("--quality", type=int, default=75, help="with --images: codec quality 1-100 (default 75)")
     p.add_argument("--top", type=int, default=20, help="rows of the table (default 20; 0 for all)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_plan)

@@ -386,15 +386,59 @@ def _teacher_top1(teacher: str) -> float | None:
         return None
 
 
+@dataclass(frozen=True)
+class InputCodec:
+    """The input image as a device would send it: mean bytes and encoding seconds, measured."""
+
+    codec: str  # jpeg | webp | png
+    quality: int
+    bytes: float  # mean per image
+    seconds: float  # mean encoding time per image on the machine that measured it
+    images: int
+
+
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def measure_input_codec(teacher: str, images: str | os.PathLike, codec: str = "jpeg", quality: int = 75, *,
+                        max_images: int = 50) -> InputCodec:
+    """Encode up to ``max_images`` images found under ``images`` (any folder, searched
+    recursively, in name order), each resized and center-cropped to ``teacher``'s input as for
+    evaluation, and return the mean payload and encoding time."""
+    from hnd.codec import check_image_codec, check_quality, encode_image
+    from hnd.data import load_image
+    from hnd.rate import eval_transform_parts
+
+    check_image_codec(codec)
+    quality = check_quality(quality)
+    root = Path(images)
+    if not root.is_dir():
+        raise HndError(f"image folder not found: {root}")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)[:max_images]
+    if not files:
+        raise HndError(f"no images ({', '.join(_IMAGE_SUFFIXES)}) under {root}")
+    crop = eval_transform_parts(teacher)[0]
+    sizes, seconds = [], []
+    for path in files:
+        image = crop(load_image(path))
+        start = time.perf_counter()
+        sizes.append(len(encode_image(image, codec, quality)))
+        seconds.append(time.perf_counter() - start)
+    return InputCodec(codec, quality, statistics.fmean(sizes), statistics.fmean(seconds), len(files))
+
+
 def options(teacher: str, device: DeviceProfile, server: DeviceProfile, *, channels=(3, 6, 9, 12),
             formats=("fp32", "fp16", "int8"), lossless_ratio: float | None = None,
-            input_bytes: float | None = None, split_format: str = "int8", small_model: bool = True) -> list[Option]:
+            input_bytes: float | None = None, split_format: str = "int8", small_model: bool = True,
+            input_codec: InputCodec | None = None) -> list[Option]:
     """Every way to serve one image of ``teacher``'s task with ``device`` and ``server``.
 
     Bytes of tensors follow from their shapes (:func:`hnd.codec.tensor_bytes`). With
     ``lossless_ratio`` (measured zlib bytes after / before on the bottleneck) each student's
     int8 option also gets an ``int8+zlib`` twin of ``bytes x ratio``. Offloading sends
-    ``input_bytes`` (e.g. a measured mean JPEG size) or else the raw uint8 RGB input.
+    ``input_bytes`` (e.g. a measured mean JPEG size), the image as measured by
+    :func:`measure_input_codec` (its bytes, and its encoding time here times the device
+    profile's ``scale``), or else the raw uint8 RGB input.
     Encoding time is the uncompressed payload over ``device.encode_bytes_per_s`` when the
     profile has it, else 0; zlib's own time and the input image's encoding are not modelled.
     Accuracy is quoted only where the computation is the published model's own (the teacher
@@ -431,7 +475,10 @@ def options(teacher: str, device: DeviceProfile, server: DeviceProfile, *, chann
         out.append(Option("local_small", f"local {SMALL_MODEL}", sum(device.seconds(SMALL_MODEL, list(_rows(SMALL_MODEL)))),
                           0.0, 0.0, 0.0, SMALL_MODEL_TOP1))
     side = spec.input_size
-    if input_bytes is None:
+    if input_codec is not None:
+        out.append(Option("offload", f"offload {input_codec.codec} q{input_codec.quality}", 0.0,
+                          input_codec.seconds * device.scale, input_codec.bytes, sum(srv), top1))
+    elif input_bytes is None:
         out.append(Option("offload", "offload raw RGB", 0.0, 0.0, 3 * side * side, sum(srv), top1))
     else:
         out.append(Option("offload", "offload image", 0.0, 0.0, float(input_bytes), sum(srv), top1))

@@ -11,7 +11,7 @@ from hnd.analysis import LayerRow, analyze
 from hnd.cli import main
 from hnd.codec import tensor_bytes
 from hnd.latency import (DeviceProfile, Option, crossovers, list_device_profiles, load_device_profile,
-                         measure_device_profile, options, plan, save_device_profile)
+                         measure_device_profile, measure_input_codec, options, plan, save_device_profile)
 from hnd.students import StudentName
 
 
@@ -215,3 +215,23 @@ def test_cli_profile_device(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     assert load_device_profile(str(out)).name == "mine"
     assert main(["plan", "resnet152", "--rate", "3", "--device", str(out)]) == 0
+
+
+def test_offloading_a_measured_jpeg(tmp_path, capsys):
+    from hnd.synth import write_synthetic_dataset
+
+    data = write_synthetic_dataset(tmp_path / "images", classes=2, train_per_class=2, val_per_class=2,
+                                   image_size=64)["root"]
+    low, high = (measure_input_codec("resnet152", data, "jpeg", q) for q in (10, 90))
+    assert low.images == high.images == 8 and 0 < low.bytes < high.bytes and low.seconds > 0
+    device = load_device_profile("raspberry-pi4")
+    offload = [o for o in options("resnet152", device, load_device_profile("gpu-server"), channels=(3,),
+                                  input_codec=high) if o.kind == "offload"]
+    assert [(o.label, o.bytes, o.encode_s) for o in offload] == [("offload jpeg q90", high.bytes,
+                                                                  high.seconds * device.scale)]
+    assert main(["plan", "resnet152", "--rate", "5", "--images", data, "--quality", "40", "--json"]) == 0
+    labels = [o["label"] for o in json.loads(capsys.readouterr().out)["options"]]
+    assert "offload jpeg q40" in labels and "offload raw RGB" not in labels
+    (tmp_path / "empty").mkdir()
+    assert error(measure_input_codec, "resnet152", tmp_path / "empty").startswith("no images (.jpg")
+    assert "quality" in error(measure_input_codec, "resnet152", data, "jpeg", 0)
