@@ -15,7 +15,7 @@ setup() {
     [ -x "$PY" ] || "$python" -m venv "$VENV"
     # torch and torchvision are pinned together (constraints.txt) so that pip never pairs a
     # local torch wheel with a torchvision built for another torch.
-    "$PY" -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[book,test]" 2>&1 \
+    "$PY" -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[book,test,deploy]" 2>&1 \
         | { grep -v "is ignored: it is neither a file nor a directory" || true; }
     "$PY" -c 'import torch, torchvision; print(f"torch {torch.__version__}, torchvision {torchvision.__version__}")'
 }

@@ -209,7 +209,8 @@ def _versions() -> dict:
     return out
 
 
-def _hardware() -> dict:
+def machine_facts() -> dict:
+    """CPU model, core count, memory and GPUs of this machine, for run records."""
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -293,7 +294,7 @@ class _Runner:
             self.slots.put(slot)
         self.gpus = _visible_gpus()
         self.status: dict[str, dict] = {}
-        self.environment = {"versions": _versions(), "git": _git(root), "hardware": _hardware()}
+        self.environment = {"versions": _versions(), "git": _git(root), "hardware": machine_facts()}
         for cell in cells:
             saved = self._saved(cell)
             self.status[cell.id] = {k: saved.get(k) for k in ("status", "seconds", "error")} if saved else \

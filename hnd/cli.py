@@ -1,5 +1,5 @@
 """Command line: ``hnd models | inspect | predict | config | train | evaluate | data | book | plan |
-profile-device``.
+profile-device | serve | edge``.
 ``--json`` prints one JSON document."""
 
 from __future__ import annotations
@@ -254,6 +254,73 @@ def cmd_profile_device(args: argparse.Namespace) -> None:
           f"{profile.macs_per_s:.3g} MACs/s, int8 encoding {profile.encode_bytes_per_s:.3g} bytes/s")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from hnd.checkpoints import atomic_write
+    from hnd.export import check_onnx, load_part, onnx_bytes
+
+    module, x = load_part(args.name, args.part, checkpoint=args.checkpoint)
+    data = onnx_bytes(module, x, args.part, opset=args.opset)
+    atomic_write(args.out, lambda f: f.write(data))
+    diff = check_onnx(args.out, module, x)
+    print(f"wrote {args.out}: {args.name} {args.part}, {len(data) / 1e6:.2f} MB; "
+          f"onnxruntime vs PyTorch max abs diff {diff:.2e} (batch {x.shape[0]})")
+
+
+_RANDOM_SEED = 0  # --random-weights: the same weights in the server and the edge process
+
+
+def _split_student(args: argparse.Namespace):
+    from hnd.serving import load_student
+
+    if not args.checkpoint and not args.random_weights:
+        raise HndError(f"give the weights of {args.name} with --checkpoint FILE (the same file on the server "
+                       "and the edge device), or --random-weights for a test")
+    return load_student(args.name, args.checkpoint, pretrained=False, random_seed=_RANDOM_SEED)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import logging
+
+    from hnd.serving import serve
+
+    model = _split_student(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    serve_options = {"device": args.device, "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
+                     "topk": args.topk, "input_size": args.input_size}
+    if args.max_frame_bytes:
+        serve_options["max_frame_bytes"] = args.max_frame_bytes
+    serve(args.name, model=model, host=args.host, port=args.port, ready=lambda line: print(line, flush=True),
+          **serve_options)
+
+
+def cmd_edge(args: argparse.Namespace) -> None:
+    from hnd.data import image_tensor
+    from hnd.serving import EdgeClient
+
+    if args.bits not in (32, 16, 8):
+        raise HndError(f"--bits must be 32, 16 or 8, got {args.bits}")
+    if args.compress == "zlib" and args.bits != 8:
+        raise HndError("--compress zlib applies to --bits 8 only (float tensors barely compress)")
+    fmt = {32: "fp32", 16: "fp16", 8: "int8"}[args.bits] + ("+zlib" if args.compress == "zlib" else "")
+    images = [image_tensor(args.name, path) for path in args.images]
+    model = _split_student(args)
+    results = []
+    with EdgeClient(args.name, model, args.server, fmt, args.rate_limit) as client:
+        for path, x in zip(args.images, images):
+            results.append({"image": path, **client.classify(x)})
+    if args.json:
+        _print_json(results)
+        return
+    for r in results:
+        print(f"{r['image']}: {r['format']}, {r['bytes']:,} bytes on the wire ({r['payload_bytes']:,} payload), "
+              f"server batch {r['batch']}")
+        for rank, t in enumerate(r["topk"], 1):
+            print(f"  {rank:2d}. {t['prob']:.4f}  #{t['index']}")
+        print("  ms: " + "  ".join(f"{k[:-2].replace('_', ' ')} {r[k] * 1e3:.2f}" for k in
+                                   ("encoder_s", "encode_s", "transfer_s", "server_queue_s", "server_compute_s",
+                                    "total_s")))
+
+
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", help="student name (naive, kd, hnd) or teacher name (ae, teacher)")
     p.add_argument("--method", required=True, help="naive | kd | hnd | ae | teacher")
@@ -369,6 +436,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5, help="untimed runs per layer first (default 5)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default torch's)")
     p.set_defaults(func=cmd_profile_device)
+
+    p = sub.add_parser("serve", help="run a student's decoder and tail as a server for edge devices")
+    p.add_argument("name", help="student name")
+    p.add_argument("--checkpoint", help="the student's weights (any supported checkpoint format)")
+    p.add_argument("--random-weights", action="store_true", help="fixed random weights instead (tests)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8765, help="TCP port (default 8765; 0 picks a free one)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+    p.add_argument("--max-batch", type=int, default=8, help="images decoded together at most (default 8)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="wait after a request for others to batch with it (default 5)")
+    p.add_argument("--topk", type=int, default=5, help="classes in each answer (default 5)")
+    p.add_argument("--input-size", type=int, help="image side the edge devices encode (default the model's)")
+    p.add_argument("--max-frame-bytes", type=int, help="largest request accepted (default 16 MiB)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("edge", help="classify images by running the encoder here and the rest on a server")
+    p.add_argument("name", help="student name (the server's)")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument("--server", required=True, help="HOST:PORT of `hnd serve`")
+    p.add_argument("--checkpoint", help="the student's weights (the server's file)")
+    p.add_argument("--random-weights", action="store_true", help="the fixed random weights of `serve --random-weights`")
+    p.add_argument("--bits", type=int, default=8, help="32 (fp32), 16 (fp16) or 8 (int8, default)")
+    p.add_argument("--compress", choices=("none", "zlib"), default="none", help="with --bits 8: zlib the codes")
+    p.add_argument("--rate-limit", type=float, metavar="MBPS", help="emulate a link of this many Mbit/s")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_edge)
+
+    p = sub.add_parser("export", help="write a student's edge encoder or server part as ONNX")
+    p.add_argument("name", help="student name")
+    p.add_argument("--part", required=True, choices=["encoder", "server"],
+                   help="encoder (image -> z, edge) or server (z -> logits)")
+    p.add_argument("--format", default="onnx", choices=["onnx"], help="file format (onnx)")
+    p.add_argument("--checkpoint", help="weights to export (default: the pretrained student)")
+    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--out", required=True, help="file to write")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

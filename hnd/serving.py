@@ -1,0 +1,336 @@
+"""Split computing over a real network: the server runs a student's decoder and tail on
+bottlenecks sent by edge devices, which run the encoder.
+
+:class:`SplitServer` answers many edge devices at once with asyncio and decodes their
+requests in dynamic batches (up to ``max_batch`` images, waiting at most ``max_wait_ms``
+after the first); :class:`EdgeClient` encodes an image locally, sends the bottleneck in one
+of :data:`hnd.codec.TENSOR_FORMATS` and reports where the time went. Frames are those of
+:mod:`hnd.protocol`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from hnd.errors import HndError
+from hnd.protocol import (DEFAULT_MAX_FRAME_BYTES, FrameError, decode_request, decode_response, encode_error,
+                          encode_request, encode_result, read_frame, read_frame_async, request_header)
+from hnd.students import Student
+
+log = logging.getLogger("hnd.serving")
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``"host:port"`` -> (host, port), with a one-line error for anything else."""
+    host, sep, port = str(address).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise HndError(f"server address must be HOST:PORT with a port from 1 to 65535, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def check_student(name: str, model: object) -> Student:
+    """``model`` if it is a student (the only models with an encoder/decoder split)."""
+    if not isinstance(model, Student):
+        raise HndError(f"{name} is not a student: only students split into an encoder and a decoder")
+    return model
+
+
+def bottleneck_shape(model: Student, input_size: int) -> tuple[int, ...]:
+    """Shape of one image's bottleneck ``z`` [C, H, W] for a square input of ``input_size``."""
+    with torch.no_grad():
+        param = next(model.parameters())
+        z = model.encode(torch.zeros(1, 3, input_size, input_size, device=param.device, dtype=param.dtype))
+    return tuple(z.shape[1:])
+
+
+@dataclass
+class _Pending:
+    z: torch.Tensor
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class SplitServer:
+    """Serve ``model.decode`` to edge devices (see the module docstring).
+
+    Requests must carry a bottleneck of the shape the encoder gives at ``input_size`` (the
+    model's default). A request that is well framed but wrong (shape, format code, damaged
+    payload) gets an error frame and the connection stays open; broken framing (bad magic,
+    over ``max_frame_bytes``, truncated, ``read_timeout_s`` inside a frame) gets an error
+    frame if possible and the connection is closed, as is one idle for ``idle_timeout_s``.
+    """
+
+    def __init__(self, model_name: str, model: Student, *, host: str = "127.0.0.1", port: int = 0,
+                 device: str = "cpu", max_batch: int = 8, max_wait_ms: float = 5.0,
+                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, read_timeout_s: float = 10.0,
+                 idle_timeout_s: float = 300.0, topk: int = 5, input_size: int | None = None,
+                 max_queue: int | None = None):
+        from hnd.models import input_size as model_input_size
+
+        if max_batch < 1 or max_wait_ms < 0 or topk < 1 or max_frame_bytes < 64:
+            raise HndError("max_batch and topk must be >= 1, max_wait_ms >= 0 and max_frame_bytes >= 64")
+        self.name = model_name
+        self.device = _check_device(device)
+        self.model = check_student(model_name, model).to(self.device).eval()
+        self.input_size = input_size or model_input_size(model_name)
+
+        self.host, self.port = host, port
+        self.max_batch, self.max_wait_s, self.topk = max_batch, max_wait_ms / 1e3, topk
+        self.max_frame_bytes = max_frame_bytes
+        self.read_timeout_s, self.idle_timeout_s = read_timeout_s, idle_timeout_s
+        self.max_queue = max_queue or 4 * max_batch
+        threads = torch.get_num_threads()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hnd-decode",
+                                            initializer=torch.set_num_threads, initargs=(threads,))
+        # All torch work on the worker thread, this probe included (see _decode).
+        self.shape = self._executor.submit(bottleneck_shape, self.model, self.input_size).result()
+        self._queue: asyncio.Queue | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._worker: asyncio.Task | None = None
+
+    async def start(self) -> tuple[str, int]:
+        """Listen; returns the bound (host, port) (port 0 picks a free one)."""
+        self._queue = asyncio.Queue(self.max_queue)
+        self._worker = asyncio.create_task(self._batch_loop())
+        self._server = await asyncio.start_server(self._connection, self.host, self.port,
+                                                  limit=min(self.max_frame_bytes, 1 << 20))
+        host, port = self._server.sockets[0].getsockname()[:2]
+        self.port = port
+        return host, port
+
+    async def serve_forever(self) -> None:
+        if self._server is None:
+            await self.start()
+        async with self._server:
+            await self._server.serve_forever()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        if self._worker is not None:
+            self._worker.cancel()
+        self._executor.shutdown(wait=False)
+
+    # --- connections ---------------------------------------------------------------------------
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = "%s:%s" % writer.get_extra_info("peername")[:2]
+        try:
+            while True:
+                try:
+                    frame = await read_frame_async(reader, self.max_frame_bytes, first_timeout=self.idle_timeout_s,
+                                                   timeout=self.read_timeout_s)
+                except FrameError as exc:
+                    log.warning("%s: closing: %s", peer, exc)
+                    writer.write(encode_error(str(exc)))
+                    await writer.drain()
+                    return
+                if frame is None:
+                    return
+                writer.write(await self._answer(peer, frame))
+                await writer.drain()
+        except (ConnectionError, OSError) as exc:
+            log.info("%s: connection lost: %s", peer, exc)
+        finally:
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except (ConnectionError, OSError):
+                pass
+
+    async def _answer(self, peer: str, frame: bytes) -> bytes:
+        """Response frame for one complete request frame; user mistakes become error frames."""
+        try:
+            head = request_header(frame)
+            if head.fmt is not None and head.shape != self.shape:
+                raise HndError(f"{self.name} takes a bottleneck of shape {list(self.shape)} (input "
+                               f"{self.input_size}px), got {list(head.shape)}")
+            z, fmt = decode_request(frame)
+        except HndError as exc:
+            log.warning("%s: rejected %d-byte request: %s", peer, len(frame), exc)
+            return encode_error(str(exc))
+        pending = _Pending(z, asyncio.get_running_loop().create_future())
+        await self._queue.put(pending)
+        try:
+            topk, queue_s, compute_s, batch = await pending.future
+        except Exception as exc:  # the decoder failed: report it, keep serving
+            log.error("%s: decoding failed: %s", peer, exc)
+            return encode_error(f"decoding failed: {type(exc).__name__}: {exc}")
+        log.info("%s: %s %d bytes batch %d queue %.2f ms compute %.2f ms top-1 %d (%.3f)", peer, fmt,
+                 len(frame), batch, queue_s * 1e3, compute_s * 1e3, topk[0][0], topk[0][1])
+        return encode_result(topk, queue_s, compute_s, batch)
+
+    # --- dynamic batching ----------------------------------------------------------------------
+
+    async def _batch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            deadline = loop.time() + self.max_wait_s
+            while len(batch) < self.max_batch:
+                if not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
+                    continue
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), left))
+                except asyncio.TimeoutError:
+                    break
+            started = time.perf_counter()
+            try:
+                probs, indices, compute_s = await loop.run_in_executor(
+                    self._executor, self._decode, [p.z for p in batch])
+            except Exception as exc:  # noqa: BLE001 - every waiting request must be answered
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+                continue
+            for row, p in enumerate(batch):
+                if not p.future.done():
+                    topk = list(zip(indices[row].tolist(), probs[row].tolist()))
+                    p.future.set_result((topk, started - p.enqueued, compute_s, len(batch)))
+
+    def _decode(self, zs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Decoder + tail on the batch's bottlenecks, stacked to [N, C, H, W]. Runs in the worker
+        thread, stacking included: torch work on the event loop's thread would start a second
+        pool of compute threads that competes with the worker's (measured 35% slower)."""
+        start = time.perf_counter()
+        with torch.no_grad():
+            logits = self.model.decode(torch.stack(zs).to(self.device))
+            probs, indices = torch.softmax(logits, dim=1).topk(min(self.topk, logits.shape[1]), dim=1)
+            probs, indices = probs.cpu(), indices.cpu()
+        return probs, indices, time.perf_counter() - start
+
+
+def _check_device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise HndError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise HndError("device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
+    return dev
+
+
+def load_student(name: str, checkpoint: str | None = None, *, pretrained: bool = True,
+                 random_seed: int | None = None) -> Student:
+    """The student ``name``: from ``checkpoint`` if given, else built (``pretrained`` tail; a
+    ``random_seed`` makes random weights that another process can rebuild identically)."""
+    from hnd.checkpoints import load_model
+    from hnd.students import build_student
+
+    if checkpoint:
+        return check_student(name, load_model(name, checkpoint))
+    from hnd.models import resolve
+
+    if resolve(name)[1] is None:
+        raise HndError(f"{name} is a teacher: split computing here needs a student (see `hnd models`)")
+    if random_seed is not None:
+        torch.manual_seed(random_seed)
+    return build_student(name, pretrained=pretrained)
+
+
+def serve(name: str, checkpoint: str | None = None, *, host: str = "127.0.0.1", port: int = 8765,
+          pretrained: bool = True, random_seed: int | None = None, model: Student | None = None, ready=print,
+          **options) -> None:
+    """Load student ``name`` (or take ``model``) and serve it until interrupted; ``ready`` gets
+    one line with the address once the server listens. ``options`` go to :class:`SplitServer`."""
+    if model is None:
+        model = load_student(name, checkpoint, pretrained=pretrained, random_seed=random_seed)
+    server = SplitServer(name, model, host=host, port=port, **options)
+
+    async def run() -> None:
+        bound_host, bound_port = await server.start()
+        ready(f"hnd serve: {name} on {bound_host}:{bound_port} (bottleneck "
+              f"{'x'.join(map(str, server.shape))}, device {server.device}, max batch {server.max_batch})")
+        try:
+            await server.serve_forever()
+        finally:
+            await server.close()
+
+    try:
+        asyncio.run(run())
+    except OSError as exc:
+        raise HndError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
+
+
+class EdgeClient:
+    """The edge device's side: encoder locally, bottleneck over one TCP connection.
+
+    ``fmt`` is a tensor format of :mod:`hnd.codec`; ``rate_limit_mbps`` emulates a slower link
+    by making each send take at least ``bytes * 8 / rate`` seconds.
+    """
+
+    def __init__(self, name: str, model: Student, server: str = "127.0.0.1:8765", fmt: str = "int8",
+                 rate_limit_mbps: float | None = None, timeout_s: float = 60.0,
+                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES):
+        from hnd.codec import check_tensor_format
+
+        self.name = name
+        self.model = check_student(name, model).eval()
+        self.fmt = check_tensor_format(fmt)
+        if rate_limit_mbps is not None and not rate_limit_mbps > 0:
+            raise HndError(f"rate limit must be a positive number of Mbit/s, got {rate_limit_mbps}")
+        self.rate_limit_mbps = rate_limit_mbps
+        self.address = parse_address(server)
+        self.max_frame_bytes = max_frame_bytes
+        try:
+            self.sock = socket.create_connection(self.address, timeout=timeout_s)
+        except OSError as exc:
+            raise HndError(f"cannot connect to server {server} ({exc.strerror or exc})") from None
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> EdgeClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def classify(self, image: torch.Tensor) -> dict:
+        """Classify one normalized image [3, H, W] or [1, 3, H, W]: the server's top-k and the
+        time breakdown in seconds (transfer = round trip minus the server's queue and compute)."""
+        if image.ndim == 3:
+            image = image.unsqueeze(0)
+        if image.ndim != 4 or image.shape[0] != 1 or image.shape[1] != 3:
+            raise HndError(f"classify takes one image [3, H, W] or [1, 3, H, W], got {list(image.shape)}")
+        start = time.perf_counter()
+        with torch.no_grad():
+            z = self.model.encode(image)[0]  # [C, H', W']
+        encoded = time.perf_counter()
+        frame = encode_request(z, self.fmt)
+        framed = time.perf_counter()
+        try:
+            if self.rate_limit_mbps:  # the frame is on a slow link before the server can see it
+                time.sleep(len(frame) * 8 / (self.rate_limit_mbps * 1e6))
+            self.sock.sendall(frame)
+            reply = read_frame(self.sock, self.max_frame_bytes)
+        except socket.timeout:
+            raise HndError(f"server {self.address[0]}:{self.address[1]} did not answer in time") from None
+        except OSError as exc:
+            raise HndError(f"connection to the server failed ({exc.strerror or exc})") from None
+        received = time.perf_counter()
+        result = decode_response(reply)
+        done = time.perf_counter()
+        server_s = result.queue_s + result.compute_s
+        return {"topk": [{"index": i, "prob": p} for i, p in result.topk], "format": self.fmt,
+                "bytes": len(frame), "payload_bytes": _payload_len(frame),
+                "batch": result.batch, "encoder_s": encoded - start, "encode_s": framed - encoded,
+                "transfer_s": max(0.0, received - framed - server_s), "server_queue_s": result.queue_s,
+                "server_compute_s": result.compute_s, "total_s": done - start}
+
+
+def _payload_len(frame: bytes) -> int:
+    return len(request_header(frame).payload)

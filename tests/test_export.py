@@ -1,0 +1,102 @@
+"""ONNX export of a student's edge encoder and server part: parity with PyTorch, errors, CLI."""
+
+from __future__ import annotations
+
+import sys
+
+import onnx  # noqa: F401  -- the deploy extra is installed for the tests; fail, don't skip
+import onnxruntime  # noqa: F401
+import pytest
+import torch
+
+from conftest import error, randomize
+from hnd.checkpoints import load_model, save_checkpoint
+from hnd.cli import main
+from hnd.export import PARTS, check_onnx, export_onnx, load_part, run_onnx
+from hnd.models import build_model
+
+NAME = "resnet50_head_mimic-ver2b-3ch"
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A student checkpoint with fixed random weights (BN statistics too, so eval mode matters)."""
+    model = build_model(NAME, pretrained=False)
+    randomize(model, seed=3)
+    path = tmp_path_factory.mktemp("ckpt") / "student.pt"
+    save_checkpoint(path, NAME, model)
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint, tmp_path_factory):
+    """{part: path} of both parts exported from ``checkpoint``."""
+    folder = tmp_path_factory.mktemp("onnx")
+    return {part: export_onnx(NAME, part, folder / f"{part}.onnx", checkpoint=str(checkpoint)) for part in PARTS}
+
+
+@pytest.fixture(scope="module")
+def student(checkpoint):
+    return load_model(NAME, checkpoint)
+
+
+def _images(batch: int, seed: int = 5) -> torch.Tensor:
+    return torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_encoder_matches_pytorch(exported, student, batch):
+    encoder, _ = student.split()
+    x = _images(batch)
+    assert check_onnx(exported["encoder"], encoder, x) <= TOL
+    assert tuple(run_onnx(exported["encoder"], x).shape) == (batch, 3, 29, 29)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_server_matches_pytorch(exported, student, batch):
+    encoder, server = student.split()
+    with torch.no_grad():
+        z = encoder(_images(batch))
+    assert check_onnx(exported["server"], server, z) <= TOL
+    assert tuple(run_onnx(exported["server"], z).shape) == (batch, 1000)
+
+
+def test_chained_parts_give_the_students_logits(exported, student):
+    x = _images(2, seed=7)
+    logits = run_onnx(exported["server"], run_onnx(exported["encoder"], x))
+    with torch.no_grad():
+        expected = student(x)
+    assert (logits - expected).abs().max() <= TOL
+    assert torch.equal(logits.argmax(1), expected.argmax(1))
+
+
+def test_load_part_gives_real_shapes(checkpoint):
+    module, z = load_part(NAME, "server", checkpoint=checkpoint, batch=2)
+    assert tuple(z.shape) == (2, 3, 29, 29) and not module.training
+
+
+def test_errors_are_one_line(tmp_path, monkeypatch):
+    assert "student name" in error(export_onnx, "resnet50", "encoder", tmp_path / "t.onnx", pretrained=False)
+    message = error(export_onnx, NAME, "edge", tmp_path / "e.onnx", pretrained=False)
+    assert "encoder" in message and "server" in message
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    assert 'pip install -e ".[deploy]"' in error(export_onnx, NAME, "encoder", tmp_path / "m.onnx",
+                                                 pretrained=False)
+    assert not list(tmp_path.iterdir()), "nothing is written on errors"
+
+
+def test_cli_export(checkpoint, tmp_path, capsys):
+    out = tmp_path / "enc.onnx"
+    assert main(["export", NAME, "--part", "encoder", "--format", "onnx", "--checkpoint", str(checkpoint),
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert str(out) in printed and "MB" in printed and "max abs diff" in printed
+    assert float(printed.split("max abs diff ")[1].split()[0]) <= TOL
+    assert out.stat().st_size > 0 and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+    assert main(["export", "resnet50", "--part", "encoder", "--out", str(tmp_path / "t.onnx")]) == 2
+    assert "student name" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["export", NAME, "--part", "encoder", "--format", "tflite", "--out", str(tmp_path / "x")])
+    assert "invalid choice" in capsys.readouterr().err
