@@ -1,5 +1,5 @@
 """Command line: ``hnd models | inspect | predict | config | train | evaluate | data | book | plan |
-profile-device | serve | edge``.
+profile-device | serve | edge | export``.
 ``--json`` prints one JSON document."""
 
 from __future__ import annotations
