@@ -30,20 +30,10 @@ import torch
 import torchvision
 
 from hnd.codec import TENSOR_FORMATS, tensor_bytes
+from hnd.latency import median_seconds
 from hnd.models import input_size
 from hnd.protocol import decode_response, encode_request, read_frame
 from hnd.students import build_student
-
-
-def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def start_server(name: str, max_batch: int, max_wait_ms: float) -> tuple[subprocess.Popen, int]:

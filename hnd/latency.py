@@ -246,7 +246,8 @@ def _measured_parts(name: str) -> tuple[list[tuple[str, nn.Module]], int]:
     return parts, input_size(name)
 
 
-def _time_call(fn, repeats: int, warmup: int) -> float:
+def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` untimed ones."""
     for _ in range(warmup):
         fn()
     times = []
@@ -266,7 +267,7 @@ def time_layers(parts: list[tuple[str, nn.Module]], x: torch.Tensor, *, repeats:
     for part, module in parts:
         for name, layer in sequential_layers(module, part):
             if part not in skip_parts:
-                seconds[name] = _time_call(lambda: layer(x), repeats, warmup)
+                seconds[name] = median_seconds(lambda: layer(x), repeats, warmup)
             x = layer(x)
     return seconds
 
@@ -318,7 +319,7 @@ def measure_device_profile(models: list[str], *, repeats: int = 20, warmup: int 
         total_macs += sum(macs[k] for k in measured)
         total_s += sum(measured.values())
     z = torch.randn(12, 29, 29)  # a 12-channel DenseNet/ResNet-student bottleneck
-    encode_s = _time_call(lambda: encode_tensor(z, "int8"), max(repeats, 20), warmup)
+    encode_s = median_seconds(lambda: encode_tensor(z, "int8"), max(repeats, 20), warmup)
     cpu = _cpu_model()
     return DeviceProfile(
         name=name,
