@@ -89,3 +89,18 @@ def finished_runs(runs: str | os.PathLike, notebook: str | None = None) -> list[
 def unfinished_cells(runs: str | os.PathLike, notebook: str | None = None) -> list[dict]:
     """Planned cells of ``runs`` that did not finish (failed, interrupted or never run)."""
     return [c for c in grid_cells(runs) if c["status"] != "done" and (not notebook or c["notebook"] == notebook)]
+
+
+def teacher_reference(runs: list[dict]) -> dict[str, float]:
+    """Backbone -> the teacher's test top-1 among training-run metrics: its own ``teacher``
+    run if the grid trained it, else the median of what its students' runs measured."""
+    from statistics import median
+
+    out = {}
+    for backbone in sorted({r["teacher"] for r in runs}):
+        own = [r["test_top1"] for r in runs if r["teacher"] == backbone and r["method"] == "teacher"]
+        seen = [r["teacher_top1"] for r in runs if r["teacher"] == backbone and r["method"] != "teacher"
+                and r.get("teacher_top1") is not None]
+        if own or seen:
+            out[backbone] = own[0] if own else median(seen)
+    return out
