@@ -30,10 +30,10 @@ import torch
 import torchvision
 
 from hnd.codec import TENSOR_FORMATS, tensor_bytes
+from hnd.errors import HndError
 from hnd.latency import median_seconds
-from hnd.models import input_size
 from hnd.protocol import decode_response, encode_request, read_frame
-from hnd.students import build_student
+from hnd.registry import resolve
 
 
 def start_server(name: str, max_batch: int, max_wait_ms: float) -> tuple[subprocess.Popen, int]:
@@ -69,7 +69,8 @@ def client(port: int, frames: list[bytes], latencies: list[float], batches: list
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="densenet169_head_mimic-ver2b-3ch")
+    parser.add_argument("--model", default="densenet169_head_mimic-ver2b-3ch",
+                        help="any student name, e.g. resnet18@layer2-3ch (`hnd models --help`)")
     parser.add_argument("--clients", type=int, default=16, help="concurrent clients (>= max batch fills batches)")
     parser.add_argument("--requests", type=int, default=4, help="per client")
     parser.add_argument("--max-batch", type=int, default=8)
@@ -80,9 +81,16 @@ def main() -> None:
     parser.add_argument("--markdown", help="also write them as a Markdown table (the book includes one)")
     args = parser.parse_args()
 
+    try:
+        spec = resolve(args.model)
+    except HndError as exc:
+        parser.error(str(exc))
+    if not spec.is_student:
+        parser.error(f"{spec} is a teacher; give a student name, e.g. {spec.teacher.name}-3ch")
+    args.model = str(spec)
     torch.manual_seed(0)
-    model = build_student(args.model, pretrained=False, num_classes=1000).eval()
-    size = input_size(args.model)
+    model = spec.build(pretrained=False, num_classes=1000).eval()
+    size = spec.input_size
     images = torch.randn(args.clients * args.requests, 3, size, size)
     with torch.no_grad():
         z = torch.cat([model.encode(images[i:i + 8]) for i in range(0, len(images), 8)])  # [N, C, H, W]

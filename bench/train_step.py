@@ -38,8 +38,7 @@ from hnd.config import STUDENT_METHODS, apply_overrides, preset
 from hnd.distributed import pick_device
 from hnd.errors import HndError
 from hnd.methods import build_task
-from hnd.models import input_size
-from hnd.students import StudentName
+from hnd.registry import resolve, student_spec
 from hnd.teachers import PAPER_TEACHERS
 from hnd.training import AMP_DTYPES, make_optimizer
 
@@ -54,8 +53,8 @@ MACs per training step, per image, at the official input size (backward ~ 2x for
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=list(PAPER_TEACHERS), choices=PAPER_TEACHERS,
-                   metavar="TEACHER")
+    p.add_argument("--models", nargs="+", default=list(PAPER_TEACHERS), metavar="TEACHER",
+                   help="teachers (default: the four paper models; any teacher name, e.g. resnet18@layer3)")
     p.add_argument("--channels", type=int, default=12, help="bottleneck channels of the students")
     p.add_argument("--methods", nargs="+", default=list(STUDENT_METHODS), choices=STUDENT_METHODS)
     p.add_argument("--input-size", type=int, help="default: official (224; Inception-v3 299)")
@@ -72,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         return args
     try:
         args.device = str(pick_device(args.device))
+        for teacher in args.models:
+            if resolve(teacher).is_student:
+                raise HndError(f"--models takes teachers, not the student {teacher}")
     except HndError as exc:
         p.error(str(exc))
     cuda = args.device.startswith("cuda")
@@ -84,7 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def student_name(teacher: str, channels: int) -> str:
-    return str(StudentName(teacher, channels))
+    """The canonical name of ``teacher``'s student with ``channels`` bottleneck channels."""
+    return str(student_spec(teacher, channels))
 
 
 def _mib(n_bytes: float) -> float:
@@ -115,7 +118,8 @@ def _build(case: dict, device: torch.device):
     """The method's task (random weights) on ``device``, its optimizer and grad scaler."""
     config = apply_overrides(preset(student_name(case["model"], case["channels"]), case["method"]),
                              {"pretrained": False, "batch_size": case["batch"], "amp": case["amp"] or "none",
-                              "channels_last": case["channels_last"]})
+                              "channels_last": case["channels_last"],
+                              "input_size": case["input_size"]})  # generic heads are built for it
     torch.manual_seed(0)
     task = build_task(config, num_classes=1000)
     for module in (task.model, task.reference):
@@ -249,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     for teacher in args.models:
         for method in args.methods:
             case = {"model": teacher, "method": method, "channels": args.channels, "device": args.device,
-                    "batch": args.batch_size, "input_size": args.input_size or input_size(teacher),
+                    "batch": args.batch_size, "input_size": args.input_size or resolve(teacher).input_size,
                     "steps": args.steps, "warmup": args.warmup, "amp": args.amp,
                     "channels_last": args.channels_last}
             rows.append(run_case(case))

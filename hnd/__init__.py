@@ -1,18 +1,20 @@
 """hnd: Head Network Distillation for split computing (Matsubara et al., IEEE Access 2020).
 
 A teacher's first layers are replaced by a small student head with a narrow bottleneck;
-the head runs on the edge device, the teacher's tail on the server.
+the head runs on the edge device, the teacher's tail on the server. Any torchvision image
+classifier (or a registered module) can be the teacher; a model name is resolved once into
+a :class:`ModelSpec` (:func:`resolve`).
 """
 
-from hnd.analysis import Analysis, analyze, analyze_model
+from hnd.analysis import Analysis, analyze, analyze_model, split_point_rows
 from hnd.checkpoints import load_model, read_checkpoint, save_checkpoint
 from hnd.errors import HndError
-from hnd.models import build_model, list_models
-from hnd.students import Student, build_student
-from hnd.teachers import TEACHERS, build_teacher, split_teacher
+from hnd.registry import ModelSpec, build_model, build_student, list_models, resolve, student_spec
+from hnd.students import Student
+from hnd.teachers import TEACHERS, build_teacher, register_teacher, split_teacher
 
 __version__ = "0.1.0"
 
-__all__ = ["TEACHERS", "Analysis", "HndError", "Student", "__version__", "analyze", "analyze_model",
+__all__ = ["TEACHERS", "Analysis", "HndError", "ModelSpec", "Student", "__version__", "analyze", "analyze_model",
            "build_model", "build_student", "build_teacher", "list_models", "load_model", "read_checkpoint",
-           "save_checkpoint", "split_teacher"]
+           "register_teacher", "resolve", "save_checkpoint", "split_point_rows", "split_teacher", "student_spec"]

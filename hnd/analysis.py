@@ -1,25 +1,28 @@
 """Per-layer sizes and costs of teachers and students, and where the split leaves them.
 
-A model is flattened into the modules that run one after another (``nn.Sequential``
-containers are opened; DenseNet blocks become one concatenating step per dense layer),
-and a dummy batch of one image is run through them while ``torch.utils.flop_counter``
-counts multiply-accumulates (convolutions and linear layers, as the original did).
-By default this runs on the ``meta`` device: no weights, no real arithmetic, instant.
+A model is flattened into the layers that run one after another: ``nn.Sequential``
+containers are opened (DenseNet blocks become one concatenating step per dense layer), and
+a traced part (``GraphModule``, :mod:`hnd.tracing`) runs node by node. A dummy batch of one
+image is run through them while ``torch.utils.flop_counter`` counts multiply-accumulates
+(convolutions and linear layers, as the original did). By default this runs on the ``meta``
+device: no weights, no real arithmetic, instant.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from math import prod
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.densenet import _DenseBlock
 
-from hnd.models import build_model, input_size, resolve
+from hnd import tracing
+from hnd.registry import ModelSpec, resolve
 from hnd.students import Student
-from hnd.teachers import split_teacher, teacher_spec
+from hnd.teachers import on_meta, split_teacher, teacher_stages
 
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
 
@@ -44,9 +47,25 @@ def sequential_layers(module: nn.Module, prefix: str) -> list[tuple[str, nn.Modu
     return [(prefix, module)]
 
 
+# step(name, type name, module or None, part, thunk) -> thunk's value
+Step = Callable[[str, str, "nn.Module | None", str, Callable], object]
+
+
+def walk_layers(parts: list[tuple[str, nn.Module]], x: torch.Tensor, step: Step) -> torch.Tensor:
+    """Run ``x`` through each part layer by layer, handing each layer to ``step``: the
+    sequential layers of a module, the computing nodes of a ``GraphModule``."""
+    for part, module in parts:
+        if isinstance(module, fx.GraphModule):
+            x = tracing.NodeSteps(module, part, lambda n, t, m, thunk, part=part: step(n, t, m, part, thunk)).run(x)
+            continue
+        for name, layer in sequential_layers(module, part):
+            x = step(name, type(getattr(layer, "layer", layer)).__name__, layer, part, lambda: layer(x))
+    return x
+
+
 @dataclass(frozen=True)
 class LayerRow:
-    """One sequential layer: what it outputs per image and what it costs."""
+    """One layer: what it outputs per image and what it costs."""
 
     name: str
     type: str
@@ -55,6 +74,7 @@ class LayerRow:
     params: int
     macs: int
     cum_macs: int
+    cut: bool = True  # the model can be split after this layer (one tensor crosses)
 
     @property
     def numel(self) -> int:
@@ -146,17 +166,32 @@ def _device_of(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def profile_layers(parts: list[tuple[str, nn.Module]], x: torch.Tensor) -> list[LayerRow]:
-    """Run ``x`` (one image) through each part's sequential layers, recording rows."""
-    rows, cum = [], 0
-    for part, module in parts:
-        for name, layer in sequential_layers(module, part):
-            with FlopCounterMode(display=False) as counter:
-                x = layer(x)
+    """Run ``x`` (one image) through each part's layers, recording rows. A parameter used
+    twice (a module called twice) is counted once."""
+    rows: list[LayerRow] = []
+    seen: set[int] = set()  # ids of parameters counted (they live as long as the model)
+    cuts = {part: {f"{part}.{p.node}" for p in tracing.split_points(m)}
+            for part, m in parts if isinstance(m, fx.GraphModule)}
+
+    def step(name, kind, module, part, thunk):
+        with FlopCounterMode(display=False) as counter:
+            out = thunk()
+        params = 0
+        if module is not None:
+            fresh = [p for p in module.parameters() if id(p) not in seen]
+            seen.update(id(p) for p in fresh)
+            params = sum(p.numel() for p in fresh)
+        if isinstance(out, torch.Tensor):
             macs = counter.get_total_flops() // 2
-            cum += macs
-            rows.append(LayerRow(name, type(getattr(layer, "layer", layer)).__name__, part,
-                                 tuple(x.shape[1:]), sum(p.numel() for p in layer.parameters()), macs, cum))
-    return rows
+            rows.append(LayerRow(name, kind, part, tuple(out.shape[1:]), params, macs,
+                                 (rows[-1].cum_macs if rows else 0) + macs,
+                                 part not in cuts or name in cuts[part]))
+        return out
+
+    walk_layers(parts, x, step)
+    # The end of each part is a cut by construction.
+    ends = {r.part: i for i, r in enumerate(rows)}
+    return [r if r.cut or ends[r.part] != i else LayerRow(**{**asdict(r), "cut": True}) for i, r in enumerate(rows)]
 
 
 def _totals(rows: list[LayerRow], parts: set[str]) -> tuple[int, int]:
@@ -164,21 +199,21 @@ def _totals(rows: list[LayerRow], parts: set[str]) -> tuple[int, int]:
     return sum(r.params for r in chosen), sum(r.macs for r in chosen)
 
 
-def analyze_model(name: str, model: nn.Module, split_point: str | None = None) -> Analysis:
-    """Analyse an already built model ``name`` (a teacher cut at ``split_point``, default
-    the official one, or a :class:`Student`) on the device its parameters live on."""
-    teacher, student = resolve(name)
-    size = input_size(name)
+def analyze_model(spec: ModelSpec | str, model: nn.Module, split_point: str | None = None) -> Analysis:
+    """Analyse an already built model (a teacher cut at ``split_point``, default the spec's,
+    or a :class:`Student`) on the device its parameters live on."""
+    spec = resolve(spec)
+    size = spec.input_size
     x = torch.zeros(1, 3, size, size, device=_device_of(model))
-    if student is not None:
+    if spec.is_student:
         if not isinstance(model, Student):
-            raise TypeError(f"{name} is a student name but the model is a {type(model).__name__}")
+            raise TypeError(f"{spec} is a student but the model is a {type(model).__name__}")
         rows = profile_layers([("encoder", model.head.encoder), ("decoder", model.head.decoder),
                                ("tail", model.tail)], x)
         device_parts, head_parts, split = {"encoder"}, {"encoder", "decoder"}, "bottleneck"
     else:
-        split = split_point or teacher_spec(teacher).split_point
-        head, tail = split_teacher(teacher, model, split)
+        split = split_point or spec.split_point
+        head, tail = split_teacher(spec.teacher, model, split)
         rows = profile_layers([("head", head), ("tail", tail)], x)
         device_parts = head_parts = {"head"}
     last_device = [r for r in rows if r.part in device_parts][-1]
@@ -186,8 +221,9 @@ def analyze_model(name: str, model: nn.Module, split_point: str | None = None) -
     head_params, head_macs = _totals(rows, head_parts)
     encoder_params, encoder_macs = _totals(rows, device_parts)
     tail_params, tail_macs = _totals(rows, {"tail"})
+    name = str(spec) if spec.is_student or split == spec.split_point else f"{spec.teacher.name}@{split}"
     summary = Summary(
-        model=name, kind="student" if student else "teacher", teacher=teacher, split_point=split,
+        model=name, kind=spec.kind, teacher=spec.teacher.name, split_point=split,
         input_shape=(3, size, size),
         params=sum(r.params for r in rows), macs=rows[-1].cum_macs,
         head_params=head_params, head_macs=head_macs, head_output_shape=last_head.output_shape,
@@ -199,8 +235,59 @@ def analyze_model(name: str, model: nn.Module, split_point: str | None = None) -
     return Analysis(summary, rows)
 
 
-def analyze(name: str, split_point: str | None = None) -> Analysis:
-    """Analyse model ``name`` without weights (built on the meta device)."""
-    with torch.device("meta"):
-        model = build_model(name, pretrained=False)
-    return analyze_model(name, model, split_point)
+def analyze(model: ModelSpec | str, split_point: str | None = None) -> Analysis:
+    """Analyse ``model`` without weights (built on the meta device)."""
+    spec = resolve(model)
+    return analyze_model(spec, on_meta(lambda: spec.build(pretrained=False)), split_point)
+
+
+@dataclass(frozen=True)
+class SplitPointRow:
+    """One place a teacher can be cut: what crosses the network there and what runs before it."""
+
+    name: str
+    kind: str  # stage (a paper family's stage list) | traced (a node of the traced graph)
+    output_shape: tuple[int, ...]
+    cum_macs: int  # device MACs: the teacher up to and including this point
+    pct_macs: float
+    pct_of_input: float
+
+    def bytes(self, dtype: str = "fp32") -> int:
+        return prod(self.output_shape) * DTYPE_BYTES[dtype]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["output_shape"] = list(self.output_shape)
+        d["bytes"] = {k: self.bytes(k) for k in DTYPE_BYTES}
+        return d
+
+
+def split_point_rows(model: ModelSpec | str) -> list[SplitPointRow]:
+    """Every valid split point of ``model``'s teacher, in order: a paper family's stages
+    first, then every point of the traced graph (any of these names is a valid ``@POINT``)."""
+    spec = resolve(model)
+    teacher = on_meta(lambda: spec.teacher_spec().build(pretrained=False))
+    size = spec.input_size
+    x = torch.zeros(1, 3, size, size, device=_device_of(teacher))
+    n_input = 3 * size * size
+    out: list[SplitPointRow] = []
+
+    def row(name: str, kind: str, shape: tuple, cum: int, total: int) -> SplitPointRow:
+        return SplitPointRow(name, kind, shape, cum, 100.0 * cum / total, 100.0 * prod(shape) / n_input)
+
+    if spec.teacher.staged:
+        stages = [(n, m) for n, m in teacher_stages(spec.teacher, teacher) if n != "transform_input"]
+        rows = profile_layers(stages, x)
+        total = rows[-1].cum_macs
+        for name, _ in stages[:-1]:
+            last = [r for r in rows if r.part == name][-1]
+            out.append(row(name, "stage", last.output_shape, last.cum_macs, total))
+    gm = tracing.trace(teacher)
+    rows = {r.name.split(".", 1)[1]: r for r in profile_layers([("t", gm)], x)}
+    total = max(r.cum_macs for r in rows.values())
+    for p in tracing.split_points(gm):
+        r = rows.get(p.node)
+        if r is None:  # not a tensor (e.g. a size)
+            continue
+        out.append(row(p.name, "traced", r.output_shape, r.cum_macs, total))
+    return out

@@ -11,10 +11,7 @@ import torch
 from torch import nn
 
 from hnd.errors import HndError
-from hnd.teachers import split_teacher, teacher_spec
-
-# Channels of each teacher family's head output at the official split point.
-HEAD_CHANNELS = {"densenet": 256, "resnet": 512, "inception": 192}
+from hnd.teachers import split_teacher
 
 
 class MiddleAutoencoder(nn.Module):
@@ -48,9 +45,9 @@ class MiddleAutoencoder(nn.Module):
 class AutoencoderModel(nn.Module):
     """Teacher head → autoencoder → teacher tail; only ``ae`` is trained."""
 
-    def __init__(self, teacher_name: str, head: nn.Sequential, ae: MiddleAutoencoder, tail: nn.Sequential):
+    def __init__(self, spec, head: nn.Module, ae: MiddleAutoencoder, tail: nn.Module):
         super().__init__()
-        self.teacher_name = teacher_name
+        self.spec = spec  # the teacher's ModelSpec, at the split point
         self.head = head
         self.ae = ae
         self.tail = tail
@@ -67,10 +64,15 @@ class AutoencoderModel(nn.Module):
         return self.tail(self.ae.decoder(z))
 
 
-def build_ae_model(teacher_name: str, teacher: nn.Module, bottleneck_channels: int) -> AutoencoderModel:
-    """Insert a fresh autoencoder at ``teacher``'s official split point. The head keeps the
-    original's plain normalized input (no Inception ``transform_input``); head and tail share
-    the teacher's modules."""
-    head, tail = split_teacher(teacher_name, teacher, transform_input=False)
-    ae = MiddleAutoencoder(HEAD_CHANNELS[teacher_spec(teacher_name).family], bottleneck_channels)
-    return AutoencoderModel(teacher_name, head, ae, tail)
+def build_ae_model(spec, teacher: nn.Module, bottleneck_channels: int) -> AutoencoderModel:
+    """Insert a fresh autoencoder at the split point of ``spec`` (a teacher's
+    :class:`~hnd.registry.ModelSpec`). The head of the papers' families keeps the original's
+    plain normalized input (no Inception ``transform_input``); head and tail share the
+    teacher's modules."""
+    shape = spec.head_output_shape
+    if len(shape) != 3 or min(shape[1:]) < 5:
+        raise HndError(f"the autoencoder baseline needs a [C, H, W] map of at least 5x5 at the split point; "
+                       f"{spec} gives {'x'.join(map(str, shape))}")
+    head, tail = split_teacher(spec.teacher, teacher, spec.split_point, transform_input=spec.head_transform_input)
+    ae = MiddleAutoencoder(shape[0], bottleneck_channels)
+    return AutoencoderModel(spec, head, ae, tail)

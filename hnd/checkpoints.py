@@ -10,8 +10,9 @@ command-line arguments in one). Formats understood (original-hnd.md §4.1, §2.7
 - ``original-hnd``: ``{type, model, epoch, best_valid_value, student}``, ``model`` = head only
   (``extractor.*``, ``module_seq.*``); the tail comes from the pretrained teacher;
 - ``original-teacher`` / a plain state_dict with torchvision keys: a teacher;
-- ``hnd``: ours, ``{format: "hnd", version, model, part, state_dict, ...}``, keys as in
-  :class:`hnd.students.Student` (``head.encoder.*``, ``head.decoder.*``, ``tail.*``).
+- ``hnd``: ours, ``{format: "hnd", version, model, spec, part, state_dict, ...}``, keys as in
+  :class:`hnd.students.Student` (``head.encoder.*``, ``head.decoder.*``, ``tail.*``); ``spec`` is
+  the model's :meth:`hnd.registry.ModelSpec.to_dict`, so the model rebuilds from the file alone.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from torch import nn
 
 from hnd.autoencoder import AutoencoderModel, build_ae_model
 from hnd.errors import HndError, describe_mismatch
-from hnd.models import build_model, resolve
-from hnd.students import Student, build_student
+from hnd.registry import ModelSpec, resolve, spec_from_dict
+from hnd.students import Student, head_version
 from hnd.teachers import build_teacher, classifier_classes
 
 FORMAT_VERSION = 1
@@ -214,7 +215,7 @@ def identify(state: dict, part: str) -> str:
     else:  # a head alone does not tell which member of the family it was trained for
         teacher = {"densenet": "densenet121/169/201", "resnet": "resnet50/101/152",
                    "inception": "inception_v3"}[family]
-    return f"{teacher}_head_mimic-ver{'1b' if family == 'inception' else '2b'}-{channels}ch"
+    return f"{teacher}_head_mimic-ver{head_version(family)}-{channels}ch"
 
 
 def _identify_teacher(state: dict) -> str | None:
@@ -229,54 +230,77 @@ def _identify_teacher(state: dict) -> str | None:
     return "inception_v3" if any(k.startswith("Mixed_7c.") for k in state) else None
 
 
-def _load_into(module: nn.Module, ckpt: Checkpoint, name: str) -> None:
+def _recorded_name(ckpt: Checkpoint, spec: ModelSpec) -> str | None:
+    """The model the file records, as comparable with ``spec``: a teacher's weights do not
+    depend on where it is split, so for those only the teacher's name counts."""
+    if ckpt.model is None or ckpt.part != "teacher":
+        return ckpt.model
+    saved = ckpt.meta.get("spec")
+    return saved.get("teacher") if isinstance(saved, dict) else ckpt.model.split("@")[0]
+
+
+def _load_into(module: nn.Module, ckpt: Checkpoint, spec: ModelSpec) -> None:
     diffs = describe_mismatch(module.state_dict(), ckpt.state_dict)
-    if diffs or (ckpt.model is not None and ckpt.model != name):
+    expected = spec.teacher.name if ckpt.part == "teacher" else str(spec)
+    if diffs or (ckpt.model is not None and _recorded_name(ckpt, spec) != expected):
         looks = ckpt.model or identify(ckpt.state_dict, ckpt.part)
-        raise HndError(f"{ckpt.path} ({ckpt.format}, {ckpt.part}) does not fit {name}: it looks like "
+        raise HndError(f"{ckpt.path} ({ckpt.format}, {ckpt.part}) does not fit {spec}: it looks like "
                        f"{looks}; first mismatches: {diffs or 'none (model name differs)'}")
     module.load_state_dict(ckpt.state_dict)
 
 
-def load_model(name: str | None, checkpoint: str | os.PathLike) -> nn.Module:
-    """Build model ``name`` with the weights of ``checkpoint`` (any supported format), eval mode.
-
-    ``name=None`` takes the model the file records (hnd checkpoints), so a model can be
-    rebuilt from the file alone. The class count is read off the weights. A head-only
-    checkpoint (original HND, or ours with ``part="head"``) takes its tail from the teacher's
-    pretrained weights; ``part="ae"`` is the autoencoder baseline on teacher ``name``.
-    """
-    ckpt = read_checkpoint(checkpoint)
-    if name is None:
+def checkpoint_spec(ckpt: Checkpoint, model: str | ModelSpec | None = None) -> ModelSpec:
+    """The spec of the model in ``ckpt``: ``model`` if given, else the one the file records;
+    a recorded input size (a run at another resolution) is kept."""
+    saved = ckpt.meta.get("spec")
+    if model is None:
+        if isinstance(saved, dict):
+            return spec_from_dict(saved)
         if ckpt.model is None:
             raise HndError(f"{ckpt.path} ({ckpt.format}) does not record its model; give the model name")
-        name = ckpt.model
-    teacher, student = resolve(name)
-    num_classes = classifier_classes(ckpt.state_dict) or 1000
+        return resolve(ckpt.model)
+    spec = resolve(model)
+    if isinstance(saved, dict) and saved.get("name") == str(spec):
+        spec = spec.at_input_size(saved.get("input_size"))
+    return spec
+
+
+def load_model(model: str | ModelSpec | None, checkpoint: str | os.PathLike | Checkpoint) -> nn.Module:
+    """Build ``model`` with the weights of ``checkpoint`` (a path, or a :class:`Checkpoint`
+    already read: no file is read twice), eval mode; any supported format.
+
+    ``model=None`` takes the model the file records (hnd checkpoints), so a model can be
+    rebuilt from the file alone. The class count is read off the weights. A head-only
+    checkpoint (original HND, or ours with ``part="head"``) takes its tail from the teacher's
+    pretrained weights; ``part="ae"`` is the autoencoder baseline on a teacher's split point.
+    """
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint)
+    spec = checkpoint_spec(ckpt, model)
+    num_classes = classifier_classes(ckpt.state_dict)
     if ckpt.part == "ae":
-        if student is not None:
-            raise HndError(f"{ckpt.path} holds an autoencoder baseline; give its teacher's name, not {name}")
+        if spec.is_student:
+            raise HndError(f"{ckpt.path} holds an autoencoder baseline; give its teacher's name, not {spec}")
         channels = ckpt.state_dict["ae.encoder.9.weight"].shape[0]
-        model = build_ae_model(teacher, build_teacher(teacher, pretrained=False, num_classes=num_classes),
-                               channels)
-        _load_into(model, ckpt, name)
+        teacher = build_teacher(spec.teacher, pretrained=False, num_classes=num_classes, input_size=spec.input_size)
+        model = build_ae_model(spec, teacher, channels)
+        _load_into(model, ckpt, spec)
         return model.eval()
-    if student is None:
+    if not spec.is_student:
         if ckpt.part != "teacher":
             raise HndError(f"{ckpt.path} holds a {ckpt.part} ({identify(ckpt.state_dict, ckpt.part)}); "
-                           f"{name} is a teacher: give a student name or a teacher checkpoint")
-        model = build_model(name, pretrained=False, num_classes=num_classes)
-        _load_into(model, ckpt, name)
+                           f"{spec} is a teacher: give a student name or a teacher checkpoint")
+        model = spec.build(pretrained=False, num_classes=num_classes)
+        _load_into(model, ckpt, spec)
         return model.eval()
     if ckpt.part == "teacher":
         raise HndError(f"{ckpt.path} holds a teacher ({identify(ckpt.state_dict, 'teacher')}); "
-                       f"{name} is a student: use the teacher's name or a student checkpoint")
+                       f"{spec} is a student: use the teacher's name or a student checkpoint")
     if ckpt.part == "head":
-        model = build_student(student, pretrained=True)
-        _load_into(model.head, ckpt, name)
+        model = spec.build(pretrained=True)
+        _load_into(model.head, ckpt, spec)
     else:
-        model = build_student(student, pretrained=False, num_classes=num_classes)
-        _load_into(model, ckpt, name)
+        model = spec.build(pretrained=False, num_classes=num_classes)
+        _load_into(model, ckpt, spec)
     return model.eval()
 
 
@@ -307,18 +331,19 @@ def atomic_save(obj: object, path: str | os.PathLike) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def save_checkpoint(path: str | os.PathLike, name: str, model: nn.Module, *, part: str = "student",
-                    **extra: object) -> None:
-    """Save ``model`` as an hnd checkpoint. part: ``student`` (whole), ``head`` (student head
-    only; the tail is the pretrained teacher's), ``teacher`` or ``ae`` (an
-    :class:`~hnd.autoencoder.AutoencoderModel` on teacher ``name``). ``extra`` holds plain data."""
-    _, student = resolve(name)
-    if part not in (("student", "head") if student else ("teacher", "ae")):
-        raise HndError(f"part {part!r} does not apply to {name}")
-    if student is not None and not isinstance(model, Student):
-        raise HndError(f"{name} is a student but the model is a {type(model).__name__}")
+def save_checkpoint(path: str | os.PathLike, model_spec: str | ModelSpec, model: nn.Module, *,
+                    part: str = "student", **extra: object) -> None:
+    """Save ``model`` as an hnd checkpoint with its spec. part: ``student`` (whole), ``head``
+    (student head only; the tail is the pretrained teacher's), ``teacher`` or ``ae`` (an
+    :class:`~hnd.autoencoder.AutoencoderModel` on the teacher's split point). ``extra`` holds
+    plain data."""
+    spec = resolve(model_spec)
+    if part not in (("student", "head") if spec.is_student else ("teacher", "ae")):
+        raise HndError(f"part {part!r} does not apply to {spec}")
+    if spec.is_student and not isinstance(model, Student):
+        raise HndError(f"{spec} is a student but the model is a {type(model).__name__}")
     if part == "ae" and not isinstance(model, AutoencoderModel):
         raise HndError(f"part 'ae' needs an AutoencoderModel, got a {type(model).__name__}")
     module = model.head if part == "head" else model
-    atomic_save({"format": "hnd", "version": FORMAT_VERSION, "model": name, "part": part,
-                 "state_dict": module.state_dict(), **extra}, path)
+    atomic_save({"format": "hnd", "version": FORMAT_VERSION, "model": str(spec), "spec": spec.to_dict(),
+                 "part": part, "state_dict": module.state_dict(), **extra}, path)

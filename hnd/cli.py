@@ -17,29 +17,76 @@ def _print_json(doc: object) -> None:
     sys.stdout.write("\n")
 
 
-def cmd_models(args: argparse.Namespace) -> None:
-    from hnd.models import list_models
+MODELS_HELP = """model names (resolved once into a spec; `str(spec)` is the canonical name):
+  TEACHER               any torchvision image classifier, cut at its default split point:
+                        resnet152, densenet169, mobilenet_v3_large, efficientnet_b0, ... (--all)
+  TEACHER@POINT         the teacher cut after another split point: resnet18@layer3
+                        (`hnd inspect TEACHER --split-points` lists them)
+  TEACHER@POINT-<C>ch   a student: a generic bottleneck head with C channels replaces the teacher
+                        up to POINT, the teacher's tail stays: resnet18@layer2-3ch
+  TEACHER-<C>ch         the same at the default split point: mobilenet_v3_large-3ch
+  <T>_head_mimic-ver<2b|1b>-<C>ch
+                        the original's students of the papers' families (T: densenet121/169/201,
+                        resnet50/101/152 with ver2b; inception_v3 with ver1b), any C > 0;
+                        T@<official point>-<C>ch names the same student
 
-    rows = list_models()
+The default split point of a paper family's teacher is the official one (densenet: transition2,
+resnet: layer2, inception_v3: maxpool2); of any other teacher, the end of its last stage at
+stride 8 (resnet18: layer2, mobilenet_v3_large: features.6, efficientnet_b0: features.3), which
+gives the papers' bottleneck of 1.7% of the input at 3 channels. A user's own nn.Module becomes a
+teacher in Python with hnd.register_teacher(name, module, input_size=...).
+"""
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    from hnd.registry import list_models
+
+    rows = list_models(all_teachers=args.all)
     if args.json:
         _print_json(rows)
         return
     for row in rows:
         mark = " (paper)" if row["official"] else ""
         print(f"{row['kind']:8s} {row['name']}{mark}")
-    print("students take any positive channel count: <teacher>_head_mimic-ver<2b|1b>-<C>ch")
+    print("students of any teacher: TEACHER@POINT-<C>ch, e.g. resnet18@layer2-3ch (`hnd models --help`)")
+    if not args.all:
+        print("every torchvision image classifier is a teacher: `hnd models --all`")
 
 
 def _fmt_shape(shape) -> str:
     return "x".join(str(s) for s in shape)
 
 
-def cmd_inspect(args: argparse.Namespace) -> None:
-    from hnd.analysis import analyze
+def _print_split_points(spec) -> None:
+    from hnd.analysis import split_point_rows
 
-    analysis = analyze(args.name, args.split_point)
+    rows = split_point_rows(spec)
+    print(f"split points of {spec.teacher.name} at input 3x{spec.input_size}x{spec.input_size} "
+          f"(default {spec.teacher_spec().split_point if not spec.is_student else spec.split_point}):")
+    print(f"{'point':48s} {'kind':7s} {'output':>13s} {'bytes fp32':>11s} {'int8':>9s} {'% input':>8s} "
+          f"{'cum. MACs':>15s} {'% MACs':>7s}")
+    for r in rows:
+        print(f"{r.name:48s} {r.kind:7s} {_fmt_shape(r.output_shape):>13s} {r.bytes():11,} {r.bytes('int8'):9,} "
+              f"{r.pct_of_input:8.2f} {r.cum_macs:15,} {r.pct_macs:7.2f}")
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from hnd.analysis import analyze, split_point_rows
+    from hnd.registry import resolve
+
+    spec = resolve(args.name)
+    if args.split_points:
+        if args.json:
+            _print_json({"model": str(spec), "split_points": [r.to_dict() for r in split_point_rows(spec)]})
+        else:
+            _print_split_points(spec)
+        return
+    if args.split_point and spec.is_student:
+        raise HndError(f"--split-point applies to teachers; {spec} is a student (name its point: "
+                       f"{spec.teacher.name}@POINT-{spec.channels}ch)")
+    analysis = analyze(spec, args.split_point)
     if args.json:
-        _print_json({"model": args.name, **analysis.to_dict()})
+        _print_json({"model": str(spec), **analysis.to_dict()})
         return
     s = analysis.summary
     print(f"{s.model} ({s.kind} of {s.teacher}), input {_fmt_shape(s.input_shape)}, split after {s.split_point}")
@@ -60,30 +107,30 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> None:
     from hnd.checkpoints import load_model
-    from hnd.data import image_tensor
+    from hnd.data import eval_transform, load_image
     from hnd.inference import predict
-    from hnd.models import build_model, resolve
-    from hnd.teachers import teacher_spec
+    from hnd.registry import resolve
 
-    teacher, student = resolve(args.name)
+    spec = resolve(args.name)
     if args.topk < 1:
         raise HndError(f"--topk must be a positive integer, got {args.topk}")
-    x = image_tensor(args.name, args.image)
+    image = load_image(args.image)
     if args.checkpoint:
-        model = load_model(args.name, args.checkpoint)
-    elif student is None:
-        model = build_model(args.name, pretrained=True)
+        model = load_model(spec, args.checkpoint)
+    elif not spec.is_student:
+        model = spec.build(pretrained=True)
     else:
-        raise HndError(f"{args.name} is a student: give its weights with --checkpoint FILE "
+        raise HndError(f"{spec} is a student: give its weights with --checkpoint FILE "
                        "(an original naive/KD/HND checkpoint or an hnd checkpoint)")
+    x = eval_transform(model.spec)(image).unsqueeze(0)  # the checkpoint's input size, if it records one
     pred = predict(model, x, args.topk)
     if args.json:
-        doc = {"model": args.name, "topk": [{"index": i, "prob": p} for i, p in pred.topk]}
+        doc = {"model": str(spec), "topk": [{"index": i, "prob": p} for i, p in pred.topk]}
         if args.logits:
             doc["logits"] = pred.logits
         _print_json(doc)
         return
-    categories = teacher_spec(teacher).weights.meta["categories"]
+    categories = spec.teacher.categories or []
     for rank, (i, p) in enumerate(pred.topk, 1):
         label = categories[i] if len(pred.logits) == len(categories) else ""
         print(f"{rank:2d}. {p:.4f}  #{i} {label}")
@@ -205,25 +252,28 @@ def _ms(seconds: float) -> str:
 
 def cmd_plan(args: argparse.Namespace) -> None:
     from hnd.latency import crossovers, load_device_profile, measure_input_codec, options, plan
-    from hnd.teachers import teacher_spec
+    from hnd.registry import resolve
 
-    teacher_spec(args.name)
+    spec = resolve(args.name)
+    if spec.is_student:
+        raise HndError(f"hnd plan takes a teacher (its students are planned with it), not the student {spec}; "
+                       f"e.g. {spec.teacher_spec()}")
     device, server = load_device_profile(args.device), load_device_profile(args.server)
-    codec = measure_input_codec(args.name, args.images, args.codec, args.quality) if args.images else None
-    opts = options(args.name, device, server, channels=args.channels, formats=args.formats,
+    codec = measure_input_codec(spec, args.images, args.codec, args.quality) if args.images else None
+    opts = options(spec, device, server, channels=args.channels, formats=args.formats,
                    lossless_ratio=args.lossless_ratio, input_bytes=args.input_bytes, split_format=args.split_format,
                    input_codec=codec)
     ranked = plan(opts, args.rate, args.rtt)
     cross = crossovers(opts, args.rtt)
     if args.json:
-        _print_json({"teacher": args.name, "rate_mbps": args.rate, "rtt_ms": args.rtt,
+        _print_json({"teacher": str(spec), "rate_mbps": args.rate, "rtt_ms": args.rtt,
                      "device": device.name, "server": server.name,
                      "options": [{**o.to_dict(), "delay_s": d, "breakdown_s": o.breakdown(args.rate, args.rtt)}
                                  for o, d in ranked],
                      "crossovers": cross})
         return
     best, best_delay = ranked[0]
-    print(f"{args.name} at {args.rate:g} Mbit/s, RTT {args.rtt:g} ms; device {device.name}, server {server.name}")
+    print(f"{spec} at {args.rate:g} Mbit/s, RTT {args.rtt:g} ms; device {device.name}, server {server.name}")
     print(f"best: {best.label}: {best_delay * 1e3:.2f} ms")
     shown = ranked if args.top <= 0 else ranked[:args.top]
     width = max(len(o.label) for o, _ in shown)
@@ -258,43 +308,49 @@ def cmd_export(args: argparse.Namespace) -> None:
     from hnd.checkpoints import atomic_write
     from hnd.export import check_onnx, load_part, onnx_bytes
 
-    module, x = load_part(args.name, args.part, checkpoint=args.checkpoint)
+    from hnd.registry import resolve
+
+    spec = resolve(args.name)
+    module, x = load_part(spec, args.part, checkpoint=args.checkpoint)
     data = onnx_bytes(module, x, args.part, opset=args.opset)
     atomic_write(args.out, lambda f: f.write(data))
     diff = check_onnx(args.out, module, x)
-    print(f"wrote {args.out}: {args.name} {args.part}, {len(data) / 1e6:.2f} MB; "
+    print(f"wrote {args.out}: {spec} {args.part}, {len(data) / 1e6:.2f} MB; "
           f"onnxruntime vs PyTorch max abs diff {diff:.2e} (batch {x.shape[0]})")
 
 
 _RANDOM_SEED = 0  # --random-weights: the same weights in the server and the edge process
 
 
-def _split_student(args: argparse.Namespace):
+def _split_student(args: argparse.Namespace, spec):
     from hnd.serving import load_student
 
     if not args.checkpoint and not args.random_weights:
-        raise HndError(f"give the weights of {args.name} with --checkpoint FILE (the same file on the server "
+        raise HndError(f"give the weights of {spec} with --checkpoint FILE (the same file on the server "
                        "and the edge device), or --random-weights for a test")
-    return load_student(args.name, args.checkpoint, pretrained=False, random_seed=_RANDOM_SEED)
+    return load_student(spec, args.checkpoint, pretrained=False, random_seed=_RANDOM_SEED)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
     import logging
 
+    from hnd.registry import resolve
     from hnd.serving import serve
 
-    model = _split_student(args)
+    spec = resolve(args.name)
+    model = _split_student(args, spec)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     serve_options = {"device": args.device, "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
                      "topk": args.topk, "input_size": args.input_size}
     if args.max_frame_bytes:
         serve_options["max_frame_bytes"] = args.max_frame_bytes
-    serve(args.name, model=model, host=args.host, port=args.port, ready=lambda line: print(line, flush=True),
+    serve(spec, model=model, host=args.host, port=args.port, ready=lambda line: print(line, flush=True),
           **serve_options)
 
 
 def cmd_edge(args: argparse.Namespace) -> None:
     from hnd.data import image_tensor
+    from hnd.registry import resolve
     from hnd.serving import EdgeClient
 
     if args.bits not in (32, 16, 8):
@@ -302,10 +358,11 @@ def cmd_edge(args: argparse.Namespace) -> None:
     if args.compress == "zlib" and args.bits != 8:
         raise HndError("--compress zlib applies to --bits 8 only (float tensors barely compress)")
     fmt = {32: "fp32", 16: "fp16", 8: "int8"}[args.bits] + ("+zlib" if args.compress == "zlib" else "")
-    images = [image_tensor(args.name, path) for path in args.images]
-    model = _split_student(args)
+    spec = resolve(args.name)
+    images = [image_tensor(spec, path) for path in args.images]
+    model = _split_student(args, spec)
     results = []
-    with EdgeClient(args.name, model, args.server, fmt, args.rate_limit) as client:
+    with EdgeClient(spec, model, args.server, fmt, args.rate_limit) as client:
         for path, x in zip(args.images, images):
             results.append({"image": path, **client.classify(x)})
     if args.json:
@@ -332,13 +389,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hnd", description="Head Network Distillation for split computing.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("models", help="list teachers and students")
+    p = sub.add_parser("models", help="list teachers and students; --help explains model names",
+                       description="List teachers and students.", epilog=MODELS_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--all", action="store_true", help="also every torchvision image classifier (all are teachers)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("inspect", help="per-layer sizes, params and MACs of a model and its split")
-    p.add_argument("name", help="teacher or student name (see `hnd models`)")
-    p.add_argument("--split-point", help="teachers only: stage after which to split (default: official)")
+    p.add_argument("name", help="teacher or student name (see `hnd models --help`)")
+    p.add_argument("--split-point", help="teachers only: point after which to split (default: the name's)")
+    p.add_argument("--split-points", action="store_true",
+                   help="list the teacher's valid split points with output shape, bytes and cumulative MACs")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_inspect)
 

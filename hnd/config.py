@@ -8,6 +8,7 @@ every key and value. The resolved config is saved with the run (``config.yaml``)
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import typing
@@ -18,8 +19,8 @@ import yaml
 
 from hnd.data import input_sizes
 from hnd.errors import HndError
-from hnd.models import resolve
-from hnd.students import StudentName, check_channels
+from hnd.registry import ModelSpec, resolve, student_spec
+from hnd.students import check_channels
 
 METHODS = ("naive", "kd", "hnd", "ae", "teacher")
 STUDENT_METHODS = ("naive", "kd", "hnd")  # trained model is a bottleneck student
@@ -59,9 +60,23 @@ class TrainConfig:
     amp: str = "none"  # none | bf16 | fp16 (CUDA only)
     channels_last: bool = False  # CUDA only
     sync_bn: bool = False  # distributed runs: BatchNorm statistics over all processes' batches
+    # The resolved model (not saved; resolved from ``model`` when not given). ``model`` becomes
+    # its canonical name.
+    spec: ModelSpec | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.spec is None:
+            self.spec = resolve(self.model)
+        self.model = str(self.spec)
+
+    @property
+    def model_spec(self) -> ModelSpec:
+        """The model at this run's input size."""
+        return self.spec.at_input_size(self.input_size)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "spec"}
+        return copy.deepcopy(d)
 
 
 _CHOICES = {
@@ -90,25 +105,25 @@ def check_method(method: str) -> str:
     return method
 
 
-def check_model_for_method(model: str, method: str) -> None:
+def check_model_for_method(spec: ModelSpec, method: str) -> None:
     """naive/kd/hnd train a student, ae/teacher a teacher; say which names fit."""
-    _, student = resolve(model)
-    if method in STUDENT_METHODS and student is None:
-        raise HndError(f"method {method} trains a student, but {model} is a teacher; give a student name "
-                       f"such as {model}_head_mimic-ver{'1b' if model == 'inception_v3' else '2b'}-3ch")
-    if method not in STUDENT_METHODS and student is not None:
-        raise HndError(f"method {method} trains on the teacher {student.teacher}; give the teacher's name, "
-                       f"not the student {model}")
+    if method in STUDENT_METHODS and not spec.is_student:
+        raise HndError(f"method {method} trains a student, but {spec} is a teacher; give a student name "
+                       f"such as {student_spec(spec, 3)}")
+    if method not in STUDENT_METHODS and spec.is_student:
+        raise HndError(f"method {method} trains on the teacher {spec.teacher_spec()}; give the teacher's name, "
+                       f"not the student {spec}")
 
 
-def preset(model: str, method: str) -> TrainConfig:
+def preset(model: str | ModelSpec, method: str) -> TrainConfig:
     """The official configuration of (model, method), as the original's YAML files have it."""
-    check_model_for_method(model, check_method(method))
-    return TrainConfig(model=model, method=method, **_METHOD_PRESETS[method])
+    spec = resolve(model)
+    check_model_for_method(spec, check_method(method))
+    return TrainConfig(model=str(spec), method=method, spec=spec, **_METHOD_PRESETS[method])
 
 
 def _field_types() -> dict[str, object]:
-    return typing.get_type_hints(TrainConfig)
+    return {k: v for k, v in typing.get_type_hints(TrainConfig).items() if k != "spec"}
 
 
 def _coerce(key: str, value: object, kind: object) -> object:
@@ -147,7 +162,7 @@ def apply_overrides(config: TrainConfig, overrides: dict) -> TrainConfig:
         if key not in types:
             raise HndError(f"unknown config key {key!r}; valid keys: {', '.join(types)}")
         values[key] = _coerce(key, value, types[key])
-    new = TrainConfig(**values)
+    new = TrainConfig(**values, spec=config.spec)
     validate(new)
     return new
 
@@ -187,7 +202,7 @@ def validate(config: TrainConfig) -> None:
     for key, choices in _CHOICES.items():
         if getattr(config, key) not in choices:
             raise HndError(f"{key} must be one of {', '.join(choices)}, got {getattr(config, key)!r}")
-    check_model_for_method(config.model, config.method)
+    check_model_for_method(config.spec, config.method)
     positive = ["epochs", "batch_size", "eval_batch_size", "holdout_per_class", "ae_channels"]
     for key in positive:
         if getattr(config, key) <= 0:
@@ -202,28 +217,32 @@ def validate(config: TrainConfig) -> None:
         value = getattr(config, key)
         if value is not None and value < 32:
             raise HndError(f"{key} must be at least 32, got {value}")
-    size, resize = input_sizes(config.model, config.input_size, config.resize_size)
+    size, resize = input_sizes(config.spec, config.input_size, config.resize_size)
     if resize < size:
         raise HndError(f"resize_size ({resize}) must be at least the input size ({size})")
 
 
-def resolve_config(model: str, method: str, config_file: str | os.PathLike | None = None,
+def resolve_config(model: str | ModelSpec, method: str, config_file: str | os.PathLike | None = None,
                    assignments: list[str] = ()) -> TrainConfig:
     """Official preset of (model, method), then the YAML file, then ``key=value`` pairs."""
     overrides = read_config_file(config_file) if config_file else {}
     overrides.update(parse_assignments(list(assignments)))
-    for key, value in (("model", model), ("method", method)):
-        if key in overrides and overrides.pop(key) != value:
+    spec = resolve(model)
+    for key, value in (("model", spec), ("method", method)):
+        if key in overrides and str(overrides.pop(key)) not in (str(value), str(model)):
             raise HndError(f"the config sets {key} to something else than the command line ({value!r}); "
                            f"give {key} on the command line only")
-    return apply_overrides(preset(model, method), overrides)
+    return apply_overrides(preset(spec, method), overrides)
 
 
-def config_from_dict(doc: dict) -> TrainConfig:
-    """Rebuild a saved config (checkpoints, ``config.yaml``); unknown keys are an error."""
+def config_from_dict(doc: dict, spec: ModelSpec | None = None) -> TrainConfig:
+    """Rebuild a saved config (checkpoints, ``config.yaml``); unknown keys are an error.
+    ``spec``: the model, already resolved (it must be the saved one)."""
     if not isinstance(doc, dict) or "model" not in doc or "method" not in doc:
         raise HndError("saved config lacks 'model' or 'method'")
-    base = TrainConfig(model=doc["model"], method=check_method(doc["method"]))
+    if spec is not None and str(spec) != doc["model"]:
+        raise HndError(f"the saved config is for {doc['model']}, not {spec}")
+    base = TrainConfig(model=doc["model"], method=check_method(doc["method"]), spec=spec)
     return apply_overrides(base, {k: v for k, v in doc.items() if k not in ("model", "method")})
 
 
@@ -231,21 +250,23 @@ def dump_config(config: TrainConfig) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
 
 
-def experiment_config(teacher: str, method: str, channels: int, overrides: dict | None = None) -> TrainConfig:
-    """The config of one cell of the book's grid: ``teacher`` backbone, ``method``, bottleneck
-    ``channels`` (the student's, or the autoencoder's for ``ae``; ignored for ``teacher``),
-    official preset of the model that trains, then ``overrides``."""
+def experiment_config(teacher: str | ModelSpec, method: str, channels: int,
+                      overrides: dict | None = None) -> TrainConfig:
+    """The config of one cell of the book's grid: ``teacher`` backbone (any teacher name,
+    ``@POINT`` included), ``method``, bottleneck ``channels`` (the student's, or the
+    autoencoder's for ``ae``; ignored for ``teacher``), official preset of the model that
+    trains, then ``overrides``."""
     check_method(method)
-    name, student = resolve(teacher)
-    if student is not None:
-        raise HndError(f"teacher must be a backbone name such as resnet152, got the student {teacher}")
+    spec = resolve(teacher)
+    if spec.is_student:
+        raise HndError(f"teacher must be a backbone name such as resnet152, got the student {spec}")
     overrides = dict(overrides or {})
     fixed = [k for k in ("model", "method", "ae_channels") if k in overrides]
     if fixed:
         raise HndError(f"overrides cannot set {', '.join(fixed)}: they follow from teacher, method and channels")
-    channels = check_channels(channels)
     if method in STUDENT_METHODS:
-        return apply_overrides(preset(str(StudentName(name, channels)), method), overrides)
+        return apply_overrides(preset(student_spec(spec, channels), method), overrides)
+    channels = check_channels(channels)
     if method == "ae":
         overrides["ae_channels"] = channels
-    return apply_overrides(preset(name, method), overrides)
+    return apply_overrides(preset(spec, method), overrides)

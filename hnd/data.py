@@ -25,8 +25,7 @@ from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from hnd.errors import HndError
-from hnd.models import resolve
-from hnd.teachers import teacher_spec
+from hnd.registry import ModelSpec, resolve
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -35,32 +34,37 @@ _WNID = re.compile(r"^n\d{8}$")
 _BILINEAR = transforms.InterpolationMode.BILINEAR
 
 
-def input_sizes(name: str, input_size: int | None = None, resize_size: int | None = None) -> tuple[int, int]:
-    """(network input side, evaluation resize side) for model ``name``; defaults are the
-    teacher's (224/256, Inception-v3 299/327), and a custom input side keeps the same ratio."""
-    spec = teacher_spec(resolve(name)[0])
-    size = input_size or spec.input_size
-    return size, resize_size or round(size * spec.resize_size / spec.input_size)
+def input_sizes(model: str | ModelSpec, input_size: int | None = None,
+                resize_size: int | None = None) -> tuple[int, int]:
+    """(network input side, evaluation resize side) for ``model``; defaults are the spec's
+    (224/256, Inception-v3 299/327, torchvision's for other teachers), and a custom input side
+    keeps the teacher's ratio."""
+    spec = resolve(model).at_input_size(input_size)
+    return spec.input_size, resize_size or spec.resize_size
 
 
 def _normalize() -> list:
     return [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
 
 
-def eval_transform(name: str, input_size: int | None = None, resize_size: int | None = None) -> transforms.Compose:
-    """The original's evaluation transform for model ``name``: shorter side to 256 (327 for
-    Inception-v3, bilinear), centre crop 224 (299), ImageNet mean/std normalization."""
-    size, resize = input_sizes(name, input_size, resize_size)
-    return transforms.Compose([transforms.Resize(resize, interpolation=_BILINEAR),
+def eval_transform(model: str | ModelSpec, input_size: int | None = None,
+                   resize_size: int | None = None) -> transforms.Compose:
+    """The evaluation transform for ``model``: shorter side to the resize side (256, 327 for
+    Inception-v3; the original's, bilinear; torchvision's sizes and interpolation for other
+    teachers), centre crop to the input side, ImageNet mean/std normalization."""
+    spec = resolve(model)
+    size, resize = input_sizes(spec, input_size, resize_size)
+    interpolation = transforms.InterpolationMode(spec.teacher.interpolation)
+    return transforms.Compose([transforms.Resize(resize, interpolation=interpolation),
                                transforms.CenterCrop(size), *_normalize()])
 
 
-def train_transform(name: str, kind: str = "original", input_size: int | None = None,
+def train_transform(model: str | ModelSpec, kind: str = "original", input_size: int | None = None,
                     resize_size: int | None = None) -> transforms.Compose:
     """Training augmentation. ``original``: warp the image to the input size, resize to the
     resize side, random crop, horizontal flip (what the original did). ``torchvision``: the
     reference recipe, RandomResizedCrop + flip."""
-    size, resize = input_sizes(name, input_size, resize_size)
+    size, resize = input_sizes(model, input_size, resize_size)
     if kind == "original":
         steps = [transforms.Resize((size, size), interpolation=_BILINEAR),
                  transforms.Resize(resize, interpolation=_BILINEAR), transforms.RandomCrop(size)]
@@ -84,9 +88,9 @@ def load_image(path: str | os.PathLike) -> Image.Image:
                        "use a file Pillow can open (JPEG, PNG, ...)") from None
 
 
-def image_tensor(name: str, path: str | os.PathLike) -> torch.Tensor:
-    """Image file -> normalized batch of one, [1, 3, S, S], for model ``name``."""
-    return eval_transform(name)(load_image(path)).unsqueeze(0)
+def image_tensor(model: str | ModelSpec, path: str | os.PathLike) -> torch.Tensor:
+    """Image file -> normalized batch of one, [1, 3, S, S], for ``model``."""
+    return eval_transform(model)(load_image(path)).unsqueeze(0)
 
 
 @dataclass

@@ -12,11 +12,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from hnd.checkpoints import load_model, read_checkpoint
+from hnd.checkpoints import checkpoint_spec, load_model, read_checkpoint
 from hnd.config import TrainConfig, check_method, config_from_dict, preset
 from hnd.data import ImageDataset, ShardSampler, check_layout, collate, eval_transform
 from hnd.distributed import Dist, all_reduce_sum, pick_device
 from hnd.errors import HndError
+from hnd.registry import ModelSpec
 from hnd.methods import build_reference_teacher
 from hnd.teachers import classifier_classes
 
@@ -70,21 +71,23 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, *, amp_
     return Accuracy(100 * top1 / n, 100 * top5 / n, loss / n, int(n))
 
 
-def _checkpoint_config(name: str | None, method: str, ckpt) -> TrainConfig:
-    """The run's config (hnd checkpoints record it) or the official preset (original files)."""
+def _checkpoint_config(model: str | ModelSpec | None, method: str, ckpt) -> TrainConfig:
+    """The run's config (hnd checkpoints record it) or the official preset (original files);
+    the model name is resolved once, here."""
     if "config" in ckpt.meta:
-        config = config_from_dict(ckpt.meta["config"])
-        if name is not None and config.model != name:
-            raise HndError(f"{ckpt.path} was trained for {config.model}, not {name}")
-        if config.method != method:
-            raise HndError(f"{ckpt.path} was trained with --method {config.method}, not {method}")
-        return config
-    if name is None:
+        doc = ckpt.meta["config"]
+        spec = checkpoint_spec(ckpt, model)
+        if doc.get("model") != str(spec):
+            raise HndError(f"{ckpt.path} was trained for {doc.get('model')}, not {spec}")
+        if doc.get("method") != method:
+            raise HndError(f"{ckpt.path} was trained with --method {doc.get('method')}, not {method}")
+        return config_from_dict(doc, spec)
+    if model is None:
         raise HndError(f"{ckpt.path} ({ckpt.format}) does not record its model; give the model name")
-    return preset(name, method)
+    return preset(model, method)
 
 
-def evaluate_checkpoint(name: str | None, method: str, checkpoint: str | os.PathLike, data: str | os.PathLike, *,
+def evaluate_checkpoint(name: str | ModelSpec | None, method: str, checkpoint: str | os.PathLike, data: str | os.PathLike, *,
                         student_only: bool = False, batch_size: int = 50, num_workers: int = -1,
                         device: str = "auto", progress: bool = False) -> dict:
     """Top-1/top-5 on ``data``/val of the model in ``checkpoint`` (any supported format) and,
@@ -92,13 +95,13 @@ def evaluate_checkpoint(name: str | None, method: str, checkpoint: str | os.Path
     check_method(method)
     ckpt = read_checkpoint(checkpoint)
     config = _checkpoint_config(name, method, ckpt)
-    model = load_model(config.model, checkpoint)
+    model = load_model(config.model_spec, ckpt)
     layout = check_layout(data, splits=("val",))
     classes = classifier_classes(model.state_dict())
     if classes != len(layout.classes):
         raise HndError(f"{checkpoint} classifies {classes} classes but {layout.root}/val has {len(layout.classes)}")
     dev = pick_device(device)
-    dataset = ImageDataset(layout.samples["val"], eval_transform(config.model, config.input_size, config.resize_size))
+    dataset = ImageDataset(layout.samples["val"], eval_transform(config.spec, config.input_size, config.resize_size))
     loader = eval_loader(dataset, batch_size, num_workers, pin_memory=dev.type == "cuda")
     result = {"model": config.model, "method": method, "checkpoint": str(checkpoint), "format": ckpt.format,
               "data": str(layout.root / "val"), "student": None, "teacher": None}

@@ -7,6 +7,7 @@ dynamic batch axis and checked against PyTorch with onnxruntime.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import io
 import os
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from hnd.errors import HndError
+from hnd.registry import ModelSpec, resolve
 
 PARTS = ("encoder", "server")
 FORMATS = ("onnx",)
@@ -32,31 +34,29 @@ def _require(module: str):
                        'pip install -e ".[deploy]"') from None
 
 
-def load_part(name: str, part: str, *, checkpoint: str | os.PathLike | None = None, pretrained: bool = True,
-              batch: int = 2) -> tuple[nn.Module, torch.Tensor]:
-    """(module, example input) for ``part`` of student ``name``, in eval mode.
+def load_part(name: str | ModelSpec, part: str, *, checkpoint: str | os.PathLike | None = None,
+              pretrained: bool = True, batch: int = 2) -> tuple[nn.Module, torch.Tensor]:
+    """(module, example input) for ``part`` of student ``name`` (a name or spec), in eval mode.
 
-    The server part's example input is the encoder's output on a random image batch, so
-    its shape is the real bottleneck shape.
+    The example image batch has the model's input size (``model.spec``: a checkpoint's own);
+    the server part's example input is the encoder's output on it, so its shape is the real
+    bottleneck shape.
     """
-    from hnd.models import input_size, resolve
-
     if part not in PARTS:
         raise HndError(f"unknown part {part!r}; valid parts: {', '.join(PARTS)}")
-    if resolve(name)[1] is None:
-        raise HndError(f"{name} is a teacher and has no edge/server split; give a student name, "
-                       "e.g. densenet169_head_mimic-ver2b-3ch")
+    spec = resolve(name)
+    if not spec.is_student:
+        raise HndError(f"{spec} is a teacher and has no edge/server split; give a student name, "
+                       f"e.g. densenet169_head_mimic-ver2b-3ch or {spec.teacher.name}-3ch")
     if checkpoint is not None:
         from hnd.checkpoints import load_model
 
-        model = load_model(name, checkpoint)
+        model = load_model(spec, checkpoint)
     else:
-        from hnd.models import build_model
-
-        model = build_model(name, pretrained=pretrained)
+        model = spec.build(pretrained=pretrained)
     model.eval()
     encoder, server = (m.eval() for m in model.split())  # split() makes a new, training-mode wrapper
-    size = input_size(name)
+    size = getattr(model, "spec", spec).input_size
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
     if part == "encoder":
         return encoder, x
@@ -64,12 +64,66 @@ def load_part(name: str, part: str, *, checkpoint: str | os.PathLike | None = No
         return server, encoder(x)
 
 
+def _windows(size: int, out: int) -> tuple[int, int] | None:
+    """(kernel, stride) of the fixed average pool that equals adaptive average pooling from
+    ``size`` to ``out`` values, if its windows are all alike (e.g. 29 -> 28: 2, 1); else None."""
+    starts = [j * size // out for j in range(out)]
+    ends = [-(-(j + 1) * size // out) for j in range(out)]
+    kernel, stride = ends[0] - starts[0], (starts[1] - starts[0]) if out > 1 else 1
+    same = all(e - b == kernel and b == j * stride for j, (b, e) in enumerate(zip(starts, ends)))
+    return (kernel, stride) if same and stride > 0 and (size - kernel) // stride + 1 == out else None
+
+
+def fixed_pools(module: nn.Module, x: torch.Tensor) -> nn.Module:
+    """``module``, or a copy of it in which every adaptive average pool whose input size on
+    ``x`` is not a multiple of its output size is the equal fixed :class:`~torch.nn.AvgPool2d`.
+
+    The ONNX exporter refuses such adaptive pools (a generic student's decoder pools 29x29 to
+    the teacher head's 28x28), but at a fixed input size they are plain average pools. The
+    module itself is left as it is.
+    """
+    seen: dict[str, tuple[int, int]] = {}
+
+    def record(name: str):
+        def hook(_, args) -> None:  # a pre-hook returning a value would replace the input
+            seen.setdefault(name, tuple(args[0].shape[-2:]))
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(name)) for name, m in module.named_modules()
+             if isinstance(m, nn.AdaptiveAvgPool2d)]
+    try:
+        with torch.no_grad():
+            module(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    swaps = {}
+    for name, sizes in seen.items():
+        out = module.get_submodule(name).output_size
+        out = (out, out) if isinstance(out, int) else out
+        out = tuple(size if o is None else o for size, o in zip(sizes, out))
+        if all(size % o == 0 for size, o in zip(sizes, out)):
+            continue  # the exporter handles these
+        found = [_windows(size, o) for size, o in zip(sizes, out)]
+        if None not in found:
+            swaps[name] = nn.AvgPool2d(tuple(k for k, _ in found), tuple(s for _, s in found))
+    if not swaps:
+        return module
+    module = copy.deepcopy(module)
+    for name, pool in swaps.items():
+        parent, _, attr = name.rpartition(".")
+        setattr(module.get_submodule(parent) if parent else module, attr, pool)
+    return module
+
+
 def onnx_bytes(module: nn.Module, x: torch.Tensor, part: str, *, opset: int | None = None) -> bytes:
-    """Serialize ``module`` (traced on ``x``) to ONNX with a dynamic batch axis."""
+    """Serialize ``module`` (traced on ``x``) to ONNX with a dynamic batch axis; adaptive
+    pools are exported as the fixed pools they are at ``x``'s size (:func:`fixed_pools`)."""
     _require("onnx")
     inp, out = _NAMES[part]
     buffer = io.BytesIO()
     module.eval()
+    module = fixed_pools(module, x)
     with warnings.catch_warnings(), torch.no_grad():
         # The TorchScript-based exporter is deprecated but needs no extra packages and
         # handles these plain conv nets exactly.
@@ -80,7 +134,7 @@ def onnx_bytes(module: nn.Module, x: torch.Tensor, part: str, *, opset: int | No
     return buffer.getvalue()
 
 
-def export_onnx(name: str, part: str, out: str | os.PathLike, *, checkpoint: str | None = None,
+def export_onnx(name: str | ModelSpec, part: str, out: str | os.PathLike, *, checkpoint: str | None = None,
                 pretrained: bool = True, opset: int | None = None) -> Path:
     """Write ``part`` (``encoder`` or ``server``) of student ``name`` to ``out`` as ONNX."""
     from hnd.checkpoints import atomic_write

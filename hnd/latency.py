@@ -2,15 +2,17 @@
 
 End-to-end delay of one image = device compute + encoding (quantize/serialize) +
 bytes x 8 / data rate + round-trip time + server compute. Compute times come from a
-:class:`DeviceProfile`: measured batch-1 seconds per sequential layer (names as in
+:class:`DeviceProfile`: measured batch-1 seconds per layer (names as in
 :func:`hnd.analysis.analyze` rows) where known, else the layer's MACs over the profile's
 MACs-per-second throughput; every time is multiplied by the profile's ``scale``.
 
 :func:`options` lists the ways to serve one image (all on the device, a small on-device
-model, offloading the input, the teacher cut after any of its layers, an HND student at
-a channel count and tensor format); each :class:`Option` is a + b / rate in the data
-rate, so :func:`plan` ranks them at one link and :func:`crossovers` finds exactly where the
-best one changes.
+model, offloading the input, the teacher cut after any layer where one tensor crosses, an
+HND student at a channel count and tensor format); each :class:`Option` is a + b / rate in
+the data rate, so :func:`plan` ranks them at one link and :func:`crossovers` finds exactly
+where the best one changes. Models are names or :class:`hnd.registry.ModelSpec`; a profile
+keys its measurements by the canonical name (``str(spec)``), and ``mobilenet_v2`` there is
+the small on-device model of :data:`SMALL_MODEL`.
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ import torch
 import yaml
 from torch import nn
 
-from hnd.analysis import LayerRow, analyze, profile_layers, sequential_layers
+from hnd.analysis import LayerRow, analyze, profile_layers, walk_layers
 from hnd.codec import TENSOR_FORMATS, check_tensor_format, encode_tensor, tensor_bytes
 from hnd.errors import HndError
+from hnd.registry import ModelSpec, resolve, student_spec
 
 PROFILE_DIR = Path(__file__).with_name("device_profiles")
 SMALL_MODEL = "mobilenet_v2"
@@ -48,9 +51,12 @@ _PROFILE_KEYS = ("name", "description", "source", "base", "macs_per_s", "scale",
 class DeviceProfile:
     """How fast one machine runs each layer at batch 1, and how fast it encodes tensors.
 
-    ``layer_seconds[model][layer]``: measured seconds (layer names as in ``analyze(model)``
-    rows). A student's ``tail.*`` layers fall back to its teacher's measurements, since they
-    are the same modules on the same input shape. Unmeasured layers cost ``macs / macs_per_s``.
+    ``layer_seconds[model][layer]``: measured seconds (model by canonical name, layer names as
+    in ``analyze(model)`` rows). A teacher's layers (a student's ``tail.*``, a teacher's
+    ``head.*``/``tail.*``) that are not measured under the model itself fall back to the
+    teacher's measurements at the model's split point, then at the teacher's default one,
+    under either part: they are the same modules on the same input shape, wherever the cut.
+    Unmeasured layers cost ``macs / macs_per_s``.
     """
 
     name: str
@@ -61,18 +67,39 @@ class DeviceProfile:
     scale: float = 1.0
     encode_bytes_per_s: float | None = None
 
-    def layer_time(self, model_name: str, row: LayerRow) -> float:
-        """Seconds of one layer of ``model_name`` on this machine (scaled)."""
-        measured = self.layer_seconds.get(model_name, {}).get(row.name)
-        if measured is None and row.part == "tail" and "_head_mimic-" in model_name:
-            measured = self.layer_seconds.get(model_name.split("_head_mimic-")[0], {}).get(row.name)
-        if measured is None:
-            measured = row.macs / self.macs_per_s
-        return measured * self.scale
+    def layer_time(self, model: str | ModelSpec, row: LayerRow) -> float:
+        """Seconds of one layer of ``model`` on this machine (scaled)."""
+        return self.seconds(model, [row])[0]
 
-    def seconds(self, model_name: str, rows: list[LayerRow]) -> list[float]:
-        """Seconds of each row of ``model_name`` on this machine (scaled)."""
-        return [self.layer_time(model_name, r) for r in rows]
+    def seconds(self, model: str | ModelSpec, rows: list[LayerRow]) -> list[float]:
+        """Seconds of each row of ``model`` on this machine (scaled)."""
+        table = self.layer_seconds.get(str(model), {})
+        teacher_tables = None  # looked up once, and only when a teacher layer is unmeasured
+        out = []
+        for row in rows:
+            measured = table.get(row.name)
+            if measured is None and row.part in ("head", "tail"):
+                if teacher_tables is None:
+                    teacher_tables = self._teacher_tables(model)
+                layer = row.name.partition(".")[2]
+                measured = next((t[k] for t in teacher_tables for k in (f"{row.part}.{layer}", f"head.{layer}",
+                                                                        f"tail.{layer}") if layer and k in t), None)
+            if measured is None:
+                measured = row.macs / self.macs_per_s
+            out.append(measured * self.scale)
+        return out
+
+    def _teacher_tables(self, model: str | ModelSpec) -> list[dict[str, float]]:
+        """Measurements of ``model``'s teacher: at its split point, then at the default one."""
+        if isinstance(model, str) and model == SMALL_MODEL:
+            return []
+        try:
+            spec = resolve(model)
+        except HndError:  # a profile may hold models this library does not name
+            return []
+        keys = dict.fromkeys([str(spec.teacher_spec()), spec.teacher.name])
+        keys.pop(str(spec), None)
+        return [self.layer_seconds[k] for k in keys if k in self.layer_seconds]
 
     def encode_seconds(self, nbytes: float) -> float:
         """Seconds to quantize/serialize a tensor of ``nbytes`` payload; 0 when unmeasured."""
@@ -221,29 +248,40 @@ def small_model_rows() -> tuple[LayerRow, ...]:
 
 
 @lru_cache(maxsize=None)
-def _rows(model_name: str) -> tuple[LayerRow, ...]:
-    if model_name == SMALL_MODEL:
+def _rows(model: str | ModelSpec) -> tuple[LayerRow, ...]:
+    """Analysis rows of :data:`SMALL_MODEL` (the name) or of a model spec."""
+    if isinstance(model, str) and model == SMALL_MODEL:
         return small_model_rows()
-    return tuple(analyze(model_name).rows)
+    return tuple(analyze(model).rows)
+
+
+@lru_cache(maxsize=None)
+def _split_labels(spec: ModelSpec) -> dict[str, str]:
+    """Node name -> split point name (``layer2.1.relu_1`` -> ``layer2.1``) for a teacher whose
+    parts are traced; empty for a staged teacher cut at one of its stages (rows are stages)."""
+    from hnd.teachers import stage_split_points, traced_facts
+
+    if spec.teacher.staged and spec.split_point in stage_split_points(spec.teacher):
+        return {}
+    return {p.node: p.name for p in traced_facts(spec.teacher, spec.input_size).points}
 
 
 # --- measuring a profile -----------------------------------------------------------------
 
-def _measured_parts(name: str) -> tuple[list[tuple[str, nn.Module]], int]:
-    """The parts ``analyze`` uses for model ``name`` (random weights, eval mode), and its input side."""
-    if name == SMALL_MODEL:
+def _measured_parts(model: str | ModelSpec) -> tuple[list[tuple[str, nn.Module]], int]:
+    """The parts ``analyze`` uses for ``model`` (random weights, eval mode), and its input side."""
+    if isinstance(model, str) and model == SMALL_MODEL:
         return _small_model_parts(_build_small_model()), 224
-    from hnd.models import build_model, input_size, resolve
     from hnd.teachers import split_teacher
 
-    teacher, student = resolve(name)
-    model = build_model(name, pretrained=False).eval()
-    if student is not None:
-        parts = [("encoder", model.head.encoder), ("decoder", model.head.decoder), ("tail", model.tail)]
+    spec = resolve(model)
+    built = spec.build(pretrained=False).eval()
+    if spec.is_student:
+        parts = [("encoder", built.head.encoder), ("decoder", built.head.decoder), ("tail", built.tail)]
     else:
-        head, tail = split_teacher(teacher, model)
+        head, tail = split_teacher(spec.teacher, built, spec.split_point)
         parts = [("head", head), ("tail", tail)]
-    return parts, input_size(name)
+    return parts, spec.input_size
 
 
 def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
@@ -261,14 +299,24 @@ def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
 @torch.no_grad()
 def time_layers(parts: list[tuple[str, nn.Module]], x: torch.Tensor, *, repeats: int = 20,
                 warmup: int = 5, skip_parts: tuple[str, ...] = ()) -> dict[str, float]:
-    """Median batch-1 seconds of each sequential layer of ``parts`` on ``x``'s device (CPU);
-    layers of ``skip_parts`` are run once, to feed the next part, but not timed."""
+    """Median batch-1 seconds of each layer of ``parts`` on ``x``'s device (CPU), walked as
+    :func:`hnd.analysis.walk_layers` does (sequential layers; nodes of traced parts, those
+    giving tensors). Layers of ``skip_parts`` are run once, to feed the next part, but not timed.
+
+    A layer's output is kept from its first run: the timed repeats may redo an in-place
+    operation (a traced ``out += identity``) on their input, which must not reach later layers.
+    """
     seconds = {}
-    for part, module in parts:
-        for name, layer in sequential_layers(module, part):
-            if part not in skip_parts:
-                seconds[name] = median_seconds(lambda: layer(x), repeats, warmup)
-            x = layer(x)
+
+    def step(name, kind, module, part, thunk):
+        out = thunk()
+        if part in skip_parts or not isinstance(out, torch.Tensor):
+            return out
+        kept = out.clone()
+        seconds[name] = median_seconds(thunk, repeats, warmup)
+        return kept
+
+    walk_layers(parts, x, step)
     return seconds
 
 
@@ -282,17 +330,16 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def measure_device_profile(models: list[str], *, repeats: int = 20, warmup: int = 5, threads: int | None = None,
-                           name: str = "this-machine") -> DeviceProfile:
+def measure_device_profile(models: list[str | ModelSpec], *, repeats: int = 20, warmup: int = 5,
+                           threads: int | None = None, name: str = "this-machine") -> DeviceProfile:
     """Measure this machine's CPU: median batch-1 seconds per layer of each model (random
     weights; speed does not depend on them), a fitted MACs/s for unmeasured models, and the
     int8 encoder's bytes/s on a typical bottleneck.
 
-    A student listed together with its teacher is timed on its encoder and decoder only: its
-    tail is the teacher's tail on the same input shape, which :class:`DeviceProfile` reuses.
+    A student listed together with its teacher (at the same split point) is timed on its
+    encoder and decoder only: its tail is the teacher's tail on the same input shape, which
+    :class:`DeviceProfile` reuses. Measurements are keyed by canonical model name.
     """
-    from hnd.models import resolve
-
     if not models:
         raise HndError(f"give at least one model to profile (a teacher, a student or {SMALL_MODEL})")
     if repeats < 1 or warmup < 0:
@@ -301,21 +348,21 @@ def measure_device_profile(models: list[str], *, repeats: int = 20, warmup: int 
         if threads < 1:
             raise HndError(f"threads must be a positive integer, got {threads}")
         torch.set_num_threads(threads)
-    names = list(dict.fromkeys(models))
-    for m in names:
-        if m != SMALL_MODEL:
-            resolve(m)
+    specs = {}  # canonical name -> SMALL_MODEL or spec, every name resolved before any timing
+    for m in models:
+        model = m if isinstance(m, str) and m == SMALL_MODEL else resolve(m)
+        specs.setdefault(str(model), model)
     layer_seconds: dict[str, dict[str, float]] = {}
     total_macs = total_s = 0.0
-    for m in names:
-        teacher = None if m == SMALL_MODEL else resolve(m)[0]
-        skip = ("tail",) if m != SMALL_MODEL and teacher != m and teacher in names else ()
+    for key, model in specs.items():
+        teacher = None if isinstance(model, str) else str(model.teacher_spec())
+        skip = ("tail",) if teacher is not None and teacher != key and teacher in specs else ()
         torch.manual_seed(0)
-        parts, size = _measured_parts(m)
+        parts, size = _measured_parts(model)
         measured = time_layers(parts, torch.randn(1, 3, size, size), repeats=repeats, warmup=warmup,
                                skip_parts=skip)
-        layer_seconds[m] = {k: float(f"{v:.4g}") for k, v in measured.items()}
-        macs = {r.name: r.macs for r in _rows(m)}
+        layer_seconds[key] = {k: float(f"{v:.4g}") for k, v in measured.items()}
+        macs = {r.name: r.macs for r in _rows(model)}
         total_macs += sum(macs[k] for k in measured)
         total_s += sum(measured.values())
     z = torch.randn(12, 29, 29)  # a 12-channel DenseNet/ResNet-student bottleneck
@@ -378,15 +425,6 @@ def _check_link(rate_mbps: float, rtt_ms: float) -> None:
         raise HndError(f"round-trip time must be a non-negative number of ms, got {rtt_ms!r}")
 
 
-def _teacher_top1(teacher: str) -> float | None:
-    from hnd.teachers import teacher_spec
-
-    try:
-        return float(teacher_spec(teacher).weights.meta["_metrics"]["ImageNet-1K"]["acc@1"])
-    except (KeyError, TypeError):
-        return None
-
-
 @dataclass(frozen=True)
 class InputCodec:
     """The input image as a device would send it: mean bytes and encoding seconds, measured."""
@@ -401,7 +439,7 @@ class InputCodec:
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
-def measure_input_codec(teacher: str, images: str | os.PathLike, codec: str = "jpeg", quality: int = 75, *,
+def measure_input_codec(teacher: str | ModelSpec, images: str | os.PathLike, codec: str = "jpeg", quality: int = 75, *,
                         max_images: int = 50) -> InputCodec:
     """Encode up to ``max_images`` images found under ``images`` (any folder, searched
     recursively, in name order), each resized and center-cropped to ``teacher``'s input as for
@@ -418,7 +456,7 @@ def measure_input_codec(teacher: str, images: str | os.PathLike, codec: str = "j
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)[:max_images]
     if not files:
         raise HndError(f"no images ({', '.join(_IMAGE_SUFFIXES)}) under {root}")
-    crop = eval_transform_parts(teacher)[0]
+    crop = eval_transform_parts(resolve(teacher))[0]
     sizes, seconds = [], []
     for path in files:
         image = crop(load_image(path))
@@ -428,12 +466,15 @@ def measure_input_codec(teacher: str, images: str | os.PathLike, codec: str = "j
     return InputCodec(codec, quality, statistics.fmean(sizes), statistics.fmean(seconds), len(files))
 
 
-def options(teacher: str, device: DeviceProfile, server: DeviceProfile, *, channels=(3, 6, 9, 12),
+def options(teacher: str | ModelSpec, device: DeviceProfile, server: DeviceProfile, *, channels=(3, 6, 9, 12),
             formats=("fp32", "fp16", "int8"), lossless_ratio: float | None = None,
             input_bytes: float | None = None, split_format: str = "int8", small_model: bool = True,
             input_codec: InputCodec | None = None) -> list[Option]:
     """Every way to serve one image of ``teacher``'s task with ``device`` and ``server``.
 
+    ``teacher``: any teacher name or spec; its split point (``resnet18@layer3``) is where its
+    students replace the head. The teacher itself is offered cut after every layer where one
+    tensor crosses (``row.cut``: not inside a residual block of a traced teacher).
     Bytes of tensors follow from their shapes (:func:`hnd.codec.tensor_bytes`). With
     ``lossless_ratio`` (measured zlib bytes after / before on the bottleneck) each student's
     int8 option also gets an ``int8+zlib`` twin of ``bytes x ratio``. Offloading sends
@@ -445,10 +486,12 @@ def options(teacher: str, device: DeviceProfile, server: DeviceProfile, *, chann
     Accuracy is quoted only where the computation is the published model's own (the teacher
     run whole or split losslessly, MobileNetV2); students and lossy splits get ``None``.
     """
-    from hnd.students import StudentName, check_channels
-    from hnd.teachers import teacher_spec
+    from hnd.students import check_channels
 
-    spec = teacher_spec(teacher)
+    spec = resolve(teacher)
+    if spec.is_student:
+        raise HndError(f"options take a teacher (its students are planned with it), not the student {spec}; "
+                       f"e.g. {spec.teacher_spec()}")
     check_tensor_format(split_format)
     formats = [check_tensor_format(f) for f in formats]
     if lossless_ratio is not None:
@@ -459,7 +502,8 @@ def options(teacher: str, device: DeviceProfile, server: DeviceProfile, *, chann
     if input_bytes is not None:
         _positive_arg(input_bytes, "input bytes")
     channels = [check_channels(c) for c in channels]
-    top1 = _teacher_top1(teacher)
+    top1 = spec.teacher.top1
+    name = spec.teacher.name
 
     def sent(shape, fmt: str) -> tuple[float, float]:
         """(bytes on the wire, bytes the encoder writes before compression)."""
@@ -469,9 +513,9 @@ def options(teacher: str, device: DeviceProfile, server: DeviceProfile, *, chann
         raw = tensor_bytes(shape, fmt)
         return raw, raw
 
-    rows = list(_rows(teacher))
-    dev, srv = device.seconds(teacher, rows), server.seconds(teacher, rows)
-    out = [Option("local", f"local {teacher}", sum(dev), 0.0, 0.0, 0.0, top1)]
+    rows = list(_rows(spec))
+    dev, srv = device.seconds(spec, rows), server.seconds(spec, rows)
+    out = [Option("local", f"local {name}", sum(dev), 0.0, 0.0, 0.0, top1)]
     if small_model:
         out.append(Option("local_small", f"local {SMALL_MODEL}", sum(device.seconds(SMALL_MODEL, list(_rows(SMALL_MODEL)))),
                           0.0, 0.0, 0.0, SMALL_MODEL_TOP1))
@@ -483,18 +527,21 @@ def options(teacher: str, device: DeviceProfile, server: DeviceProfile, *, chann
         out.append(Option("offload", "offload raw RGB", 0.0, 0.0, 3 * side * side, sum(srv), top1))
     else:
         out.append(Option("offload", "offload image", 0.0, 0.0, float(input_bytes), sum(srv), top1))
+    labels = _split_labels(spec)
     for i, row in enumerate(rows[:-1]):
+        if not row.cut:
+            continue
         nbytes, raw = sent(row.output_shape, split_format)
         layer = row.name.split(".", 1)[1]
-        out.append(Option("teacher_split", f"{teacher} split after {layer} {split_format}", sum(dev[:i + 1]),
-                          device.encode_seconds(raw), nbytes, sum(srv[i + 1:]),
+        out.append(Option("teacher_split", f"{name} split after {labels.get(layer, layer)} {split_format}",
+                          sum(dev[:i + 1]), device.encode_seconds(raw), nbytes, sum(srv[i + 1:]),
                           top1 if split_format in ("fp32",) else None))
     student_formats = list(dict.fromkeys(formats + (["int8+zlib"] if lossless_ratio is not None and "int8" in formats
                                                      else [])))
     for c in channels:
-        name = str(StudentName(teacher, c))
-        srows = list(_rows(name))
-        sdev, ssrv = device.seconds(name, srows), server.seconds(name, srows)
+        student = student_spec(spec, c)
+        srows = list(_rows(student))
+        sdev, ssrv = device.seconds(student, srows), server.seconds(student, srows)
         encoder = [i for i, r in enumerate(srows) if r.part == "encoder"]
         cut = encoder[-1] + 1
         for fmt in student_formats:

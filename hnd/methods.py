@@ -24,36 +24,37 @@ from hnd.checkpoints import load_model
 from hnd.config import TrainConfig
 from hnd.errors import HndError
 from hnd.losses import head_mse_loss, kd_loss
-from hnd.models import resolve
-from hnd.students import student_from_teacher
-from hnd.teachers import build_teacher, replace_classifier, split_teacher, teacher_spec
+from hnd.registry import student_from_teacher
+from hnd.teachers import build_teacher, classifier_classes, replace_classifier, split_teacher
 
 
 def build_reference_teacher(config: TrainConfig, num_classes: int) -> nn.Module:
     """The teacher a run starts from, in eval mode: a teacher checkpoint trained with this
-    library, torchvision's pretrained weights (classifier replaced if the dataset has another
+    library, the teacher's pretrained weights (classifier replaced if the dataset has another
     class count and the method may train it), or random weights (``pretrained=false``)."""
-    name = resolve(config.model)[0]
-    inception = teacher_spec(name).family == "inception"
+    spec = config.model_spec.teacher_spec()
+    teacher_input = spec.teacher.family in ("inception", "googlenet")
+    transform_input = config.inception_transform_input if spec.teacher.name == "inception_v3" else None
     if config.teacher_checkpoint:
-        teacher = load_model(name, config.teacher_checkpoint)
-        found = teacher.fc.out_features if hasattr(teacher, "fc") else teacher.classifier.out_features
+        teacher = load_model(spec, config.teacher_checkpoint)
+        found = classifier_classes(teacher.state_dict())
         if found != num_classes:
             raise HndError(f"teacher checkpoint {config.teacher_checkpoint} has {found} classes but the data has "
                            f"{num_classes}")
-        if inception:
-            teacher.transform_input = config.inception_transform_input
+        if teacher_input and transform_input is not None:
+            teacher.transform_input = transform_input
         return teacher.eval()
-    transform_input = config.inception_transform_input if inception else None
     if not config.pretrained:
-        return build_teacher(name, pretrained=False, num_classes=num_classes, transform_input=transform_input)
-    teacher = build_teacher(name, pretrained=True, transform_input=transform_input)
-    if num_classes != 1000:
+        return build_teacher(spec.teacher, pretrained=False, num_classes=num_classes, transform_input=transform_input,
+                             input_size=spec.input_size)
+    teacher = build_teacher(spec.teacher, pretrained=True, transform_input=transform_input,
+                            input_size=spec.input_size)
+    if num_classes != spec.teacher.num_classes:
         if config.method not in ("naive", "teacher"):
             raise HndError(f"method {config.method} needs a teacher trained for the data's {num_classes} classes; "
-                           f"train one with `hnd train {name} --method teacher` and pass "
+                           f"train one with `hnd train {spec} --method teacher` and pass "
                            "teacher_checkpoint=RUN/best.pt")
-        replace_classifier(name, teacher, num_classes)
+        replace_classifier(teacher, num_classes)
     return teacher.eval()
 
 
@@ -125,20 +126,21 @@ def build_task(config: TrainConfig, num_classes: int) -> Task:
     """Build the modules of ``config.method`` (fresh student head / autoencoder from the
     current RNG state: seed before calling)."""
     teacher = build_reference_teacher(config, num_classes)
+    spec = config.model_spec
     kd = {"kd_temperature": config.kd_temperature, "kd_alpha": config.kd_alpha}
     if config.method == "teacher":
         return Task("teacher", teacher, teacher, None, "teacher", **kd)
     if config.method == "naive":
-        student = student_from_teacher(config.model, teacher)  # the tail is trained in place
+        student = student_from_teacher(spec, teacher)  # the tail is trained in place
         return Task("naive", student, student, None, "student", **kd)
     if config.method == "kd":
-        student = student_from_teacher(config.model, copy.deepcopy(teacher))  # own, trainable tail
+        student = student_from_teacher(spec, copy.deepcopy(teacher))  # own, trainable tail
         return Task("kd", student, student, _freeze(teacher), "student", **kd)
-    teacher_name = resolve(config.model)[0]
     _freeze(teacher)
     if config.method == "hnd":
-        teacher_head, _ = split_teacher(teacher_name, teacher, transform_input=False)
-        student = student_from_teacher(config.model, teacher)  # shares the frozen tail
+        teacher_head, _ = split_teacher(spec.teacher, teacher, spec.split_point,
+                                        transform_input=spec.head_transform_input)
+        student = student_from_teacher(spec, teacher)  # shares the frozen tail
         return Task("hnd", student, student.head, teacher_head, "student", **kd)
-    model = build_ae_model(teacher_name, teacher, config.ae_channels)  # only model.ae is trainable
+    model = build_ae_model(spec, teacher, config.ae_channels)  # only model.ae is trainable
     return Task("ae", model, model.ae, model.head, "ae", **kd)

@@ -39,23 +39,31 @@ def _split_index(analysis: Analysis) -> int:
 
 def _stage_ticks(analysis: Analysis, min_gap: float) -> tuple[list[int], list[str]]:
     """First row of each top-level stage (``head.layer2.3`` -> ``layer2``), thinned so that
-    labels are at least ``min_gap`` rows apart."""
+    labels are at least ``min_gap`` rows apart. Where there are four top-level modules or
+    fewer (``features``, ``avgpool``, ``flatten``, ``classifier`` of a traced MobileNet), their
+    children are the stages (``features.3``)."""
+    def stage(name: str, depth: int) -> str:
+        parts = name.split(".")[1:] or [name]
+        return ".".join(parts[:depth])
+
+    depth = 2 if len({stage(r.name, 1) for r in analysis.rows}) <= 4 else 1
     ticks, labels, last = [], [], None
     for i, row in enumerate(analysis.rows):
-        stage = row.name.split(".")[1] if "." in row.name else row.name
-        if labels and stage == labels[-1]:
+        name = stage(row.name, depth)
+        if labels and name == labels[-1]:
             continue
         if last is None or i - last >= min_gap:
             ticks.append(i)
-            labels.append(stage)
+            labels.append(name)
             last = i
     return ticks, labels
 
 
 def plot_layer_sizes(analyses: Analysis | Iterable[Analysis]) -> Figure:
-    """Per model, two panels over its sequential layers: each layer's output size relative
-    to the input (log scale; the dotted line is the input's size) and the cumulative MACs
-    as % of the whole model. The dashed line marks the official split point."""
+    """Per model, two panels over its layers (as :func:`hnd.analysis.analyze` walks them):
+    each layer's output size relative to the input (log scale; the dotted line is the
+    input's size) and the cumulative MACs as % of the whole model. The dashed line marks the
+    model's split point (the official one of a paper family's teacher)."""
     analyses = _as_list(analyses)
     fig, axes = plt.subplots(2 * len(analyses), 1, figsize=(8, 4.4 * len(analyses)),
                              gridspec_kw={"height_ratios": [3, 2] * len(analyses)}, squeeze=False)
@@ -69,7 +77,7 @@ def plot_layer_sizes(analyses: Analysis | Iterable[Analysis]) -> Figure:
         size_ax.text(len(analysis.rows) - 1, 1.0, "input size ", ha="right", va="bottom",
                      fontsize=8, color="0.3")
         size_ax.set_ylabel("output / input")
-        size_ax.set_title(f"{s.model}: {len(analysis.rows)} sequential layers", loc="left",
+        size_ax.set_title(f"{s.model}: {len(analysis.rows)} layers", loc="left",
                           fontsize=10)
 
         macs_ax.plot(x, [100 * row.cum_macs / s.macs for row in analysis.rows], color=MACS_COLOR)
@@ -82,7 +90,7 @@ def plot_layer_sizes(analyses: Analysis | Iterable[Analysis]) -> Figure:
         for ax in (size_ax, macs_ax):
             ax.axvline(split, color=SPLIT_COLOR, lw=1, ls="--")
             ax.grid(axis="y", lw=0.3, alpha=0.5)
-        size_ax.text(split, size_ax.get_ylim()[1], f" official split: {s.split_point}",
+        size_ax.text(split, size_ax.get_ylim()[1], f" split: {s.split_point}",
                      color=SPLIT_COLOR, fontsize=8, va="top")
         ticks, labels = _stage_ticks(analysis, min_gap=len(analysis.rows) / 30)
         macs_ax.set_xticks(ticks, labels, rotation=90, fontsize=7)
@@ -93,18 +101,22 @@ def plot_layer_sizes(analyses: Analysis | Iterable[Analysis]) -> Figure:
 
 def plot_size_vs_compute(teachers: Iterable[Analysis], students: Iterable[Analysis] = ()) -> Figure:
     """Every possible split of each teacher as a point (share of the model's MACs done on
-    the device, size of the tensor sent relative to the input), official split points
-    circled; students' bottlenecks (if given) as crosses in their teacher's colour."""
+    the device, size of the tensor sent relative to the input; only layers after which one
+    tensor crosses, ``row.cut``), the teachers' split points circled; students' bottlenecks
+    (if given) as crosses in their teacher's colour."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     colors = {}
     for analysis in teachers:
         s = analysis.summary
-        x = [100 * row.cum_macs / s.macs for row in analysis.rows]
-        y = _size_ratios(analysis)
+        split = _split_index(analysis)
+        ratios = _size_ratios(analysis)
+        kept = [i for i, row in enumerate(analysis.rows) if row.cut]
+        x = [100 * analysis.rows[i].cum_macs / s.macs for i in kept]
+        y = [ratios[i] for i in kept]
         (line,) = ax.plot(x, y, marker=".", ms=3, lw=1, label=s.model)
         colors[s.teacher] = line.get_color()
-        split = _split_index(analysis)
-        ax.plot(x[split], y[split], "o", ms=9, mfc="none", color=line.get_color())
+        ax.plot(100 * analysis.rows[split].cum_macs / s.macs, ratios[split], "o", ms=9, mfc="none",
+                color=line.get_color())
     labelled = set()
     for analysis in students:
         s = analysis.summary
@@ -112,7 +124,7 @@ def plot_size_vs_compute(teachers: Iterable[Analysis], students: Iterable[Analys
                 mew=1.5, color=colors.get(s.teacher, "black"),
                 label=None if s.teacher in labelled else f"{s.teacher} students")
         labelled.add(s.teacher)
-    ax.plot([], [], "o", ms=9, mfc="none", color="0.3", label="official split")
+    ax.plot([], [], "o", ms=9, mfc="none", color="0.3", label="split point")
     ax.axhline(1.0, color="0.3", lw=0.8, ls=":")
     ax.set_yscale("log")
     ax.set_xlim(0, 100)

@@ -6,8 +6,9 @@ Three things a device could send, each measured on the same images:
   :data:`hnd.codec.TENSOR_FORMATS`; the server decodes it and runs the decoder and tail.
 - ``input``: the image itself, cropped as for evaluation and compressed with an image codec
   (plus the uncompressed RGB crop, setting ``raw``); the server runs the whole teacher.
-- ``teacher_split``: the unmodified teacher cut after one of its stages, the tensor after the
-  split point sent in a tensor format; the server runs the remaining stages.
+- ``teacher_split``: the unmodified teacher cut after one of its stages (a paper family's
+  stage list) or split points (any other teacher's traced graph), the tensor there sent in a
+  tensor format; the server runs the rest.
 
 Every tensor or image is encoded and decoded on its own, exactly as it would travel, so the
 accuracy includes the codec's loss and the bytes are real payload sizes.
@@ -23,13 +24,15 @@ from torch import nn
 from torch.utils.data import Dataset
 from torchvision import transforms
 
+from hnd import tracing
 from hnd.codec import (TENSOR_FORMATS, check_image_codec, check_quality, check_tensor_format, decode_image,
                        encode_image, tensor_roundtrip)
 from hnd.data import ImageDataset, eval_transform, load_image
 from hnd.distributed import pick_device
 from hnd.evaluation import eval_loader
 from hnd.errors import HndError
-from hnd.teachers import teacher_stages
+from hnd.registry import ModelSpec, resolve
+from hnd.teachers import teacher_stages, traced_facts
 
 KINDS = ("bottleneck", "input", "teacher_split")
 
@@ -40,7 +43,7 @@ class RatePoint:
 
     kind: str  # one of KINDS
     label: str  # what is evaluated: a model name, "<teacher> <codec>", "<teacher> raw"
-    setting: str  # tensor format, codec quality ("q75", "lossless", "raw") or split stage
+    setting: str  # tensor format, codec quality ("q75", "lossless", "raw") or split stage / point
     bytes: float  # mean bytes sent per image
     top1: float  # percent
     top5: float  # percent, top-k with k = min(5, classes)
@@ -93,11 +96,11 @@ def select_samples(samples: Sequence[tuple[str, int]], max_images: int | None) -
     return [samples[i] for i in chosen]
 
 
-def eval_transform_parts(name: str, input_size: int | None = None,
+def eval_transform_parts(model: str | ModelSpec, input_size: int | None = None,
                          resize_size: int | None = None) -> tuple[transforms.Compose, transforms.Compose]:
     """``eval_transform`` cut in two: (geometry: resize + centre crop, PIL -> PIL; to-tensor +
     normalize, PIL -> [3, S, S]). Composing them is ``eval_transform`` itself."""
-    steps = eval_transform(name, input_size, resize_size).transforms
+    steps = eval_transform(model, input_size, resize_size).transforms
     cut = next(i for i, step in enumerate(steps) if isinstance(step, transforms.ToTensor))
     return transforms.Compose(steps[:cut]), transforms.Compose(steps[cut:])
 
@@ -108,22 +111,23 @@ def _prepare(model: nn.Module, device: str | torch.device) -> tuple[nn.Module, t
 
 
 @torch.no_grad()
-def bottleneck_rate(model: nn.Module, name: str, samples: Sequence[tuple[str, int]],
+def bottleneck_rate(model: nn.Module, name: str | ModelSpec, samples: Sequence[tuple[str, int]],
                     formats: Sequence[str] = TENSOR_FORMATS, *, input_size: int | None = None,
                     resize_size: int | None = None, label: str | None = None, device: str | torch.device = "auto",
                     batch_size: int = 32, num_workers: int = -1, max_images: int | None = None) -> list[RatePoint]:
     """Accuracy and bytes of ``model``'s bottleneck sent in each of ``formats``.
 
     model: anything with ``encode(x) -> z`` and ``decode(z) -> logits`` (a Student, an
-    AutoencoderModel). name: the model name that picks the evaluation transform. The encoder
-    runs once per batch; ``decode(roundtrip(z))`` runs once per format. label: defaults to
-    ``name``. max_images: see :func:`select_samples`.
+    AutoencoderModel). name: the model's name or spec, which picks the evaluation transform.
+    The encoder runs once per batch; ``decode(roundtrip(z))`` runs once per format. label:
+    defaults to the model's canonical name. max_images: see :func:`select_samples`.
     """
+    spec = resolve(name)
     formats = list(dict.fromkeys(check_tensor_format(f) for f in formats))
     if not formats:
         raise HndError(f"no tensor format given; valid: {', '.join(TENSOR_FORMATS)}")
     model, device = _prepare(model, device)
-    dataset = ImageDataset(select_samples(samples, max_images), eval_transform(name, input_size, resize_size))
+    dataset = ImageDataset(select_samples(samples, max_images), eval_transform(spec, input_size, resize_size))
     tallies = {fmt: _Tally() for fmt in formats}
     for x, y in eval_loader(dataset, batch_size, num_workers, pin_memory=device.type == "cuda"):
         x, y = x.to(device), y.to(device)
@@ -131,7 +135,7 @@ def bottleneck_rate(model: nn.Module, name: str, samples: Sequence[tuple[str, in
         for fmt in formats:
             received, sizes = tensor_roundtrip(z, fmt)
             tallies[fmt].add(model.decode(received), y, sizes)
-    return [tallies[fmt].point("bottleneck", label or name, fmt) for fmt in formats]
+    return [tallies[fmt].point("bottleneck", label or str(spec), fmt) for fmt in formats]
 
 
 class _CodedImages(Dataset):
@@ -159,7 +163,7 @@ class _CodedImages(Dataset):
 
 
 @torch.no_grad()
-def input_rate(teacher: nn.Module, teacher_name: str, samples: Sequence[tuple[str, int]], codec: str,
+def input_rate(teacher: nn.Module, teacher_name: str | ModelSpec, samples: Sequence[tuple[str, int]], codec: str,
                qualities: Sequence[int], *, input_size: int | None = None, resize_size: int | None = None,
                device: str | torch.device = "auto", batch_size: int = 32, num_workers: int = -1,
                max_images: int | None = None) -> list[RatePoint]:
@@ -168,10 +172,13 @@ def input_rate(teacher: nn.Module, teacher_name: str, samples: Sequence[tuple[st
     Each image is resized and centre-cropped as ``eval_transform`` does, then compressed,
     decompressed, normalized and classified; bytes are the compressed crop's size. The first
     point is the reference: the uncompressed RGB crop (S*S*3 bytes, setting ``raw``, label
-    ``"<teacher_name> raw"``), whose accuracy is plain evaluation. PNG is lossless, so it
-    gives one point (setting ``lossless``) whatever ``qualities`` holds; jpeg/webp points
-    have settings ``q<quality>``. max_images: see :func:`select_samples`.
+    ``"<teacher> raw"``), whose accuracy is plain evaluation. PNG is lossless, so it gives
+    one point (setting ``lossless``) whatever ``qualities`` holds; jpeg/webp points have
+    settings ``q<quality>``. teacher_name: a teacher's (or model's) name or spec; labels name
+    the teacher. max_images: see :func:`select_samples`.
     """
+    spec = resolve(teacher_name)
+    label = spec.teacher.name
     check_image_codec(codec)
     if codec == "png":
         settings, sent = ["lossless"], [None]
@@ -181,60 +188,113 @@ def input_rate(teacher: nn.Module, teacher_name: str, samples: Sequence[tuple[st
             raise HndError(f"no quality given for {codec}; give integers from 1 to 100")
         settings = [f"q{q}" for q in sent]
     teacher, device = _prepare(teacher, device)
-    geometry, to_tensor = eval_transform_parts(teacher_name, input_size, resize_size)
+    geometry, to_tensor = eval_transform_parts(spec, input_size, resize_size)
     dataset = _CodedImages(select_samples(samples, max_images), geometry, to_tensor, codec, sent)
     tallies = [_Tally() for _ in range(1 + len(sent))]
     for x, sizes, y in eval_loader(dataset, batch_size, num_workers, pin_memory=device.type == "cuda"):
         x, y = x.to(device), y.to(device)  # x: [N, 1 + Q, 3, S, S]
         for i, tally in enumerate(tallies):
             tally.add(teacher(x[:, i].contiguous()), y, sizes[:, i].tolist())  # [N, 3, S, S]
-    points = [tallies[0].point("input", f"{teacher_name} raw", "raw")]
-    points += [t.point("input", f"{teacher_name} {codec}", s) for t, s in zip(tallies[1:], settings)]
+    points = [tallies[0].point("input", f"{label} raw", "raw")]
+    points += [t.point("input", f"{label} {codec}", s) for t, s in zip(tallies[1:], settings)]
     return points
 
 
-def split_stages(teacher_name: str, teacher: nn.Module) -> list[str]:
-    """The stages after which ``teacher`` can be split for transmission: all before the flatten
-    that feeds the classifier."""
-    names = [n for n, _ in teacher_stages(teacher_name, teacher)]
-    return names[:names.index("flatten")]
+def split_stages(teacher_name: str | ModelSpec, teacher: nn.Module) -> list[str]:
+    """Where ``teacher`` can be split for transmission. A paper family's staged teacher: its
+    stages before the flatten that feeds the classifier. Any other teacher: the split points
+    of its traced graph whose output is a tensor (:func:`hnd.tracing.split_points`, display
+    names; ``hnd inspect TEACHER --split-points``)."""
+    spec = resolve(teacher_name)
+    if spec.teacher.staged:
+        names = [n for n, _ in teacher_stages(spec.teacher, teacher)]
+        return names[:names.index("flatten")]
+    shapes = traced_facts(spec.teacher, spec.input_size).shapes
+    return [p.name for p in tracing.split_points(tracing.trace(teacher)) if shapes.get(p.name) is not None]
 
 
 @torch.no_grad()
-def teacher_split_rate(teacher: nn.Module, teacher_name: str, samples: Sequence[tuple[str, int]],
+def teacher_split_rate(teacher: nn.Module, teacher_name: str | ModelSpec, samples: Sequence[tuple[str, int]],
                        fmt: str = "int8+zlib", *, stages: Sequence[str] | None = None,
                        input_size: int | None = None, resize_size: int | None = None,
                        device: str | torch.device = "auto", batch_size: int = 32, num_workers: int = -1,
                        max_images: int | None = None) -> list[RatePoint]:
     """Accuracy and bytes of the unmodified teacher split after each of ``stages`` (default:
-    every stage of :func:`split_stages`), the tensor at the split point sent in ``fmt``.
+    every place of :func:`split_stages`), the tensor at the split point sent in ``fmt``.
 
-    The head runs once per batch: after each stage, the activation is sent and the remaining
-    stages (the tail) run on what was received. Points come in the teacher's stage order;
-    label ``teacher_name``, setting the stage. max_images: see :func:`select_samples`.
+    The head runs once per batch: after each split, the activation is sent and the rest of
+    the teacher (the tail) runs on what was received. A staged teacher runs stage by stage;
+    any other runs its traced graph node by node, each point's tail cut from the same graph.
+    Points come in the teacher's order; label the teacher's name, setting the stage or split
+    point. max_images: see :func:`select_samples`.
     """
     check_tensor_format(fmt)
+    spec = resolve(teacher_name)
+    name = spec.teacher.name
     teacher, device = _prepare(teacher, device)
-    valid = split_stages(teacher_name, teacher)
+    valid = split_stages(spec, teacher)
     wanted = list(valid if stages is None else [stages] if isinstance(stages, str) else stages)
     unknown = [s for s in wanted if s not in valid]
     if unknown or not wanted:
         problem = f"unknown split stage {unknown[0]!r}" if unknown else "no split stage given"
-        raise HndError(f"{problem} for {teacher_name}; valid: {', '.join(valid)}")
-    named = teacher_stages(teacher_name, teacher)
-    cuts = [i for i, (n, _) in enumerate(named) if n in wanted]
-    tallies = {i: _Tally() for i in cuts}
-    dataset = ImageDataset(select_samples(samples, max_images),
-                           eval_transform(teacher_name, input_size, resize_size))
+        raise HndError(f"{problem} for {name}; valid: {', '.join(valid)}")
+    chosen = [s for s in valid if s in wanted]  # the teacher's order
+    walk = _stage_walk(spec, teacher, chosen) if spec.teacher.staged else _traced_walk(teacher, chosen)
+    tallies = {s: _Tally() for s in chosen}
+    dataset = ImageDataset(select_samples(samples, max_images), eval_transform(spec, input_size, resize_size))
     for x, y in eval_loader(dataset, batch_size, num_workers, pin_memory=device.type == "cuda"):
-        h, y = x.to(device), y.to(device)
-        for i, (_, stage) in enumerate(named[:cuts[-1] + 1]):
-            h = stage(h)  # activation after stage i, e.g. [N, C, H, W]
-            if i in tallies:
-                # Send before the next stage runs: in-place modules (ReLU) may overwrite h.
-                received, sizes = tensor_roundtrip(h, fmt)
-                logits = received
-                for _, rest in named[i + 1:]:
-                    logits = rest(logits)
-                tallies[i].add(logits, y, sizes)
-    return [tallies[i].point("teacher_split", teacher_name, named[i][0]) for i in cuts]
+        y = y.to(device)
+
+        def send(point: str, h: torch.Tensor, tail: nn.Module) -> None:
+            # Called before the head goes on: in-place modules (ReLU) may overwrite h later.
+            received, sizes = tensor_roundtrip(h, fmt)
+            tallies[point].add(tail(received), y, sizes)
+
+        walk(x.to(device), send)
+    return [tallies[s].point("teacher_split", name, s) for s in chosen]
+
+
+def _stage_walk(spec: ModelSpec, teacher: nn.Module, chosen: list[str]):
+    """``walk(x, send)`` for a staged teacher: runs the stages up to the last chosen one and
+    calls ``send(stage, activation, tail)`` after each chosen stage."""
+    named = teacher_stages(spec.teacher, teacher)
+    names = [n for n, _ in named]
+    tails = {n: nn.Sequential(*[m for _, m in named[names.index(n) + 1:]]) for n in chosen}
+    last = max(names.index(n) for n in chosen)
+
+    def walk(h: torch.Tensor, send) -> None:
+        for n, stage in named[:last + 1]:
+            h = stage(h)  # activation after this stage, e.g. [N, C, H, W]
+            if n in tails:
+                send(n, h, tails[n])
+
+    return walk
+
+
+class _WalkDone(Exception):
+    """Ends a traced walk after its last chosen split point."""
+
+
+def _traced_walk(teacher: nn.Module, chosen: list[str]):
+    """``walk(x, send)`` for a traced teacher: runs its graph node by node up to the last
+    chosen split point and calls ``send(point, activation, tail)`` after each chosen one."""
+    gm = tracing.trace(teacher)
+    points = {p.node: (p.name, tracing.cut(gm, p)[1]) for p in tracing.split_points(gm) if p.name in chosen}
+    last = [name for name, _ in points.values()][-1]
+
+    def walk(h: torch.Tensor, send) -> None:
+        def step(name, kind, module, thunk):
+            out = thunk()
+            hit = points.get(name.split(".", 1)[1])
+            if hit is not None:
+                send(hit[0], out, hit[1])
+                if hit[0] == last:
+                    raise _WalkDone
+            return out
+
+        try:
+            tracing.NodeSteps(gm, "t", step).run(h)
+        except _WalkDone:
+            pass
+
+    return walk

@@ -22,6 +22,7 @@ import torch
 from hnd.errors import HndError
 from hnd.protocol import (DEFAULT_MAX_FRAME_BYTES, FrameError, decode_request, decode_response, encode_error,
                           encode_request, encode_result, read_frame, read_frame_async, request_header)
+from hnd.registry import ModelSpec, resolve
 from hnd.students import Student
 
 log = logging.getLogger("hnd.serving")
@@ -35,7 +36,7 @@ def parse_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def check_student(name: str, model: object) -> Student:
+def check_student(name: str | ModelSpec, model: object) -> Student:
     """``model`` if it is a student (the only models with an encoder/decoder split)."""
     if not isinstance(model, Student):
         raise HndError(f"{name} is not a student: only students split into an encoder and a decoder")
@@ -60,26 +61,25 @@ class _Pending:
 class SplitServer:
     """Serve ``model.decode`` to edge devices (see the module docstring).
 
-    Requests must carry a bottleneck of the shape the encoder gives at ``input_size`` (the
-    model's default). A request that is well framed but wrong (shape, format code, damaged
-    payload) gets an error frame and the connection stays open; broken framing (bad magic,
-    over ``max_frame_bytes``, truncated, ``read_timeout_s`` inside a frame) gets an error
-    frame if possible and the connection is closed, as is one idle for ``idle_timeout_s``.
+    Requests must carry a bottleneck of the shape the encoder gives at ``input_size`` (default:
+    that of the model's spec, ``model.spec``). A request that is well framed but wrong (shape,
+    format code, damaged payload) gets an error frame and the connection stays open; broken
+    framing (bad magic, over ``max_frame_bytes``, truncated, ``read_timeout_s`` inside a
+    frame) gets an error frame if possible and the connection is closed, as is one idle for
+    ``idle_timeout_s``.
     """
 
-    def __init__(self, model_name: str, model: Student, *, host: str = "127.0.0.1", port: int = 0,
+    def __init__(self, model_name: str | ModelSpec, model: Student, *, host: str = "127.0.0.1", port: int = 0,
                  device: str = "cpu", max_batch: int = 8, max_wait_ms: float = 5.0,
                  max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, read_timeout_s: float = 10.0,
                  idle_timeout_s: float = 300.0, topk: int = 5, input_size: int | None = None,
                  max_queue: int | None = None):
-        from hnd.models import input_size as model_input_size
-
         if max_batch < 1 or max_wait_ms < 0 or topk < 1 or max_frame_bytes < 64:
             raise HndError("max_batch and topk must be >= 1, max_wait_ms >= 0 and max_frame_bytes >= 64")
-        self.name = model_name
+        self.name = str(model_name)
         self.device = _check_device(device)
         self.model = check_student(model_name, model).to(self.device).eval()
-        self.input_size = input_size or model_input_size(model_name)
+        self.input_size = input_size or model_spec(model_name, self.model).input_size
 
         self.host, self.port = host, port
         self.max_batch, self.max_wait_s, self.topk = max_batch, max_wait_ms / 1e3, topk
@@ -222,25 +222,32 @@ def _check_device(device: str) -> torch.device:
     return dev
 
 
-def load_student(name: str, checkpoint: str | None = None, *, pretrained: bool = True,
+def model_spec(name: str | ModelSpec, model: Student) -> ModelSpec:
+    """The spec a student was built with (``model.spec``, which knows a run's input size),
+    else ``name`` resolved."""
+    spec = getattr(model, "spec", None)
+    return spec if isinstance(spec, ModelSpec) else resolve(name)
+
+
+def load_student(name: str | ModelSpec, checkpoint: str | None = None, *, pretrained: bool = True,
                  random_seed: int | None = None) -> Student:
-    """The student ``name``: from ``checkpoint`` if given, else built (``pretrained`` tail; a
-    ``random_seed`` makes random weights that another process can rebuild identically)."""
+    """The student ``name`` (a name or spec): from ``checkpoint`` if given, else built
+    (``pretrained`` tail; a ``random_seed`` makes random weights that another process can
+    rebuild identically)."""
     from hnd.checkpoints import load_model
-    from hnd.students import build_student
 
+    spec = resolve(name)
     if checkpoint:
-        return check_student(name, load_model(name, checkpoint))
-    from hnd.models import resolve
-
-    if resolve(name)[1] is None:
-        raise HndError(f"{name} is a teacher: split computing here needs a student (see `hnd models`)")
+        return check_student(spec, load_model(spec, checkpoint))
+    if not spec.is_student:
+        raise HndError(f"{spec} is a teacher: split computing here needs a student such as "
+                       f"{spec.teacher.name}-3ch (see `hnd models`)")
     if random_seed is not None:
         torch.manual_seed(random_seed)
-    return build_student(name, pretrained=pretrained)
+    return spec.build(pretrained=pretrained)
 
 
-def serve(name: str, checkpoint: str | None = None, *, host: str = "127.0.0.1", port: int = 8765,
+def serve(name: str | ModelSpec, checkpoint: str | None = None, *, host: str = "127.0.0.1", port: int = 8765,
           pretrained: bool = True, random_seed: int | None = None, model: Student | None = None, ready=print,
           **options) -> None:
     """Load student ``name`` (or take ``model``) and serve it until interrupted; ``ready`` gets
@@ -271,12 +278,12 @@ class EdgeClient:
     by making each send take at least ``bytes * 8 / rate`` seconds.
     """
 
-    def __init__(self, name: str, model: Student, server: str = "127.0.0.1:8765", fmt: str = "int8",
+    def __init__(self, name: str | ModelSpec, model: Student, server: str = "127.0.0.1:8765", fmt: str = "int8",
                  rate_limit_mbps: float | None = None, timeout_s: float = 60.0,
                  max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES):
         from hnd.codec import check_tensor_format
 
-        self.name = name
+        self.name = str(name)
         self.model = check_student(name, model).eval()
         self.fmt = check_tensor_format(fmt)
         if rate_limit_mbps is not None and not rate_limit_mbps > 0:

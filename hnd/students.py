@@ -1,48 +1,39 @@
-"""Students: a small bottleneck head (encoder → decoder) followed by the teacher's tail.
+"""Student heads: a small encoder, a narrow bottleneck, a decoder back to the teacher head's
+output; the student is that head followed by the teacher's unchanged tail.
 
-The heads are the original's ImageNet heads (original-hnd.md §2.2–2.4): DenseNet and
-ResNet "ver2b", Inception-v3 "ver1b". The encoder (stem, BN, ReLU, bottleneck conv) runs
-on the edge device and its raw conv output ``z`` is what is transmitted; the decoder
-(BN, ReLU, convs, pool) and the teacher's tail run on the server.
+Two designs:
+
+- the original's ImageNet heads (original-hnd.md §2.2–2.4) for the papers' families at their
+  official split: DenseNet and ResNet "ver2b", Inception-v3 "ver1b" (:class:`StudentHead`);
+- a generic head for any teacher and split point (:class:`GenericHead`), documented there.
+
+The encoder runs on the edge device and its raw conv output ``z`` is what is transmitted;
+the decoder and the teacher's tail run on the server.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from hnd.errors import HndError
-from hnd.teachers import TEACHERS, build_teacher, split_teacher, teacher_spec
 
 OFFICIAL_CHANNELS = (3, 6, 9, 12)
 
 # family -> (head version name, stem conv/max-pool padding, decoder convs as (out_channels, padding),
 #            stride of the final average pool). All decoder convs are 2x2, stride 1.
-_HEAD_DESIGNS = {
+OFFICIAL_DESIGNS = {
     "densenet": ("2b", 3, 1, [(512, 1), (512, 1), (256, 0), (256, 0), (256, 0)], 2),  # -> 256x14x14
     "resnet": ("2b", 3, 1, [(512, 1), (512, 1), (512, 0), (512, 0)], 1),  # -> 512x28x28
     "inception": ("1b", 0, 0, [(256, 1), (256, 0), (192, 0)], 1),  # -> 192x35x35
 }
 
-_NAME = re.compile(r"^(?P<teacher>.+)_head_mimic-ver(?P<version>[^-]+)-(?P<channels>.*)ch$")
 
-
-@dataclass(frozen=True)
-class StudentName:
-    """A student's identity; ``str()`` gives the original config name."""
-
-    teacher: str
-    bottleneck_channels: int
-
-    @property
-    def version(self) -> str:
-        return _HEAD_DESIGNS[teacher_spec(self.teacher).family][0]
-
-    def __str__(self) -> str:
-        return f"{self.teacher}_head_mimic-ver{self.version}-{self.bottleneck_channels}ch"
+def head_version(family: str) -> str:
+    """The original's head version of a paper family: ``2b`` (DenseNet, ResNet), ``1b`` (Inception-v3)."""
+    return OFFICIAL_DESIGNS[family][0]
 
 
 def check_channels(channels: object) -> int:
@@ -54,32 +45,40 @@ def check_channels(channels: object) -> int:
     return channels
 
 
-def parse_student_name(name: str) -> StudentName:
-    """Parse e.g. ``densenet169_head_mimic-ver2b-3ch``; any positive channel count is valid."""
-    match = _NAME.match(name)
-    if not match:
-        raise HndError(f"not a student name: {name!r}; students are named "
-                       "<teacher>_head_mimic-ver<2b|1b>-<channels>ch, e.g. densenet169_head_mimic-ver2b-3ch")
-    teacher = match["teacher"]
-    if teacher not in TEACHERS:
-        raise HndError(f"unknown teacher {teacher!r} in {name!r}; valid teachers: {', '.join(TEACHERS)}")
-    student = StudentName(teacher, check_channels(match["channels"]))
-    if match["version"] != student.version:
-        raise HndError(f"{teacher} students use head version ver{student.version}, not "
-                       f"ver{match['version']}: {student}")
-    return student
-
-
 def _conv(cin: int, cout: int, kernel: int, stride: int, padding: int) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=False)
 
 
+def init_head(head: nn.Module) -> None:
+    """The original's init: Kaiming-normal (fan_out, ReLU) convs, BN weight 1 and bias 0."""
+    for m in head.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def _decoder(channels: int, convs: list[tuple[int, int]], pool: nn.Module) -> nn.Sequential:
+    """BN, ReLU, then 2x2 convs with BN+ReLU between them, then ``pool``."""
+    layers: list[nn.Module] = [nn.BatchNorm2d(channels), nn.ReLU(inplace=True)]
+    cin = channels
+    for i, (cout, padding) in enumerate(convs):
+        layers.append(_conv(cin, cout, 2, 1, padding))
+        if i < len(convs) - 1:
+            layers += [nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+        cin = cout
+    layers.append(pool)
+    return nn.Sequential(*layers)
+
+
 class StudentHead(nn.Module):
-    """The bottleneck head: ``decoder(encoder(x))`` replaces the teacher head."""
+    """The original's bottleneck head of a paper family: ``decoder(encoder(x))`` replaces the
+    teacher head at the official split point."""
 
     def __init__(self, family: str, bottleneck_channels: int):
         super().__init__()
-        _, stem_pad, pool_pad, convs, pool_stride = _HEAD_DESIGNS[family]
+        _, stem_pad, pool_pad, convs, pool_stride = OFFICIAL_DESIGNS[family]
         bc = check_channels(bottleneck_channels)
         # x: [N, 3, 224, 224] (Inception: 299)
         self.encoder = nn.Sequential(
@@ -88,36 +87,56 @@ class StudentHead(nn.Module):
             nn.BatchNorm2d(64), nn.ReLU(inplace=True),
             _conv(64, bc, 2, 2, 1),  # z: bc x 29x29 (37) -- the bottleneck, sent raw
         )
-        layers: list[nn.Module] = [nn.BatchNorm2d(bc), nn.ReLU(inplace=True)]
-        cin = bc
-        for i, (cout, padding) in enumerate(convs):
-            layers.append(_conv(cin, cout, 2, 1, padding))
-            if i < len(convs) - 1:
-                layers += [nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
-            cin = cout
-        layers.append(nn.AvgPool2d(2, stride=pool_stride))  # teacher-head shape
-        self.decoder = nn.Sequential(*layers)
-        self._init_weights()
+        self.decoder = _decoder(bc, convs, nn.AvgPool2d(2, stride=pool_stride))  # teacher-head shape
+        init_head(self)
 
-    def _init_weights(self) -> None:
-        """The original's init: Kaiming-normal (fan_out, ReLU) convs, BN weight 1 and bias 0."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))
+
+
+class GenericHead(nn.Module):
+    """The bottleneck head for any teacher and split point.
+
+    Encoder (the ver2b layout, with the teacher's own stem): a ``stem_kernel`` conv, stride 2,
+    to ``stem_channels`` (the teacher's first conv), BN, ReLU, 3x3 max-pool stride 2 (input
+    stride 4), BN, ReLU, and the bottleneck conv to ``C`` channels: 2x2 stride 2 when the
+    teacher head's output stride is about 8 or more (S >= 6·H; z is C x (S/8+1)^2, as in the
+    papers), else 3x3 stride 1. Decoder: BN, ReLU, four 2x2 convs (padding 1, 1, 0, 0; width
+    ``min(512, max(64, 2·C_out))``, the last two to ``C_out``) with BN+ReLU between them,
+    and an adaptive average pool to the teacher head's [C_out, H, W] at the spec's input
+    size, which is at most a 2x2 stride-1 average where the strides agree.
+    """
+
+    def __init__(self, bottleneck_channels: int, output_shape: tuple[int, int, int], input_size: int, *,
+                 stem_channels: int = 64, stem_kernel: int = 7):
+        super().__init__()
+        bc = check_channels(bottleneck_channels)
+        c_out, h, w = output_shape
+        downsample = input_size >= 6 * h  # output stride about 8 or more
+        k = max(3, min(stem_kernel, 7))
+        # x: [N, 3, S, S]
+        self.encoder = nn.Sequential(
+            _conv(3, stem_channels, k, 2, k // 2), nn.BatchNorm2d(stem_channels), nn.ReLU(inplace=True),  # S/2
+            nn.MaxPool2d(3, stride=2, padding=1),  # S/4
+            nn.BatchNorm2d(stem_channels), nn.ReLU(inplace=True),
+            _conv(stem_channels, bc, 2, 2, 1) if downsample else _conv(stem_channels, bc, 3, 1, 1),  # z: S/8+1 or S/4
+        )
+        width = min(512, max(64, 2 * c_out))
+        convs = [(width, 1), (width, 1), (c_out, 0), (c_out, 0)]
+        self.decoder = _decoder(bc, convs, nn.AdaptiveAvgPool2d((h, w)))  # [C_out, H, W]
+        init_head(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(x))
 
 
 class Student(nn.Module):
-    """Bottleneck-injected model: student head + the teacher's tail, ``tail(head(x))``."""
+    """Bottleneck-injected model: student head + the teacher's tail, ``tail(head(x))``.
+    ``spec`` is the :class:`hnd.registry.ModelSpec` it was built from."""
 
-    def __init__(self, name: StudentName, head: StudentHead, tail: nn.Sequential):
+    def __init__(self, spec, head: nn.Module, tail: nn.Module):
         super().__init__()
-        self.name = name
+        self.spec = spec
         self.head = head
         self.tail = tail
 
@@ -132,31 +151,6 @@ class Student(nn.Module):
         """Server side: bottleneck tensor -> logits [N, classes]."""
         return self.tail(self.head.decoder(z))
 
-    def split(self) -> tuple[nn.Sequential, nn.Sequential]:
+    def split(self) -> tuple[nn.Module, nn.Sequential]:
         """(edge, server) modules that share this student's parameters."""
         return self.head.encoder, nn.Sequential(self.head.decoder, self.tail)
-
-
-def student_from_teacher(name: str | StudentName, teacher: nn.Module) -> Student:
-    """A student with a fresh head and ``teacher``'s tail (the same modules, not a copy).
-
-    The head takes plainly normalized input, like the original (for Inception-v3 no
-    ``transform_input`` is applied).
-    """
-    if isinstance(name, str):
-        name = parse_student_name(name)
-    _, tail = split_teacher(name.teacher, teacher, transform_input=False)
-    head = StudentHead(teacher_spec(name.teacher).family, name.bottleneck_channels)
-    return Student(name, head, tail)
-
-
-def build_student(name: str | StudentName, *, pretrained: bool = True, num_classes: int = 1000) -> Student:
-    """Build a student: a freshly initialised head and the teacher's tail.
-
-    pretrained: take the tail from the teacher's pretrained ImageNet weights (the original's
-    starting point for all three methods); otherwise the tail is randomly initialised.
-    """
-    if isinstance(name, str):
-        name = parse_student_name(name)
-    teacher = build_teacher(name.teacher, pretrained=pretrained, num_classes=num_classes)
-    return student_from_teacher(name, teacher).eval()

@@ -28,9 +28,10 @@ import hnd
 from hnd.checkpoints import atomic_write, read_file, save_checkpoint
 from hnd.config import TrainConfig, apply_overrides, config_from_dict, dump_config, parse_assignments, \
     read_config_file
-from hnd.data import ImageDataset, check_layout, collate, eval_transform, holdout_split, input_sizes, train_transform
+from hnd.data import ImageDataset, check_layout, collate, eval_transform, holdout_split, train_transform
 from hnd.distributed import Dist, all_reduce_sum, barrier, broadcast_flag, setup, sync_batchnorm, teardown
 from hnd.errors import HndError
+from hnd.registry import ModelSpec, resolve
 from hnd.evaluation import Accuracy, default_workers, eval_loader, evaluate
 from hnd.methods import Task, build_task, check_input_size
 
@@ -60,13 +61,15 @@ def _last_checkpoint(out: Path) -> dict:
     return ckpt
 
 
-def resume_config(out: str | os.PathLike, model: str, method: str, config_file: str | os.PathLike | None = None,
-                  assignments: list[str] = ()) -> TrainConfig:
+def resume_config(out: str | os.PathLike, model: str | ModelSpec, method: str,
+                  config_file: str | os.PathLike | None = None, assignments: list[str] = ()) -> TrainConfig:
     """The config of the run in ``out``, with overrides that do not change the computation
     (``epochs`` to extend a run, ``num_workers``, ``device``); anything else is an error."""
-    saved = config_from_dict(_last_checkpoint(Path(out))["config"])
-    if (saved.model, saved.method) != (model, method):
-        raise HndError(f"{out} holds a {saved.method} run of {saved.model}, not {method} of {model}")
+    spec = resolve(model)
+    doc = _last_checkpoint(Path(out))["config"]
+    if (doc.get("model"), doc.get("method")) != (str(spec), method):
+        raise HndError(f"{out} holds a {doc.get('method')} run of {doc.get('model')}, not {method} of {spec}")
+    saved = config_from_dict(doc, spec)
     overrides = read_config_file(config_file) if config_file else {}
     overrides.update(parse_assignments(list(assignments)))
     overrides = {k: v for k, v in overrides.items() if k not in ("model", "method")}
@@ -171,8 +174,8 @@ def train_or_resume(config: TrainConfig, data: str | os.PathLike, out: str | os.
     out = Path(out)
     if not (out / "last.pt").is_file():
         return fit(config, data, out, progress=progress)
-    saved = config_from_dict(_last_checkpoint(out)["config"]).to_dict()
-    changed = [k for k, v in config.to_dict().items() if saved[k] != v and k not in RESUMABLE_CHANGES]
+    saved = _last_checkpoint(out)["config"]  # written by TrainConfig.to_dict
+    changed = [k for k, v in config.to_dict().items() if saved.get(k) != v and k not in RESUMABLE_CHANGES]
     if changed:
         raise HndError(f"{out} holds a run with other settings ({', '.join(changed)}); delete it or choose "
                        f"another folder")
@@ -205,7 +208,7 @@ def _fit(config: TrainConfig, data: Path, out: Path, resume: bool, progress: boo
         train_samples, select_samples = layout.samples["train"], layout.samples["val"]
     torch.manual_seed(config.seed)  # fresh heads, autoencoders and replaced classifiers
     task = build_task(config, len(layout.classes))
-    check_input_size(task, input_sizes(config.model, config.input_size)[0])
+    check_input_size(task, config.model_spec.input_size)
     saved = _prepare_run_folder(out, config, resume, dist)
     task.model.to(device)
     if task.reference is not None:
@@ -234,7 +237,7 @@ def _fit(config: TrainConfig, data: Path, out: Path, resume: bool, progress: boo
     if dist.enabled:
         forward = DistributedDataParallel(task.trained, device_ids=[device.index] if device.type == "cuda" else None)
     workers = default_workers(config.num_workers)
-    train_set = ImageDataset(train_samples, train_transform(config.model, config.transforms, config.input_size,
+    train_set = ImageDataset(train_samples, train_transform(config.spec, config.transforms, config.input_size,
                                                             config.resize_size),
                              augment=True, seed=config.seed, skip_bad_images=config.skip_bad_images)
     sampler = DistributedSampler(train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
@@ -242,7 +245,7 @@ def _fit(config: TrainConfig, data: Path, out: Path, resume: bool, progress: boo
     pin = device.type == "cuda"
     train_loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler, num_workers=workers,
                               collate_fn=collate, pin_memory=pin)
-    evaluation = eval_transform(config.model, config.input_size, config.resize_size)
+    evaluation = eval_transform(config.spec, config.input_size, config.resize_size)
     select_loader = eval_loader(ImageDataset(select_samples, evaluation, skip_bad_images=config.skip_bad_images),
                                 config.eval_batch_size, workers, dist, pin)
     amp_dtype = AMP_DTYPES[config.amp]
@@ -273,12 +276,12 @@ def _fit(config: TrainConfig, data: Path, out: Path, resume: bool, progress: boo
                      "scaler": scaler.state_dict(), **extra}
             if improved:  # the weights to evaluate and deploy; resuming needs only last.pt
                 model_state = {k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "scaler")}
-                save_checkpoint(out / "best.pt", config.model, task.model, part=task.part, **model_state)
+                save_checkpoint(out / "best.pt", config.model_spec, task.model, part=task.part, **model_state)
             with open(out / "metrics.jsonl", "a") as f:  # before last.pt, so that no line is ever lost
                 f.write(json.dumps(line) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
-            save_checkpoint(out / "last.pt", config.model, task.model, part=task.part, **state)
+            save_checkpoint(out / "last.pt", config.model_spec, task.model, part=task.part, **state)
         epochs.set_postfix(select_top1=f"{select.top1:.2f}")
         barrier()
 

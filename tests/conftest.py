@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 from hnd.errors import HndError
-from hnd.teachers import TEACHERS, teacher_spec, weights_path
+from hnd.teachers import teacher_spec, weights_path
 
 PAPER_TEACHERS = ["densenet169", "densenet201", "resnet152", "inception_v3"]
 OFFICIAL_STUDENTS = [
@@ -34,17 +37,76 @@ def torch_home(tmp_path_factory) -> Path:
             os.environ[k] = v
 
 
-def random_teacher_state(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A random state_dict laid out like torchvision's published file for teacher ``name``
-    (Inception-v3 with its auxiliary classifier; DenseNets with the old 'norm.1' keys)."""
-    spec = teacher_spec(name)
-    kwargs = {"aux_logits": True, "init_weights": False} if spec.family == "inception" else {}
-    model = spec.builder(weights=None, **kwargs)
-    randomize(model, seed)
-    state = model.state_dict()
-    if spec.family == "densenet":  # torchvision's DenseNet files predate num_batches_tracked
-        state = {_old_densenet_key(k): v for k, v in state.items() if not k.endswith("num_batches_tracked")}
-    return state
+@contextmanager
+def parameters_on_meta():
+    """Inside, every parameter a module registers lives on the ``meta`` device (no memory, no
+    initialisation cost) while buffers stay real: index tables computed at construction
+    (Swin's and MaxViT's ``relative_position_index``) keep their values, which ``to_empty``
+    would replace by garbage."""
+    register = nn.Module.register_parameter
+
+    def on_meta(self, name, param):
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(self, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def empty_build(build: Callable[[], nn.Module]) -> nn.Module:
+    """``build()`` with its parameters allocated on the CPU but not initialised (fast even for
+    600M weights); buffers are as the builder made them. Fill it before use."""
+    with parameters_on_meta():
+        model = build()
+    made: dict[int, nn.Parameter] = {}  # tied parameters stay tied
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None and p.is_meta:
+                if id(p) not in made:
+                    made[id(p)] = nn.Parameter(torch.empty_like(p, device="cpu"), requires_grad=p.requires_grad)
+                module._parameters[name] = made[id(p)]
+    return model
+
+
+_POOL = 65_537  # a prime: tiled pools do not line up with rows or channels
+
+
+def _fill(v: torch.Tensor, low: float, high: float, g: torch.Generator) -> None:
+    """``v`` uniform in [low, high): drawn directly when small, else a drawn pool of ``_POOL``
+    values tiled over it (a memory copy: 600M-weight models fill in about a second)."""
+    flat = v.view(-1)
+    if flat.numel() <= _POOL:
+        flat.uniform_(low, high, generator=g)
+        return
+    pool = torch.empty(_POOL).uniform_(low, high, generator=g)
+    rows = flat.numel() // _POOL
+    flat[:rows * _POOL].view(rows, _POOL).copy_(pool.expand(rows, _POOL))
+    flat[rows * _POOL:].copy_(pool[:flat.numel() - rows * _POOL])
+
+
+def random_build(build: Callable[[], nn.Module], seed: int = 0) -> nn.Module:
+    """``build()`` with random weights that carry the input's signal through any depth, in eval
+    mode: weights uniform with variance 1/fan_in, norm weights and variances in [0.5, 1.5],
+    biases and means small and centred (:func:`randomize`'s near-1 vectors make deep outputs
+    almost input-independent). Quick: parameters are allocated, never initialised, then filled."""
+    model = empty_build(build)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, v in model.state_dict().items():
+            if not v.is_floating_point():
+                continue
+            if v.ndim >= 2:
+                bound = (3 / max(1, v[0].numel())) ** 0.5
+                _fill(v, -bound, bound, g)
+            elif name.endswith(("running_var", "weight")):
+                _fill(v, 0.5, 1.5, g)
+            else:
+                _fill(v, -0.1, 0.1, g)
+    return model.eval()
 
 
 def randomize(module: torch.nn.Module, seed: int) -> None:
@@ -53,9 +115,33 @@ def randomize(module: torch.nn.Module, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for v in module.state_dict().values():
-            if v.is_floating_point():
-                u = torch.rand(v.shape, generator=g)
-                v.copy_(0.9 + 0.1 * u if v.ndim == 1 else 0.1 * (u - 0.5))
+            if v.is_floating_point():  # in place: one pass over the memory (models of 600M weights)
+                v.uniform_(0.9, 1.0, generator=g) if v.ndim == 1 else v.uniform_(-0.05, 0.05, generator=g)
+
+
+def torchvision_file_kwargs(name: str) -> dict:
+    """Builder arguments that lay a model out like torchvision's published weights file for
+    teacher ``name``: Inception-v3 and GoogLeNet with their auxiliary classifiers, vision
+    transformers at the spec's input size (their position embeddings depend on it)."""
+    spec = teacher_spec(name)
+    if spec.family in ("inception", "googlenet"):
+        return {"aux_logits": True, "init_weights": False}
+    if spec.family == "vision_transformer":
+        return {"image_size": spec.input_size}
+    return {}
+
+
+def random_teacher_state(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random state_dict laid out like torchvision's published file for teacher ``name``
+    (any torchvision classifier; auxiliary classifiers included; DenseNets, densenet161 too,
+    with the old 'norm.1' keys and without num_batches_tracked)."""
+    spec = teacher_spec(name)
+    model = empty_build(lambda: spec.builder(weights=None, **torchvision_file_kwargs(name)))
+    randomize(model, seed)
+    state = model.state_dict()
+    if spec.family == "densenet":  # torchvision's DenseNet files predate num_batches_tracked
+        state = {_old_densenet_key(k): v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    return state
 
 
 def _old_densenet_key(key: str) -> str:
@@ -66,15 +152,16 @@ def _old_densenet_key(key: str) -> str:
 
 @pytest.fixture(scope="session")
 def pretrained(torch_home):
-    """Call ``pretrained(name)`` to put generated weights for teacher ``name`` in the cache;
+    """Call ``pretrained(name)`` to put generated weights for teacher ``name`` (any
+    torchvision classifier) in the cache where torchvision's weights API looks for them;
     returns the state_dict written (old DenseNet keys as in the real files)."""
     written: dict[str, dict] = {}
 
     def make(name: str) -> dict:
-        assert name in TEACHERS
         if name not in written:
+            spec = teacher_spec(name)
             state = random_teacher_state(name)
-            path = weights_path(name)
+            path = weights_path(spec)
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(state, path)
             written[name] = state

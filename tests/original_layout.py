@@ -45,7 +45,7 @@ def original_model_state(student: Student) -> dict:
 
 
 def naive_checkpoint(student: Student) -> dict:
-    return {"type": f"{student.name.teacher}_mimic", "model": original_model_state(student),
+    return {"type": f"{student.spec.teacher.name}_mimic", "model": original_model_state(student),
             "acc": 71.3, "epoch": 20}
 
 
@@ -60,5 +60,5 @@ def kd_checkpoint(student: Student) -> dict:
 
 
 def hnd_checkpoint(student: Student) -> dict:
-    return {"type": student.name.teacher, "model": original_head_state(student), "epoch": 21,
+    return {"type": student.spec.teacher.name, "model": original_head_state(student), "epoch": 21,
             "best_valid_value": 69.9, "student": True}

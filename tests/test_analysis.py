@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hnd.analysis import analyze, analyze_model, sequential_layers
-from hnd.students import build_student
-from hnd.teachers import TEACHERS, build_teacher, teacher_spec
+from hnd import tracing
+from hnd.analysis import analyze, analyze_model, sequential_layers, split_point_rows
+from hnd.registry import build_student, resolve
+from hnd.teachers import TEACHERS, build_teacher, meta_teacher, teacher_spec
 
 from conftest import OFFICIAL_STUDENTS
 
@@ -53,11 +54,12 @@ def test_official_students_match_reference(name):
     values = bottleneck[0] * bottleneck[1] * bottleneck[2]
     assert s.bottleneck_bytes == {"fp32": 4 * values, "fp16": 2 * values, "int8": values}
     t = analyze(teacher).summary
-    assert (t.head_params, t.head_macs, t.params, t.macs) == (t_head_params, t_head_macs, t_params, t_macs)
+    assert (t.head_params, t.head_macs, t.macs) == (t_head_params, t_head_macs, t_macs)
     assert t.head_output_shape == head_out == t.bottleneck_shape
+    assert t.params == t_params
 
 
-@pytest.mark.parametrize("name", list(TEACHERS))
+@pytest.mark.parametrize("name", (TEACHERS))
 def test_rows_are_sequential_and_add_up(name):
     a = analyze(name)
     assert a.rows[-1].output_shape == (1000,)
@@ -65,6 +67,8 @@ def test_rows_are_sequential_and_add_up(name):
     assert [r.cum_macs for r in a.rows] == list(torch.tensor([r.macs for r in a.rows]).cumsum(0).tolist())
     split = [r.name for r in a.rows if r.part == "head"][-1]
     assert split.startswith(f"head.{teacher_spec(name).split_point}")
+    # Every parameter counted once: the teacher's own count (torchvision's builder).
+    assert a.summary.params == sum(p.numel() for p in meta_teacher(teacher_spec(name)).parameters())
 
 
 def test_rows_recompute_the_teacher_exactly():
@@ -111,3 +115,50 @@ def test_candidate_split_points_and_head_comparison():
     assert row["encoder_macs"] == 118659840 and row["teacher_head_macs"] == 2076884992
     assert row["macs_reduction_pct"] == pytest.approx(100 * (1 - 118659840 / 2076884992))
     assert (row["bytes_int8"], row["bottleneck_shape"]) == (2523, "3x29x29")
+
+
+def test_split_point_rows_of_a_traced_teacher():
+    """resnet18: every traced split point with a tensor output, in graph order; each name is a
+    valid ``@POINT``; sizes and cost shares follow from the architecture."""
+    rows = split_point_rows("resnet18")
+    points = tracing.split_points(tracing.trace(meta_teacher(teacher_spec("resnet18"))))
+    assert [r.name for r in rows] == [p.name for p in points]  # all of ResNet-18's points are tensors
+    assert all(r.kind == "traced" for r in rows)
+    by_name = {r.name: r for r in rows}
+    assert by_name["layer2"].output_shape == (128, 28, 28) and by_name["layer4"].output_shape == (512, 7, 7)
+    assert by_name["layer2"].pct_of_input == pytest.approx(100 * 128 * 28 * 28 / (3 * 224 * 224))
+    assert by_name["layer2"].bytes("int8") == 128 * 28 * 28
+    # conv1 (7x7, 3 -> 64, stride 2 at 224): the first row's MACs.
+    assert by_name["conv1"].cum_macs == 64 * 3 * 7 * 7 * 112 * 112
+    assert [r.cum_macs for r in rows] == sorted(r.cum_macs for r in rows)
+    assert 0 < by_name["layer2"].pct_macs < by_name["layer3"].pct_macs < 100
+    for r in (rows[0], by_name["layer2"], rows[-1]):
+        assert resolve(f"resnet18@{r.name}").head_output_shape == r.output_shape
+
+
+def test_split_point_rows_of_a_staged_teacher():
+    """densenet169: the stage list first (the original's split names), then the traced points;
+    transition2's output is a third of the input (the original's notebook)."""
+    rows = split_point_rows("densenet169")
+    kinds = [r.kind for r in rows]
+    assert kinds == sorted(kinds, key=lambda k: k != "stage") and {"stage", "traced"} == set(kinds)
+    stages = {r.name: r for r in rows if r.kind == "stage"}
+    assert list(stages)[:5] == ["conv0", "norm0", "relu0", "pool0", "denseblock1"] and "classifier" not in stages
+    assert stages["transition2"].output_shape == (256, 14, 14)
+    assert round(stages["transition2"].pct_of_input / 100, 3) == 0.333
+    assert round(stages["transition1"].pct_of_input / 100, 3) == 0.667
+    # Table §9: the teacher head up to transition2.
+    assert stages["transition2"].cum_macs == REFERENCE["densenet169"][0][7]
+
+
+def test_generic_student_is_analysed():
+    """resnet18@layer2-3ch with ResNet's stem: the encoder is the ver2b one (§9: 10,432 params,
+    118,659,840 MACs at bc=3), the head reproduces layer2's 128x28x28."""
+    s = analyze("resnet18-3ch").summary
+    assert (s.model, s.kind, s.teacher, s.split_point) == ("resnet18@layer2-3ch", "student", "resnet18", "bottleneck")
+    assert s.bottleneck_shape == (3, 29, 29) and s.head_output_shape == (128, 28, 28)
+    assert (s.encoder_params, s.encoder_macs) == (10432, 118659840)
+    t = analyze("resnet18").summary
+    assert s.tail_params == t.tail_params and s.tail_macs == t.tail_macs  # the teacher's own tail
+    assert t.head_output_shape == t.bottleneck_shape == (128, 28, 28)
+    assert s.bottleneck_bytes["int8"] == 3 * 29 * 29

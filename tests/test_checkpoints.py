@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.serialization as ser
 
-from hnd.checkpoints import atomic_save, load_model, read_checkpoint, save_checkpoint
+from hnd.checkpoints import FORMAT_VERSION, atomic_save, load_model, read_checkpoint, save_checkpoint
 from hnd.errors import HndError
-from hnd.students import build_student
+from hnd.registry import build_student, resolve
 
 from conftest import PAPER_TEACHERS, randomize
 from original_layout import (hnd_checkpoint, kd_checkpoint, naive_checkpoint, original_head_state,
@@ -97,6 +97,48 @@ def test_own_format_round_trip_student_and_head(students, pretrained, tmp_path):
     loaded = load_model(STUDENT["resnet152"], tmp_path / "h.pt")
     assert_same_weights(loaded.head, student.head)
     assert not torch.equal(loaded.tail.fc.weight, student.tail.fc.weight)  # tail: pretrained teacher
+
+
+def test_own_format_rebuilds_from_the_file_alone(students, tmp_path):
+    """Our checkpoints record the model's spec: ``load_model(None, path)`` rebuilds it, and a
+    :class:`Checkpoint` already read loads the same (no second read)."""
+    student = students["inception_v3"]
+    name = STUDENT["inception_v3"]
+    save_checkpoint(tmp_path / "s.pt", name, student, epoch=1)
+    ckpt = read_checkpoint(tmp_path / "s.pt")
+    assert ckpt.meta["spec"]["name"] == name and ckpt.meta["spec"]["design"] == "ver1b"
+    for loaded in (load_model(None, tmp_path / "s.pt"), load_model(None, ckpt), load_model(resolve(name), ckpt)):
+        assert loaded.spec == resolve(name)
+        assert_same_weights(loaded, student)
+    x = torch.randn(1, 3, 299, 299)
+    with torch.no_grad():
+        assert torch.equal(load_model(None, ckpt)(x), student.eval()(x))
+
+
+def test_own_format_before_specs_still_loads(students, tmp_path):
+    """hnd checkpoints written before specs were recorded (name only) load by name, or with
+    ``model=None`` from the recorded name."""
+    student = students["densenet169"]
+    name = STUDENT["densenet169"]
+    torch.save({"format": "hnd", "version": FORMAT_VERSION, "model": name, "part": "student",
+                "state_dict": student.state_dict(), "epoch": 4}, tmp_path / "old.pt")
+    for model in (name, None):
+        loaded = load_model(model, tmp_path / "old.pt")
+        assert str(loaded.spec) == name
+        assert_same_weights(loaded, student)
+
+
+def test_recorded_input_size_is_kept(tmp_path):
+    """A student trained at another input size rebuilds at that size (its generic head is
+    sized for it)."""
+    spec = resolve("resnet18-3ch").at_input_size(64)
+    student = spec.build(pretrained=False)
+    randomize(student, 7)
+    save_checkpoint(tmp_path / "small.pt", spec, student)
+    for model in (None, "resnet18@layer2-3ch"):
+        loaded = load_model(model, tmp_path / "small.pt")
+        assert loaded.spec == spec and loaded.spec.input_size == 64 and spec.head_output_shape == (128, 8, 8)
+        assert_same_weights(loaded, student)
 
 
 def test_teacher_checkpoint_plain_or_wrapped(tmp_path):

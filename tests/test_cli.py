@@ -12,7 +12,7 @@ import torch
 
 from hnd.checkpoints import save_checkpoint
 from hnd.cli import main
-from hnd.students import build_student
+from hnd.registry import build_student
 
 from conftest import randomize
 from original_layout import hnd_checkpoint, kd_checkpoint, naive_checkpoint
@@ -86,7 +86,11 @@ def test_eval_transform_sizes():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["inspect", "vgg16"], "unknown model 'vgg16'; teachers: densenet121"),
+    (["inspect", "vgg17"], "unknown teacher 'vgg17'"),
+    (["inspect", "resnet18@layer1.0.conv1"], "nearest valid split points: maxpool or layer1.0.add"),
+    (["inspect", "resnet18@fc"], "leaves no tail"),
+    (["inspect", "fasterrcnn_resnet50_fpn"], "detection model"),
+    (["inspect", "vit_b_16-3ch"], "[C, H, W]"),
     (["inspect", "densenet169_head_mimic-ver2b-0ch"], "positive integer"),
     (["inspect", "densenet169_head_mimic-ver2b-1.5ch"], "positive integer"),
     (["predict", "densenet169", "{missing}"], "image not found"),

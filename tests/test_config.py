@@ -140,8 +140,16 @@ def test_unknown_method_lists_methods():
 
 
 def test_unknown_model():
-    message = error(resolve_config, "vgg16", "teacher")
-    assert "vgg16" in message and "densenet169" in message
+    message = error(resolve_config, "vgg17", "teacher")
+    assert "vgg17" in message and "vgg16" in message  # names similar torchvision classifiers
+
+
+def test_any_torchvision_teacher_and_generic_student():
+    config = resolve_config("vgg11", "teacher")
+    assert config.model == "vgg11" and config.spec.teacher.name == "vgg11"
+    config = resolve_config("resnet18-3ch", "hnd", assignments=["input_size=96"])
+    assert config.model == "resnet18@layer2-3ch"  # canonical name
+    assert config.model_spec.input_size == 96 and config.model_spec.head_output_shape == (128, 12, 12)
 
 
 def test_config_file_cannot_change_model_or_method(tmp_path):

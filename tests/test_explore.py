@@ -80,3 +80,12 @@ def test_unknown_profile_is_a_one_line_error():
 def test_shortlist_keeps_one_teacher_split(explorer):
     every = [o for o in explorer.shown]
     assert shortlist(every, 10.0, 20.0) == every
+
+
+def test_a_backbone_outside_the_paper_families():
+    explorer = SplitExplorer(("resnet18",), rate_mbps=10.0, rtt_ms=20.0)
+    labels = [o.label for o in explorer.shown]
+    assert "local resnet18" in labels and "HND student 3ch int8" in labels
+    [split] = [o for o in explorer.shown if o.kind == "teacher_split"]
+    assert split.label.startswith("resnet18 split after ") and ".conv" not in split.label
+    assert "Best at 10 Mbps" in explorer.summary.value

@@ -13,7 +13,7 @@ from conftest import error, randomize
 from hnd.checkpoints import load_model, save_checkpoint
 from hnd.cli import main
 from hnd.export import PARTS, check_onnx, export_onnx, load_part, run_onnx
-from hnd.models import build_model
+from hnd.registry import build_model
 
 NAME = "resnet50_head_mimic-ver2b-3ch"
 TOL = 1e-4
@@ -74,6 +74,31 @@ def test_chained_parts_give_the_students_logits(exported, student):
 def test_load_part_gives_real_shapes(checkpoint):
     module, z = load_part(NAME, "server", checkpoint=checkpoint, batch=2)
     assert tuple(z.shape) == (2, 3, 29, 29) and not module.training
+
+
+def test_a_student_of_any_teacher_exports(tmp_path):
+    """Both parts of a generic student of a torchvision teacher (MobileNetV3, its tail a traced
+    graph) export and match PyTorch; chained, they give the student's logits."""
+    name = "mobilenet_v3_large-3ch"
+    model = build_model(name, pretrained=False)
+    randomize(model, seed=4)
+    path = tmp_path / "student.pt"
+    save_checkpoint(path, name, model)
+    parts = {part: export_onnx(name, part, tmp_path / f"{part}.onnx", checkpoint=str(path)) for part in PARTS}
+    student = load_model(name, path)
+    encoder, server = student.split()
+    x = _images(2, seed=8)
+    with torch.no_grad():
+        z, expected = encoder(x), student(x)
+    assert tuple(z.shape) == (2, 3, 29, 29)
+    scale = float(expected.abs().max())
+    assert check_onnx(parts["encoder"], encoder, x) <= TOL * max(1.0, float(z.abs().max()))
+    assert check_onnx(parts["server"], server, z) <= TOL * max(1.0, scale)
+    logits = run_onnx(parts["server"], run_onnx(parts["encoder"], x))
+    assert (logits - expected).abs().max() <= TOL * max(1.0, scale)
+    assert torch.equal(logits.argmax(1), expected.argmax(1))
+    module, z = load_part(name, "server", checkpoint=path, batch=3)
+    assert tuple(z.shape) == (3, 3, 29, 29) and not module.training
 
 
 def test_errors_are_one_line(tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ from hnd.cli import main
 from hnd.codec import tensor_bytes
 from hnd.latency import (DeviceProfile, Option, crossovers, list_device_profiles, load_device_profile,
                          measure_device_profile, measure_input_codec, options, plan, save_device_profile)
-from hnd.students import StudentName
+from hnd.registry import student_spec
 
 
 def row(name: str, macs: int, part: str = "head") -> LayerRow:
@@ -35,6 +35,16 @@ def test_profile_seconds_measured_fallback_and_scale():
     # a student's tail layers reuse its teacher's measurements
     p = DeviceProfile("toy", "", "", 1e9, {"densenet169": {"tail.x": 0.5}})
     assert p.seconds("densenet169_head_mimic-ver2b-3ch", [row("tail.x", 0, "tail")]) == [0.5]
+
+
+def test_teacher_layers_fall_back_to_the_teachers_measurements():
+    p = DeviceProfile("toy", "", "", 1e9, {"resnet18": {"tail.layer3.0.conv1": 0.5, "head.layer2.0.conv1": 0.25}})
+    student = "resnet18@layer2-3ch"
+    assert p.seconds(student, [row("tail.layer3.0.conv1", 0, "tail")]) == [0.5]
+    assert p.seconds("resnet18@layer1-3ch", [row("tail.layer2.0.conv1", 0, "tail")]) == [0.25]  # head there
+    assert p.seconds("resnet18@layer3", [row("head.layer3.0.conv1", 0, "head")]) == [0.5]  # a teacher cut deeper
+    assert p.seconds(student, [row("encoder.0", 10**9, "encoder"), row("tail.fc", 10**6, "tail")]) == [1.0, 0.001]
+    assert p.seconds("resnet34-3ch", [row("tail.layer3.0.conv1", 0, "tail")]) == [0.0]  # another teacher
 
 
 def test_delay_equals_hand_formula():
@@ -155,7 +165,7 @@ def test_options_cover_every_choice(teacher):
     labels = {o.label for o in opts}
     assert len(labels) == len(opts)
     for c in (3, 6, 9, 12):
-        z = analyze(str(StudentName(teacher, c))).summary.bottleneck_shape
+        z = analyze(student_spec(teacher, c)).summary.bottleneck_shape
         for fmt in ("fp32", "fp16", "int8", "int8+zlib"):
             [o] = [o for o in opts if o.label == f"HND student {c}ch {fmt}"]
             expected = tensor_bytes(z, "int8") * 0.5 if fmt == "int8+zlib" else tensor_bytes(z, fmt)
@@ -177,8 +187,51 @@ def test_options_details_and_errors():
     assert student.encode_s == pytest.approx(student.bytes / 1e6) and student.accuracy is None
     assert "lossless_ratio" in error(options, "resnet152", device, server, formats=("int8+zlib",))
     assert "unknown tensor format" in error(options, "resnet152", device, server, formats=("int4",))
-    assert "unknown teacher" in error(options, "alexnet", device, server)
+    assert "unknown teacher" in error(options, "alexnet9", device, server)
+    assert "not the student" in error(options, "resnet18-3ch", device, server)
     assert "positive integer" in error(options, "resnet152", device, server, channels=(0,))
+
+
+def test_options_of_a_traced_teacher_split_only_where_one_tensor_crosses():
+    device = DeviceProfile("d", "", "", 1e10, encode_bytes_per_s=1e8)
+    server = DeviceProfile("s", "", "", 1e12)
+    opts = options("resnet18", device, server, channels=(3, 12), formats=("int8",))
+    rows = analyze("resnet18").rows
+    cuts = [r for r in rows[:-1] if r.cut]
+    assert len(cuts) < len(rows) - 1  # rows inside ResNet's residual blocks are no split points
+    splits = [o for o in opts if o.kind == "teacher_split"]
+    assert [s.bytes for s in splits] == [tensor_bytes(r.output_shape, "int8") for r in cuts]
+    total = sum(r.macs for r in rows) / 1e10
+    assert all(s.device_s + s.server_s * 100 == pytest.approx(total) for s in splits)
+    labels = [o.label for o in opts]
+    assert len(set(labels)) == len(labels)
+    assert {"local resnet18", "resnet18 split after maxpool int8", "resnet18 split after layer2.0 int8",
+            "resnet18 split after layer2 int8", "resnet18 split after layer4 int8"} <= set(labels)
+    assert not [label for label in labels if "conv1" in label.replace("after conv1 ", "")]
+    assert next(o for o in opts if o.kind == "local").accuracy == pytest.approx(69.758)
+    for c in (3, 12):
+        spec = student_spec("resnet18", c)
+        assert str(spec) == f"resnet18@layer2-{c}ch"
+        [o] = [o for o in opts if o.label == f"HND student {c}ch int8"]
+        assert o.bytes == tensor_bytes(analyze(spec).summary.bottleneck_shape, "int8") == tensor_bytes((c, 29, 29),
+                                                                                                     "int8")
+    # at another split point the students move with it
+    deeper = options("resnet18@layer3", device, server, channels=(3,), formats=("fp32",), small_model=False)
+    [s] = [o for o in deeper if o.kind == "student"]
+    srows = analyze("resnet18@layer3-3ch").rows
+    assert srows[-len([r for r in srows if r.part == "tail"])].name == "tail.layer4.0.conv1"
+    assert s.bytes == tensor_bytes(analyze("resnet18@layer3-3ch").summary.bottleneck_shape, "fp32")
+    assert s.server_s == pytest.approx(sum(r.macs for r in srows if r.part != "encoder") / 1e12)
+
+
+def test_measured_profile_of_a_traced_teacher_and_its_student():
+    p = measure_device_profile(["resnet18", "resnet18-3ch"], repeats=1, warmup=0)
+    assert set(p.layer_seconds) == {"resnet18", "resnet18@layer2-3ch"}  # canonical names
+    assert set(p.layer_seconds["resnet18"]) == {r.name for r in analyze("resnet18").rows}
+    student = analyze("resnet18@layer2-3ch").rows
+    assert set(p.layer_seconds["resnet18@layer2-3ch"]) == {r.name for r in student if r.part != "tail"}
+    tail = [r for r in student if r.part == "tail"]
+    assert p.seconds("resnet18-3ch", tail) == [p.layer_seconds["resnet18"][r.name] for r in tail]
 
 
 # --- command line ----------------------------------------------------------------------------
@@ -200,7 +253,7 @@ def test_cli_plan_table_and_json(capsys):
 @pytest.mark.parametrize("argv,expected", [
     (["plan", "densenet169", "--rate", "0"], "data rate must be a positive"),
     (["plan", "densenet169", "--rate", "10", "--device", "nope"], "unknown device profile 'nope'"),
-    (["plan", "vgg16", "--rate", "10"], "unknown teacher 'vgg16'"),
+    (["plan", "vgg99", "--rate", "10"], "unknown teacher 'vgg99'"),
 ])
 def test_cli_plan_errors(capsys, argv, expected):
     assert main(argv) == 2

@@ -17,6 +17,7 @@ from hnd.errors import HndError
 from hnd.losses import head_mse_loss, kd_loss
 import hnd.methods
 from hnd.methods import build_reference_teacher, build_task, check_input_size
+from hnd.registry import resolve
 from hnd.teachers import build_teacher
 from hnd.training import make_optimizer
 
@@ -203,10 +204,10 @@ def test_one_training_step(teacher, method, pretrained, teachers):
 
 def test_too_small_input_for_the_autoencoder():
     config = TrainConfig(model="resnet50", method="ae", pretrained=False, input_size=32)
-    task = build_task(config, num_classes=1000)
-    message = str(pytest.raises(HndError, check_input_size, task, 32).value)
-    assert "input_size=32" in message and "\n" not in message
-    check_input_size(task, 64)  # 8x8 head output: the AE trims it to 4x4
+    message = str(pytest.raises(HndError, build_task, config, num_classes=1000).value)
+    assert "5x5" in message and "512x4x4" in message and "\n" not in message  # layer2 is 4x4 at 32 px
+    config = TrainConfig(model="resnet50", method="ae", pretrained=False, input_size=64)
+    check_input_size(build_task(config, num_classes=1000), 64)  # 8x8 head output: the AE trims it to 4x4
 
 
 @pytest.mark.parametrize("teacher, size, side", [("densenet169", 224, 10), ("densenet201", 224, 10),
@@ -214,7 +215,7 @@ def test_too_small_input_for_the_autoencoder():
 def test_autoencoder_bottleneck_at_official_sizes(teacher, size, side):
     """bc x 10 x 10 (DenseNets), 24 x 24 (ResNet-152), 31 x 31 (Inception-v3), §3.5; shapes only."""
     with torch.device("meta"):
-        model = build_ae_model(teacher, build_teacher(teacher, pretrained=False), 3)
+        model = build_ae_model(resolve(teacher), build_teacher(teacher, pretrained=False), 3)
         x = torch.empty(2, 3, size, size)
         assert model.encode(x).shape == (2, 3, side, side)
         h = model.head(x)

@@ -16,9 +16,9 @@ from hnd.data import ImageDataset, check_layout, eval_transform, load_image
 from hnd.evaluation import evaluate, eval_loader
 from hnd.rate import (RatePoint, bottleneck_rate, eval_transform_parts, input_rate, select_samples, split_stages,
                       teacher_split_rate)
-from hnd.students import student_from_teacher
+from hnd.registry import resolve, student_from_teacher
 from hnd.synth import write_synthetic_dataset
-from hnd.teachers import teacher_stages
+from hnd.teachers import teacher_spec, teacher_stages
 
 from conftest import error
 
@@ -39,7 +39,7 @@ def val(tmp_path_factory) -> list[tuple[str, int]]:
 def models() -> tuple[torch.nn.Module, torch.nn.Module]:
     torch.manual_seed(0)
     teacher = build_model(TEACHER, pretrained=False, num_classes=CLASSES)
-    return teacher, student_from_teacher(STUDENT, teacher).eval()
+    return teacher, student_from_teacher(resolve(STUDENT), teacher).eval()
 
 
 def _relabel(model, name: str, samples, size: int = SIZE) -> list[tuple[str, int]]:
@@ -85,7 +85,7 @@ def test_bottleneck_fp32_is_plain_evaluation_and_bytes_follow_the_shape(val, mod
 def test_bottleneck_of_an_autoencoder_with_fewer_images(val, models):
     teacher, _ = models
     torch.manual_seed(1)
-    ae = build_ae_model(TEACHER, teacher, 2).eval()
+    ae = build_ae_model(resolve(TEACHER), teacher, 2).eval()
     points = bottleneck_rate(ae, TEACHER, val, ["int8", "fp32"], label="AE 2ch", max_images=3,
                              **{**KW, "input_size": 64})
     assert [(p.label, p.setting, p.images) for p in points] == [("AE 2ch", "int8", 3), ("AE 2ch", "fp32", 3)]
@@ -129,7 +129,7 @@ def test_teacher_split_fp32_is_the_teacher_at_every_stage(val, models):
     assert all(_same_accuracy(p, plain) for p in points)
     h, numels = torch.zeros(1, 3, SIZE, SIZE), {}
     with torch.no_grad():
-        for name, stage in teacher_stages(TEACHER, teacher)[:len(stages)]:
+        for name, stage in teacher_stages(teacher_spec(TEACHER), teacher)[:len(stages)]:
             h = stage(h)
             numels[name] = h[0].numel()
     assert [p.bytes for p in points] == [4 * numels[s] for s in stages]
@@ -141,6 +141,34 @@ def test_teacher_split_chosen_stages_default_format(val, models):
     assert [p.setting for p in points] == ["layer2", "layer4"]  # teacher order
     assert points[0].bytes < 512 * 4 * 4 + 8 + 16  # int8 codes, zlib adds at most a few bytes
     assert points[1].bytes < 2048 + 8 + 16
+
+
+def test_teacher_split_of_a_traced_teacher(val, monkeypatch):
+    """A teacher outside the paper families is split at the points of its traced graph (never
+    inside a residual block); fp32 is the teacher's own accuracy at each, and the tail runs on
+    what was received."""
+    import hnd.rate
+
+    torch.manual_seed(0)
+    teacher = build_model("resnet18", pretrained=False, num_classes=CLASSES)
+    valid = split_stages("resnet18", teacher)
+    assert {"maxpool", "layer2.0", "layer2", "layer3.0.add", "avgpool"} <= set(valid)
+    assert not {"layer2.0.conv1", "layer2.0.bn2", "fc"} & set(valid)
+    samples = _relabel(teacher, "resnet18", val)
+    plain = _plain(teacher, "resnet18", samples)
+    chosen = ["maxpool", "layer2", "layer3.0", "avgpool"]
+    points = teacher_split_rate(teacher, "resnet18@layer3", samples, "fp32", stages=chosen[::-1], **KW)
+    assert [(p.kind, p.label, p.setting) for p in points] == [("teacher_split", "resnet18", s) for s in chosen]
+    assert all(_same_accuracy(p, plain) for p in points)
+    assert [p.bytes for p in points] == [4 * n for n in (64 * 8 * 8, 128 * 4 * 4, 256 * 2 * 2, 512)]  # at 32 px
+    assert "'layer2.0.conv1'" in error(teacher_split_rate, teacher, "resnet18", val, stages=["layer2.0.conv1"], **KW)
+
+    monkeypatch.setattr(hnd.rate, "tensor_roundtrip", lambda z, fmt: (torch.full_like(z, 0.5), [7] * len(z)))
+    seen = []
+    _record_inputs(teacher.layer3[0].conv1, seen)
+    (point,) = teacher_split_rate(teacher, "resnet18", val, stages=["layer2"], **KW)
+    assert point.bytes == 7  # the head stops at layer2: layer3 runs once, in the tail, on what was received
+    assert [h.shape for h in seen] == [(6, 128, 4, 4)] and bool((seen[0] == 0.5).all())
 
 
 def _record_inputs(module: torch.nn.Module, seen: list) -> None:
@@ -155,7 +183,7 @@ def test_server_runs_on_what_was_received(val, monkeypatch):
 
     torch.manual_seed(0)
     teacher = build_model(TEACHER, pretrained=False, num_classes=CLASSES)
-    student = student_from_teacher(STUDENT, teacher).eval()
+    student = student_from_teacher(resolve(STUDENT), teacher).eval()
     monkeypatch.setattr(hnd.rate, "tensor_roundtrip", lambda z, fmt: (torch.full_like(z, 0.5), [7] * len(z)))
     monkeypatch.setattr(hnd.rate, "decode_image", lambda data: Image.new("RGB", (SIZE, SIZE)))
     decoder_in, layer2_in, conv1_in = [], [], []

@@ -21,7 +21,7 @@ from hnd.errors import HndError
 from hnd.protocol import (FORMAT_CODES, MAGIC, FrameError, decode_request, decode_response, encode_error,
                           encode_request, encode_result, header_bytes, read_frame, request_bytes)
 from hnd.serving import EdgeClient, parse_address
-from hnd.students import build_student
+from hnd.registry import build_student
 
 NAME = "resnet50_head_mimic-ver2b-3ch"
 SHAPE = (3, 29, 29)  # the bottleneck at 224 px
@@ -191,6 +191,33 @@ def test_concurrent_edge_devices_are_batched(server, model):
     assert all(r["topk"][0]["index"] == expected for r in results)
     assert max(r["batch"] for r in results) > 1
     assert re.search(r"batch [2-8] ", log_path.read_text())
+
+
+def test_a_student_of_any_teacher_serves_like_one_process():
+    """``hnd serve`` with --random-weights for a generic student (ResNet-18 cut after layer2,
+    its tail a traced graph): an edge client holding the same fixed weights gets exactly the
+    single-process top-k, and the server takes the bottleneck of the spec's input size."""
+    from hnd.serving import load_student
+
+    name = "resnet18@layer2-3ch"
+    model = load_student(name, pretrained=False, random_seed=0)  # the weights of --random-weights
+    proc = subprocess.Popen([sys.executable, "-m", "hnd", "serve", "resnet18-3ch", "--random-weights", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = _ready_line(proc, timeout=120)
+        assert f"{name} on " in line and "bottleneck 3x29x29" in line
+        address = re.search(r" on (\S+:\d+) ", line).group(1)
+        with EdgeClient(name, model, address, "fp32") as client:
+            for seed in range(2):
+                x = _image(seed)
+                got = client.classify(x)
+                assert [(t["index"], t["prob"]) for t in got["topk"]] == _local_topk(model, x)
+                assert got["payload_bytes"] == 4 * 3 * 29 * 29
+    finally:
+        proc.kill()
+        proc.wait(10)
+        proc.stdout.close()
+    assert "teacher" in error(load_student, "resnet18", pretrained=False)
 
 
 def _raw(address: str) -> socket.socket:

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from hnd.errors import HndError
-from hnd.students import StudentHead, build_student, check_channels, parse_student_name
+from hnd.registry import build_student, resolve
+from hnd.students import GenericHead, Student, StudentHead, check_channels
 from hnd.teachers import TEACHERS, teacher_spec
 
 from conftest import OFFICIAL_STUDENTS
@@ -47,10 +48,13 @@ def test_original_weight_init():
 def test_official_students_shapes_and_split(name):
     torch.manual_seed(0)
     student = build_student(name, pretrained=False)
-    assert str(student.name) == name
-    size = teacher_spec(student.name.teacher).input_size
+    assert isinstance(student, Student) and isinstance(student.head, StudentHead)
+    assert str(student.spec) == name and student.spec == resolve(name) and student.spec.official
+    size = teacher_spec(student.spec.teacher.name).input_size
+    assert student.spec.input_size == size
     x = torch.randn(1, 3, size, size)
-    bc = student.name.bottleneck_channels
+    bc = student.spec.channels
+    assert bc == int(name.rsplit("-", 1)[1][:-2])
     side = 37 if size == 299 else 29
     with torch.no_grad():
         z = student.encode(x)
@@ -67,13 +71,14 @@ def test_official_students_shapes_and_split(name):
 def test_smaller_family_members_share_the_head():
     for teacher in ("densenet121", "resnet50", "resnet101"):
         student = build_student(f"{teacher}_head_mimic-ver2b-6ch", pretrained=False)
+        assert isinstance(student.head, StudentHead) and student.spec.official
         with torch.no_grad():
             assert student(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
 
 
 def test_any_positive_channel_count():
-    name = parse_student_name("densenet169_head_mimic-ver2b-17ch")
-    assert name.bottleneck_channels == 17 and str(name) == "densenet169_head_mimic-ver2b-17ch"
+    spec = resolve("densenet169_head_mimic-ver2b-17ch")
+    assert spec.channels == 17 and str(spec) == "densenet169_head_mimic-ver2b-17ch" and spec.official
     assert StudentHead("inception", 1).encoder[6].out_channels == 1
 
 
@@ -83,12 +88,19 @@ def test_any_positive_channel_count():
     ("densenet169_head_mimic-ver2b-2.5ch", "positive integer"),
     ("densenet169_head_mimic-ver2b-xch", "positive integer"),
     ("densenet169_head_mimic-ver1b-3ch", "use head version ver2b"),
-    ("vgg16_head_mimic-ver2b-3ch", "valid teachers"),
-    ("densenet169", "not a student name"),
+    ("inception_v3_head_mimic-ver2b-3ch", "use head version ver1b"),
+    ("vgg16_head_mimic-ver2b-3ch", "the original's students exist for densenet121"),
+    ("densenet169_head_mimic-3ch", "not a student name"),
 ])
 def test_bad_student_names(bad, message):
-    with pytest.raises(HndError, match=message):
-        parse_student_name(bad)
+    with pytest.raises(HndError, match=message) as info:
+        resolve(bad)
+    assert "\n" not in str(info.value)
+
+
+def test_a_teacher_name_is_not_a_student():
+    with pytest.raises(HndError, match="densenet169 is a teacher; students are named like densenet169@POINT-3ch"):
+        build_student("densenet169", pretrained=False)
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, "3.5", True, None])
@@ -99,4 +111,43 @@ def test_bad_channel_values(bad):
 
 def test_every_teacher_has_a_student_design():
     for teacher in TEACHERS:
-        assert parse_student_name(f"{teacher}_head_mimic-ver{'1b' if teacher == 'inception_v3' else '2b'}-3ch")
+        spec = resolve(f"{teacher}_head_mimic-ver{'1b' if teacher == 'inception_v3' else '2b'}-3ch")
+        assert spec.official and spec.teacher.name == teacher and spec.split_point == TEACHERS[teacher].split_point
+
+
+# GenericHead (its docstring): a ver2b encoder with the teacher's stem; the bottleneck conv is
+# 2x2 stride 2 (z: S/8+1) when the head's output stride is about 8 or more, else 3x3 stride 1 (S/4).
+@pytest.mark.parametrize("output, size, z_side", [
+    ((128, 28, 28), 224, 29),  # ResNet-18 layer2: stride 8
+    ((40, 28, 28), 224, 29),  # MobileNetV3 features.6
+    ((1024, 14, 14), 224, 29),  # stride 16: the same bottleneck, pooled down by the decoder
+    ((64, 56, 56), 224, 56),  # stride 4: 3x3 stride 1
+    ((128, 8, 8), 64, 9),  # a small input
+])
+def test_generic_head_shapes(output, size, z_side):
+    torch.manual_seed(0)
+    head = GenericHead(5, output, size).eval()
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        z = head.encoder(x)
+        assert tuple(z.shape) == (2, 5, z_side, z_side)
+        assert tuple(head(x).shape) == (2, *output)
+        assert torch.equal(head.decoder(z), head(x))
+    assert all(m.bias is None for m in head.modules() if isinstance(m, nn.Conv2d))
+    assert isinstance(head.decoder[-1], nn.AdaptiveAvgPool2d)
+
+
+def test_generic_head_takes_the_teacher_stem():
+    head = GenericHead(3, (24, 28, 28), 224, stem_channels=16, stem_kernel=3)  # MobileNet: 16 channels, 3x3
+    assert list(head.encoder[0].weight.shape) == [16, 3, 3, 3]
+    assert list(head.encoder[6].weight.shape) == [3, 16, 2, 2]
+    # With ResNet's stem (64 channels, 7x7) a generic encoder is laid out like the original's
+    # ver2b encoder, tensor for tensor.
+    generic, official = GenericHead(3, (128, 28, 28), 224), StudentHead("resnet", 3)
+    shapes = [tuple(t.shape) for t in generic.encoder.state_dict().values()]
+    assert shapes == [tuple(t.shape) for t in official.encoder.state_dict().values()]
+
+
+def test_generic_head_rejects_no_channels():
+    with pytest.raises(HndError, match="positive integer"):
+        GenericHead(0, (128, 28, 28), 224)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from hnd.errors import HndError
-from hnd.teachers import TEACHERS, build_teacher, split_teacher, teacher_spec, teacher_stages, weights_path
+from hnd.teachers import (TEACHERS, build_teacher, default_split_point, split_teacher, teacher_spec, teacher_stages,
+                          weights_path)
 
 from conftest import PAPER_TEACHERS
 
@@ -36,7 +37,7 @@ def test_every_split_point_is_exact(name):
     x = torch.randn(1, 3, size, size)
     with torch.no_grad():
         expected = teacher(x)
-        for stage, _ in teacher_stages(name, teacher)[:-1]:
+        for stage, _ in teacher_stages(teacher_spec(name), teacher)[:-1]:
             head, tail = split_teacher(name, teacher, stage)
             assert torch.equal(tail(head(x)), expected), stage
 
@@ -57,14 +58,14 @@ def test_paper_weights_are_imagenet1k_v1():
     for name in TEACHERS:
         assert teacher_spec(name).weights.name == "IMAGENET1K_V1"
     # ResNet-152 V1 (78.31%) rather than torchvision's default V2 (82.3%).
-    assert weights_path("resnet152").name == "resnet152-394f9c45.pth"
+    assert weights_path(teacher_spec("resnet152")).name == "resnet152-394f9c45.pth"
     assert teacher_spec("resnet152").weights.meta["_metrics"]["ImageNet-1K"]["acc@1"] == pytest.approx(78.312)
 
 
 @pytest.mark.parametrize("name", PAPER_TEACHERS)
 def test_pretrained_weights_load_from_torch_cache(name, pretrained, torch_home):
     state = pretrained(name)
-    assert str(weights_path(name)).startswith(str(torch_home))
+    assert str(weights_path(teacher_spec(name))).startswith(str(torch_home))
     teacher = build_teacher(name)
     loaded = teacher.state_dict()
     assert not teacher.training
@@ -86,7 +87,7 @@ def test_pretrained_weights_load_from_torch_cache(name, pretrained, torch_home):
 
 
 def test_missing_weights_name_the_file_and_place(torch_home):
-    path = weights_path("densenet121")
+    path = weights_path(teacher_spec("densenet121"))
     assert not path.exists()
     with pytest.raises(HndError) as err:
         build_teacher("densenet121")
@@ -95,7 +96,7 @@ def test_missing_weights_name_the_file_and_place(torch_home):
 
 def test_wrong_or_unsafe_weights_file_is_a_clear_error(pretrained, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    path = weights_path("resnet101")
+    path = weights_path(teacher_spec("resnet101"))
     path.parent.mkdir(parents=True)
     torch.save(build_teacher("resnet50", pretrained=False).state_dict(), path)  # a resnet50 file
     with pytest.raises(HndError, match="do not fit resnet101"):
@@ -112,8 +113,58 @@ def test_wrong_or_unsafe_weights_file_is_a_clear_error(pretrained, tmp_path, mon
 
 
 def test_unknown_teacher_and_split_point():
-    with pytest.raises(HndError, match="valid teachers: densenet121"):
-        teacher_spec("vgg16")
+    with pytest.raises(HndError, match="unknown teacher 'vgg17'.*similar: .*vgg11"):
+        teacher_spec("vgg17")
     teacher = build_teacher("resnet50", pretrained=False)
-    with pytest.raises(HndError, match="valid: conv1"):
+    with pytest.raises(HndError, match="'layer9' is not a layer of resnet50; valid split points include conv1"):
         split_teacher("resnet50", teacher, "layer9")
+    with pytest.raises(HndError, match="'fc' is the classifier of resnet50"):
+        split_teacher("resnet50", teacher, "fc")
+
+
+def test_any_torchvision_classifier_is_a_teacher():
+    spec = teacher_spec("mobilenet_v3_large")
+    assert (spec.family, spec.input_size, spec.staged) == ("mobilenetv3", 224, False)
+    assert spec.weights is not None and spec.top1 is not None
+    assert teacher_spec("vit_h_14").input_size == 518  # torchvision's SWAG weights: 518 px
+    assert teacher_spec("efficientnet_b7").input_size == 600
+    assert teacher_spec("inception_v3").input_size == 299 and teacher_spec("inception_v3").resize_size == 327
+
+
+# Teachers off the papers' stage lists, in torchvision's file layout (conftest): GoogLeNet with its
+# auxiliary classifiers, densenet161 with old 'norm.1' keys, a vision transformer whose position
+# embedding fits its input size, and two common mobile networks.
+OTHER_TEACHERS = ["resnet18", "mobilenet_v3_large", "googlenet", "densenet161", "vit_b_32"]
+
+
+@pytest.mark.parametrize("name", OTHER_TEACHERS)
+def test_any_teacher_loads_its_torchvision_file(name, pretrained):
+    state = pretrained(name)
+    spec = teacher_spec(name)
+    assert weights_path(spec).name == spec.weights.url.rsplit("/", 1)[1]
+    teacher = build_teacher(name)
+    assert not teacher.training
+    loaded = teacher.state_dict()
+    file_values = {k.replace("norm.1", "norm1").replace("norm.2", "norm2").replace("conv.1", "conv1")
+                   .replace("conv.2", "conv2"): v for k, v in state.items()}
+    for key, value in loaded.items():
+        if key.endswith("num_batches_tracked") and key not in file_values:
+            continue  # absent from old DenseNet files
+        assert torch.equal(value, file_values[key]), key
+    if name == "googlenet":  # the file's auxiliary classifiers are dropped, its input transform is on
+        assert any(k.startswith("aux1.") for k in state) and not any(k.startswith("aux") for k in loaded)
+        assert teacher.transform_input
+    size = spec.input_size
+    x = torch.randn(1, 3, size, size)
+    head, tail = split_teacher(spec, teacher)
+    with torch.no_grad():
+        assert torch.equal(tail(head(x)), teacher(x))
+    if name in ("resnet18", "mobilenet_v3_large"):  # the last stage at stride 8 (28x28 at 224)
+        assert default_split_point(spec) == {"resnet18": "layer2", "mobilenet_v3_large": "features.6"}[name]
+
+
+def test_pretrained_needs_a_thousand_classes(pretrained):
+    pretrained("resnet18")
+    with pytest.raises(HndError, match="1000 classes"):
+        build_teacher("resnet18", num_classes=10)
+    assert build_teacher("resnet18", pretrained=False, num_classes=10).fc.out_features == 10
