@@ -196,6 +196,3 @@ class NodeSteps(fx.Interpreter):
             n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target)))
         return self.step(f"{self.prefix}.{node_name(n)}", kind, module, lambda: super(NodeSteps, self).run_node(n))
 
-
-def is_tensor(value: object) -> bool:
-    return isinstance(value, torch.Tensor)

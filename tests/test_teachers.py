@@ -17,6 +17,16 @@ from conftest import PAPER_TEACHERS
 HEAD_OUTPUT = {"densenet": (256, 14, 14), "resnet": (512, 28, 28), "inception": (192, 35, 35)}
 
 
+def assert_loaded_from_file(loaded: dict, state: dict) -> None:
+    """Every tensor of the built teacher is the file's (DenseNet files use old 'norm.1' keys)."""
+    file_values = {k.replace("norm.1", "norm1").replace("norm.2", "norm2").replace("conv.1", "conv1")
+                   .replace("conv.2", "conv2"): v for k, v in state.items()}
+    for key, value in loaded.items():
+        if key.endswith("num_batches_tracked") and key not in file_values:
+            continue  # absent from old DenseNet files
+        assert torch.equal(value, file_values[key]), key
+
+
 @pytest.mark.parametrize("name", list(TEACHERS))
 def test_head_then_tail_equals_teacher(name):
     torch.manual_seed(0)
@@ -69,13 +79,7 @@ def test_pretrained_weights_load_from_torch_cache(name, pretrained, torch_home):
     teacher = build_teacher(name)
     loaded = teacher.state_dict()
     assert not teacher.training
-    # Every loaded tensor is the file's (DenseNet files use old 'norm.1' keys, remapped).
-    file_values = {k.replace("norm.1", "norm1").replace("norm.2", "norm2").replace("conv.1", "conv1")
-                   .replace("conv.2", "conv2"): v for k, v in state.items()}
-    for key, value in loaded.items():
-        if key.endswith("num_batches_tracked") and key not in file_values:
-            continue  # absent from old DenseNet files
-        assert torch.equal(value, file_values[key]), key
+    assert_loaded_from_file(loaded, state)
     if name == "inception_v3":
         assert teacher.transform_input and teacher.AuxLogits is None
         assert not any(k.startswith("AuxLogits") for k in loaded)
@@ -145,12 +149,7 @@ def test_any_teacher_loads_its_torchvision_file(name, pretrained):
     teacher = build_teacher(name)
     assert not teacher.training
     loaded = teacher.state_dict()
-    file_values = {k.replace("norm.1", "norm1").replace("norm.2", "norm2").replace("conv.1", "conv1")
-                   .replace("conv.2", "conv2"): v for k, v in state.items()}
-    for key, value in loaded.items():
-        if key.endswith("num_batches_tracked") and key not in file_values:
-            continue  # absent from old DenseNet files
-        assert torch.equal(value, file_values[key]), key
+    assert_loaded_from_file(loaded, state)
     if name == "googlenet":  # the file's auxiliary classifiers are dropped, its input transform is on
         assert any(k.startswith("aux1.") for k in state) and not any(k.startswith("aux") for k in loaded)
         assert teacher.transform_input
