@@ -37,10 +37,10 @@ from hnd.analysis import analyze
 from hnd.config import STUDENT_METHODS, apply_overrides, preset
 from hnd.distributed import pick_device
 from hnd.errors import HndError
-from hnd.methods import build_task
 from hnd.registry import resolve, student_spec
 from hnd.teachers import PAPER_TEACHERS
-from hnd.training import AMP_DTYPES, make_optimizer
+from hnd.methods import build_task, make_optimizer
+from hnd.training import AMP_DTYPES
 
 LEGEND = """\
 MACs per training step, per image, at the official input size (backward ~ 2x forward):
@@ -129,7 +129,7 @@ def _build(case: dict, device: torch.device):
                 module.to(memory_format=torch.channels_last)
     task.train_mode()
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
-    return task, make_optimizer(config, task.trained), scaler
+    return task, make_optimizer(config, task.trained)[0], scaler
 
 
 def measure(case: dict) -> dict:

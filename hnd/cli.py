@@ -29,6 +29,8 @@ MODELS_HELP = """model names (resolved once into a spec; `str(spec)` is the cano
                         the original's students of the papers' families (T: densenet121/169/201,
                         resnet50/101/152 with ver2b; inception_v3 with ver1b), any C > 0;
                         T@<official point>-<C>ch names the same student
+  <student>-entropic    that student with a learned entropy model, sent range-coded
+                        (--method entropic; hnd edge --compress entropy): resnet18-3ch-entropic
 
 The default split point of a paper family's teacher is the official one (densenet: transition2,
 resnet: layer2, inception_v3: maxpool2); of any other teacher, the end of its last stage at
@@ -165,9 +167,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     result = fit(config, args.data, out, resume=args.resume, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
         test = result["test"]
+        coded = f", {test['bytes_per_image']:.1f} bytes per image" if test.get("bytes_per_image") is not None else ""
         print(f"{config.method} {config.model}: best epoch {result['best_epoch']} "
               f"(selection top-1 {result['select_top1']:.2f}%); test top-1 {test['top1']:.2f}% "
-              f"top-5 {test['top5']:.2f}% on {test['images']} images; {result['checkpoint']}")
+              f"top-5 {test['top5']:.2f}% on {test['images']} images{coded}; {result['checkpoint']}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -184,7 +187,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         acc = result[who]
         if acc:
             label = "model" if who == "student" else "teacher"
-            print(f"  {label:8s} top-1 {acc['top1']:.2f}%  top-5 {acc['top5']:.2f}%  ({acc['images']} images)")
+            coded = (f", {acc['bytes_per_image']:.1f} bytes per image range-coded one at a time"
+                     if acc.get("bytes_per_image") is not None else "")
+            print(f"  {label:8s} top-1 {acc['top1']:.2f}%  top-5 {acc['top5']:.2f}%  ({acc['images']} images{coded})")
 
 
 def cmd_data_synth(args: argparse.Namespace) -> None:
@@ -251,18 +256,19 @@ def _ms(seconds: float) -> str:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from hnd.latency import crossovers, load_device_profile, measure_input_codec, options, plan
+    from hnd.latency import coded_student, crossovers, load_device_profile, measure_input_codec, options, plan
     from hnd.registry import resolve
 
-    spec = resolve(args.name)
+    spec = resolve(args.name).at_input_size(args.input_size)
     if spec.is_student:
         raise HndError(f"hnd plan takes a teacher (its students are planned with it), not the student {spec}; "
                        f"e.g. {spec.teacher_spec()}")
     device, server = load_device_profile(args.device), load_device_profile(args.server)
     codec = measure_input_codec(spec, args.images, args.codec, args.quality) if args.images else None
+    coded = [coded_student(run) for run in args.entropic]
     opts = options(spec, device, server, channels=args.channels, formats=args.formats,
                    lossless_ratio=args.lossless_ratio, input_bytes=args.input_bytes, split_format=args.split_format,
-                   input_codec=codec)
+                   input_codec=codec, coded=coded)
     ranked = plan(opts, args.rate, args.rtt)
     cross = crossovers(opts, args.rtt)
     if args.json:
@@ -357,7 +363,10 @@ def cmd_edge(args: argparse.Namespace) -> None:
         raise HndError(f"--bits must be 32, 16 or 8, got {args.bits}")
     if args.compress == "zlib" and args.bits != 8:
         raise HndError("--compress zlib applies to --bits 8 only (float tensors barely compress)")
-    fmt = {32: "fp32", 16: "fp16", 8: "int8"}[args.bits] + ("+zlib" if args.compress == "zlib" else "")
+    if args.compress == "entropy":
+        fmt = "entropy"  # the student's own range coder; --bits does not apply
+    else:
+        fmt = {32: "fp32", 16: "fp16", 8: "int8"}[args.bits] + ("+zlib" if args.compress == "zlib" else "")
     spec = resolve(args.name)
     images = [image_tensor(spec, path) for path in args.images]
     model = _split_student(args, spec)
@@ -380,7 +389,7 @@ def cmd_edge(args: argparse.Namespace) -> None:
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", help="student name (naive, kd, hnd) or teacher name (ae, teacher)")
-    p.add_argument("--method", required=True, help="naive | kd | hnd | ae | teacher")
+    p.add_argument("--method", required=True, help="naive | kd | hnd | ae | teacher | entropic")
     p.add_argument("--config", help="YAML file of config keys applied over the official preset")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config keys, e.g. epochs=2 lr=0.01")
 
@@ -427,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="top-1/top-5 of a checkpoint (and its teacher) on DATA/val")
     p.add_argument("name", help="the checkpoint's model name")
-    p.add_argument("--method", required=True, help="naive | kd | hnd | ae | teacher")
+    p.add_argument("--method", required=True, help="naive | kd | hnd | ae | teacher | entropic")
     p.add_argument("--checkpoint", required=True, help="original naive/KD/HND checkpoint or an hnd checkpoint")
     p.add_argument("--data", required=True, help="image folder with val/<class>/")
     p.add_argument("--student-only", action="store_true", help="skip the teacher")
@@ -486,6 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", metavar="DIR", help="measure the offloaded input: encode images found under DIR")
     p.add_argument("--codec", default="jpeg", help="with --images: jpeg | webp | png (default jpeg)")
     p.add_argument("--quality", type=int, default=75, help="with --images: codec quality 1-100 (default 75)")
+    p.add_argument("--entropic", nargs="+", default=[], metavar="RUN",
+                   help="finished entropic training runs (folders): plan their students with their measured bytes")
+    p.add_argument("--input-size", type=int, help="image side (default the teacher's; entropic runs need theirs)")
     p.add_argument("--top", type=int, default=20, help="rows of the table (default 20; 0 for all)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_plan)
@@ -521,7 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="the student's weights (the server's file)")
     p.add_argument("--random-weights", action="store_true", help="the fixed random weights of `serve --random-weights`")
     p.add_argument("--bits", type=int, default=8, help="32 (fp32), 16 (fp16) or 8 (int8, default)")
-    p.add_argument("--compress", choices=("none", "zlib"), default="none", help="with --bits 8: zlib the codes")
+    p.add_argument("--compress", choices=("none", "zlib", "entropy"), default="none",
+                   help="zlib: with --bits 8, zlib the codes; entropy: range-code the bottleneck with an entropic "
+                        "student's tables")
     p.add_argument("--rate-limit", type=float, metavar="MBPS", help="emulate a link of this many Mbit/s")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_edge)

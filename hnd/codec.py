@@ -9,6 +9,12 @@ Tensors (a bottleneck ``z`` or any intermediate activation) are sent per image i
   and ``value ≈ min + code * scale`` (error at most ``scale / 2``).
 - ``int8+zlib``: the ``int8`` bytes compressed losslessly with zlib, level 9.
 
+An entropic student's bottleneck has one more format, :data:`ENTROPY_FORMAT` (``entropy``),
+which needs the model's entropy tables on both sides (:func:`encode_coded`,
+:func:`decode_coded`): the CRC-32 of the symbols (``u32``) followed by the range-coded
+symbols of :mod:`hnd.entropy` (whole 32-bit words). The checksum turns a truncated or damaged
+payload, or one coded with other tables, into an error instead of a wrong answer.
+
 Images are sent in one of :data:`IMAGE_CODECS` (Pillow's JPEG, WebP and PNG encoders).
 The receiver must know the tensor's shape and format; they are fixed by the model and the
 protocol, so nothing but the values travels.
@@ -27,9 +33,12 @@ import PIL.features
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from hnd.entropy import FactorizedPrior, decode_symbols, encode_symbols, from_symbols, to_symbols
 from hnd.errors import HndError
 
 TENSOR_FORMATS = ("fp32", "fp16", "int8", "int8+zlib")
+ENTROPY_FORMAT = "entropy"  # range-coded with an entropic student's tables
+_CHECKSUM = struct.Struct("<I")
 IMAGE_CODECS = ("jpeg", "webp", "png")
 
 _QUANT_HEADER = struct.Struct("<ff")  # min, scale
@@ -124,6 +133,42 @@ def tensor_roundtrip(z: torch.Tensor, fmt: str) -> tuple[torch.Tensor, list[int]
     if not decoded:
         return z.detach().float().clone(), sizes
     return torch.stack(decoded).to(z.device), sizes  # [N, ...]
+
+
+def encode_coded(prior: FactorizedPrior, z: torch.Tensor) -> bytes:
+    """One image's bottleneck ``z`` [C, H, W] in the ``entropy`` format: rounded, clamped
+    into the coded range, range-coded with ``prior``'s tables, behind a CRC-32 of the symbols."""
+    symbols = to_symbols(prior, z)  # [C, H*W]
+    return _CHECKSUM.pack(zlib.crc32(symbols.tobytes())) + encode_symbols(prior, symbols)
+
+
+def decode_coded(prior: FactorizedPrior, data: bytes, shape: Sequence[int]) -> torch.Tensor:
+    """The rounded bottleneck [C, H, W] (float32) that :func:`encode_coded` wrote; decoding
+    work is bounded by the shape, and damaged data raises a one-line :class:`HndError`."""
+    channels, h, w = (int(s) for s in shape)
+    if channels != prior.channels:
+        raise HndError(f"an entropy-coded tensor of {channels} channels does not fit this model's {prior.channels}")
+    if len(data) < _CHECKSUM.size:
+        raise HndError(f"an entropy-coded payload starts with a {_CHECKSUM.size}-byte checksum, got {len(data)} bytes")
+    (checksum,) = _CHECKSUM.unpack_from(data)
+    symbols = decode_symbols(prior, data[_CHECKSUM.size:], h * w)
+    if zlib.crc32(symbols.tobytes()) != checksum:
+        raise HndError("entropy-coded payload fails its checksum (damaged, truncated, or coded with another "
+                       "model's tables)")
+    return from_symbols(prior, symbols, (channels, h, w))
+
+
+def coded_roundtrip(prior: FactorizedPrior, z: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """Like :func:`tensor_roundtrip` in the ``entropy`` format: every image of ``z`` [N, C, H, W]
+    coded and decoded on its own; returns the decoded batch (on ``z``'s device) and the bytes."""
+    decoded, sizes = [], []
+    for item in z:  # [C, H, W]
+        data = encode_coded(prior, item)
+        sizes.append(len(data))
+        decoded.append(decode_coded(prior, data, item.shape))
+    if not decoded:
+        return z.detach().float().clone(), sizes
+    return torch.stack(decoded).to(z.device), sizes
 
 
 # --- images --------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -22,8 +23,8 @@ from hnd.errors import HndError
 from hnd.registry import ModelSpec, resolve, student_spec
 from hnd.students import check_channels
 
-METHODS = ("naive", "kd", "hnd", "ae", "teacher")
-STUDENT_METHODS = ("naive", "kd", "hnd")  # trained model is a bottleneck student
+METHODS = ("naive", "kd", "hnd", "ae", "teacher", "entropic")
+STUDENT_METHODS = ("naive", "kd", "hnd", "entropic")  # trained model is a bottleneck student
 AE_CHANNELS = (3, 6, 9, 12, 15, 18)  # the original's autoencoder-baseline configs
 
 
@@ -31,8 +32,8 @@ AE_CHANNELS = (3, 6, 9, 12, 15, 18)  # the original's autoencoder-baseline confi
 class TrainConfig:
     """Every setting of a training run. Defaults are those of the HND method's official config."""
 
-    model: str  # a student name (naive, kd, hnd) or a teacher name (ae, teacher)
-    method: str  # naive | kd | hnd | ae | teacher
+    model: str  # a student name (naive, kd, hnd, entropic) or a teacher name (ae, teacher)
+    method: str  # naive | kd | hnd | ae | teacher | entropic
     epochs: int = 20
     batch_size: int = 32  # per process, as in the original
     eval_batch_size: int = 50  # the original's test batch
@@ -45,6 +46,14 @@ class TrainConfig:
     kd_temperature: float = 1.0
     kd_alpha: float = 0.5  # weight of the cross-entropy term: alpha*CE + (1-alpha)*T^2*KL
     ae_channels: int = 3  # ae only: bottleneck channels of the autoencoder
+    # entropic only (two stages): stage 1 trains the head against the teacher head with
+    # summed squared error + beta * bits, using optimizer/lr/milestones above; stage 2 freezes
+    # encoder and entropy model and fine-tunes decoder + tail with KD (SGD, stage2_lr, momentum,
+    # weight_decay, stage2_milestones counted from the stage's first epoch).
+    beta: float = 0.0  # weight of the rate (bits per image) against the squared error
+    stage1_epochs: int = 10  # the rest of `epochs` is stage 2
+    stage2_lr: float = 1e-3
+    stage2_milestones: list[int] = field(default_factory=lambda: [5])
     pretrained: bool = True  # teacher (and the student's tail) from torchvision's ImageNet weights
     teacher_checkpoint: str | None = None  # a teacher trained with this library, instead of `pretrained`
     inception_transform_input: bool = False  # Inception-v3 teacher: the original never applied it
@@ -65,8 +74,7 @@ class TrainConfig:
     spec: ModelSpec | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.spec is None:
-            self.spec = resolve(self.model)
+        self.spec = method_spec(self.spec if self.spec is not None else resolve(self.model), self.method)
         self.model = str(self.spec)
 
     @property
@@ -96,7 +104,33 @@ _METHOD_PRESETS: dict[str, dict] = {
     # The original's org/*.yaml: fine-tuning a teacher, no learning-rate schedule.
     "teacher": {"optimizer": "sgd", "lr": 1e-2, "momentum": 0.9, "weight_decay": 5e-4, "epochs": 50,
                 "batch_size": 20, "milestones": []},
+    # The SC2 benchmark's Entropic Student (ResNet-50): stage 1 Adam 10 epochs, milestones [5, 8];
+    # stage 2 SGD lr 1e-3 10 epochs, milestone [5], KD T=1 alpha=0.5. beta: default_beta.
+    "entropic": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "momentum": 0.9, "epochs": 20,
+                 "stage1_epochs": 10, "milestones": [5, 8], "stage2_lr": 1e-3, "stage2_milestones": [5],
+                 "kd_temperature": 1.0, "kd_alpha": 0.5},
 }
+
+
+def default_beta(spec: ModelSpec) -> float:
+    """The preset rate weight of an entropic student: the teacher head's output elements / 10^5
+    (DenseNet-169/201 0.50, Inception-v3 2.35, ResNet-152 4.01 at their official points), so that
+    one bit weighs the same against the mean squared error per element for every teacher."""
+    numel = 1
+    for n in spec.head_output_shape:
+        numel *= n
+    return round(numel / 1e5, 4)
+
+
+def method_spec(spec: ModelSpec, method: str) -> ModelSpec:
+    """The model a method trains: ``entropic`` makes a student entropy-coded (``-entropic``);
+    the other student methods take a plain student."""
+    if spec.is_student and method in STUDENT_METHODS:
+        if method != "entropic" and spec.entropy:
+            raise HndError(f"{spec} has an entropy-coded bottleneck, which only --method entropic trains; "
+                           f"use {spec.with_entropy(False)} with --method {method}")
+        return spec.with_entropy(method == "entropic")
+    return spec
 
 
 def check_method(method: str) -> str:
@@ -119,7 +153,11 @@ def preset(model: str | ModelSpec, method: str) -> TrainConfig:
     """The official configuration of (model, method), as the original's YAML files have it."""
     spec = resolve(model)
     check_model_for_method(spec, check_method(method))
-    return TrainConfig(model=str(spec), method=method, spec=spec, **_METHOD_PRESETS[method])
+    spec = method_spec(spec, method)
+    fields = dict(_METHOD_PRESETS[method])
+    if method == "entropic":
+        fields["beta"] = default_beta(spec)
+    return TrainConfig(model=str(spec), method=method, spec=spec, **fields)
 
 
 def _field_types() -> dict[str, object]:
@@ -211,8 +249,16 @@ def validate(config: TrainConfig) -> None:
         raise HndError("lr and gamma must be positive, momentum and weight_decay non-negative")
     if not 0 <= config.kd_alpha <= 1 or not config.kd_temperature > 0:
         raise HndError("kd_alpha must be in [0, 1] and kd_temperature positive")
-    if any(b <= a for a, b in zip(config.milestones, config.milestones[1:])) or any(m <= 0 for m in config.milestones):
-        raise HndError(f"milestones must be strictly increasing positive epochs, got {config.milestones}")
+    for key in ("milestones", "stage2_milestones"):
+        steps = getattr(config, key)
+        if any(b <= a for a, b in zip(steps, steps[1:])) or any(m <= 0 for m in steps):
+            raise HndError(f"{key} must be strictly increasing positive epochs, got {steps}")
+    if config.method == "entropic":
+        if not (config.beta > 0 and math.isfinite(config.beta)):
+            raise HndError(f"beta (the rate weight of method entropic) must be a positive number, got {config.beta}")
+        if not 0 < config.stage1_epochs <= config.epochs or not config.stage2_lr > 0:
+            raise HndError(f"stage1_epochs must be from 1 to epochs ({config.epochs}) and stage2_lr positive, got "
+                           f"{config.stage1_epochs} and {config.stage2_lr}")
     for key in ("input_size", "resize_size"):
         value = getattr(config, key)
         if value is not None and value < 32:

@@ -13,11 +13,12 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from hnd.checkpoints import checkpoint_spec, load_model, read_checkpoint
-from hnd.config import TrainConfig, check_method, config_from_dict, preset
+from hnd.codec import coded_roundtrip
+from hnd.config import TrainConfig, check_method, config_from_dict, method_spec, preset
 from hnd.data import ImageDataset, ShardSampler, check_layout, collate, eval_transform
 from hnd.distributed import Dist, all_reduce_sum, pick_device
 from hnd.errors import HndError
-from hnd.registry import ModelSpec
+from hnd.registry import ModelSpec, resolve
 from hnd.methods import build_reference_teacher
 from hnd.teachers import classifier_classes
 
@@ -28,6 +29,7 @@ class Accuracy:
     top5: float  # percent (top-k with k = min(5, classes))
     loss: float  # mean cross-entropy
     images: int
+    bytes_per_image: float | None = None  # entropic students: mean range-coded bytes, one image at a time
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,9 +49,15 @@ def eval_loader(dataset: ImageDataset, batch_size: int, num_workers: int, dist: 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, *, amp_dtype: torch.dtype | None = None,
              channels_last: bool = False, progress: bool = False, desc: str = "eval") -> Accuracy:
-    """Accuracy of ``model`` (put in eval mode) over ``loader``, summed over all processes."""
+    """Accuracy of ``model`` (put in eval mode) over ``loader``, summed over all processes.
+
+    An entropic student with coding tables is evaluated as it is deployed: every image's
+    bottleneck is range-coded on its own (batch 1), decoded, and the decoder and tail run on
+    the decoded symbols; the mean coded bytes per image are reported."""
     model.eval()
-    totals = [0.0, 0.0, 0.0, 0.0]  # loss sum, top-1 hits, top-5 hits, images
+    prior = getattr(model, "prior", None)
+    coded = prior is not None and prior.has_tables
+    totals = [0.0, 0.0, 0.0, 0.0, 0.0]  # loss sum, top-1 hits, top-5 hits, images, coded bytes
     for batch in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
         if batch is None:  # every image of the batch was skipped as unreadable
             continue
@@ -57,7 +65,12 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, *, amp_
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(x)
+            if coded:
+                received, sizes = coded_roundtrip(prior, model.encode(x).float())  # [N, C, H', W']
+                logits = model.decode(received)
+                totals[4] += sum(sizes)
+            else:
+                logits = model(x)
         logits = logits.float()
         k = min(5, logits.shape[1])
         hits = logits.topk(k, dim=1).indices == y[:, None]  # [N, k]
@@ -65,10 +78,10 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, *, amp_
         totals[1] += hits[:, 0].sum().item()
         totals[2] += hits.any(dim=1).sum().item()
         totals[3] += len(y)
-    loss, top1, top5, n = all_reduce_sum(totals, device)
+    loss, top1, top5, n, coded_bytes = all_reduce_sum(totals, device)
     if n == 0:
         raise HndError("no image could be evaluated")
-    return Accuracy(100 * top1 / n, 100 * top5 / n, loss / n, int(n))
+    return Accuracy(100 * top1 / n, 100 * top5 / n, loss / n, int(n), coded_bytes / n if coded else None)
 
 
 def _checkpoint_config(model: str | ModelSpec | None, method: str, ckpt) -> TrainConfig:
@@ -76,7 +89,7 @@ def _checkpoint_config(model: str | ModelSpec | None, method: str, ckpt) -> Trai
     the model name is resolved once, here."""
     if "config" in ckpt.meta:
         doc = ckpt.meta["config"]
-        spec = checkpoint_spec(ckpt, model)
+        spec = checkpoint_spec(ckpt, None if model is None else method_spec(resolve(model), method))
         if doc.get("model") != str(spec):
             raise HndError(f"{ckpt.path} was trained for {doc.get('model')}, not {spec}")
         if doc.get("method") != method:

@@ -12,24 +12,36 @@ from __future__ import annotations
 
 import io
 from functools import lru_cache
+from pathlib import Path
 
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
 from IPython.display import Image
 
 from hnd.errors import HndError
-from hnd.latency import Option, crossovers, list_device_profiles, load_device_profile, options, plan
+from hnd.latency import CodedStudent, Option, coded_student, crossovers, list_device_profiles, load_device_profile, \
+    options, plan
 from hnd.plots import plot_delay_breakdown
+from hnd.registry import resolve
 from hnd.students import OFFICIAL_CHANNELS
 from hnd.teachers import PAPER_TEACHERS
 
 FORMATS = ("fp32", "fp16", "int8")
+ENTROPY = "entropy"  # the format choice of entropic students, offered when runs measured some
 
 
 @lru_cache(maxsize=64)
-def _options(teacher: str, device: str, server: str, channels: int, fmt: str) -> tuple[Option, ...]:
-    """The options worth drawing for one setting (cached: analysing a teacher takes a second)."""
-    return tuple(options(teacher, load_device_profile(device), load_device_profile(server),
+def _options(teacher: str, device: str, server: str, channels: int, fmt: str,
+             coded: tuple[CodedStudent, ...] = ()) -> tuple[Option, ...]:
+    """The options worth drawing for one setting (cached: analysing a teacher takes a second).
+    ``entropy``: the entropic students of ``coded`` with their measured bytes, planned at their
+    runs' input size."""
+    spec = resolve(teacher)
+    if fmt == ENTROPY:
+        spec = spec.at_input_size(coded[0].input_size) if coded else spec
+        return tuple(options(spec, load_device_profile(device), load_device_profile(server), channels=(channels,),
+                             formats=(), coded=coded))
+    return tuple(options(spec, load_device_profile(device), load_device_profile(server),
                          channels=(channels,), formats=(fmt,)))
 
 
@@ -47,21 +59,26 @@ class SplitExplorer:
     ``accuracy`` maps (teacher, kind, channels) to a top-1 to show next to each option, e.g.
     from the book's runs (:func:`accuracy_from_runs`); kinds are those of
     :class:`hnd.latency.Option`, channels is None for options without a bottleneck.
+    ``coded`` maps a teacher to its entropic students as measured (:func:`coded_from_runs`);
+    when there are any, the format choice ``entropy`` shows them with their measured bytes.
     """
 
     def __init__(self, teachers: tuple[str, ...] = PAPER_TEACHERS, *, device: str = "this-machine",
                  server: str | None = None, profiles: list[str] | None = None,
-                 accuracy: dict | None = None, rate_mbps: float = 10.0, rtt_ms: float = 20.0):
+                 accuracy: dict | None = None, coded: dict | None = None, rate_mbps: float = 10.0,
+                 rtt_ms: float = 20.0):
         profiles = profiles or list_device_profiles()
         server = server or next((p for p in profiles if p != device), device)
         for name in (device, server):
             if name not in profiles:
                 raise HndError(f"unknown device profile {name!r}; valid: {', '.join(profiles)}")
         self.accuracy = accuracy or {}
+        self.coded = coded or {}
         style = {"description_width": "90px"}
         self.backbone = widgets.Dropdown(options=list(teachers), description="backbone", style=style)
         self.channels = widgets.Dropdown(options=list(OFFICIAL_CHANNELS), description="channels", style=style)
-        self.fmt = widgets.Dropdown(options=list(FORMATS), value="int8", description="format", style=style)
+        formats = list(FORMATS) + ([ENTROPY] if any(self.coded.values()) else [])
+        self.fmt = widgets.Dropdown(options=formats, value="int8", description="format", style=style)
         self.rate = widgets.FloatLogSlider(value=rate_mbps, base=10, min=-1, max=3, step=0.05,
                                            description="rate (Mbps)", continuous_update=False, style=style)
         self.rtt = widgets.FloatSlider(value=rtt_ms, min=0, max=200, step=1, description="RTT (ms)",
@@ -86,14 +103,17 @@ class SplitExplorer:
         return widgets.VBox([widgets.HBox([left, right]), self.summary, self.output])
 
     def _accuracy(self, option: Option) -> float | None:
+        if option.kind == "student" and option.accuracy is not None:  # an entropic student's own run
+            return option.accuracy
         key = (self.backbone.value, option.kind, self.channels.value if option.kind == "student" else None)
         return self.accuracy.get(key, option.accuracy)
 
     def update(self) -> None:
         """Recompute for the current widget values and redraw the summary and the figure."""
         rate, rtt = self.rate.value, self.rtt.value
+        coded = tuple(c for c in self.coded.get(self.backbone.value, ()) if c.spec.channels == self.channels.value)
         choices = list(_options(self.backbone.value, self.device.value, self.server.value, self.channels.value,
-                                self.fmt.value))
+                                self.fmt.value, coded if self.fmt.value == ENTROPY else ()))
         self.shown = shortlist(choices, rate, rtt)
         ranked = plan(self.shown, rate, rtt)
         best, delay = ranked[0]
@@ -131,4 +151,16 @@ def accuracy_from_runs(runs: str) -> dict:
         if m.get("teacher_top1") is not None:
             for kind in ("local", "offload", "teacher_split"):
                 out[(m["teacher"], kind, None)] = m["teacher_top1"]
+    return out
+
+
+def coded_from_runs(runs: str) -> dict[str, list[CodedStudent]]:
+    """teacher -> the entropic students of a book grid's finished runs, as measured."""
+    from hnd.results import finished_runs
+
+    out: dict[str, list[CodedStudent]] = {}
+    for run in finished_runs(runs, "02_train"):
+        m = run["metrics"]
+        if m["method"] == "entropic" and m.get("checkpoint"):
+            out.setdefault(m["teacher"], []).append(coded_student(Path(m["checkpoint"]).parent))
     return out

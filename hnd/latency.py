@@ -23,6 +23,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -466,10 +467,44 @@ def measure_input_codec(teacher: str | ModelSpec, images: str | os.PathLike, cod
     return InputCodec(codec, quality, statistics.fmean(sizes), statistics.fmean(seconds), len(files))
 
 
+@dataclass(frozen=True)
+class CodedStudent:
+    """An entropic student as its training run measured it: mean range-coded bytes per test
+    image (every image coded on its own), its rate weight ``beta`` and test top-1."""
+
+    model: str  # the student's canonical name (``...-entropic``)
+    bytes: float
+    beta: float | None = None
+    top1: float | None = None
+    input_size: int | None = None  # the run's; None: the teacher's
+
+    @property
+    def spec(self) -> ModelSpec:
+        return resolve(self.model).at_input_size(self.input_size)
+
+
+def coded_student(run: str | os.PathLike) -> CodedStudent:
+    """The :class:`CodedStudent` of a finished ``entropic`` run folder (its ``result.json`` and
+    ``config.yaml``)."""
+    folder = Path(run)
+    result_file = folder / "result.json" if folder.is_dir() else folder
+    try:
+        result = json.loads(result_file.read_text())
+        coded = result["test"]["bytes_per_image"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise HndError(f"{run} is not a finished entropic run (no result.json with test bytes_per_image)") from None
+    if result.get("method") != "entropic" or coded is None:
+        raise HndError(f"{run} holds a {result.get('method')} run; only entropic runs measure coded bytes")
+    config_file = result_file.parent / "config.yaml"
+    config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
+    return CodedStudent(result["model"], float(coded), config.get("beta"), result["test"].get("top1"),
+                        config.get("input_size"))
+
+
 def options(teacher: str | ModelSpec, device: DeviceProfile, server: DeviceProfile, *, channels=(3, 6, 9, 12),
             formats=("fp32", "fp16", "int8"), lossless_ratio: float | None = None,
             input_bytes: float | None = None, split_format: str = "int8", small_model: bool = True,
-            input_codec: InputCodec | None = None) -> list[Option]:
+            input_codec: InputCodec | None = None, coded: Sequence[CodedStudent] = ()) -> list[Option]:
     """Every way to serve one image of ``teacher``'s task with ``device`` and ``server``.
 
     ``teacher``: any teacher name or spec; its split point (``resnet18@layer3``) is where its
@@ -481,6 +516,9 @@ def options(teacher: str | ModelSpec, device: DeviceProfile, server: DeviceProfi
     ``input_bytes`` (e.g. a measured mean JPEG size), the image as measured by
     :func:`measure_input_codec` (its bytes, and its encoding time here times the device
     profile's ``scale``), or else the raw uint8 RGB input.
+    Entropic students (``coded``, measured by their runs: :func:`coded_student`) send their
+    measured mean bytes; their coding time is costed as int8's of the same bottleneck (the range
+    coder takes well under a millisecond for 3x29x29 here: ``bench/coder.py``).
     Encoding time is the uncompressed payload over ``device.encode_bytes_per_s`` when the
     profile has it, else 0; zlib's own time and the input image's encoding are not modelled.
     Accuracy is quoted only where the computation is the published model's own (the teacher
@@ -538,16 +576,30 @@ def options(teacher: str | ModelSpec, device: DeviceProfile, server: DeviceProfi
                           top1 if split_format in ("fp32",) else None))
     student_formats = list(dict.fromkeys(formats + (["int8+zlib"] if lossless_ratio is not None and "int8" in formats
                                                      else [])))
-    for c in channels:
+
+    def student_costs(c: int) -> tuple[float, float, tuple]:
+        """(device seconds of the encoder, server seconds of decoder + tail, bottleneck shape)."""
         student = student_spec(spec, c)
         srows = list(_rows(student))
         sdev, ssrv = device.seconds(student, srows), server.seconds(student, srows)
-        encoder = [i for i, r in enumerate(srows) if r.part == "encoder"]
-        cut = encoder[-1] + 1
+        cut = [i for i, r in enumerate(srows) if r.part == "encoder"][-1] + 1
+        return sum(sdev[:cut]), sum(ssrv[cut:]), srows[cut - 1].output_shape
+
+    for c in channels:
+        dev_s, srv_s, shape = student_costs(c)
         for fmt in student_formats:
-            nbytes, raw = sent(srows[cut - 1].output_shape, fmt)
-            out.append(Option("student", f"HND student {c}ch {fmt}", sum(sdev[:cut]), device.encode_seconds(raw),
-                              nbytes, sum(ssrv[cut:])))
+            nbytes, raw = sent(shape, fmt)
+            out.append(Option("student", f"HND student {c}ch {fmt}", dev_s, device.encode_seconds(raw), nbytes, srv_s))
+    for run in coded:
+        student = run.spec
+        if student.teacher_spec() != spec or not student.entropy:
+            raise HndError(f"{run.model} at {student.input_size} px is not an entropic student of {spec} at "
+                           f"{spec.input_size} px; plan it with {student.teacher_spec()}"
+                           + ("" if student.input_size == spec.input_size else f" --input-size {student.input_size}"))
+        dev_s, srv_s, shape = student_costs(student.channels)
+        beta = "" if run.beta is None else f" β={run.beta:g}"
+        out.append(Option("student", f"entropic student {student.channels}ch{beta}", dev_s,
+                          device.encode_seconds(tensor_bytes(shape, "int8")), run.bytes, srv_s, run.top1))
     return out
 
 

@@ -7,7 +7,12 @@
 - ``ae``: an autoencoder inserted at the teacher's split point, summed squared error to the
   frozen teacher head's output (the baseline of the papers);
 - ``teacher``: a teacher trained (or fine-tuned) with cross-entropy, e.g. on a dataset
-  without pretrained weights.
+  without pretrained weights;
+- ``entropic``: the Entropic Student (Matsubara et al., WACV 2022), in two stages. Stage 1
+  trains the student head's encoder, entropy model and decoder against the frozen teacher head
+  with ``summed squared error + beta · bits`` (the rate of the noisy bottleneck under the
+  learned prior); stage 2 freezes encoder and entropy model (the bottleneck is then rounded)
+  and fine-tunes decoder + the student's own copy of the tail with KD against the teacher.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from hnd.config import TrainConfig
 from hnd.errors import HndError
 from hnd.losses import head_mse_loss, kd_loss
 from hnd.registry import student_from_teacher
+from hnd.students import BottleneckHead
 from hnd.teachers import build_teacher, classifier_classes, replace_classifier, split_teacher
 
 
@@ -71,11 +77,16 @@ class Task:
     part: str  # checkpoint part: student | teacher | ae
     kd_temperature: float = 1.0
     kd_alpha: float = 0.5
+    beta: float = 0.0  # entropic: weight of the rate in bits
+    stage: int = 1  # entropic: 1 (head, distortion + rate) or 2 (decoder + tail, KD)
+    teacher: nn.Module | None = None  # entropic: the whole frozen teacher, stage 2's reference
+    frozen: tuple[nn.Module, ...] = ()  # parts of ``trained`` that stay in eval mode
+    bits: float = 0.0  # entropic stage 1: rate summed over this epoch's images (one process)
 
     @property
     def summed_loss(self) -> bool:
-        """HND and AE losses are sums over the batch, not means."""
-        return self.method in ("hnd", "ae")
+        """HND, AE and entropic stage-1 losses are sums over the batch, not means."""
+        return self.method in ("hnd", "ae") or (self.method == "entropic" and self.stage == 1)
 
     def train_mode(self) -> None:
         """Everything in eval mode except the trained part (frozen BN statistics stay put)."""
@@ -83,6 +94,31 @@ class Task:
         if self.reference is not None:
             self.reference.eval()
         self.trained.train()
+        for module in self.frozen:
+            module.eval()
+        self.bits = 0.0
+
+    def enter_stage(self, stage: int) -> None:
+        """Entropic stage 2: freeze the encoder and the entropy model (its coding tables are
+        final), then train the decoder and the tail with KD against the teacher."""
+        if self.method != "entropic" or stage == self.stage:
+            return
+        if stage != 2:
+            raise HndError(f"an entropic run cannot go back from stage {self.stage} to {stage}")
+        head = self.model.head
+        head.prior.update_tables()
+        for part in (head.encoder, head.prior):
+            _freeze(part)
+        for p in list(head.decoder.parameters()) + list(self.model.tail.parameters()):
+            p.requires_grad_(True)
+        self.stage, self.trained, self.reference = 2, self.model, self.teacher
+        self.frozen = (head.encoder, head.prior)
+
+    def end_epoch(self) -> None:
+        """Entropic stage 1: refresh the coding tables from the prior as it now is, so that
+        evaluation and checkpoints round and code exactly as a deployed student would."""
+        if self.method == "entropic" and self.stage == 1:
+            self.model.head.prior.update_tables()
 
     def loss(self, forward: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(loss, logits or None) of one batch; ``forward`` is ``trained``, possibly DDP-wrapped."""
@@ -96,6 +132,13 @@ class Task:
             return kd_loss(logits, target, y, temperature=self.kd_temperature, alpha=self.kd_alpha), logits
         if self.method == "hnd":
             return head_mse_loss(forward(x), target), None
+        if self.method == "entropic":
+            if self.stage == 2:
+                logits = forward(x)
+                return kd_loss(logits, target, y, temperature=self.kd_temperature, alpha=self.kd_alpha), logits
+            out, bits = forward(x)  # head output, bits per image [N]
+            self.bits += float(bits.detach().sum())
+            return head_mse_loss(out, target) + self.beta * bits.sum(), None
         return head_mse_loss(forward(target), target), None  # ae reconstructs the head output
 
 
@@ -114,6 +157,40 @@ def check_input_size(task: Task, size: int) -> None:
         if student != teacher:
             raise HndError(f"at input_size={size} the student head outputs {student} but the teacher head "
                            f"{teacher}; choose another input_size (the official one always fits)")
+
+
+class _RateHead(nn.Module):
+    """An entropic head whose forward gives (head output, bits per image), so that DDP wraps
+    the call that training makes."""
+
+    def __init__(self, head: BottleneckHead):
+        super().__init__()
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head.forward_with_rate(x)
+
+
+def stage_of(config: TrainConfig, epoch: int) -> int:
+    """The stage of 0-based ``epoch``: entropic runs switch to 2 after ``stage1_epochs``."""
+    return 2 if config.method == "entropic" and epoch >= config.stage1_epochs else 1
+
+
+def make_optimizer(config: TrainConfig, module: nn.Module, stage: int = 1):
+    """(optimizer, per-epoch MultiStepLR) over ``module``'s trainable parameters; entropic stage
+    2 uses SGD with ``stage2_lr`` and ``stage2_milestones``."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    if stage == 2:
+        optimizer = torch.optim.SGD(params, lr=config.stage2_lr, momentum=config.momentum,
+                                    weight_decay=config.weight_decay)
+        milestones = config.stage2_milestones
+    elif config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        milestones = config.milestones
+    else:
+        optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+        milestones = config.milestones
+    return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, config.gamma)
 
 
 def _freeze(module: nn.Module) -> nn.Module:
@@ -137,6 +214,13 @@ def build_task(config: TrainConfig, num_classes: int) -> Task:
         student = student_from_teacher(spec, copy.deepcopy(teacher))  # own, trainable tail
         return Task("kd", student, student, _freeze(teacher), "student", **kd)
     _freeze(teacher)
+    if config.method == "entropic":
+        teacher_head, _ = split_teacher(spec.teacher, teacher, spec.split_point,
+                                        transform_input=spec.head_transform_input)
+        student = student_from_teacher(spec, copy.deepcopy(teacher))  # own tail, frozen until stage 2
+        _freeze(student.tail)
+        return Task("entropic", student, _RateHead(student.head), teacher_head, "student", beta=config.beta,
+                    teacher=teacher, frozen=(student.tail,), **kd)
     if config.method == "hnd":
         teacher_head, _ = split_teacher(spec.teacher, teacher, spec.split_point,
                                         transform_input=spec.head_transform_input)

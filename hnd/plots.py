@@ -17,6 +17,7 @@ from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, NullForma
 
 from hnd.analysis import Analysis
 from hnd.rate import RatePoint
+from hnd.results import beta_setting, is_entropic_point
 
 SIZE_COLOR, MACS_COLOR, SPLIT_COLOR = "tab:blue", "tab:orange", "tab:red"
 _PERCENT = FuncFormatter(lambda v, _: f"{v:g}%")
@@ -184,27 +185,58 @@ def plot_head_comparison(teachers: Iterable[Analysis], students: Iterable[Analys
 
 
 METHOD_COLORS = {"naive": "tab:gray", "kd": "tab:orange", "hnd": "tab:blue", "ae": "tab:green",
-                 "teacher": "black"}
-METHOD_LABELS = {"naive": "naive", "kd": "KD", "hnd": "HND", "ae": "AE", "teacher": "teacher"}
+                 "entropic": "tab:purple", "teacher": "black"}
+METHOD_LABELS = {"naive": "naive", "kd": "KD", "hnd": "HND", "ae": "AE", "entropic": "entropic",
+                 "teacher": "teacher"}
+STAGE_COLOR = "tab:purple"
+
+
+def _beta_colors(betas: Iterable[float]) -> dict[float, object]:
+    """One shade of purple per β, darker for larger β (a higher rate weight, fewer bytes)."""
+    betas = sorted(set(betas))
+    cmap = plt.get_cmap("Purples")
+    return {b: cmap(0.45 + 0.5 * (k / (len(betas) - 1) if len(betas) > 1 else 0.5)) for k, b in enumerate(betas)}
 
 
 def plot_training(metrics: list[dict], title: str = "") -> Figure:
     """One training run per epoch (``metrics.jsonl`` lines): training loss, top-1 on the
-    selection split (and on the training batches where the method has logits), seconds."""
-    fig, (loss_ax, acc_ax, time_ax) = plt.subplots(1, 3, figsize=(11, 3.2))
+    selection split (and on the training batches where the method has logits), seconds. An
+    entropic run (lines with ``stage``) gets a fourth panel, bytes per image: the prior's
+    estimate on the noisy training bottleneck (stage 1) and the range-coded bytes on the
+    selection split; a dotted line marks where stage 2 begins."""
+    entropic = any("stage" in m for m in metrics)
+    fig, axes = plt.subplots(1, 4 if entropic else 3, figsize=(14 if entropic else 11, 3.2))
+    loss_ax, acc_ax, time_ax = axes[:3]
     epochs = [m["epoch"] for m in metrics]
     loss_ax.plot(epochs, [m["train_loss"] for m in metrics], marker="o", color="tab:red")
     loss_ax.set_yscale("log")
     loss_ax.set(xlabel="epoch", ylabel="training loss per image", title="loss")
     acc_ax.plot(epochs, [m["select_top1"] for m in metrics], marker="o", label="selection split")
-    if all("train_top1" in m for m in metrics):
-        acc_ax.plot(epochs, [m["train_top1"] for m in metrics], marker=".", ls="--", label="training batches")
+    trained = [(m["epoch"], m["train_top1"]) for m in metrics if "train_top1" in m]
+    if trained and (entropic or len(trained) == len(metrics)):
+        acc_ax.plot(*zip(*trained), marker=".", ls="--", label="training batches")
     acc_ax.yaxis.set_major_formatter(_PERCENT)
     acc_ax.set(xlabel="epoch", ylabel="top-1", title="accuracy")
     acc_ax.legend(fontsize=8)
     time_ax.bar(epochs, [m["seconds"] for m in metrics], color="0.6")
     time_ax.set(xlabel="epoch", ylabel="seconds", title="time per epoch")
-    for ax in (loss_ax, acc_ax, time_ax):
+    if entropic:
+        rate_ax = axes[3]
+        for key, label, style in (("train_bytes_estimate", "training estimate (noisy)", "--"),
+                                  ("select_bytes_per_image", "range-coded, selection split", "-")):
+            series = [(m["epoch"], m[key]) for m in metrics if m.get(key) is not None]
+            if series:
+                rate_ax.plot(*zip(*series), marker="o", ls=style, color=STAGE_COLOR, label=label)
+        rate_ax.set(xlabel="epoch", ylabel="bytes per image", title="rate")
+        if rate_ax.lines:
+            rate_ax.legend(fontsize=8)
+        first = [m["epoch"] for m in metrics if m.get("stage") == 2]
+        if first:
+            for ax in axes:
+                ax.axvline(first[0] - 0.5, color=STAGE_COLOR, ls=":", lw=1)
+            loss_ax.text(first[0] - 0.5, 1, " stage 2", transform=loss_ax.get_xaxis_transform(), va="top",
+                         fontsize=7, color=STAGE_COLOR)
+    for ax in axes:
         ax.grid(alpha=0.3, lw=0.5)
         ax.set_xticks(epochs if len(epochs) <= 12 else ax.get_xticks())
     if title:
@@ -215,46 +247,62 @@ def plot_training(metrics: list[dict], title: str = "") -> Figure:
 
 def plot_accuracy_vs_channels(runs: list[dict], teacher_top1: dict[str, float] | None = None) -> Figure:
     """The papers' main comparison: test top-1 against bottleneck channels, a line per method,
-    one panel per backbone, the teacher's top-1 as a dashed reference line. ``runs`` are dicts
-    with ``teacher``, ``method``, ``channels`` and ``test_top1``."""
+    one panel per backbone, the teacher's top-1 as a dashed reference line. Entropic students
+    get one line per rate weight β (``entropic β=…``, shades of purple). ``runs`` are dicts
+    with ``teacher``, ``method``, ``channels``, ``test_top1`` (and ``beta`` for entropic runs).
+    The legend is on the last panel, or on every panel when their lines differ."""
     teacher_top1 = teacher_top1 or {}
     backbones = sorted({r["teacher"] for r in runs} | set(teacher_top1))
     fig, axes = plt.subplots(1, max(len(backbones), 1), figsize=(4.2 * max(len(backbones), 1), 3.4),
                              squeeze=False, sharey=True)
+    shades = _beta_colors(r["beta"] for r in runs if r["method"] == "entropic" and r.get("beta") is not None)
     for ax, backbone in zip(axes[0], backbones):
+        mine = [r for r in runs if r["teacher"] == backbone]
         for method in ("naive", "kd", "hnd", "ae"):
-            points = sorted((r["channels"], r["test_top1"]) for r in runs
-                            if r["teacher"] == backbone and r["method"] == method)
+            points = sorted((r["channels"], r["test_top1"]) for r in mine if r["method"] == method)
             if points:
                 ax.plot(*zip(*points), marker="o", color=METHOD_COLORS[method], label=METHOD_LABELS[method])
+        for beta in sorted({r.get("beta") for r in mine if r["method"] == "entropic"}, key=lambda b: (b is None, b)):
+            points = sorted((r["channels"], r["test_top1"]) for r in mine
+                            if r["method"] == "entropic" and r.get("beta") == beta)
+            label = "entropic" if beta is None else f"entropic {beta_setting(beta)}"
+            ax.plot(*zip(*points), marker="D", ms=5, color=shades.get(beta, METHOD_COLORS["entropic"]), label=label)
         if backbone in teacher_top1:
             ax.axhline(teacher_top1[backbone], color="black", ls="--", lw=1, label="teacher")
-        ax.set_xticks(sorted({r["channels"] for r in runs if r["teacher"] == backbone}) or [0])
+        ax.set_xticks(sorted({r["channels"] for r in mine}) or [0])
         ax.yaxis.set_major_formatter(_PERCENT)
         ax.set(title=backbone, xlabel="bottleneck channels")
         ax.grid(alpha=0.3, lw=0.5)
     axes[0, 0].set_ylabel("test top-1")
-    axes[0, -1].legend(fontsize=8, loc="lower right")
+    labels = [tuple(ax.get_legend_handles_labels()[1]) for ax in axes[0]]
+    for ax in axes[0] if len(set(labels)) > 1 else axes[0, -1:]:
+        if ax.get_legend_handles_labels()[1]:
+            ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return fig
 
 
 def plot_training_time(runs: list[dict]) -> Figure:
     """Training cost per method: seconds per epoch and images per second, one bar per
-    (method, channels) run, grouped by method. ``runs`` are dicts with ``method``,
-    ``channels``, ``seconds_per_epoch`` and ``images_per_s``."""
-    methods = [m for m in ("teacher", "naive", "kd", "hnd", "ae") if any(r["method"] == m for r in runs)]
+    (method, channels) run, grouped by method; entropic runs, one per (channels, β), are
+    labelled with both. ``runs`` are dicts with ``method``, ``channels``,
+    ``seconds_per_epoch`` and ``images_per_s`` (and ``beta`` for entropic runs)."""
+    methods = [m for m in ("teacher", "naive", "kd", "hnd", "ae", "entropic") if any(r["method"] == m for r in runs)]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
     for ax, key, label in ((axes[0], "seconds_per_epoch", "seconds per epoch"),
                            (axes[1], "images_per_s", "training images per second")):
         x = 0
         ticks, names = [], []
         for method in methods:
-            group = sorted((r for r in runs if r["method"] == method), key=lambda r: (r.get("teacher"), r["channels"]))
+            group = sorted((r for r in runs if r["method"] == method),
+                           key=lambda r: (r.get("teacher") or "", r["channels"] or 0, r.get("beta") or 0))
             start = x
             for r in group:
                 ax.bar(x, r[key], color=METHOD_COLORS[method], width=0.8)
-                if method != "teacher":
+                if method == "entropic" and r.get("beta") is not None:
+                    ax.text(x, r[key], f"{r['channels']} {beta_setting(r['beta'])}", ha="center", va="bottom",
+                            fontsize=6, rotation=90)
+                elif method != "teacher":
                     ax.text(x, r[key], f"{r['channels']}", ha="center", va="bottom", fontsize=7)
                 x += 1
             ticks.append((start + x - 1) / 2)
@@ -262,8 +310,9 @@ def plot_training_time(runs: list[dict]) -> Figure:
             x += 0.6
         ax.set_xticks(ticks, names)
         ax.set(ylabel=label)
+        ax.margins(y=0.25 if "entropic" in methods else 0.05)
         ax.grid(axis="y", alpha=0.3, lw=0.5)
-    axes[0].set_title("numbers on bars: bottleneck channels", fontsize=8, loc="left")
+    axes[0].set_title("numbers on bars: bottleneck channels (and β)", fontsize=8, loc="left")
     fig.tight_layout()
     return fig
 
@@ -291,10 +340,12 @@ def _annotate_sparsely(ax, series: list[dict], most: int, placed: list, y_tol: f
 
 def plot_rate_accuracy(points: list[RatePoint] | list[dict], teacher_top1: float | None = None) -> Figure:
     """Top-1 against bytes sent per image (log scale) for :mod:`hnd.rate` points: bottlenecks
-    as markers (colour by model, marker by tensor format), one line per input codec over its
-    qualities, one line per teacher through its split stages (in stage order), the raw input
-    size as a dotted vertical line, the teacher's top-1 (if given) as a dashed line. The
-    legend sits to the right of the axes."""
+    as markers (colour by model, marker by tensor format), each entropic student (rows with a
+    ``beta``, see :func:`hnd.results.model_points`) as one curve over its β values, joined in
+    order of bytes and labelled with β, one line per input codec over its qualities, one line
+    per teacher through its split stages (in stage order), the raw input size as a dotted
+    vertical line, the teacher's top-1 (if given) as a dashed line. The legend sits to the
+    right of the axes."""
     rows = [p.to_dict() if hasattr(p, "to_dict") else dict(p) for p in points]
     fig, ax = plt.subplots(figsize=(8.5, 4.5), layout="constrained")
     handles: list = []
@@ -303,20 +354,33 @@ def plot_rate_accuracy(points: list[RatePoint] | list[dict], teacher_top1: float
     tops = [r["top1"] for r in rows] + ([teacher_top1] if teacher_top1 is not None else [])
     y_tol = 0.04 * ((max(tops) - min(tops)) if tops else 1) or 1
 
-    labels = list(dict.fromkeys(r["label"] for r in rows if r["kind"] == "bottleneck"))
-    formats = list(dict.fromkeys(r["setting"] for r in rows if r["kind"] == "bottleneck"))
+    bottlenecks = [r for r in rows if r["kind"] == "bottleneck"]
+    labels = list(dict.fromkeys(r["label"] for r in bottlenecks))
+    formats = list(dict.fromkeys(r["setting"] for r in bottlenecks if not is_entropic_point(r)))
     spare = iter("os^Dvp*hX")
     markers = {f: _FORMAT_MARKERS.get(f) or next(spare) for f in formats}
+    curves = []  # (label, colour) of entropic students, drawn after the markers
     for label in labels:
         color = next(colors)
+        mine = [r for r in bottlenecks if r["label"] == label]
         for fmt in formats:
-            series = [r for r in rows if r["kind"] == "bottleneck" and r["label"] == label and r["setting"] == fmt]
+            series = [r for r in mine if r["setting"] == fmt and not is_entropic_point(r)]
             if series:
                 ax.scatter([r["bytes"] for r in series], [r["top1"] for r in series], s=40, color=color,
                            marker=markers[fmt], edgecolors="black", linewidths=0.4, zorder=3)
-        handles.append(plt.Line2D([], [], ls="", marker="o", ms=7, color=color, label=label))
+        if any(not is_entropic_point(r) for r in mine):
+            handles.append(plt.Line2D([], [], ls="", marker="o", ms=7, color=color, label=label))
+        if any(is_entropic_point(r) for r in mine):
+            curves.append((label, color))
     handles += [plt.Line2D([], [], ls="", marker=markers[f], ms=6, color="0.6", mec="black", mew=0.4,
                            label=f"bottleneck {f}") for f in formats]
+    for label, color in curves:
+        series = sorted((r for r in bottlenecks if r["label"] == label and is_entropic_point(r)),
+                        key=lambda r: (r["bytes"], r["beta"]))
+        (line,) = ax.plot([r["bytes"] for r in series], [r["top1"] for r in series], marker="P", ms=8, lw=1.6,
+                          color=color, mec="black", mew=0.4, zorder=4, label=f"{label}, range-coded over β")
+        handles.append(line)
+        _annotate_sparsely(ax, series, 5, placed, y_tol, xytext=(4, -9), fontsize=7, color=color)
 
     inputs = [r for r in rows if r["kind"] == "input"]
     for label in dict.fromkeys(r["label"] for r in inputs if r["setting"] != "raw"):

@@ -6,7 +6,7 @@ Every frame starts with the same 8-byte prefix; all numbers are little-endian.
 offset  field                 meaning
 ======  ====================  =========================================================
 0       magic ``4s``          ``b"HND1"``
-4       version ``u8``        :data:`VERSION` (1); another version is refused
+4       version ``u8``        1 or 2 (:data:`VERSIONS`); another version is refused
 5       type ``u8``           1 request, 2 result, 3 error
 6       a ``u8``              request: tensor format code; result: top-k count k
 7       b ``u8``              request: ndim (1..8); result: server batch size (max 255)
@@ -24,10 +24,19 @@ offset         field                 meaning
 20+4·ndim      payload               the values (see below)
 =============  ====================  ==================================================
 
-Format codes: 1 ``fp32`` (4 bytes per value), 2 ``fp16`` (2 bytes), 3 ``int8`` (one code
-0..255 per value, ``value ≈ min + code * scale``, the quantization of :mod:`hnd.codec`),
-4 ``int8+zlib`` (the same codes compressed with zlib). For a [C, H, W] bottleneck the
-header is 32 bytes; it never exceeds 52.
+Format codes (the coding type): 1 ``fp32`` (4 bytes per value), 2 ``fp16`` (2 bytes),
+3 ``int8`` (one code 0..255 per value, ``value ≈ min + code * scale``, the quantization of
+:mod:`hnd.codec`), 4 ``int8+zlib`` (the same codes compressed with zlib), and since version 2
+5 ``entropy``: an entropic student's rounded bottleneck, range-coded with the coding tables of
+its checkpoint (the ``entropy`` format of :mod:`hnd.codec`: a CRC-32 of the symbols, then
+32-bit words). In an ``entropy`` request the two fields at ``8+4·ndim`` are ``u32``: the
+CRC-32 of the sender's coding tables (:func:`hnd.entropy.table_fingerprint`; a server with
+other tables refuses the request) and 0 (reserved). For a [C, H, W] bottleneck the header is
+32 bytes; it never exceeds 52.
+
+Versions: version 2 adds format code 5 and nothing else. Every frame is written with the
+lowest version that can carry it (1 for all but ``entropy`` requests), so a version-1 peer
+still understands everything except entropy coding, and version-1 frames parse unchanged.
 
 A **result** (server -> edge device): queue seconds ``f32`` at 8, compute seconds ``f32``
 at 12, then k pairs (class index ``u32``, probability ``f32``) from 16, most likely first.
@@ -50,19 +59,25 @@ from dataclasses import dataclass
 
 import torch
 
-from hnd.codec import check_tensor_format, decode_tensor, encode_tensor, tensor_bytes
+from hnd.codec import (ENTROPY_FORMAT, TENSOR_FORMATS, check_tensor_format, decode_coded, decode_tensor,
+                       encode_coded, encode_tensor, tensor_bytes)
+from hnd.entropy import FactorizedPrior, table_fingerprint
 from hnd.errors import HndError
 
 MAGIC = b"HND1"
-VERSION = 1
+VERSION = 2  # the newest; frames are written with the lowest version that carries them
+VERSIONS = (1, 2)
 REQUEST, RESULT, ERROR = 1, 2, 3
-FORMAT_CODES = {"fp32": 1, "fp16": 2, "int8": 3, "int8+zlib": 4}
+FORMAT_CODES = {"fp32": 1, "fp16": 2, "int8": 3, "int8+zlib": 4, ENTROPY_FORMAT: 5}
+WIRE_FORMATS = (*TENSOR_FORMATS, ENTROPY_FORMAT)
+_FIRST_VERSION = {5: 2}  # format code -> the version that introduced it (others: 1)
 MAX_NDIM = 8
 MAX_ERROR_CHARS = 1000
 DEFAULT_MAX_FRAME_BYTES = 16 << 20
 
 _PREFIX = struct.Struct("<4sBBBB")  # magic, version, type, a, b
 _QUANT = struct.Struct("<ff")  # min, scale
+_TABLES = struct.Struct("<II")  # entropy: coding tables' CRC-32, reserved
 _U32 = struct.Struct("<I")
 _TIMES = struct.Struct("<ff")  # queue s, compute s
 _PAIR = struct.Struct("<If")  # class index, probability
@@ -84,6 +99,7 @@ class RequestHeader:
     qmin: float
     qscale: float
     payload: memoryview
+    tables: int = 0  # entropy: CRC-32 of the sender's coding tables
 
 
 @dataclass(frozen=True)
@@ -98,14 +114,32 @@ class Result:
 
 # --- requests ----------------------------------------------------------------------------------
 
-def encode_request(z: torch.Tensor, fmt: str) -> bytes:
-    """Frame one image's bottleneck ``z`` [C, H, W] (any 1..8 dims) in tensor format ``fmt``."""
-    check_tensor_format(fmt)
+def check_wire_format(fmt: str, prior: FactorizedPrior | None = None) -> str:
+    """``fmt`` if it is one of :data:`WIRE_FORMATS` and, for ``entropy``, ``prior`` has coding
+    tables; else a one-line error."""
+    if fmt == ENTROPY_FORMAT:
+        if prior is None or not prior.has_tables:
+            raise HndError("entropy coding needs an entropic student with coding tables (a checkpoint trained with "
+                           "--method entropic); this model has none: use --bits 8/16/32 instead")
+        return fmt
+    if fmt not in WIRE_FORMATS:
+        raise HndError(f"unknown tensor format {fmt!r}; valid: {', '.join(WIRE_FORMATS)}")
+    return fmt
+
+
+def encode_request(z: torch.Tensor, fmt: str, prior: FactorizedPrior | None = None) -> bytes:
+    """Frame one image's bottleneck ``z`` [C, H, W] (any 1..8 dims) in tensor format ``fmt``
+    (``entropy``: range-coded with ``prior``'s tables)."""
+    check_wire_format(fmt, prior)
     shape = tuple(z.shape)
     if not 1 <= len(shape) <= MAX_NDIM or min(shape) < 1:
         raise HndError(f"a request carries a tensor of 1 to {MAX_NDIM} non-empty dimensions, got shape {list(shape)}")
     qmin = qscale = 0.0
-    if fmt in ("fp32", "fp16"):
+    fields = None
+    if fmt == ENTROPY_FORMAT:
+        data = encode_coded(prior, z)
+        fields = _TABLES.pack(table_fingerprint(prior), 0)
+    elif fmt in ("fp32", "fp16"):
         data = encode_tensor(z, fmt)
     else:
         data = encode_tensor(z, "int8")
@@ -113,36 +147,49 @@ def encode_request(z: torch.Tensor, fmt: str) -> bytes:
         data = data[_QUANT.size:]
         if fmt == "int8+zlib":
             data = zlib.compress(data, _ZLIB_LEVEL)
-    header = (_PREFIX.pack(MAGIC, VERSION, REQUEST, FORMAT_CODES[fmt], len(shape))
-              + struct.pack(f"<{len(shape)}I", *shape) + _QUANT.pack(qmin, qscale) + _U32.pack(len(data)))
+    code = FORMAT_CODES[fmt]
+    header = (_PREFIX.pack(MAGIC, _FIRST_VERSION.get(code, 1), REQUEST, code, len(shape))
+              + struct.pack(f"<{len(shape)}I", *shape) + (fields or _QUANT.pack(qmin, qscale)) + _U32.pack(len(data)))
     return header + data
 
 
 def request_header(frame: bytes) -> RequestHeader:
     """The fields of a complete request frame (as :func:`read_frame` returns it)."""
     view = memoryview(frame)
-    _, _, kind, code, ndim = _check_prefix(view)
+    _, version, kind, code, ndim = _check_prefix(view)
     if kind != REQUEST:
         raise HndError(f"expected a request frame, got type {kind}")
     shape = struct.unpack_from(f"<{ndim}I", view, _PREFIX.size)
     at = _PREFIX.size + 4 * ndim
     qmin, qscale = _QUANT.unpack_from(view, at)
+    tables, _ = _TABLES.unpack_from(view, at)
     (length,) = _U32.unpack_from(view, at + _QUANT.size)
     payload = view[at + _QUANT.size + _U32.size:]
     if len(payload) != length:
         raise FrameError(f"request payload is {len(payload)} bytes but its header says {length}")
-    return RequestHeader(_FORMAT_NAMES.get(code), tuple(shape), qmin, qscale, payload)
+    fmt = _FORMAT_NAMES.get(code) if version >= _FIRST_VERSION.get(code, 1) else None
+    return RequestHeader(fmt, tuple(shape), qmin, qscale, payload, tables)
 
 
-def decode_request(frame: bytes) -> tuple[torch.Tensor, str]:
-    """(float32 tensor, format) of a complete request frame; damaged payloads raise HndError."""
+def decode_request(frame: bytes, prior: FactorizedPrior | None = None) -> tuple[torch.Tensor, str]:
+    """(float32 tensor, format) of a complete request frame; damaged payloads raise HndError.
+    ``prior``: the receiving model's entropy model, needed for ``entropy`` requests."""
     head = request_header(frame)
     if head.fmt is None:
-        code = _PREFIX.unpack_from(frame)[3]
-        raise HndError(f"unknown tensor format code {code}; valid: "
-                       + ", ".join(f"{c} {n}" for n, c in FORMAT_CODES.items()))
+        _, version, _, code, _ = _PREFIX.unpack_from(frame)
+        raise HndError(f"unknown tensor format code {code} in a version-{version} frame; valid: "
+                       + ", ".join(f"{c} {n}" for n, c in FORMAT_CODES.items() if _FIRST_VERSION.get(c, 1) <= version))
     numel = math.prod(head.shape)
     data = bytes(head.payload)
+    if head.fmt == ENTROPY_FORMAT:
+        if prior is None or not prior.has_tables:
+            raise HndError("this server's model has no entropy coding tables; send fp32, fp16, int8 or int8+zlib")
+        if head.tables != table_fingerprint(prior):
+            raise HndError("the request was entropy-coded with other coding tables than this server's model "
+                           "(edge and server must load the same checkpoint)")
+        if len(head.shape) != 3:
+            raise HndError(f"an entropy-coded request carries a [C, H, W] bottleneck, got shape {list(head.shape)}")
+        return decode_coded(prior, data, head.shape), head.fmt
     if head.fmt in ("int8", "int8+zlib"):
         if head.fmt == "int8+zlib":
             data = _inflate(data, numel)
@@ -172,14 +219,14 @@ def encode_result(topk: Sequence[tuple[int, float]], queue_s: float, compute_s: 
     if len(topk) > 255:
         raise HndError(f"a result carries at most 255 classes, got {len(topk)}")
     pairs = b"".join(_PAIR.pack(int(i), float(p)) for i, p in topk)
-    return (_PREFIX.pack(MAGIC, VERSION, RESULT, len(topk), max(0, min(int(batch), 255)))
+    return (_PREFIX.pack(MAGIC, 1, RESULT, len(topk), max(0, min(int(batch), 255)))
             + _TIMES.pack(queue_s, compute_s) + pairs)
 
 
 def encode_error(message: str) -> bytes:
     """Frame an error message (one line, cut to :data:`MAX_ERROR_CHARS` characters)."""
     text = " ".join(str(message).split())[:MAX_ERROR_CHARS].encode("utf-8")
-    return _PREFIX.pack(MAGIC, VERSION, ERROR, 0, 0) + _U32.pack(len(text)) + text
+    return _PREFIX.pack(MAGIC, 1, ERROR, 0, 0) + _U32.pack(len(text)) + text
 
 
 def decode_response(frame: bytes) -> Result:
@@ -208,8 +255,9 @@ def _check_prefix(prefix) -> tuple:
     fields = _PREFIX.unpack_from(prefix)
     if fields[0] != MAGIC:
         raise FrameError(f"bad magic {bytes(fields[0])!r}; expected {MAGIC!r} (not an hnd peer?)")
-    if fields[1] != VERSION:
-        raise FrameError(f"protocol version {fields[1]} is not supported; this side speaks {VERSION}")
+    if fields[1] not in VERSIONS:
+        raise FrameError(f"protocol version {fields[1]} is not supported; this side speaks "
+                         f"{', '.join(map(str, VERSIONS))}")
     if fields[2] not in (REQUEST, RESULT, ERROR):
         raise FrameError(f"unknown frame type {fields[2]}")
     if fields[2] == REQUEST and not 1 <= fields[4] <= MAX_NDIM:
@@ -298,7 +346,10 @@ def header_bytes(ndim: int) -> int:
 
 
 def request_bytes(shape: Sequence[int], fmt: str) -> int | None:
-    """Bytes on the wire for one request of ``shape`` in ``fmt`` (``None`` for int8+zlib)."""
+    """Bytes on the wire for one request of ``shape`` in ``fmt`` (``None`` for int8+zlib and
+    entropy, whose sizes depend on the values)."""
+    if fmt == ENTROPY_FORMAT:
+        return None
     size = tensor_bytes(shape, fmt)
     if size is None:
         return None

@@ -3,7 +3,8 @@
 Three things a device could send, each measured on the same images:
 
 - ``bottleneck``: a student's (or autoencoder's) bottleneck ``z`` in one of
-  :data:`hnd.codec.TENSOR_FORMATS`; the server decodes it and runs the decoder and tail.
+  :data:`hnd.codec.TENSOR_FORMATS`, or an entropic student's range-coded in ``entropy``; the
+  server decodes it and runs the decoder and tail.
 - ``input``: the image itself, cropped as for evaluation and compressed with an image codec
   (plus the uncompressed RGB crop, setting ``raw``); the server runs the whole teacher.
 - ``teacher_split``: the unmodified teacher cut after one of its stages (a paper family's
@@ -25,8 +26,8 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 
 from hnd import tracing
-from hnd.codec import (TENSOR_FORMATS, check_image_codec, check_quality, check_tensor_format, decode_image,
-                       encode_image, tensor_roundtrip)
+from hnd.codec import (ENTROPY_FORMAT, TENSOR_FORMATS, check_image_codec, check_quality, check_tensor_format,
+                       coded_roundtrip, decode_image, encode_image, tensor_roundtrip)
 from hnd.data import ImageDataset, eval_transform, load_image
 from hnd.distributed import pick_device
 from hnd.evaluation import eval_loader
@@ -121,11 +122,17 @@ def bottleneck_rate(model: nn.Module, name: str | ModelSpec, samples: Sequence[t
     AutoencoderModel). name: the model's name or spec, which picks the evaluation transform.
     The encoder runs once per batch; ``decode(roundtrip(z))`` runs once per format. label:
     defaults to the model's canonical name. max_images: see :func:`select_samples`.
+    ``entropy`` (an entropic student's range coder, one image at a time) needs a model with
+    coding tables (``model.prior``).
     """
     spec = resolve(name)
-    formats = list(dict.fromkeys(check_tensor_format(f) for f in formats))
+    prior = getattr(model, "prior", None)
+    formats = list(dict.fromkeys(f if f == ENTROPY_FORMAT else check_tensor_format(f) for f in formats))
     if not formats:
-        raise HndError(f"no tensor format given; valid: {', '.join(TENSOR_FORMATS)}")
+        raise HndError(f"no tensor format given; valid: {', '.join(TENSOR_FORMATS)}, {ENTROPY_FORMAT}")
+    if ENTROPY_FORMAT in formats and (prior is None or not prior.has_tables):
+        raise HndError(f"{spec} has no entropy coding tables; format {ENTROPY_FORMAT} needs an entropic student "
+                       "(trained with --method entropic)")
     model, device = _prepare(model, device)
     dataset = ImageDataset(select_samples(samples, max_images), eval_transform(spec, input_size, resize_size))
     tallies = {fmt: _Tally() for fmt in formats}
@@ -133,7 +140,7 @@ def bottleneck_rate(model: nn.Module, name: str | ModelSpec, samples: Sequence[t
         x, y = x.to(device), y.to(device)
         z = model.encode(x)  # [N, bc, H', W']
         for fmt in formats:
-            received, sizes = tensor_roundtrip(z, fmt)
+            received, sizes = coded_roundtrip(prior, z) if fmt == ENTROPY_FORMAT else tensor_roundtrip(z, fmt)
             tallies[fmt].add(model.decode(received), y, sizes)
     return [tallies[fmt].point("bottleneck", label or str(spec), fmt) for fmt in formats]
 

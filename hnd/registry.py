@@ -8,7 +8,10 @@ Name grammar (``hnd models --help``):
   layers up to ``POINT``, e.g. ``resnet18@layer2-3ch``; ``TEACHER-Cch`` takes the default point;
 - ``TEACHER_head_mimic-verV-Cch``: the original's students of the papers' families
   (``densenet169_head_mimic-ver2b-3ch``, ``inception_v3_head_mimic-ver1b-12ch``); at their
-  official point the ``@`` form names the same student.
+  official point the ``@`` form names the same student;
+- any student name ending in ``-entropic``: the same student with a learned entropy model on
+  its bottleneck, trained with ``--method entropic`` and sent range-coded
+  (``resnet18@layer2-3ch-entropic``, ``densenet169_head_mimic-ver2b-3ch-entropic``).
 
 ``TEACHER`` is any torchvision image classifier or a teacher registered with
 :func:`hnd.teachers.register_teacher`; ``POINT`` is a split point of ``hnd inspect TEACHER
@@ -32,10 +35,13 @@ from hnd.teachers import (PAPER_TEACHERS, TEACHERS, TeacherSpec, build_teacher, 
                           default_split_point, meta_teacher,
                           split_teacher, teacher_spec, torchvision_classifiers)
 
-_OFFICIAL = re.compile(r"^(?P<teacher>[A-Za-z][\w.]*?)_head_mimic-ver(?P<version>[^-]+)-(?P<channels>.*)ch$")
-_GENERAL = re.compile(r"^(?P<teacher>[A-Za-z][\w.]*?)(?:@(?P<point>[^@\s]*?))?(?:-(?P<channels>.*)ch)?$")
+_OFFICIAL = re.compile(r"^(?P<teacher>[A-Za-z][\w.]*?)_head_mimic-ver(?P<version>[^-]+)-(?P<channels>.*?)ch"
+                       r"(?P<entropic>-entropic)?$")
+_GENERAL = re.compile(r"^(?P<teacher>[A-Za-z][\w.]*?)(?:@(?P<point>[^@\s]*?))?(?:-(?P<channels>.*?)ch"
+                      r"(?P<entropic>-entropic)?)?$")
+ENTROPIC_SUFFIX = "-entropic"
 GRAMMAR = ("TEACHER | TEACHER@POINT | TEACHER@POINT-<C>ch | TEACHER-<C>ch | "
-           "<paper teacher>_head_mimic-ver<2b|1b>-<C>ch")
+           "<paper teacher>_head_mimic-ver<2b|1b>-<C>ch; a student name + '-entropic': its entropy-coded twin")
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,7 @@ class ModelSpec:
     channels: int | None = None  # bottleneck channels (students)
     design: str | None = None
     stem: tuple[int, int] = (64, 7)  # generic students: (channels, kernel) of the teacher's first conv
+    entropy: bool = False  # students: a learned entropy model codes the bottleneck (method entropic)
 
     @property
     def kind(self) -> str:
@@ -85,10 +92,11 @@ class ModelSpec:
 
     def __str__(self) -> str:
         t = self.teacher.name
+        suffix = ENTROPIC_SUFFIX if self.entropy else ""
         if self.official:
-            return f"{t}_head_mimic-{self.design}-{self.channels}ch"
+            return f"{t}_head_mimic-{self.design}-{self.channels}ch{suffix}"
         if self.is_student:
-            return f"{t}@{self.split_point}-{self.channels}ch"
+            return f"{t}@{self.split_point}-{self.channels}ch{suffix}"
         return t if self.split_point == default_split_point(self.teacher) else f"{t}@{self.split_point}"
 
     @property
@@ -97,13 +105,19 @@ class ModelSpec:
 
     def teacher_spec(self) -> ModelSpec:
         """The spec of this model's teacher at the same split point and input size."""
-        return dataclasses.replace(self, channels=None, design=None)
+        return dataclasses.replace(self, channels=None, design=None, entropy=False)
+
+    def with_entropy(self, entropy: bool = True) -> ModelSpec:
+        """This student with (or without) an entropy-coded bottleneck."""
+        if not self.is_student:
+            raise HndError(f"{self} is a teacher; only students have a bottleneck to entropy-code")
+        return dataclasses.replace(self, entropy=entropy)
 
     def at_input_size(self, size: int | None) -> ModelSpec:
         """The same model for another input side (head output shapes follow)."""
         if size is None or size == self.input_size:
             return self
-        return _spec(self.teacher, self.split_point, self.channels, self.design, size)
+        return _spec(self.teacher, self.split_point, self.channels, self.design, size, self.entropy)
 
     def build(self, *, pretrained: bool = True, num_classes: int | None = None) -> nn.Module:
         """Build the model (eval mode); it carries this spec as ``.spec``.
@@ -122,7 +136,7 @@ class ModelSpec:
         """Plain data for checkpoints and JSON (the teacher by name)."""
         return {"name": str(self), "teacher": self.teacher.name, "split_point": self.split_point,
                 "channels": self.channels, "design": self.design, "input_size": self.input_size,
-                "head_output_shape": list(self.head_output_shape), "stem": list(self.stem)}
+                "head_output_shape": list(self.head_output_shape), "stem": list(self.stem), "entropy": self.entropy}
 
 
 def student_from_teacher(spec: ModelSpec, teacher: nn.Module) -> Student:
@@ -135,10 +149,10 @@ def student_from_teacher(spec: ModelSpec, teacher: nn.Module) -> Student:
         raise HndError(f"{spec} is a teacher, not a student")
     _, tail = split_teacher(spec.teacher, teacher, spec.split_point, transform_input=spec.head_transform_input)
     if spec.official:
-        head = StudentHead(spec.teacher.family, spec.channels)
+        head = StudentHead(spec.teacher.family, spec.channels, entropy=spec.entropy)
     else:
         head = GenericHead(spec.channels, spec.head_output_shape, spec.input_size, stem_channels=spec.stem[0],
-                           stem_kernel=spec.stem[1])
+                           stem_kernel=spec.stem[1], entropy=spec.entropy)
     return Student(spec, head, tail)
 
 
@@ -169,7 +183,7 @@ def _head_facts(teacher: TeacherSpec, split_point: str, input_size: int,
 
 
 def _spec(teacher: TeacherSpec, point: str | None, channels: int | None, design: str | None,
-          input_size: int | None = None) -> ModelSpec:
+          input_size: int | None = None, entropy: bool = False) -> ModelSpec:
     """Check and complete one spec (point default, sizes, head facts)."""
     size = input_size or teacher.input_size
     point = canonical_split_point(teacher, point, size) if point else default_split_point(teacher)
@@ -185,7 +199,10 @@ def _spec(teacher: TeacherSpec, point: str | None, channels: int | None, design:
                        f"[C, H, W] feature map (see `hnd inspect {teacher.name} --split-points`)")
     if design == "generic" and min(shape[1:]) < 1:
         raise HndError(f"{teacher.name} at {point!r} outputs {shape} at input size {size}")
-    return ModelSpec(teacher, point, size, shape, channels, design, stem)
+    if entropy and channels is None:
+        raise HndError(f"{teacher.name}{ENTROPIC_SUFFIX}: only students (names with -<C>ch) have an entropy-coded "
+                       f"bottleneck, e.g. {teacher.name}-3ch{ENTROPIC_SUFFIX}")
+    return ModelSpec(teacher, point, size, shape, channels, design, stem, bool(entropy))
 
 
 def parse_name(name: str) -> ModelSpec:
@@ -207,14 +224,15 @@ def parse_name(name: str) -> ModelSpec:
         if match["version"] != version:
             raise HndError(f"{teacher} students use head version ver{version}, not ver{match['version']}: "
                            f"{teacher}_head_mimic-ver{version}-{channels}ch")
-        return _spec(spec, None, channels, f"ver{version}")
+        return _spec(spec, None, channels, f"ver{version}", entropy=bool(match["entropic"]))
     match = _GENERAL.match(name)
     if not match:
         raise HndError(f"cannot read model name {name!r}; names are {GRAMMAR} (see `hnd models --help`)")
     if match["point"] == "":
         raise HndError(f"no split point after '@' in {name!r}; e.g. resnet18@layer2-3ch")
     channels = match["channels"]
-    return _spec(teacher_spec(match["teacher"]), match["point"], None if channels is None else channels, None)
+    return _spec(teacher_spec(match["teacher"]), match["point"], None if channels is None else channels, None,
+                 entropy=bool(match["entropic"]))
 
 
 def resolve(model: str | ModelSpec) -> ModelSpec:
@@ -222,20 +240,21 @@ def resolve(model: str | ModelSpec) -> ModelSpec:
     return model if isinstance(model, ModelSpec) else parse_name(model)
 
 
-def student_spec(teacher: str | ModelSpec, channels: int) -> ModelSpec:
+def student_spec(teacher: str | ModelSpec, channels: int, *, entropy: bool = False) -> ModelSpec:
     """The student of ``teacher`` (a teacher name or spec, maybe with ``@POINT``) with a
-    ``channels``-channel bottleneck at the teacher's split point."""
+    ``channels``-channel bottleneck at the teacher's split point (``entropy``: entropy-coded)."""
     spec = resolve(teacher)
     if spec.is_student:
         raise HndError(f"expected a teacher such as resnet152 or resnet18@layer2, got the student {spec}")
-    return _spec(spec.teacher, spec.split_point, check_channels(channels), None, spec.input_size)
+    return _spec(spec.teacher, spec.split_point, check_channels(channels), None, spec.input_size, entropy)
 
 
 def spec_from_dict(doc: dict) -> ModelSpec:
     """Rebuild a spec saved with :meth:`ModelSpec.to_dict` (checkpoints)."""
     try:
         teacher = teacher_spec(doc["teacher"])
-        return _spec(teacher, doc["split_point"], doc.get("channels"), doc.get("design"), doc.get("input_size"))
+        return _spec(teacher, doc["split_point"], doc.get("channels"), doc.get("design"), doc.get("input_size"),
+                     bool(doc.get("entropy", False)))
     except (KeyError, TypeError):
         raise HndError(f"damaged model spec {doc!r}") from None
 

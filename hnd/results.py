@@ -104,3 +104,128 @@ def teacher_reference(runs: list[dict]) -> dict[str, float]:
         if own or seen:
             out[backbone] = own[0] if own else median(seen)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Entropic students: what the training notebook passes on, and the rate chapter's comparison
+
+
+def train_overrides(method: str, overrides: dict | None, *, teacher_checkpoint: str = "",
+                    beta: float = 0.0) -> dict:
+    """The config overrides of one training run (``02_train``): the profile's ``overrides``,
+    then ``teacher_checkpoint`` if given, then ``beta`` for method ``entropic`` (0 keeps the
+    method's preset, :func:`hnd.config.default_beta`). A non-zero ``beta`` for another method
+    is an error: only entropic students have a rate to weigh."""
+    out = dict(overrides or {})
+    if teacher_checkpoint:
+        out["teacher_checkpoint"] = teacher_checkpoint
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
+        raise HndError(f"beta must be a non-negative number (0: the preset), got {beta!r}")
+    if beta:
+        if method != "entropic":
+            raise HndError(f"beta={beta:g} is the rate weight of method entropic; method {method} has no rate "
+                           "(leave beta at 0)")
+        out["beta"] = float(beta)
+    return out
+
+
+def beta_setting(beta: float) -> str:
+    """The setting of an entropic student's rate point: ``β=0.05``."""
+    return f"β={beta:g}"
+
+
+def rate_label(method: str, channels: int) -> str:
+    """How the rate chapter names a model: ``HND 3ch``, ``AE 12ch``, ``entropic 3ch``."""
+    return f"{method if method == 'entropic' else method.upper()} {channels}ch"
+
+
+def model_points(points: list, method: str, channels: int, beta: float | None = None) -> list[dict]:
+    """Rate points of one trained model (:class:`hnd.rate.RatePoint` or dicts) as table rows
+    with its ``method``, ``channels`` and ``beta`` (entropic students; None otherwise). An
+    entropic student's range-coded point gets the setting ``β=<beta>``, so that one student
+    per channel count traces a curve over its β values."""
+    rows = []
+    for p in points:
+        row = {**(p.to_dict() if hasattr(p, "to_dict") else dict(p)), "method": method, "channels": channels,
+               "beta": beta}
+        if beta is not None and row["setting"] == "entropy":
+            row["setting"] = beta_setting(beta)
+        rows.append(row)
+    return rows
+
+
+def is_entropic_point(row: dict) -> bool:
+    """A bottleneck point of an entropic student's range coder (a finite ``beta``)."""
+    beta = row.get("beta")
+    return (row.get("kind") == "bottleneck" and isinstance(beta, (int, float)) and not isinstance(beta, bool)
+            and math.isfinite(beta))
+
+
+def matched_input(rows: list[dict], codec: str, top1: float) -> dict | None:
+    """The input point of ``codec`` (``jpeg``, ``webp``) with the fewest bytes whose top-1 is at
+    least ``top1``; None when no quality of the sweep gets there."""
+    sent = [r for r in rows if r.get("kind") == "input" and str(r.get("label", "")).endswith(f" {codec}")
+            and r.get("setting") != "raw" and r["top1"] >= top1]
+    return min(sent, key=lambda r: (r["bytes"], -r["top1"])) if sent else None
+
+
+def entropic_comparison(rows: list[dict]) -> list[dict]:
+    """One row per entropic point (by channels, then bytes): its bytes and top-1, the HND student
+    of the same width sent as int8 and int8+zlib, and the fewest bytes with which the input image
+    reaches the same top-1 as JPEG and as WebP (:func:`matched_input`). Missing partners are None."""
+    out = []
+    for r in sorted((r for r in rows if is_entropic_point(r)), key=lambda r: (r.get("channels") or 0, r["bytes"])):
+        line = {"label": r["label"], "channels": r.get("channels"), "beta": r["beta"], "bytes": r["bytes"],
+                "top1": r["top1"]}
+        for fmt, key in (("int8", "hnd_int8"), ("int8+zlib", "hnd_zlib")):
+            hnd = [h for h in rows if h.get("kind") == "bottleneck" and h.get("method") == "hnd"
+                   and h.get("channels") == r.get("channels") and h.get("setting") == fmt]
+            line[f"{key}_bytes"] = hnd[0]["bytes"] if hnd else None
+            line[f"{key}_top1"] = hnd[0]["top1"] if hnd else None
+        for codec in ("jpeg", "webp"):
+            match = matched_input(rows, codec, r["top1"])
+            line[f"{codec}_bytes"] = match["bytes"] if match else None
+            line[f"{codec}_quality"] = match["setting"].lstrip("q") if match else None
+        out.append(line)
+    return out
+
+
+def entropic_summary(comparison: list[dict]) -> str:
+    """A Markdown paragraph for the rate chapter: per entropic student (channel count), its most
+    accurate point against HND int8+zlib of the same width and JPEG/WebP at the same top-1, and
+    the range of bytes over its β values."""
+    if not comparison:
+        return "No entropic student was measured in this run."
+    sentences = []
+    for label in dict.fromkeys(c["label"] for c in comparison):
+        own = [c for c in comparison if c["label"] == label]
+        top = max(own, key=lambda c: (c["top1"], -c["bytes"]))
+        text = (f"The most accurate point of **{label}** ({beta_setting(top['beta'])}) sends "
+                f"{top['bytes']:,.0f} bytes per image at {top['top1']:.1f}% top-1")
+        if top["hnd_zlib_bytes"] is not None:
+            text += (f", where HND {top['channels']}ch sends {top['hnd_zlib_bytes']:,.0f} bytes with int8+zlib "
+                     f"at {top['hnd_zlib_top1']:.1f}%")
+        codecs = [f"{top[f'{c}_bytes']:,.0f} bytes as {name} (quality {top[f'{c}_quality']})"
+                  for c, name in (("jpeg", "JPEG"), ("webp", "WebP")) if top[f"{c}_bytes"] is not None]
+        missing = [name for c, name in (("jpeg", "JPEG"), ("webp", "WebP")) if top[f"{c}_bytes"] is None]
+        if codecs:
+            text += "; to reach the same top-1 the input image needs " + " and ".join(codecs)
+        if missing:
+            text += ("; " if not codecs else ", while ") + " and ".join(missing) + " reach" + \
+                ("es" if len(missing) == 1 else "") + " it at no quality of the sweep"
+        text += "."
+        if len(own) > 1:
+            low, high = min(own, key=lambda c: c["bytes"]), max(own, key=lambda c: c["bytes"])
+            text += (f" Over its {len(own)} β values it sends from {low['bytes']:,.0f} bytes "
+                     f"({beta_setting(low['beta'])}, {low['top1']:.1f}%) to {high['bytes']:,.0f} bytes "
+                     f"({beta_setting(high['beta'])}, {high['top1']:.1f}%).")
+        sentences.append(text)
+    return " ".join(sentences)
+
+
+def best_run(runs: list[dict], method: str, channels: int | None = None, backbone: str | None = None) -> dict | None:
+    """The training-run metrics of ``method`` (at ``channels``, for ``backbone``) with the best
+    test top-1; for an entropic student the best of its β values. None when there is none."""
+    found = [r for r in runs if r["method"] == method and (channels is None or r.get("channels") == channels)
+             and (backbone is None or r.get("teacher") == backbone)]
+    return max(found, key=lambda r: r["test_top1"]) if found else None

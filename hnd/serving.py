@@ -4,7 +4,8 @@ bottlenecks sent by edge devices, which run the encoder.
 :class:`SplitServer` answers many edge devices at once with asyncio and decodes their
 requests in dynamic batches (up to ``max_batch`` images, waiting at most ``max_wait_ms``
 after the first); :class:`EdgeClient` encodes an image locally, sends the bottleneck in one
-of :data:`hnd.codec.TENSOR_FORMATS` and reports where the time went. Frames are those of
+of :data:`hnd.protocol.WIRE_FORMATS` (``entropy`` for entropic students) and reports where
+the time went. Frames are those of
 :mod:`hnd.protocol`.
 """
 
@@ -20,8 +21,8 @@ from dataclasses import dataclass, field
 import torch
 
 from hnd.errors import HndError
-from hnd.protocol import (DEFAULT_MAX_FRAME_BYTES, FrameError, decode_request, decode_response, encode_error,
-                          encode_request, encode_result, read_frame, read_frame_async, request_header)
+from hnd.protocol import (DEFAULT_MAX_FRAME_BYTES, FrameError, check_wire_format, decode_request, decode_response,
+                          encode_error, encode_request, encode_result, read_frame, read_frame_async, request_header)
 from hnd.registry import ModelSpec, resolve
 from hnd.students import Student
 
@@ -153,7 +154,7 @@ class SplitServer:
             if head.fmt is not None and head.shape != self.shape:
                 raise HndError(f"{self.name} takes a bottleneck of shape {list(self.shape)} (input "
                                f"{self.input_size}px), got {list(head.shape)}")
-            z, fmt = decode_request(frame)
+            z, fmt = decode_request(frame, self.model.prior)  # entropy: bounded by the checked shape
         except HndError as exc:
             log.warning("%s: rejected %d-byte request: %s", peer, len(frame), exc)
             return encode_error(str(exc))
@@ -274,18 +275,17 @@ def serve(name: str | ModelSpec, checkpoint: str | None = None, *, host: str = "
 class EdgeClient:
     """The edge device's side: encoder locally, bottleneck over one TCP connection.
 
-    ``fmt`` is a tensor format of :mod:`hnd.codec`; ``rate_limit_mbps`` emulates a slower link
+    ``fmt`` is one of :data:`hnd.protocol.WIRE_FORMATS` (``entropy`` needs an entropic student
+    with coding tables); ``rate_limit_mbps`` emulates a slower link
     by making each send take at least ``bytes * 8 / rate`` seconds.
     """
 
     def __init__(self, name: str | ModelSpec, model: Student, server: str = "127.0.0.1:8765", fmt: str = "int8",
                  rate_limit_mbps: float | None = None, timeout_s: float = 60.0,
                  max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES):
-        from hnd.codec import check_tensor_format
-
         self.name = str(name)
         self.model = check_student(name, model).eval()
-        self.fmt = check_tensor_format(fmt)
+        self.fmt = check_wire_format(fmt, self.model.prior)
         if rate_limit_mbps is not None and not rate_limit_mbps > 0:
             raise HndError(f"rate limit must be a positive number of Mbit/s, got {rate_limit_mbps}")
         self.rate_limit_mbps = rate_limit_mbps
@@ -317,7 +317,7 @@ class EdgeClient:
         with torch.no_grad():
             z = self.model.encode(image)[0]  # [C, H', W']
         encoded = time.perf_counter()
-        frame = encode_request(z, self.fmt)
+        frame = encode_request(z, self.fmt, self.model.prior)
         framed = time.perf_counter()
         try:
             if self.rate_limit_mbps:  # the frame is on a slow link before the server can see it

@@ -8,7 +8,10 @@ Two designs:
 - a generic head for any teacher and split point (:class:`GenericHead`), documented there.
 
 The encoder runs on the edge device and its raw conv output ``z`` is what is transmitted;
-the decoder and the teacher's tail run on the server.
+the decoder and the teacher's tail run on the server. An *entropic* head (``entropy=True``)
+also holds a learned :class:`hnd.entropy.FactorizedPrior` between them: ``z`` is rounded to
+integers and range-coded with the prior's tables (the Entropic Student of Matsubara et al.,
+WACV 2022).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import re
 import torch
 from torch import nn
 
+from hnd.entropy import FactorizedPrior
 from hnd.errors import HndError
 
 OFFICIAL_CHANNELS = (3, 6, 9, 12)
@@ -72,11 +76,34 @@ def _decoder(channels: int, convs: list[tuple[int, int]], pool: nn.Module) -> nn
     return nn.Sequential(*layers)
 
 
-class StudentHead(nn.Module):
+class BottleneckHead(nn.Module):
+    """``encoder`` -> bottleneck -> ``decoder``; with a ``prior`` the bottleneck is rounded
+    (evaluation) or noised (training) and has a rate in bits."""
+
+    def _add_prior(self, entropy: bool, channels: int) -> None:
+        self.prior = FactorizedPrior(channels) if entropy else None
+
+    def bottleneck(self, z: torch.Tensor) -> torch.Tensor:
+        """What the decoder receives for encoder output ``z``: ``z`` itself, or with a prior its
+        rounded (evaluation) or noisy (training) value."""
+        return z if self.prior is None else self.prior(z)[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.bottleneck(self.encoder(x)))
+
+    def forward_with_rate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(head output, rate in bits per image [N]) of an entropic head."""
+        if self.prior is None:
+            raise HndError("this head has no entropy model; only entropic students have a rate")
+        y_hat, bits = self.prior(self.encoder(x))
+        return self.decoder(y_hat), bits
+
+
+class StudentHead(BottleneckHead):
     """The original's bottleneck head of a paper family: ``decoder(encoder(x))`` replaces the
     teacher head at the official split point."""
 
-    def __init__(self, family: str, bottleneck_channels: int):
+    def __init__(self, family: str, bottleneck_channels: int, *, entropy: bool = False):
         super().__init__()
         _, stem_pad, pool_pad, convs, pool_stride = OFFICIAL_DESIGNS[family]
         bc = check_channels(bottleneck_channels)
@@ -89,12 +116,10 @@ class StudentHead(nn.Module):
         )
         self.decoder = _decoder(bc, convs, nn.AvgPool2d(2, stride=pool_stride))  # teacher-head shape
         init_head(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.encoder(x))
+        self._add_prior(entropy, bc)
 
 
-class GenericHead(nn.Module):
+class GenericHead(BottleneckHead):
     """The bottleneck head for any teacher and split point.
 
     Encoder (the ver2b layout, with the teacher's own stem): a ``stem_kernel`` conv, stride 2,
@@ -108,7 +133,7 @@ class GenericHead(nn.Module):
     """
 
     def __init__(self, bottleneck_channels: int, output_shape: tuple[int, int, int], input_size: int, *,
-                 stem_channels: int = 64, stem_kernel: int = 7):
+                 stem_channels: int = 64, stem_kernel: int = 7, entropy: bool = False):
         super().__init__()
         bc = check_channels(bottleneck_channels)
         c_out, h, w = output_shape
@@ -125,9 +150,7 @@ class GenericHead(nn.Module):
         convs = [(width, 1), (width, 1), (c_out, 0), (c_out, 0)]
         self.decoder = _decoder(bc, convs, nn.AdaptiveAvgPool2d((h, w)))  # [C_out, H, W]
         init_head(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.encoder(x))
+        self._add_prior(entropy, bc)
 
 
 class Student(nn.Module):
@@ -148,9 +171,38 @@ class Student(nn.Module):
         return self.head.encoder(x)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Server side: bottleneck tensor -> logits [N, classes]."""
-        return self.tail(self.head.decoder(z))
+        """Server side: bottleneck tensor -> logits [N, classes] (an entropic student rounds
+        ``z`` first, as its decoder was trained on, so a decoded ``z`` gives ``forward``'s logits)."""
+        return self.tail(self.head.decoder(self.quantize(z)))
 
-    def split(self) -> tuple[nn.Module, nn.Sequential]:
-        """(edge, server) modules that share this student's parameters."""
-        return self.head.encoder, nn.Sequential(self.head.decoder, self.tail)
+    @property
+    def prior(self) -> FactorizedPrior | None:
+        """The entropy model of an entropic student, else ``None``."""
+        return self.head.prior
+
+    def quantize(self, z: torch.Tensor) -> torch.Tensor:
+        """``z`` as the decoder receives it in evaluation (rounded and clamped if entropic)."""
+        return z if self.head.prior is None else self.head.prior.quantize(z)
+
+    def split(self) -> tuple[nn.Module, nn.Module]:
+        """(edge, server) modules that share this student's parameters; the server part of an
+        entropic student rounds its input (the range coding runs outside both, on the tables)."""
+        if self.head.prior is None:
+            return self.head.encoder, nn.Sequential(self.head.decoder, self.tail)
+        return self.head.encoder, nn.Sequential(_Rounding(self.head.prior), self.head.decoder, self.tail)
+
+
+class _Rounding(nn.Module):
+    """The evaluation-time rounding (and clamping) of an entropy model, as a module."""
+
+    def __init__(self, prior: FactorizedPrior):
+        super().__init__()
+        self.register_buffer("low", prior.low.clone(), persistent=False)
+        self.register_buffer("high", prior.low + max(prior.pmf.shape[1] - 1, 0), persistent=False)
+        self.clamp = prior.has_tables
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        z = torch.round(z)
+        if self.clamp:
+            z = torch.maximum(torch.minimum(z, self.high.view(1, -1, 1, 1).to(z.dtype)), self.low.view(1, -1, 1, 1).to(z.dtype))
+        return z

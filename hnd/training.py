@@ -26,14 +26,14 @@ from tqdm import tqdm
 
 import hnd
 from hnd.checkpoints import atomic_write, read_file, save_checkpoint
-from hnd.config import TrainConfig, apply_overrides, config_from_dict, dump_config, parse_assignments, \
+from hnd.config import TrainConfig, apply_overrides, config_from_dict, dump_config, method_spec, parse_assignments, \
     read_config_file
 from hnd.data import ImageDataset, check_layout, collate, eval_transform, holdout_split, train_transform
 from hnd.distributed import Dist, all_reduce_sum, barrier, broadcast_flag, setup, sync_batchnorm, teardown
 from hnd.errors import HndError
 from hnd.registry import ModelSpec, resolve
 from hnd.evaluation import Accuracy, default_workers, eval_loader, evaluate
-from hnd.methods import Task, build_task, check_input_size
+from hnd.methods import Task, build_task, check_input_size, make_optimizer, stage_of
 
 # Keys a resumed run may change: they do not alter what is computed.
 RESUMABLE_CHANGES = ("epochs", "num_workers", "device")
@@ -65,7 +65,7 @@ def resume_config(out: str | os.PathLike, model: str | ModelSpec, method: str,
                   config_file: str | os.PathLike | None = None, assignments: list[str] = ()) -> TrainConfig:
     """The config of the run in ``out``, with overrides that do not change the computation
     (``epochs`` to extend a run, ``num_workers``, ``device``); anything else is an error."""
-    spec = resolve(model)
+    spec = method_spec(resolve(model), method)
     doc = _last_checkpoint(Path(out))["config"]
     if (doc.get("model"), doc.get("method")) != (str(spec), method):
         raise HndError(f"{out} holds a {doc.get('method')} run of {doc.get('model')}, not {method} of {spec}")
@@ -94,13 +94,6 @@ class _Loop:
     amp_dtype: torch.dtype | None
     channels_last: bool
     progress: bool
-
-
-def make_optimizer(config: TrainConfig, module: torch.nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in module.parameters() if p.requires_grad]
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
 def train_one_epoch(loop: _Loop, loader: DataLoader, epoch: int) -> dict:
@@ -142,8 +135,13 @@ def train_one_epoch(loop: _Loop, loader: DataLoader, epoch: int) -> dict:
     loss_sum, top1, top5, n = all_reduce_sum(totals, loop.device)
     stats = {"train_loss": loss_sum / max(n, 1), "images": int(n), "seconds": seconds,
              "images_per_s": n / seconds if seconds > 0 else 0.0}
-    if task.method in ("naive", "kd", "teacher"):
+    if task.method in ("naive", "kd", "teacher") or (task.method == "entropic" and task.stage == 2):
         stats.update(train_top1=100 * top1 / max(n, 1), train_top5=100 * top5 / max(n, 1))
+    if task.method == "entropic" and task.stage == 1:
+        (bits,) = all_reduce_sum([task.bits], loop.device)
+        stats["train_bytes_estimate"] = bits / 8 / max(n, 1)  # the prior's rate of the noisy bottleneck
+    if task.method == "entropic":
+        stats["stage"] = task.stage
     return stats
 
 
@@ -218,24 +216,23 @@ def _fit(config: TrainConfig, data: Path, out: Path, resume: bool, progress: boo
             if module is not None:
                 module.to(memory_format=torch.channels_last)
     if config.sync_bn and dist.enabled:
-        sync_batchnorm(task.trained, device)
-    optimizer = make_optimizer(config, task.trained)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, config.milestones, config.gamma)
+        sync_batchnorm(task.trained if task.method != "entropic" else task.model, device)  # entropic: both stages
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     start_epoch, best_top1, best_epoch = 0, float("-inf"), 0
     if saved is not None:
         task.model.load_state_dict(saved["state_dict"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
         scaler.load_state_dict(saved["scaler"])
         start_epoch, best_top1, best_epoch = saved["epoch"], saved["best_top1"], saved["best_epoch"]
         if dist.main:  # drop lines of epochs after the checkpoint (they will be redone)
             kept = [m for m in read_metrics(out) if m["epoch"] <= start_epoch]
             write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in kept))
-
-    forward = task.trained
-    if dist.enabled:
-        forward = DistributedDataParallel(task.trained, device_ids=[device.index] if device.type == "cuda" else None)
+    stage = stage_of(config, start_epoch)
+    task.enter_stage(stage)
+    optimizer, scheduler = make_optimizer(config, task.trained, stage)
+    if saved is not None and saved.get("stage", 1) == stage:  # a new stage starts with a new optimizer
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+    forward = _wrap(task, dist, device)
     workers = default_workers(config.num_workers)
     train_set = ImageDataset(train_samples, train_transform(config.spec, config.transforms, config.input_size,
                                                             config.resize_size),
@@ -251,6 +248,7 @@ def _fit(config: TrainConfig, data: Path, out: Path, resume: bool, progress: boo
     amp_dtype = AMP_DTYPES[config.amp]
     loop = _Loop(task, forward, optimizer, scaler, device, dist, amp_dtype, config.channels_last,
                  progress and dist.main)
+    coded = "coded " if task.method == "entropic" else ""
     extra = {"method": config.method, "config": config.to_dict(), "classes": layout.classes,
              "versions": _versions()}
 
@@ -260,18 +258,25 @@ def _fit(config: TrainConfig, data: Path, out: Path, resume: bool, progress: boo
         torch.manual_seed(config.seed * 1_000_003 + epoch)  # dropout and anything else random
         sampler.set_epoch(epoch)
         train_set.set_epoch(epoch)
+        if stage_of(config, epoch) != task.stage:  # entropic: stage 2 starts with its own optimizer
+            task.enter_stage(stage_of(config, epoch))
+            optimizer, scheduler = make_optimizer(config, task.trained, task.stage)
+            loop.optimizer, loop.forward = optimizer, _wrap(task, dist, device)
         lr = optimizer.param_groups[0]["lr"]
         stats = train_one_epoch(loop, train_loader, epoch)
+        task.end_epoch()
         select = evaluate(task.model, select_loader, device, amp_dtype=amp_dtype, channels_last=config.channels_last,
-                          progress=loop.progress, desc="select")
+                          progress=loop.progress, desc=f"{coded}select")
         scheduler.step()
         improved = broadcast_flag(select.top1 > best_top1, device)
         if improved:
             best_top1, best_epoch = select.top1, epoch + 1
         line = {"epoch": epoch + 1, "lr": lr, **stats, "select_top1": select.top1, "select_top5": select.top5,
                 "select_loss": select.loss, "best_epoch": best_epoch}
+        if select.bytes_per_image is not None:
+            line["select_bytes_per_image"] = select.bytes_per_image
         if dist.main:
-            state = {"epoch": epoch + 1, "best_top1": best_top1, "best_epoch": best_epoch,
+            state = {"epoch": epoch + 1, "stage": task.stage, "best_top1": best_top1, "best_epoch": best_epoch,
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict(), **extra}
             if improved:  # the weights to evaluate and deploy; resuming needs only last.pt
@@ -286,6 +291,13 @@ def _fit(config: TrainConfig, data: Path, out: Path, resume: bool, progress: boo
         barrier()
 
     return _final_test(config, task, layout, out, dist, device, loop, evaluation, workers, pin)
+
+
+def _wrap(task: Task, dist: Dist, device: torch.device) -> torch.nn.Module:
+    """The module whose forward training calls: ``task.trained``, DDP-wrapped when distributed."""
+    if not dist.enabled:
+        return task.trained
+    return DistributedDataParallel(task.trained, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def _final_test(config, task, layout, out, dist, device, loop, evaluation, workers, pin) -> dict:

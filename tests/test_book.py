@@ -16,8 +16,9 @@ from browser import check_pages
 from conftest import error
 from hnd.book import build_book, check_cells, load_profile, plan_cells, profile_names, run_grid, summary_table
 from hnd.cli import main
+from hnd.config import experiment_config
 from hnd.errors import HndError
-from hnd.results import finished_runs, grid_cells, read_json, unfinished_cells
+from hnd.results import finished_runs, grid_cells, read_json, train_overrides, unfinished_cells
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES = ("smoke", "cpu", "paper")
@@ -36,7 +37,17 @@ def test_every_profile_cell_fits_its_notebook(name, tmp_path):
                                            "05_where_to_split"}
     train = [c for c in cells if c.notebook == "02_train"]
     methods = {c.parameters["method"] for c in train}
-    assert methods >= {"naive", "kd", "hnd", "ae"}
+    assert methods >= {"naive", "kd", "hnd", "ae", "entropic"}
+    # Entropic cells set a rate weight and run both stages; only they set one.
+    for cell in train:
+        config = experiment_config(cell.parameters["teacher"], cell.parameters["method"],
+                                   cell.parameters.get("channels", 3),
+                                   train_overrides(cell.parameters["method"], cell.parameters.get("overrides"),
+                                                   beta=cell.parameters.get("beta", 0.0)))
+        if config.method == "entropic":
+            assert cell.parameters["beta"] > 0 and 0 < config.stage1_epochs < config.epochs, cell.id
+        else:
+            assert "beta" not in cell.parameters, cell.id
     trained_teacher = [c for c in train if c.parameters["method"] == "teacher"]
     for cell in train:
         assert "teacher" in cell.parameters and "{out}" not in json.dumps(cell.parameters)
@@ -50,10 +61,27 @@ def test_paper_profile_is_the_papers_grid(tmp_path):
     profile = load_profile("paper", ROOT)
     assert profile.full_scale and "imagenet" in profile.data
     train = [c.parameters for c in plan_cells(profile, tmp_path, tmp_path) if c.parameters.get("method")]
-    grid = {(p["teacher"], p["method"], p["channels"]) for p in train}
-    assert grid == {(t, m, c) for t in ("densenet169", "densenet201", "resnet152", "inception_v3")
-                    for m in ("naive", "kd", "hnd", "ae") for c in (3, 6, 9, 12)}
+    teachers = ("densenet169", "densenet201", "resnet152", "inception_v3")
+    grid = {(p["teacher"], p["method"], p["channels"]) for p in train if p["method"] != "entropic"}
+    assert grid == {(t, m, c) for t in teachers for m in ("naive", "kd", "hnd", "ae") for c in (3, 6, 9, 12)}
     assert all(p["overrides"] == {} for p in train)  # the official recipes, unchanged
+    # Entropic students: 12 channels, the preset beta times 1/4, 1 and 4 for every backbone.
+    entropic = [p for p in train if p["method"] == "entropic"]
+    for t in teachers:
+        preset = experiment_config(t, "entropic", 12).beta
+        betas = sorted(p["beta"] for p in entropic if p["teacher"] == t)
+        assert betas == pytest.approx([preset / 4, preset, preset * 4]), t
+    assert {p["channels"] for p in entropic} == {12} and len(entropic) == 3 * len(teachers)
+
+
+def test_cpu_profile_gives_entropic_students_the_same_epochs(tmp_path):
+    train = [c.parameters for c in plan_cells(load_profile("cpu", ROOT), tmp_path, tmp_path)
+             if c.notebook == "02_train" and c.parameters["method"] != "teacher"]
+    epochs = {p["method"]: p["overrides"]["epochs"] for p in train}
+    assert len(set(epochs.values())) == 1, epochs
+    entropic = [p for p in train if p["method"] == "entropic"]
+    assert len({p["beta"] for p in entropic}) >= 3
+    assert {p["channels"] for p in entropic} <= {p["channels"] for p in train if p["method"] == "hnd"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,24 +260,41 @@ def test_smoke_book_builds_and_every_page_works_in_a_browser(tmp_path):
     assert not failed, failed
     runs = root / "runs" / "book" / "smoke"
     train = {r["metrics"]["method"]: r["metrics"] for r in finished_runs(runs, "02_train")}
-    assert set(train) == {"teacher", "naive", "kd", "hnd", "ae"}
+    assert set(train) == {"teacher", "naive", "kd", "hnd", "ae", "entropic"}
     assert all(0 <= m["test_top1"] <= 100 and m["checkpoint"].startswith(str(runs)) for m in train.values())
+    # The entropic cell: its beta reaches the config, its test bytes the metrics; the others have neither.
+    entropic = train["entropic"]
+    assert entropic["beta"] == 0.5 and entropic["model"].endswith("-entropic") and entropic["bytes_per_image"] > 4
+    assert all(m["beta"] is None and m["bytes_per_image"] is None for k, m in train.items() if k != "entropic")
+    stages = [line["stage"] for line in map(json.loads, (runs / "02_train" / "method-entropic_channels-3_beta-0.5"
+                                                         / "run" / "metrics.jsonl").read_text().splitlines())]
+    assert stages == [1, 2]
     rate = read_json(runs / "03_rate_accuracy" / "default" / "metrics.json")["points"]
     assert {p["kind"] for p in rate} == {"bottleneck", "input", "teacher_split"}
+    coded = [p for p in rate if p["method"] == "entropic"]
+    assert [(p["label"], p["setting"], p["beta"], p["channels"]) for p in coded] == [("entropic 3ch", "β=0.5", 0.5, 3)]
+    # The range coder's bytes are the same in training's test and in the rate chapter (same images, one at a time).
+    assert coded[0]["bytes"] == pytest.approx(entropic["bytes_per_image"])
+    assert {p["setting"] for p in rate if p["method"] == "hnd"} == {"fp32", "fp16", "int8", "int8+zlib"}
 
     assert build_book("smoke", root=root, log=lambda line: None) == 0
     html = root / "_build" / "html"
     pages = sorted(p.relative_to(html).as_posix() for p in html.rglob("*.html")
                    if p.name not in ("genindex.html", "search.html") and p.relative_to(html).parts[0] != "_static")
     executed = [p for p in pages if p.startswith("_executed/")]
-    assert len(executed) == 1 + 5 + 1 + 1 + 1 and "_executed/02_train/method-hnd_channels-3.html" in executed
+    assert len(executed) == 1 + 6 + 1 + 1 + 1 and "_executed/02_train/method-hnd_channels-3.html" in executed
+    assert "_executed/02_train/method-entropic_channels-3_beta-0.5.html" in executed
     assert not any("missing" in p for p in pages)
     images = 0
     for page in executed:
         text = (html / page).read_text()
         assert "{glue" not in text and "smoke</span></code></strong> profile" in text, page
         images += text.count("<img ")
-    assert images >= 4 + 5 + 1 + 2 + 1  # split points, per training run, rate plane, results, delay
+    assert images >= 4 + 6 + 1 + 2 + 1  # split points, per training run, rate plane, results, delay
+    rate_page = (html / "_executed" / "03_rate_accuracy" / "default.html").read_text()
+    assert "The most accurate point of <strong>entropic 3ch</strong> (β=0.5) sends" in rate_page
+    results_page = (html / "_executed" / "04_results" / "default.html").read_text()
+    assert "(β values trained: 0.5)" in results_page
     explorer = (html / "_executed" / "05_where_to_split" / "default.html").read_text()
     assert explorer.count('type="application/vnd.jupyter.widget-view+json"') >= 1  # rendered: check_pages
     problems = {page: found for page, found in check_pages(html, pages).items() if found}

@@ -219,3 +219,31 @@ def test_experiment_config_picks_the_model_of_the_method():
         experiment_config("resnet50_head_mimic-ver2b-3ch", "hnd", 3)
     with pytest.raises(HndError, match="unknown config key 'lrr'"):
         experiment_config("resnet50", "hnd", 3, {"lrr": 1})
+
+
+@pytest.mark.parametrize("teacher", PAPER_TEACHERS)
+def test_entropic_preset_is_the_sc2_recipe(teacher):
+    config = preset(STUDENT[teacher], "entropic")
+    assert config.model == STUDENT[teacher] + "-entropic" and config.spec.entropy
+    assert (config.optimizer, config.lr, config.milestones, config.epochs, config.stage1_epochs) == \
+        ("adam", 1e-3, [5, 8], 20, 10)
+    assert (config.stage2_lr, config.stage2_milestones, config.kd_temperature, config.kd_alpha) == \
+        (1e-3, [5], 1.0, 0.5)
+    c, h, w = config.spec.head_output_shape
+    assert config.beta == pytest.approx(c * h * w / 1e5, rel=1e-3) and config.beta > 0
+    assert experiment_config(teacher, "entropic", 3).model == config.model
+    again = config_from_dict(config.to_dict())
+    assert again.model == config.model and again.beta == config.beta
+
+
+@pytest.mark.parametrize("value,message", [(0, "beta"), (-1.5, "beta"), ("abc", "beta must be float"),
+                                           (float("inf"), "beta")])
+def test_bad_beta_is_a_one_line_error(value, message):
+    text = error(resolve_config, "resnet18-3ch", "entropic", None, [f"beta={value}"])
+    assert message in text and "\n" not in text
+
+
+def test_entropic_names_and_methods_must_agree():
+    assert "only --method entropic" in error(preset, "resnet18-3ch-entropic", "hnd")
+    assert "stage1_epochs" in error(resolve_config, "resnet18-3ch", "entropic", None, ["stage1_epochs=30"])
+    assert preset("resnet18-3ch-entropic", "entropic").model == "resnet18@layer2-3ch-entropic"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from hnd.errors import HndError
-from hnd.explore import SplitExplorer, accuracy_from_runs, shortlist
+from hnd.explore import ENTROPY, SplitExplorer, accuracy_from_runs, shortlist
+from hnd.latency import coded_student
 from hnd.latency import list_device_profiles, plan
 
 PROFILES = list_device_profiles()
@@ -89,3 +90,20 @@ def test_a_backbone_outside_the_paper_families():
     [split] = [o for o in explorer.shown if o.kind == "teacher_split"]
     assert split.label.startswith("resnet18 split after ") and ".conv" not in split.label
     assert "Best at 10 Mbps" in explorer.summary.value
+
+
+def test_entropic_students_appear_with_their_measured_bytes(tmp_path):
+    from test_latency import _entropic_run
+
+    coded = {"resnet18": [coded_student(_entropic_run(tmp_path / "a", coded=75.0, top1=58.25, beta=4.0))]}
+    explorer = SplitExplorer(("resnet18",), coded=coded, rate_mbps=0.5, rtt_ms=20.0)
+    assert ENTROPY in explorer.fmt.options
+    assert ENTROPY not in SplitExplorer(("resnet18",)).fmt.options  # nothing measured: not offered
+    explorer.fmt.value = ENTROPY
+    [student] = [o for o in explorer.shown if o.kind == "student"]
+    assert student.label == "entropic student 3ch β=4" and student.bytes == 75.0
+    assert "58.2" in explorer.summary.value and "HND student" not in explorer.summary.value
+    explorer.channels.value = 12  # no entropic run at 12 channels: no student to show
+    assert not [o for o in explorer.shown if o.kind == "student"]
+    explorer.fmt.value = "int8"
+    assert any(o.label == "HND student 12ch int8" for o in explorer.shown)

@@ -10,7 +10,7 @@ from conftest import PAPER_TEACHERS, error
 from hnd.analysis import LayerRow, analyze
 from hnd.cli import main
 from hnd.codec import tensor_bytes
-from hnd.latency import (DeviceProfile, Option, crossovers, list_device_profiles, load_device_profile,
+from hnd.latency import (DeviceProfile, Option, coded_student, crossovers, list_device_profiles, load_device_profile,
                          measure_device_profile, measure_input_codec, options, plan, save_device_profile)
 from hnd.registry import student_spec
 
@@ -288,3 +288,49 @@ def test_offloading_a_measured_jpeg(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert error(measure_input_codec, "resnet152", tmp_path / "empty").startswith("no images (.jpg")
     assert "quality" in error(measure_input_codec, "resnet152", data, "jpeg", 0)
+
+
+# --- entropic students, with the bytes their runs measured --------------------------------------
+
+def _entropic_run(folder, model="resnet18@layer2-3ch-entropic", coded=140.0, top1=61.5, beta=2.5, input_size=64):
+    """A finished entropic run folder as training writes it (result.json, config.yaml)."""
+    folder.mkdir(parents=True)
+    (folder / "result.json").write_text(json.dumps({"model": model, "method": "entropic",
+                                                    "test": {"top1": top1, "bytes_per_image": coded}}))
+    (folder / "config.yaml").write_text(f"model: {model}\nmethod: entropic\nbeta: {beta}\ninput_size: {input_size}\n")
+    return folder
+
+
+def test_entropic_students_are_planned_with_their_measured_bytes(tmp_path):
+    small = coded_student(_entropic_run(tmp_path / "small", coded=60.0, beta=8.0))
+    large = coded_student(_entropic_run(tmp_path / "large", coded=900.0, beta=0.5))
+    assert (small.bytes, small.beta, small.top1, small.spec.input_size) == (60.0, 8.0, 61.5, 64)
+    device, server = load_device_profile("raspberry-pi4"), load_device_profile("gpu-server")
+    teacher = student_spec("resnet18", 3).teacher_spec().at_input_size(64)
+    opts = options(teacher, device, server, channels=(3,), formats=("int8",), coded=[small, large])
+    by = {o.label: o for o in opts}
+    hnd_int8, coded_small = by["HND student 3ch int8"], by["entropic student 3ch β=8"]
+    assert coded_small.bytes == 60.0 and by["entropic student 3ch β=0.5"].bytes == 900.0
+    assert coded_small.accuracy == 61.5
+    # Same encoder and server work as the HND student; only the bytes differ.
+    assert (coded_small.device_s, coded_small.server_s) == (hnd_int8.device_s, hnd_int8.server_s)
+    [(first, _), _] = plan([hnd_int8, coded_small], 0.1, 20.0)
+    assert first is coded_small  # fewer bytes win on a slow link
+
+
+def test_entropic_runs_that_do_not_fit_are_one_line_errors(tmp_path, capsys):
+    run = _entropic_run(tmp_path / "run")
+    assert main(["plan", "resnet18", "--rate", "1", "--entropic", str(run)]) == 2  # run at 64 px, plan at 224
+    err = capsys.readouterr().err.strip()
+    assert "--input-size 64" in err and "\n" not in err
+    assert main(["plan", "resnet18", "--rate", "1", "--input-size", "64", "--entropic", str(run), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert any(o["label"] == "entropic student 3ch β=2.5" and o["bytes"] == 140.0 for o in doc["options"])
+    assert main(["plan", "resnet34", "--rate", "1", "--input-size", "64", "--entropic", str(run)]) == 2
+    assert "not an entropic student of resnet34" in capsys.readouterr().err
+    other = tmp_path / "hnd-run"
+    other.mkdir()
+    (other / "result.json").write_text(json.dumps({"model": "resnet18@layer2-3ch", "method": "hnd",
+                                                   "test": {"top1": 50.0}}))
+    assert "not a finished entropic run" in error(coded_student, other)
+    assert "not a finished entropic run" in error(coded_student, tmp_path / "missing")

@@ -16,10 +16,9 @@ from hnd.config import AE_CHANNELS, TrainConfig
 from hnd.errors import HndError
 from hnd.losses import head_mse_loss, kd_loss
 import hnd.methods
-from hnd.methods import build_reference_teacher, build_task, check_input_size
+from hnd.methods import build_reference_teacher, build_task, check_input_size, make_optimizer
 from hnd.registry import resolve
 from hnd.teachers import build_teacher
-from hnd.training import make_optimizer
 
 from conftest import PAPER_TEACHERS
 
@@ -172,7 +171,7 @@ def test_one_training_step(teacher, method, pretrained, teachers):
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(2, 3, size, size, generator=g), torch.tensor([3, 997])
     expected = expected_loss(task, x, y)
-    optimizer = make_optimizer(config, task.trained)
+    optimizer = make_optimizer(config, task.trained)[0]
     optimizer.zero_grad()
     loss, logits = task.loss(task.trained, x, y)
     assert torch.isfinite(loss)

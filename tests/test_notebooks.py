@@ -72,3 +72,30 @@ def test_split_points_runs_with_other_parameters(tmp_path):
     assert "resnet152" not in html and "6x29x29" not in html
     assert {"lead_teacher", "stem_ratio", "lead_macs_saved"} <= glued(nb)
 
+
+def test_train_refuses_a_rate_weight_for_other_methods(tmp_path):
+    """beta is the entropic method's; a non-zero one elsewhere stops the notebook before any
+    data is generated or anything is trained."""
+    with pytest.raises(pm.PapermillExecutionError) as info:
+        execute(NB_DIR / "02_train.ipynb", tmp_path / "out.ipynb", method="hnd", beta=0.5,
+                output_dir=str(tmp_path / "run"))
+    assert "method hnd has no rate" in str(info.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_rate_accuracy_demo_measures_an_entropic_student(tmp_path):
+    """Without runs the rate notebook measures untrained models; an entropic one is coded with
+    its prior's tables and becomes a point with its beta."""
+    import json
+
+    nb = execute(NB_DIR / "03_rate_accuracy.ipynb", tmp_path / "out.ipynb", methods=["hnd", "entropic"],
+                 qualities=[30, 90], output_dir=str(tmp_path / "rate"))
+    assert nb.metadata.papermill.exception is None
+    points = json.loads((tmp_path / "rate" / "metrics.json").read_text())["points"]
+    coded = [p for p in points if p["method"] == "entropic"]
+    assert len(coded) == 1 and coded[0]["setting"] == f"β={coded[0]['beta']:g}" and coded[0]["beta"] > 0
+    assert coded[0]["bytes"] >= 8 and coded[0]["label"] == "entropic 3ch"
+    assert {p["setting"] for p in points if p["method"] == "hnd"} == {"fp32", "fp16", "int8", "int8+zlib"}
+    assert {"entropic_summary", "lead_label", "jpeg_match"} <= glued(nb)
+    html = "".join(o.get("data", {}).get("text/html", "") for o in outputs(nb))
+    assert "hnd_zlib_bytes" in html  # the matched-accuracy table

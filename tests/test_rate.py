@@ -270,3 +270,34 @@ def test_plot_rate_accuracy(teacher_top1):
                    for line in ax.lines) == (teacher_top1 is not None)
     finally:
         plt.close(fig)
+
+
+def test_plot_rate_accuracy_draws_each_entropic_student_as_a_curve_over_beta():
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hnd.plots import plot_rate_accuracy
+    from hnd.results import model_points
+
+    coded = []  # two entropic students, their betas given out of order of bytes
+    for channels, shift in ((3, 0.0), (12, 8.0)):
+        for beta, b, top1 in ((0.1, 60, 58.0), (2.0, 16, 40.0), (0.5, 30, 50.0)):
+            point = RatePoint("bottleneck", f"entropic {channels}ch", "entropy", b * (1 + channels / 3), top1 + shift,
+                              90.0, 10)
+            coded += model_points([point], "entropic", channels, beta)
+    fig = plot_rate_accuracy(_points() + coded, teacher_top1=75.0)
+    try:
+        (ax,) = fig.axes
+        assert len(ax.collections) == 2 * len(TENSOR_FORMATS)  # the entropic points are no format markers
+        curves = {line.get_label(): line for line in ax.lines if "range-coded" in line.get_label()}
+        assert set(curves) == {"entropic 3ch, range-coded over β", "entropic 12ch, range-coded over β"}
+        three = curves["entropic 3ch, range-coded over β"]
+        assert list(three.get_xdata()) == [32, 60, 120] and list(three.get_ydata()) == [40.0, 50.0, 58.0]
+        assert three.get_color() != curves["entropic 12ch, range-coded over β"].get_color()
+        assert len(ax.lines) == 3 + 2 + 1 + 2  # as without them, plus one curve per entropic student
+        assert {"β=0.1", "β=0.5", "β=2"} <= {t.get_text() for t in ax.texts}
+        texts = {t.get_text() for t in ax.get_legend().get_texts()}
+        assert set(curves) <= texts and "bottleneck β=0.1" not in texts and "entropic 3ch" not in texts
+    finally:
+        plt.close(fig)

@@ -60,6 +60,9 @@ CANONICAL = {
     "inception_v3@maxpool2-9ch": "inception_v3_head_mimic-ver1b-9ch",
     "inception_v3_head_mimic-ver1b-3ch": "inception_v3_head_mimic-ver1b-3ch",
     "inception_v3@maxpool2": "inception_v3",
+    "densenet169-6ch-entropic": "densenet169_head_mimic-ver2b-6ch-entropic",
+    "resnet18@layer2.1-3ch-entropic": "resnet18@layer2-3ch-entropic",
+    "inception_v3_head_mimic-ver1b-12ch-entropic": "inception_v3_head_mimic-ver1b-12ch-entropic",
 }
 
 
@@ -363,3 +366,23 @@ def test_every_family_trains_a_step_and_predicts(name, capsys, tmp_path, image_f
     with torch.no_grad():
         expected = student(image_tensor(config.model_spec, image_file))[0]
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_entropic_students_carry_an_entropy_model():
+    plain, coded = resolve("resnet18-3ch"), resolve("resnet18-3ch-entropic")
+    assert (plain.entropy, coded.entropy) == (False, True)
+    assert coded.with_entropy(False) == plain and plain.with_entropy() == coded
+    assert coded.teacher_spec() == plain.teacher_spec() and not coded.teacher_spec().entropy
+    assert coded.at_input_size(64).entropy and str(coded.at_input_size(64)) == str(coded)
+    model = coded.build(pretrained=False)
+    prior_keys = [k for k in model.state_dict() if k.startswith("head.prior.")]
+    assert prior_keys and not [k for k in plain.build(pretrained=False).state_dict() if ".prior." in k]
+    # The rest of the student is the plain one: same keys and shapes outside the prior.
+    shapes = {k: v.shape for k, v in model.state_dict().items() if not k.startswith("head.prior.")}
+    assert shapes == {k: v.shape for k, v in plain.build(pretrained=False).state_dict().items()}
+    with pytest.raises(hnd.registry.HndError, match="only students"):
+        spec_from_dict({**resolve("resnet18").to_dict(), "entropy": True})
+    with pytest.raises(hnd.registry.HndError, match="cannot read model name"):
+        resolve("resnet18-entropic")
+    with pytest.raises(hnd.registry.HndError, match="is a teacher"):
+        resolve("resnet18").with_entropy()

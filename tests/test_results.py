@@ -1,12 +1,21 @@
-"""Reading grid results back: the teacher reference line of the results chapter."""
+"""Reading grid results back: the teacher reference line of the results chapter, what the
+training notebook passes on for entropic students, the rate chapter's matched-accuracy
+comparison, and the results chapter's figures."""
 
 from __future__ import annotations
 
-from hnd.results import teacher_reference
+import math
+
+import pytest
+
+from conftest import error
+from hnd.rate import RatePoint
+from hnd.results import (beta_setting, best_run, entropic_comparison, entropic_summary, is_entropic_point,
+                         matched_input, model_points, rate_label, teacher_reference, train_overrides)
 
 
-def run(teacher, method, top1, teacher_top1=None):
-    return {"teacher": teacher, "method": method, "test_top1": top1, "teacher_top1": teacher_top1}
+def run(teacher, method, top1, teacher_top1=None, **more):
+    return {"teacher": teacher, "method": method, "test_top1": top1, "teacher_top1": teacher_top1, **more}
 
 
 def test_own_teacher_run_wins_over_what_students_saw():
@@ -19,3 +28,195 @@ def test_students_median_without_a_teacher_run_and_nothing_when_unknown():
     runs = [run("densenet169", "hnd", 70.0, 75.0), run("densenet169", "kd", 68.0, 76.0),
             run("densenet169", "naive", 60.0, 80.0), run("resnet152", "hnd", 70.0, None)]
     assert teacher_reference(runs) == {"densenet169": 76.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# What 02_train passes on
+
+
+def test_train_overrides_add_beta_for_entropic_only():
+    base = {"epochs": 3, "lr": 0.001}
+    assert train_overrides("entropic", base, beta=0.5) == {"epochs": 3, "lr": 0.001, "beta": 0.5}
+    assert train_overrides("entropic", base) == base  # 0: the preset, nothing added
+    assert train_overrides("hnd", base, teacher_checkpoint="t/best.pt") == {**base, "teacher_checkpoint": "t/best.pt"}
+    assert base == {"epochs": 3, "lr": 0.001}  # the profile's mapping is not changed
+    assert train_overrides("entropic", None, beta=2) == {"beta": 2.0}
+    message = error(train_overrides, "hnd", base, beta=0.5)
+    assert "method hnd has no rate" in message and "\n" not in message
+    for bad in (-1.0, math.inf, math.nan, "0.5", True):
+        assert "beta must be a non-negative number" in error(train_overrides, "entropic", base, beta=bad)
+
+
+def test_beta_flows_into_the_entropic_config():
+    from hnd.config import default_beta, experiment_config
+
+    config = experiment_config("resnet50", "entropic", 3, train_overrides("entropic", {}, beta=0.25))
+    assert config.beta == 0.25 and config.model.endswith("-entropic")
+    preset = experiment_config("resnet50", "entropic", 3, train_overrides("entropic", {}))
+    assert preset.beta == default_beta(preset.spec) > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The rate chapter
+
+
+def test_rate_labels_and_beta_settings():
+    assert [rate_label(m, c) for m, c in (("hnd", 3), ("ae", 12), ("entropic", 6))] == [
+        "HND 3ch", "AE 12ch", "entropic 6ch"]
+    assert beta_setting(0.05) == "β=0.05" and beta_setting(4.0141) == "β=4.0141" and beta_setting(2.0) == "β=2"
+
+
+def test_model_points_record_method_channels_and_beta():
+    hnd = [RatePoint("bottleneck", "HND 3ch", fmt, b, 50.0, 80.0, 10) for fmt, b in (("int8", 155), ("fp32", 588))]
+    rows = model_points(hnd, "hnd", 3)
+    assert [(r["setting"], r["method"], r["channels"], r["beta"]) for r in rows] == [
+        ("int8", "hnd", 3, None), ("fp32", "hnd", 3, None)]
+    coded = model_points([RatePoint("bottleneck", "entropic 3ch", "entropy", 40, 55.0, 85.0, 10)], "entropic", 3, 0.1)
+    assert coded[0]["setting"] == "β=0.1" and coded[0]["beta"] == 0.1 and coded[0]["bytes"] == 40
+    assert is_entropic_point(coded[0]) and not any(is_entropic_point(r) for r in rows)
+    # Dicts pass too, and points of an entropic student in a tensor format keep their format.
+    again = model_points([{**coded[0], "setting": "int8"}], "entropic", 3, 0.1)
+    assert again[0]["setting"] == "int8" and again[0]["beta"] == 0.1
+    assert not is_entropic_point({"kind": "bottleneck", "beta": float("nan")})
+    assert not is_entropic_point({"kind": "input", "beta": 0.1})
+
+
+def _table() -> list[dict]:
+    """Two entropic students (3 ch at two β, 12 ch at one), HND 3 ch in two formats, JPEG and
+    WebP sweeps with their raw reference."""
+    rows = model_points([RatePoint("bottleneck", "entropic 3ch", "entropy", 40, 60.0, 90.0, 10)], "entropic", 3, 0.2)
+    rows += model_points([RatePoint("bottleneck", "entropic 3ch", "entropy", 24, 50.0, 90.0, 10)], "entropic", 3, 1.0)
+    rows += model_points([RatePoint("bottleneck", "entropic 12ch", "entropy", 120, 80.0, 90.0, 10)], "entropic", 12, 0.2)
+    rows += model_points([RatePoint("bottleneck", "HND 3ch", fmt, b, 58.0, 90.0, 10)
+                          for fmt, b in (("int8", 155), ("int8+zlib", 140))], "hnd", 3)
+    for codec, offset in (("jpeg", 0), ("webp", -100)):
+        rows.append(RatePoint("input", "resnet50 raw", "raw", 6912, 85.0, 95.0, 10).to_dict())
+        rows += [RatePoint("input", f"resnet50 {codec}", f"q{q}", 1000 + 20 * q + offset, 40 + q / 2, 90.0,
+                           10).to_dict() for q in (5, 10, 20, 40, 70)]
+    return rows
+
+
+def test_matched_input_is_the_smallest_payload_reaching_the_accuracy():
+    rows = _table()
+    assert matched_input(rows, "jpeg", 60.0)["setting"] == "q40"  # 40 + 40/2 = 60 >= 60
+    assert matched_input(rows, "jpeg", 60.1)["setting"] == "q70"
+    assert matched_input(rows, "webp", 45.0)["bytes"] == 1000 + 20 * 10 - 100
+    assert matched_input(rows, "jpeg", 80.0) is None  # the raw reference never counts
+    assert matched_input(rows, "png", 0.0) is None
+
+
+def test_entropic_comparison_pairs_each_point_with_its_alternatives():
+    comparison = entropic_comparison(_table())
+    assert [(c["label"], c["beta"]) for c in comparison] == [("entropic 3ch", 1.0), ("entropic 3ch", 0.2),
+                                                              ("entropic 12ch", 0.2)]
+    first, second, wide = comparison
+    assert (first["bytes"], first["top1"], first["hnd_zlib_bytes"], first["hnd_int8_bytes"]) == (24, 50.0, 140, 155)
+    assert (first["jpeg_quality"], first["jpeg_bytes"]) == ("20", 1400)  # 40 + 20/2 = 50
+    assert (second["jpeg_quality"], second["webp_quality"]) == ("40", "40")
+    assert wide["hnd_zlib_bytes"] is None and wide["jpeg_bytes"] is None and wide["webp_bytes"] is None
+    assert entropic_comparison([r for r in _table() if not is_entropic_point(r)]) == []
+
+
+def test_entropic_summary_names_the_best_point_and_the_range():
+    text = entropic_summary(entropic_comparison(_table()))
+    assert text.count("The most accurate point of") == 2
+    assert "**entropic 3ch** (β=0.2) sends 40 bytes per image at 60.0% top-1" in text
+    assert "HND 3ch sends 140 bytes with int8+zlib at 58.0%" in text
+    assert "1,800 bytes as JPEG (quality 40) and 1,700 bytes as WebP (quality 40)" in text
+    assert "from 24 bytes (β=1, 50.0%) to 40 bytes (β=0.2, 60.0%)" in text
+    assert "**entropic 12ch** (β=0.2) sends 120 bytes" in text and "JPEG and WebP reach it at no quality" in text
+    assert entropic_summary([]) == "No entropic student was measured in this run."
+
+
+def test_best_run_takes_the_best_beta():
+    runs = [run("resnet50", "entropic", 50.0, channels=3, beta=1.0), run("resnet50", "entropic", 60.0, channels=3,
+                                                                         beta=0.2),
+            run("resnet50", "entropic", 70.0, channels=12, beta=0.2), run("resnet50", "hnd", 55.0, channels=3)]
+    assert best_run(runs, "entropic", 3)["beta"] == 0.2
+    assert best_run(runs, "entropic")["channels"] == 12
+    assert best_run(runs, "hnd", 3)["test_top1"] == 55.0
+    assert best_run(runs, "kd", 3) is None and best_run(runs, "entropic", 3, backbone="resnet152") is None
+
+
+# ---------------------------------------------------------------------------------------------
+# The results chapter's figures
+
+
+@pytest.fixture
+def plt():
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    yield plt
+    plt.close("all")
+
+
+def _grid_runs() -> list[dict]:
+    runs = [run("resnet50", "teacher", 80.0, 80.0, channels=None, seconds_per_epoch=9.0, images_per_s=100.0)]
+    for method, top in (("hnd", 60.0), ("kd", 50.0)):
+        runs += [run("resnet50", method, top + c, 80.0, channels=c, seconds_per_epoch=5.0, images_per_s=200.0)
+                 for c in (3, 12)]
+    runs += [run("resnet50", "entropic", 40.0 + c + 10 * k, 80.0, channels=c, beta=b, seconds_per_epoch=6.0,
+                 images_per_s=150.0) for c in (3, 12) for k, b in enumerate((2.0, 0.5))]
+    return runs
+
+
+def test_accuracy_vs_channels_draws_one_line_per_beta(plt):
+    from hnd.plots import plot_accuracy_vs_channels
+
+    runs = _grid_runs()
+    fig = plot_accuracy_vs_channels([r for r in runs if r["method"] != "teacher"], teacher_reference(runs))
+    (ax,) = fig.axes
+    lines = {line.get_label(): line for line in ax.lines}
+    assert set(lines) == {"HND", "KD", "entropic β=0.5", "entropic β=2", "teacher"}
+    assert list(lines["entropic β=0.5"].get_xdata()) == [3, 12]
+    assert list(lines["entropic β=0.5"].get_ydata()) == [53.0, 62.0]
+    assert lines["entropic β=0.5"].get_color() != lines["entropic β=2"].get_color()
+    assert {t.get_text() for t in ax.get_legend().get_texts()} == set(lines)
+
+
+def test_accuracy_vs_channels_gives_each_panel_its_legend_when_betas_differ(plt):
+    from hnd.plots import plot_accuracy_vs_channels
+
+    runs = [run("densenet169", "entropic", 60.0, channels=12, beta=0.5),
+            run("resnet152", "entropic", 70.0, channels=12, beta=4.0)]
+    fig = plot_accuracy_vs_channels(runs)
+    legends = [{t.get_text() for t in ax.get_legend().get_texts()} for ax in fig.axes]
+    assert legends == [{"entropic β=0.5"}, {"entropic β=4"}]
+
+
+def test_training_time_has_a_bar_per_run_and_labels_entropic_betas(plt):
+    from hnd.plots import plot_training_time
+
+    runs = _grid_runs()
+    fig = plot_training_time(runs)
+    for ax in fig.axes:
+        assert len(ax.patches) == len(runs)
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["teacher", "KD", "HND", "entropic"]
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert {"3 β=0.5", "3 β=2", "12 β=0.5", "12 β=2"} <= set(texts) and texts.count("3") == 2
+
+
+def test_training_plot_of_an_entropic_run_shows_its_rate_and_stages(plt):
+    from hnd.plots import plot_training
+
+    lines = [{"epoch": 1, "stage": 1, "train_loss": 900.0, "train_bytes_estimate": 80.0, "select_bytes_per_image": 70.0,
+              "select_top1": 20.0, "seconds": 3.0},
+             {"epoch": 2, "stage": 1, "train_loss": 500.0, "train_bytes_estimate": 50.0, "select_bytes_per_image": 48.0,
+              "select_top1": 30.0, "seconds": 3.0},
+             {"epoch": 3, "stage": 2, "train_loss": 1.2, "train_top1": 35.0, "select_bytes_per_image": 48.0,
+              "select_top1": 40.0, "seconds": 5.0}]
+    fig = plot_training(lines)
+    assert len(fig.axes) == 4
+    rate = fig.axes[3]
+    series = {line.get_label(): list(line.get_ydata()) for line in rate.lines if not line.get_label().startswith("_")}
+    assert series == {"training estimate (noisy)": [80.0, 50.0], "range-coded, selection split": [70.0, 48.0, 48.0]}
+    assert all(any(list(line.get_xdata()) == [2.5, 2.5] for line in ax.lines) for ax in fig.axes)  # stage 2 starts
+    train = [line for line in fig.axes[1].lines if line.get_label() == "training batches"]
+    assert len(train) == 1 and list(train[0].get_xdata()) == [3]
+
+    plain = plot_training([{k: v for k, v in m.items() if k not in ("stage", "train_bytes_estimate",
+                                                                    "select_bytes_per_image")} for m in lines])
+    assert len(plain.axes) == 3  # other methods: no rate panel, no stage line
+    assert not any(list(line.get_xdata()) == [2.5, 2.5] for ax in plain.axes for line in ax.lines)

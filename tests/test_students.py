@@ -151,3 +151,32 @@ def test_generic_head_takes_the_teacher_stem():
 def test_generic_head_rejects_no_channels():
     with pytest.raises(HndError, match="positive integer"):
         GenericHead(0, (128, 28, 28), 224)
+
+
+@pytest.mark.parametrize("name", ["resnet50_head_mimic-ver2b-3ch-entropic", "resnet18@layer2-6ch-entropic"])
+def test_entropic_student_rounds_its_bottleneck_and_has_a_rate(name):
+    torch.manual_seed(0)
+    student = build_student(name, pretrained=False).eval()
+    spec = student.spec
+    assert spec.entropy and student.prior is not None and student.prior.channels == spec.channels
+    size = spec.input_size
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        student.prior.update_tables()
+        z = student.encode(x)  # raw encoder output: what the coder rounds
+        assert not torch.equal(z, torch.round(z))
+        logits = student(x)
+        assert torch.equal(student.decode(z), logits)  # decode rounds as forward does
+        assert torch.equal(student.decode(student.quantize(z)), logits)
+        edge, server = student.split()
+        assert torch.equal(server.eval()(edge(x)), logits)
+        out, bits = student.head.forward_with_rate(x)
+        assert bits.shape == (2,) and (bits > 0).all() and torch.equal(out, student.head(x))
+        low, width = student.prior.low, student.prior.pmf.shape[1]
+        y = student.quantize(z * 1e6)  # far outside the coded range: clamped into it
+        assert (y >= low.view(1, -1, 1, 1)).all() and (y <= (low + width - 1).view(1, -1, 1, 1)).all()
+    student.head.train()  # training: additive uniform noise instead of rounding
+    noisy = student.head.prior(z)[0]
+    assert not torch.equal(noisy, torch.round(noisy)) and (noisy - z).abs().max() <= 0.5
+    plain = build_student(name.removesuffix("-entropic"), pretrained=False)
+    assert plain.prior is None and "no entropy model" in str(pytest.raises(HndError, plain.head.forward_with_rate, x).value)
