@@ -156,7 +156,7 @@ def main() -> None:
     if args.markdown:
         import platform
 
-        from hnd.book import machine_facts
+        from hnd.book.grid import machine_facts
 
         hw = machine_facts()
         rows = [f"| bytes per request, {fmt} | {o['frame_bytes']:,} (raw payload {o['raw_payload_bytes']:,}, "

@@ -237,7 +237,7 @@ def cmd_data_imagenet(args: argparse.Namespace) -> None:
 
 
 def cmd_book_run(args: argparse.Namespace) -> int:
-    from hnd.book import run_grid, summary_table
+    from hnd.book.grid import run_grid, summary_table
 
     summaries = run_grid(args.profile, runs=args.out, only=args.only, jobs=args.jobs, data=args.data,
                          full=args.full)
@@ -246,7 +246,7 @@ def cmd_book_run(args: argparse.Namespace) -> int:
 
 
 def cmd_book_build(args: argparse.Namespace) -> int:
-    from hnd.book import build_book
+    from hnd.book.build import build_book
 
     return build_book(args.profile, runs=args.runs)
 
@@ -471,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = bsub.add_parser("run", help="execute every grid cell of a profile with papermill (resumable)")
     p.add_argument("--profile", default="cpu", help="smoke | cpu | paper (notebooks/profiles/*.yaml; default cpu)")
     p.add_argument("--only", metavar="PATTERN", help="run only cells whose id matches (glob or substring)")
-    p.add_argument("--jobs", type=int, default=1, help="cells run at once within a step (default 1)")
+    p.add_argument("--jobs", type=int, help="cells run at once within a step (default: the profile's, else 1)")
     p.add_argument("--data", help="dataset root (required by the paper profile; default: the profile's)")
     p.add_argument("--out", help="runs folder (default runs/book/PROFILE)")
     p.add_argument("--full", action="store_true", help="allow a full-scale (GPU) profile such as paper")

@@ -1,10 +1,15 @@
 """A small generated image-classification dataset in the ImageNet folder layout.
 
-Each class is a shape or texture drawn on a noisy background, with random colours (sometimes
-low contrast), position, scale, rotation, pixel noise and distractor blobs. It stands in for
-ImageNet on a CPU (tests, the book's default profile) so the same ``ImageFolder`` loading,
-transforms and training code run unchanged. Every image is seeded from (seed, split, class,
-index), so the same arguments give byte-identical files (with the same NumPy and Pillow).
+Each class is one of five shapes filled with one of two fine textures (``star-stripes``,
+``circle-spots``, ...), so telling classes apart needs both the outline and the texture, as on
+ImageNet, never the colour: every image draws its colours at random. The object, shaded and
+grainy, lies on a background of coloured fractal noise whose power falls with spatial
+frequency as in photographs, then the whole image is slightly blurred and gets sensor noise.
+At the book's resolution its JPEG and WebP sizes and its power spectrum match those of real
+photographs (measured in :mod:`hnd.book.photographs`). It stands in for ImageNet on a CPU
+(tests, the book's default profile), so the same ``ImageFolder`` loading, transforms and
+training code run unchanged. Every image is seeded from (seed, split, class, index), so the
+same arguments give byte-identical files (with the same NumPy and Pillow).
 """
 
 from __future__ import annotations
@@ -18,15 +23,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageChops, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 from hnd.errors import HndError
 
-_SUPERSAMPLE = 2  # shapes are drawn at twice the size and reduced, for smooth edges
+_SUPERSAMPLE = 2  # outlines and textures are drawn at twice the size and reduced, for smooth edges
 _SPLIT_IDS = {"train": 0, "val": 1}
 _JPEG_QUALITY = 90
 SUMMARY_FILE = "synth.json"  # the generation settings, written inside the dataset folder
 _MAX_GROWTH = 1.3  # width and height each lie in [image_size, image_size * _MAX_GROWTH]
+SPECTRAL_SLOPE = 2.8  # the noise fields' power falls as 1 / frequency ** SPECTRAL_SLOPE
+_TEXTURE_PERIOD = (5.0, 8.0)  # pixels per stripe or dot period, in the stored image
 
 Point = tuple[float, float]
 
@@ -44,27 +51,15 @@ def _regular(n: int, radius: float, start: float = -math.pi / 2) -> list[Point]:
 
 
 # Each drawer paints one object of radius about ``r`` centred at (cx, cy) in 255 on an 'L' canvas,
-# taking its random details (rotation, proportions, phase) from ``rng``.
+# taking its random details (rotation, proportions) from ``rng``.
 def _circle(draw, cx, cy, r, rng):
     draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
-
-
-def _ring(draw, cx, cy, r, rng):
-    inner = r * rng.uniform(0.45, 0.65)
-    draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
-    draw.ellipse([cx - inner, cy - inner, cx + inner, cy + inner], fill=0)
 
 
 def _square(draw, cx, cy, r, rng):
     half = r * 0.85
     draw.polygon(_placed(cx, cy, rng.uniform(-0.25, 0.25), _regular(4, half * math.sqrt(2), math.pi / 4)),
                  fill=255)
-
-
-def _diamond(draw, cx, cy, r, rng):
-    aspect = rng.uniform(1.2, 1.5)  # taller than wide, so it is not just a turned square
-    points = [(0, -r), (r / aspect, 0), (0, r), (-r / aspect, 0)]
-    draw.polygon(_placed(cx, cy, rng.uniform(-0.2, 0.2), points), fill=255)
 
 
 def _triangle(draw, cx, cy, r, rng):
@@ -85,104 +80,93 @@ def _cross(draw, cx, cy, r, rng):
     draw.polygon(_placed(cx, cy, rng.uniform(-0.3, 0.3), arms), fill=255)
 
 
-def _stripes(draw, cx, cy, r, rng):
-    period, angle, phase = r * rng.uniform(0.45, 0.65), rng.uniform(0, math.pi), rng.uniform(0, 1)
-    reach = r * 1.5
-    for k in range(-math.ceil(reach / period) - 1, math.ceil(reach / period) + 1):
-        u = (k + phase) * period
-        draw.polygon(_placed(cx, cy, angle, [(u, -reach), (u + period / 2, -reach),
-                                             (u + period / 2, reach), (u, reach)]), fill=255)
+def _stripes(u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return np.sin(2 * math.pi * (u + rng.uniform())) > 0
 
 
-def _checker(draw, cx, cy, r, rng):
-    cell, angle = r * rng.uniform(0.4, 0.6), rng.uniform(0, math.pi / 2)
-    n = math.ceil(r * 1.5 / cell)
-    for i in range(-n, n):
-        for j in range(-n, n):
-            if (i + j) % 2 == 0:
-                square = [(i * cell, j * cell), ((i + 1) * cell, j * cell),
-                          ((i + 1) * cell, (j + 1) * cell), (i * cell, (j + 1) * cell)]
-                draw.polygon(_placed(cx, cy, angle, square), fill=255)
+def _spots(u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Round spots on a jittered lattice: one per period cell, each moved at random within it,
+    so the texture has a scale but, unlike stripes, no orientation and no strict period."""
+    iu, iv = np.round(u).astype(int), np.round(v).astype(int)
+    jitter = rng.uniform(-0.2, 0.2, (iu.max() - iu.min() + 1, iv.max() - iv.min() + 1, 2))
+    offset = jitter[iu - iu.min(), iv - iv.min()]
+    return (u - iu - offset[..., 0]) ** 2 + (v - iv - offset[..., 1]) ** 2 < rng.uniform(0.22, 0.28) ** 2
 
 
-def _dots(draw, cx, cy, r, rng):
-    period, angle = r * rng.uniform(0.5, 0.7), rng.uniform(0, math.pi / 2)
-    radius = period * rng.uniform(0.22, 0.32)
-    n = math.ceil(r * 1.5 / period)
-    grid = [(i * period, j * period) for i in range(-n, n + 1) for j in range(-n, n + 1)]
-    for x, y in _placed(cx, cy, angle, grid):
-        draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=255)
+_SHAPES = {"circle": _circle, "cross": _cross, "square": _square, "star": _star, "triangle": _triangle}
+# A texture maps coordinates in units of its period (u across, v along) to where it is dark.
+_TEXTURES = {"spots": _spots, "stripes": _stripes}
+
+SYNTH_CLASSES: tuple[str, ...] = tuple(sorted(f"{shape}-{texture}" for shape in _SHAPES for texture in _TEXTURES))
+"""The class names in label order (sorted, as ``ImageFolder`` numbers them): shape-texture."""
 
 
-_SHAPES = {"circle": _circle, "ring": _ring, "square": _square, "diamond": _diamond,
-           "triangle": _triangle, "star": _star, "cross": _cross}
-_TEXTURES = {"stripes": _stripes, "checker": _checker, "dots": _dots}
+def fractal_noise(rng: np.random.Generator, height: int, width: int, channels: int = 1,
+                  slope: float = SPECTRAL_SLOPE) -> np.ndarray:
+    """Gaussian noise fields (channels × height × width) whose power spectrum falls as
+    1 / frequency ** ``slope``, each with zero mean and unit standard deviation."""
+    fy = np.fft.fftfreq(height)[:, None]
+    fx = np.fft.rfftfreq(width)[None, :]
+    frequency = np.hypot(fx, fy)
+    frequency[0, 0] = 1
+    amplitude = frequency ** (-slope / 2)
+    amplitude[0, 0] = 0
+    shape = (channels, height, fx.shape[1])
+    spectrum = (rng.normal(size=shape) + 1j * rng.normal(size=shape)) * amplitude
+    field = np.fft.irfft2(spectrum, s=(height, width))
+    field -= field.mean(axis=(1, 2), keepdims=True)
+    return field / field.std(axis=(1, 2), keepdims=True)
 
-SYNTH_CLASSES: tuple[str, ...] = tuple(sorted({**_SHAPES, **_TEXTURES}))
-"""The class names in label order (sorted, as ``ImageFolder`` numbers them)."""
+
+def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """A coloured fractal field (height × width × 3, float): mostly brightness, some hue."""
+    field = fractal_noise(rng, height, width, 3)
+    brightness = field[0] * rng.uniform(15, 35)
+    a, b = field[1] * rng.uniform(3, 12), field[2] * rng.uniform(3, 12)  # two colour-opponent axes
+    return rng.uniform(30, 225, 3) + brightness[..., None] + np.stack([a, b, -a - b], axis=-1)
 
 
-def _mask(name: str, size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
-    """The object of class ``name`` as a soft 'L' mask: a shape, or a texture inside a disk
-    or a turned square patch (so the outline alone does not tell textures from shapes)."""
-    w, h = size[0] * _SUPERSAMPLE, size[1] * _SUPERSAMPLE
+def _reduce(mask: Image.Image) -> np.ndarray:
+    return np.asarray(mask.reduce(_SUPERSAMPLE), dtype=np.float32)[..., None] / 255
+
+
+def _object(name: str, rng: np.random.Generator, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """The object of class ``name``: its soft mask and its pixels (height × width × 1 and × 3)."""
+    shape, texture = name.split("-")
+    w, h = width * _SUPERSAMPLE, height * _SUPERSAMPLE
     side = min(w, h)
-    r = side * rng.uniform(0.3, 0.4)
+    r = side * rng.uniform(0.33, 0.42)
     margin = r * 1.05 + side * 0.04
     cx, cy = rng.uniform(margin, w - margin), rng.uniform(margin, h - margin)
-    mask = Image.new("L", (w, h), 0)
-    if name in _SHAPES:
-        _SHAPES[name](ImageDraw.Draw(mask), cx, cy, r, rng)
-    else:
-        _TEXTURES[name](ImageDraw.Draw(mask), cx, cy, r, rng)
-        patch = Image.new("L", (w, h), 0)
-        if rng.random() < 0.5:
-            _circle(ImageDraw.Draw(patch), cx, cy, r, rng)
-        else:
-            ImageDraw.Draw(patch).polygon(
-                _placed(cx, cy, rng.uniform(0, math.pi / 2), _regular(4, r * 1.1, math.pi / 4)), fill=255)
-        mask = ImageChops.multiply(mask, patch)
-    return mask.reduce(_SUPERSAMPLE)
-
-
-def _blotches(rng: np.random.Generator, size: tuple[int, int], base: np.ndarray,
-              amplitude: float) -> np.ndarray:
-    """A smooth random colour field around ``base`` (float32, height × width × 3)."""
-    k = int(rng.integers(2, 7))
-    small = np.clip(base + rng.uniform(-amplitude, amplitude, (k, k, 3)), 0, 255).astype(np.uint8)
-    return np.asarray(Image.fromarray(small).resize(size, Image.Resampling.BICUBIC), dtype=np.float32)
-
-
-def _foreground_colour(rng: np.random.Generator, background: np.ndarray) -> np.ndarray:
-    """A colour far from ``background``, or, one time in ten, only a little different."""
-    low_contrast = rng.random() < 0.1
-    while True:
-        if low_contrast:
-            step = rng.normal(size=3)
-            colour = np.clip(background + step / np.linalg.norm(step) * rng.uniform(25, 50), 0, 255)
-        else:
-            colour = rng.uniform(0, 255, 3)
-        if np.linalg.norm(colour - background) >= (20 if low_contrast else 90):
-            return colour
+    outline = Image.new("L", (w, h), 0)
+    _SHAPES[shape](ImageDraw.Draw(outline), cx, cy, r, rng)
+    # The texture in the object's own frame: a random period and orientation.
+    period = rng.uniform(*_TEXTURE_PERIOD) * _SUPERSAMPLE
+    angle = rng.uniform(0, math.pi)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    u = ((x - cx) * math.cos(angle) + (y - cy) * math.sin(angle)) / period
+    v = ((y - cy) * math.cos(angle) - (x - cx) * math.sin(angle)) / period
+    pattern = _reduce(Image.fromarray(_TEXTURES[texture](u, v, rng).astype(np.uint8) * 255))
+    light = rng.uniform(0, 255, 3)
+    dark = np.clip(light + rng.normal(size=3) * 40 + rng.choice([-1, 1]) * rng.uniform(80, 140), 0, 255)
+    grain = fractal_noise(rng, height, width)[0][..., None] * rng.uniform(8, 20)
+    gy, gx = np.mgrid[0:height, 0:width]
+    towards = rng.uniform(0, 2 * math.pi)  # shading: lit from one side
+    shade = ((gx - cx / _SUPERSAMPLE) * math.cos(towards) + (gy - cy / _SUPERSAMPLE) * math.sin(towards))
+    shade = shade / (r / _SUPERSAMPLE) * rng.uniform(0, 25)
+    pixels = light * (1 - pattern) + dark * pattern + grain + shade[..., None]
+    return _reduce(outline), pixels
 
 
 def render(name: str, image_size: int, rng: np.random.Generator) -> Image.Image:
     """One RGB image of class ``name``, all randomness drawn from ``rng``."""
-    size = tuple(int(v) for v in rng.integers(image_size, round(image_size * _MAX_GROWTH) + 1, 2))
-    background = rng.uniform(0, 255, 3)
-    foreground = _foreground_colour(rng, background)
-    mask = np.asarray(_mask(name, size, rng), dtype=np.float32)[..., None] / 255
-    pixels = (_blotches(rng, size, background, rng.uniform(10, 50)) * (1 - mask)
-              + _blotches(rng, size, foreground, rng.uniform(5, 25)) * mask)
-    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    for _ in range(int(rng.integers(0, 3))):  # distractors: small blobs anywhere
-        br = min(size) * rng.uniform(0.04, 0.09)
-        bx, by = rng.uniform(br, size[0] - br), rng.uniform(br, size[1] - br)
-        draw.ellipse([bx - br, by - br * rng.uniform(0.6, 1.4), bx + br, by + br],
-                     fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
-    noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, rng.uniform(2, 10), (size[1], size[0], 3))
-    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+    width, height = (int(v) for v in rng.integers(image_size, round(image_size * _MAX_GROWTH) + 1, 2))
+    background = _background(rng, width, height)
+    mask, pixels = _object(name, rng, width, height)
+    image = background * (1 - mask) + pixels * mask
+    image += rng.normal(0, rng.uniform(1, 3), image.shape)  # sensor noise
+    image = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
+    return image.filter(ImageFilter.GaussianBlur(rng.uniform(0.2, 0.45)))  # optics: never perfectly sharp
 
 
 def _check_int(name: str, value, minimum: int, maximum: int | None = None) -> None:

@@ -83,6 +83,11 @@ PAGE_STATE_JS = r"""
       inWidget: !!img.closest('.widget-subarea'),
     };
   });
+  // Tables wider than the text column make the reader scroll sideways.
+  const column = document.querySelector('main article, article, main');
+  const limit = column ? column.getBoundingClientRect().width : window.innerWidth;
+  const wideTables = [...document.querySelectorAll('table')].map(
+      (t) => Math.round(t.getBoundingClientRect().width)).filter((w) => w > limit + 1);
   const math = [...document.querySelectorAll('.math')];
   const mj = window.MathJax;
   if (mj && mj.startup && mj.startup.promise && window.__checkMathDone === undefined) {
@@ -95,6 +100,8 @@ PAGE_STATE_JS = r"""
     ready: document.readyState,
     widgets,
     images,
+    wideTables,
+    column: Math.round(limit),
     math: math.length,
     untypeset: math.filter((el) => !el.querySelector('mjx-container')).length,
     mathErrors: [...document.querySelectorAll('mjx-merror')].map(
@@ -328,6 +335,8 @@ def _state_problems(state: dict) -> list[str]:
         elif img["visible"] and (img["width"] == 0 or img["height"] == 0):
             problems.append(f"image {_short(img['src'])} is rendered with zero size "
                             f"({img['width']:g}x{img['height']:g})")
+    for width in state.get("wideTables", []):
+        problems.append(f"a table is {width} px wide, wider than the text column ({state['column']} px)")
     if state["math"]:
         if not state["mathJax"]:
             problems.append(f"{state['math']} math element(s) but MathJax did not load")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from hnd.errors import HndError
-from hnd.explore import ENTROPY, SplitExplorer, accuracy_from_runs, shortlist
+from hnd.book.explore import ENTROPY, SplitExplorer, accuracy_from_runs, shortlist
 from hnd.latency import coded_student
 from hnd.latency import list_device_profiles, plan
 

@@ -249,7 +249,7 @@ def test_plot_rate_accuracy(teacher_top1):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from hnd.plots import plot_rate_accuracy
+    from hnd.book.plots import plot_rate_accuracy
 
     fig = plot_rate_accuracy(_points(), teacher_top1=teacher_top1)
     try:
@@ -277,8 +277,8 @@ def test_plot_rate_accuracy_draws_each_entropic_student_as_a_curve_over_beta():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from hnd.plots import plot_rate_accuracy
-    from hnd.results import model_points
+    from hnd.book.plots import plot_rate_accuracy
+    from hnd.book.results import model_points
 
     coded = []  # two entropic students, their betas given out of order of bytes
     for channels, shift in ((3, 0.0), (12, 8.0)):

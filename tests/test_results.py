@@ -10,12 +10,17 @@ import pytest
 
 from conftest import error
 from hnd.rate import RatePoint
-from hnd.results import (beta_setting, best_run, entropic_comparison, entropic_summary, is_entropic_point,
-                         matched_input, model_points, rate_label, teacher_reference, train_overrides)
+from hnd.book.results import (RunRecord, beta_setting, best_run, entropic_comparison, entropic_summary,
+                              is_entropic_point, matched_input, model_points, rate_label, teacher_reference,
+                              train_overrides)
 
 
-def run(teacher, method, top1, teacher_top1=None, **more):
-    return {"teacher": teacher, "method": method, "test_top1": top1, "teacher_top1": teacher_top1, **more}
+def run(teacher, method, top1, teacher_top1=None, **more) -> RunRecord:
+    fields = dict(teacher=teacher, method=method, channels=None, beta=None, model=f"{teacher}-{method}",
+                  input_size=None, test_top1=top1, test_top5=min(100.0, top1 + 20), bytes_per_image=None,
+                  teacher_top1=teacher_top1, select_top1=None, best_epoch=1, epochs=2, train_seconds=2.0,
+                  seconds_per_epoch=1.0, images_per_s=10.0, checkpoint="run/best.pt")
+    return RunRecord(**{**fields, **more})
 
 
 def test_own_teacher_run_wins_over_what_students_saw():
@@ -28,6 +33,63 @@ def test_students_median_without_a_teacher_run_and_nothing_when_unknown():
     runs = [run("densenet169", "hnd", 70.0, 75.0), run("densenet169", "kd", 68.0, 76.0),
             run("densenet169", "naive", 60.0, 80.0), run("resnet152", "hnd", 70.0, None)]
     assert teacher_reference(runs) == {"densenet169": 76.0}
+
+
+def _training_cell(runs, cell, record: RunRecord, status="done"):
+    """A grid folder as the runner leaves it: grid.json and the cell's results.json."""
+    from hnd.book.results import GRID_FILE, RESULTS_FILE, read_json, write_json
+
+    grid = read_json(runs / GRID_FILE) if (runs / GRID_FILE).is_file() else {"profile": "t", "cells": []}
+    grid["cells"].append({"id": cell, "notebook": cell.split("/")[0], "label": cell, "status": status,
+                          "error": None, "seconds": 1.0})
+    write_json(runs / GRID_FILE, grid)
+    write_json(runs / cell / RESULTS_FILE, {"cell": cell, "status": status, "metrics": record.to_dict()})
+
+
+def test_run_records_round_trip_through_the_grid_with_checkpoints_relative_to_their_cell(tmp_path):
+    from hnd.book.results import training_runs
+
+    hnd3 = run("resnet18", "hnd", 61.5, 80.0, channels=3)
+    entropic = run("resnet18", "entropic", 55.0, 80.0, channels=3, beta=30.0, bytes_per_image=41.2)
+    _training_cell(tmp_path, "02_train/method-hnd_channels-3", hnd3)
+    _training_cell(tmp_path, "02_train/method-entropic_channels-3_beta-30", entropic)
+    _training_cell(tmp_path, "02_train/method-kd_channels-3", run("resnet18", "kd", 1.0), status="failed")
+    _training_cell(tmp_path, "03_rate_accuracy/default", run("resnet18", "hnd", 2.0))
+    records = training_runs(tmp_path)
+    assert records == [hnd3, entropic]  # the failed cell and other notebooks are left out
+    assert records[1].checkpoint_path == tmp_path / "02_train/method-entropic_channels-3_beta-30/run/best.pt"
+    assert [r.label for r in records] == ["HND 3ch", "entropic 3ch β=30"]
+    assert run("resnet18", "teacher", 80.0).label == "teacher"
+
+
+def test_a_record_missing_a_field_is_a_one_line_error(tmp_path):
+    doc = run("resnet18", "hnd", 50.0).to_dict()
+    del doc["test_top5"], doc["epochs"]
+    assert error(RunRecord.from_dict, doc, "x") == "training record in x lacks test_top5, epochs; re-run the cell"
+    assert RunRecord.from_dict({**doc, "test_top5": 1.0, "epochs": 1, "extra": 0}).test_top5 == 1.0
+
+
+def test_a_record_from_training_keeps_the_checkpoint_inside_the_cell_relative(tmp_path):
+    from hnd.config import experiment_config
+
+    config = experiment_config("resnet18", "entropic", 3, {"pretrained": False, "input_size": 64, "beta": 2.0,
+                                                          "epochs": 2, "stage1_epochs": 1})
+    result = {"checkpoint": str(tmp_path / "run" / "best.pt"), "best_epoch": 2, "select_top1": 40.0}
+    test = {"student": {"top1": 42.0, "top5": 90.0, "bytes_per_image": 33.5}, "teacher": {"top1": 70.0}}
+    epochs = [{"seconds": 3.0, "images_per_s": 10.0}, {"seconds": 5.0, "images_per_s": 20.0}]
+    record = RunRecord.from_training("resnet18", config, result, test, epochs, tmp_path)
+    assert (record.checkpoint, record.checkpoint_path) == ("run/best.pt", tmp_path / "run" / "best.pt")
+    assert (record.channels, record.beta, record.bytes_per_image, record.teacher_top1) == (3, 2.0, 33.5, 70.0)
+    assert (record.train_seconds, record.seconds_per_epoch, record.images_per_s) == (8.0, 4.0, 15.0)
+    record.write(tmp_path)
+    from hnd.book.results import METRICS_FILE, read_json
+
+    assert RunRecord.from_dict(read_json(tmp_path / METRICS_FILE), tmp_path) == record
+    own = RunRecord.from_training("resnet18", experiment_config("resnet18", "teacher", 3, {"pretrained": False}),
+                                  result, {"student": {"top1": 70.0, "top5": 99.0}, "teacher": None}, epochs,
+                                  tmp_path / "elsewhere")
+    assert (own.channels, own.beta, own.teacher_top1) == (None, None, 70.0)
+    assert own.checkpoint == str((tmp_path / "run" / "best.pt").resolve())  # outside its cell: kept whole
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,9 +194,9 @@ def test_best_run_takes_the_best_beta():
     runs = [run("resnet50", "entropic", 50.0, channels=3, beta=1.0), run("resnet50", "entropic", 60.0, channels=3,
                                                                          beta=0.2),
             run("resnet50", "entropic", 70.0, channels=12, beta=0.2), run("resnet50", "hnd", 55.0, channels=3)]
-    assert best_run(runs, "entropic", 3)["beta"] == 0.2
-    assert best_run(runs, "entropic")["channels"] == 12
-    assert best_run(runs, "hnd", 3)["test_top1"] == 55.0
+    assert best_run(runs, "entropic", 3).beta == 0.2
+    assert best_run(runs, "entropic").channels == 12
+    assert best_run(runs, "hnd", 3).test_top1 == 55.0
     assert best_run(runs, "kd", 3) is None and best_run(runs, "entropic", 3, backbone="resnet152") is None
 
 
@@ -152,7 +214,7 @@ def plt():
     plt.close("all")
 
 
-def _grid_runs() -> list[dict]:
+def _grid_runs() -> list[RunRecord]:
     runs = [run("resnet50", "teacher", 80.0, 80.0, channels=None, seconds_per_epoch=9.0, images_per_s=100.0)]
     for method, top in (("hnd", 60.0), ("kd", 50.0)):
         runs += [run("resnet50", method, top + c, 80.0, channels=c, seconds_per_epoch=5.0, images_per_s=200.0)
@@ -163,10 +225,10 @@ def _grid_runs() -> list[dict]:
 
 
 def test_accuracy_vs_channels_draws_one_line_per_beta(plt):
-    from hnd.plots import plot_accuracy_vs_channels
+    from hnd.book.plots import plot_accuracy_vs_channels
 
     runs = _grid_runs()
-    fig = plot_accuracy_vs_channels([r for r in runs if r["method"] != "teacher"], teacher_reference(runs))
+    fig = plot_accuracy_vs_channels([r for r in runs if r.method != "teacher"], teacher_reference(runs))
     (ax,) = fig.axes
     lines = {line.get_label(): line for line in ax.lines}
     assert set(lines) == {"HND", "KD", "entropic β=0.5", "entropic β=2", "teacher"}
@@ -177,7 +239,7 @@ def test_accuracy_vs_channels_draws_one_line_per_beta(plt):
 
 
 def test_accuracy_vs_channels_gives_each_panel_its_legend_when_betas_differ(plt):
-    from hnd.plots import plot_accuracy_vs_channels
+    from hnd.book.plots import plot_accuracy_vs_channels
 
     runs = [run("densenet169", "entropic", 60.0, channels=12, beta=0.5),
             run("resnet152", "entropic", 70.0, channels=12, beta=4.0)]
@@ -187,7 +249,7 @@ def test_accuracy_vs_channels_gives_each_panel_its_legend_when_betas_differ(plt)
 
 
 def test_training_time_has_a_bar_per_run_and_labels_entropic_betas(plt):
-    from hnd.plots import plot_training_time
+    from hnd.book.plots import plot_training_time
 
     runs = _grid_runs()
     fig = plot_training_time(runs)
@@ -199,7 +261,7 @@ def test_training_time_has_a_bar_per_run_and_labels_entropic_betas(plt):
 
 
 def test_training_plot_of_an_entropic_run_shows_its_rate_and_stages(plt):
-    from hnd.plots import plot_training
+    from hnd.book.plots import plot_training
 
     lines = [{"epoch": 1, "stage": 1, "train_loss": 900.0, "train_bytes_estimate": 80.0, "select_bytes_per_image": 70.0,
               "select_top1": 20.0, "seconds": 3.0},
@@ -220,3 +282,17 @@ def test_training_plot_of_an_entropic_run_shows_its_rate_and_stages(plt):
                                                                     "select_bytes_per_image")} for m in lines])
     assert len(plain.axes) == 3  # other methods: no rate panel, no stage line
     assert not any(list(line.get_xdata()) == [2.5, 2.5] for ax in plain.axes for line in ax.lines)
+
+
+def test_narrowest_summary_reads_each_method_at_the_narrowest_width():
+    from hnd.book.results import narrowest_summary
+
+    runs = _grid_runs()
+    summary = narrowest_summary(runs)
+    assert (summary["backbone"], summary["channels"], summary["teacher_top1"]) == ("resnet50", 3, 80.0)
+    assert summary["methods"]["hnd"]["top1"] == 63.0 and summary["methods"]["kd"]["seconds_per_epoch"] == 5.0
+    assert summary["methods"]["entropic"]["beta"] == 0.5 and summary["methods"]["entropic"]["top1"] == 53.0
+    assert summary["methods"]["naive"] == {"top1": None, "seconds_per_epoch": None, "beta": None,
+                                           "bytes_per_image": None}
+    assert summary["betas"] == [0.5, 2.0]
+    assert narrowest_summary([])["backbone"] is None

@@ -6,6 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -35,9 +36,25 @@ def small(tmp_path_factory) -> tuple[Path, dict]:
     return out, write_synthetic_dataset(out, **SMALL)
 
 
-def test_class_names():
+def test_class_names_pair_every_shape_with_every_texture():
     assert len(SYNTH_CLASSES) == 10
     assert list(SYNTH_CLASSES) == sorted(set(SYNTH_CLASSES))
+    shapes, textures = zip(*(name.split("-") for name in SYNTH_CLASSES))
+    assert len(set(shapes)) == 5 and set(textures) == {"spots", "stripes"}
+    assert sorted(SYNTH_CLASSES) == sorted(f"{s}-{t}" for s in set(shapes) for t in set(textures))
+
+
+def test_colour_alone_does_not_tell_the_classes(tmp_path):
+    """Every image draws its colours at random: nearest mean colour is near chance (10%)."""
+    write_synthetic_dataset(tmp_path / "d", classes=10, train_per_class=30, val_per_class=10, image_size=40)
+    def colours(split):
+        dataset = ImageFolder(str(tmp_path / "d" / split))
+        return (torch.tensor(np.array([np.asarray(dataset[i][0], dtype=np.float32).mean((0, 1))
+                                       for i in range(len(dataset))])), torch.tensor(dataset.targets))
+    (x, y), (xv, yv) = colours("train"), colours("val")
+    centres = torch.stack([x[y == k].mean(0) for k in range(10)])
+    accuracy = (torch.cdist(xv, centres).argmin(1) == yv).float().mean().item()
+    assert accuracy < 0.3, f"nearest mean colour classifies {accuracy:.0%}; chance is 10%"
 
 
 def test_layout_counts_and_summary(small):
@@ -158,7 +175,7 @@ def test_imagefolder_loads_it(small):
 
 
 def _tensors(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    to_tensor = transforms.Compose([transforms.Resize((32, 32)), transforms.ToTensor()])
+    to_tensor = transforms.Compose([transforms.Resize((48, 48)), transforms.ToTensor()])
     dataset = ImageFolder(str(folder), to_tensor)
     images, labels = zip(*(dataset[i] for i in range(len(dataset))))
     return torch.stack(images) - 0.5, torch.tensor(labels)
@@ -183,8 +200,10 @@ def _train_and_validate(x_train, y_train, x_val, y_val) -> float:
 
 
 def test_a_tiny_cnn_learns_it(tmp_path):
-    """Four classes at 32 px: a three-layer CNN trained briefly beats chance (25%) by far."""
-    write_synthetic_dataset(tmp_path / "d", classes=4, train_per_class=80, val_per_class=25, image_size=36)
+    """Four classes (two shapes, each with both textures) at 48 px: a three-layer CNN trained
+    briefly beats chance (25%) by far. It tells the shapes apart; the textures take a real
+    network and more images (the book's teacher reaches over 80% on all ten classes)."""
+    write_synthetic_dataset(tmp_path / "d", classes=4, train_per_class=80, val_per_class=25, image_size=48)
     x_train, y_train = _tensors(tmp_path / "d" / "train")
     x_val, y_val = _tensors(tmp_path / "d" / "val")
     threads = torch.get_num_threads()
@@ -193,7 +212,7 @@ def test_a_tiny_cnn_learns_it(tmp_path):
         accuracy = _train_and_validate(x_train, y_train, x_val, y_val)
     finally:
         torch.set_num_threads(threads)
-    assert accuracy > 0.5, f"validation accuracy {accuracy:.2f}, chance is 0.25"
+    assert accuracy > 0.4, f"validation accuracy {accuracy:.2f}, chance is 0.25"
 
 
 def test_ensure_reuses_the_same_dataset_and_refuses_others(tmp_path):

@@ -1,4 +1,4 @@
-"""Figures for the book: split analyses, training runs, the grid's comparisons, rate–accuracy.
+"""Figures for the book: the data, split analyses, training runs, the grid's comparisons, rate–accuracy.
 
 This is the package's only plotting module. It imports matplotlib, so ``import hnd`` does
 not import it. Every function returns a new :class:`matplotlib.figure.Figure`; close it
@@ -16,11 +16,29 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, NullFormatter
 
 from hnd.analysis import Analysis
+from hnd.book.results import RunRecord, beta_setting, is_entropic_point
 from hnd.rate import RatePoint
-from hnd.results import beta_setting, is_entropic_point
 
 SIZE_COLOR, MACS_COLOR, SPLIT_COLOR = "tab:blue", "tab:orange", "tab:red"
 _PERCENT = FuncFormatter(lambda v, _: f"{v:g}%")
+
+
+def plot_image_rows(rows: dict[str, list[tuple[str, object]]], columns: int = 10, size: float = 1.05) -> Figure:
+    """Images in labelled rows: ``rows`` maps a row title to (caption, PIL image) pairs, laid
+    out ``columns`` to a line (a long row wraps onto several lines under one title)."""
+    lines = [(title if k == 0 else "", items[k:k + columns]) for title, items in rows.items()
+             for k in range(0, max(len(items), 1), columns)]
+    fig, axes = plt.subplots(len(lines), columns, figsize=(size * columns, size * 1.25 * len(lines)), squeeze=False)
+    for (title, items), line in zip(lines, axes):
+        for ax in line:
+            ax.set_axis_off()
+        for ax, (caption, image) in zip(line, items):
+            ax.imshow(image)
+            ax.set_title(caption, fontsize=6)
+        if title:
+            line[0].text(-0.08, 1.25, title, transform=line[0].transAxes, fontsize=8, fontweight="bold")
+    fig.tight_layout(h_pad=0.8)
+    return fig
 
 
 def _as_list(analyses: Analysis | Iterable[Analysis]) -> list[Analysis]:
@@ -245,31 +263,28 @@ def plot_training(metrics: list[dict], title: str = "") -> Figure:
     return fig
 
 
-def plot_accuracy_vs_channels(runs: list[dict], teacher_top1: dict[str, float] | None = None) -> Figure:
+def plot_accuracy_vs_channels(runs: list[RunRecord], teacher_top1: dict[str, float] | None = None) -> Figure:
     """The papers' main comparison: test top-1 against bottleneck channels, a line per method,
     one panel per backbone, the teacher's top-1 as a dashed reference line. Entropic students
-    get one line per rate weight β (``entropic β=…``, shades of purple). ``runs`` are dicts
-    with ``teacher``, ``method``, ``channels``, ``test_top1`` (and ``beta`` for entropic runs).
-    The legend is on the last panel, or on every panel when their lines differ."""
+    get one line per rate weight β (``entropic β=…``, shades of purple). The legend is on the last panel, or on every panel when their lines differ."""
     teacher_top1 = teacher_top1 or {}
-    backbones = sorted({r["teacher"] for r in runs} | set(teacher_top1))
+    backbones = sorted({r.teacher for r in runs} | set(teacher_top1))
     fig, axes = plt.subplots(1, max(len(backbones), 1), figsize=(4.2 * max(len(backbones), 1), 3.4),
                              squeeze=False, sharey=True)
-    shades = _beta_colors(r["beta"] for r in runs if r["method"] == "entropic" and r.get("beta") is not None)
+    shades = _beta_colors(r.beta for r in runs if r.method == "entropic" and r.beta is not None)
     for ax, backbone in zip(axes[0], backbones):
-        mine = [r for r in runs if r["teacher"] == backbone]
+        mine = [r for r in runs if r.teacher == backbone]
         for method in ("naive", "kd", "hnd", "ae"):
-            points = sorted((r["channels"], r["test_top1"]) for r in mine if r["method"] == method)
+            points = sorted((r.channels, r.test_top1) for r in mine if r.method == method)
             if points:
                 ax.plot(*zip(*points), marker="o", color=METHOD_COLORS[method], label=METHOD_LABELS[method])
-        for beta in sorted({r.get("beta") for r in mine if r["method"] == "entropic"}, key=lambda b: (b is None, b)):
-            points = sorted((r["channels"], r["test_top1"]) for r in mine
-                            if r["method"] == "entropic" and r.get("beta") == beta)
+        for beta in sorted({r.beta for r in mine if r.method == "entropic"}, key=lambda b: (b is None, b)):
+            points = sorted((r.channels, r.test_top1) for r in mine if r.method == "entropic" and r.beta == beta)
             label = "entropic" if beta is None else f"entropic {beta_setting(beta)}"
             ax.plot(*zip(*points), marker="D", ms=5, color=shades.get(beta, METHOD_COLORS["entropic"]), label=label)
         if backbone in teacher_top1:
             ax.axhline(teacher_top1[backbone], color="black", ls="--", lw=1, label="teacher")
-        ax.set_xticks(sorted({r["channels"] for r in mine}) or [0])
+        ax.set_xticks(sorted({r.channels for r in mine}) or [0])
         ax.yaxis.set_major_formatter(_PERCENT)
         ax.set(title=backbone, xlabel="bottleneck channels")
         ax.grid(alpha=0.3, lw=0.5)
@@ -282,28 +297,27 @@ def plot_accuracy_vs_channels(runs: list[dict], teacher_top1: dict[str, float] |
     return fig
 
 
-def plot_training_time(runs: list[dict]) -> Figure:
+def plot_training_time(runs: list[RunRecord]) -> Figure:
     """Training cost per method: seconds per epoch and images per second, one bar per
     (method, channels) run, grouped by method; entropic runs, one per (channels, β), are
-    labelled with both. ``runs`` are dicts with ``method``, ``channels``,
-    ``seconds_per_epoch`` and ``images_per_s`` (and ``beta`` for entropic runs)."""
-    methods = [m for m in ("teacher", "naive", "kd", "hnd", "ae", "entropic") if any(r["method"] == m for r in runs)]
+    labelled with both."""
+    methods = [m for m in ("teacher", "naive", "kd", "hnd", "ae", "entropic") if any(r.method == m for r in runs)]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
     for ax, key, label in ((axes[0], "seconds_per_epoch", "seconds per epoch"),
                            (axes[1], "images_per_s", "training images per second")):
         x = 0
         ticks, names = [], []
         for method in methods:
-            group = sorted((r for r in runs if r["method"] == method),
-                           key=lambda r: (r.get("teacher") or "", r["channels"] or 0, r.get("beta") or 0))
+            group = sorted((r for r in runs if r.method == method),
+                           key=lambda r: (r.teacher, r.channels or 0, r.beta or 0))
             start = x
             for r in group:
-                ax.bar(x, r[key], color=METHOD_COLORS[method], width=0.8)
-                if method == "entropic" and r.get("beta") is not None:
-                    ax.text(x, r[key], f"{r['channels']} {beta_setting(r['beta'])}", ha="center", va="bottom",
+                ax.bar(x, getattr(r, key), color=METHOD_COLORS[method], width=0.8)
+                if method == "entropic" and r.beta is not None:
+                    ax.text(x, getattr(r, key), f"{r.channels} {beta_setting(r.beta)}", ha="center", va="bottom",
                             fontsize=6, rotation=90)
                 elif method != "teacher":
-                    ax.text(x, r[key], f"{r['channels']}", ha="center", va="bottom", fontsize=7)
+                    ax.text(x, getattr(r, key), f"{r.channels}", ha="center", va="bottom", fontsize=7)
                 x += 1
             ticks.append((start + x - 1) / 2)
             names.append(METHOD_LABELS[method])
@@ -341,7 +355,7 @@ def _annotate_sparsely(ax, series: list[dict], most: int, placed: list, y_tol: f
 def plot_rate_accuracy(points: list[RatePoint] | list[dict], teacher_top1: float | None = None) -> Figure:
     """Top-1 against bytes sent per image (log scale) for :mod:`hnd.rate` points: bottlenecks
     as markers (colour by model, marker by tensor format), each entropic student (rows with a
-    ``beta``, see :func:`hnd.results.model_points`) as one curve over its β values, joined in
+    ``beta``, see :func:`hnd.book.results.model_points`) as one curve over its β values, joined in
     order of bytes and labelled with β, one line per input codec over its qualities, one line
     per teacher through its split stages (in stage order), the raw input size as a dotted
     vertical line, the teacher's top-1 (if given) as a dashed line. The legend sits to the

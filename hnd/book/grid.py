@@ -1,4 +1,4 @@
-"""The book's grid runner and build: profiles, one papermill run per grid cell, Jupyter Book.
+"""The book's grid runner: profiles, one papermill run per grid cell.
 
 A profile (``notebooks/profiles/<name>.yaml``) names a dataset and a list of steps; a step
 runs one notebook over the product of its ``grid`` values, plus fixed ``parameters``.
@@ -7,9 +7,9 @@ runs one notebook over the product of its ``grid`` values, plus fixed ``paramete
 step ``jobs`` at a time), each with papermill into ``<runs>/<notebook>/<cell>/``: the executed
 notebook, ``parameters.yaml``, ``log.txt`` and ``results.json``. Finished cells are skipped,
 so an interrupted grid continues where it stopped; a failing cell is recorded and the others
-go on. :func:`build_book` renders the finished notebooks with Jupyter Book 1, execution off.
+go on. :mod:`hnd.book.build` renders the finished notebooks.
 
-papermill and Jupyter Book are imported or started only here, never by ``import hnd``.
+papermill is imported only here, never by ``import hnd``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import itertools
 import os
 import platform
 import queue
-import shutil
 import subprocess
 import sys
 import threading
@@ -34,15 +33,13 @@ import yaml
 
 import hnd
 from hnd.errors import HndError
-from hnd.results import GRID_FILE, METRICS_FILE, RESULTS_FILE, read_json, write_json
+from hnd.book.results import GRID_FILE, METRICS_FILE, RESULTS_FILE, read_json, write_json
 
 NOTEBOOKS_DIR = "notebooks"
 PROFILES_DIR = "notebooks/profiles"
-STAGE_DIR = "_executed"  # what the book renders: copies of the finished notebooks, generated pages
-_STAGE_MARK = ".written-by-hnd-book-build"
 # Parameters the runner sets when a notebook declares them and the profile leaves them out.
 RUNNER_PARAMETERS = ("output_dir", "profile", "data")
-_PROFILE_KEYS = {"description", "full_scale", "data", "steps"}
+_PROFILE_KEYS = {"description", "full_scale", "data", "jobs", "steps"}
 _STEP_KEYS = {"notebook", "name", "grid", "parameters"}
 _TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "list": (list,),
           "dict": (dict,)}
@@ -56,6 +53,7 @@ class Profile:
     full_scale: bool  # GPU-scale: never started without --full
     data: dict  # {"synth": {...}} (generated into <runs>/data), {"imagenet": true} (--data) or {}
     steps: list[dict]
+    jobs: int = 1  # cells run at once when `--jobs` is not given
 
 
 @dataclass
@@ -90,6 +88,9 @@ def load_profile(name: str, root: str | os.PathLike = ".") -> Profile:
     data = doc.get("data") or {}
     if not isinstance(data, dict) or len(data) > 1 or (data and next(iter(data)) not in ("synth", "imagenet")):
         raise HndError(f"{path}: data must be {{synth: {{...}}}} or {{imagenet: true}}")
+    jobs = doc.get("jobs", 1)
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise HndError(f"{path}: jobs must be a positive integer, got {jobs!r}")
     for i, step in enumerate(doc["steps"], 1):
         if not isinstance(step, dict) or "notebook" not in step:
             raise HndError(f"{path}: step {i} must be a mapping with a notebook")
@@ -103,7 +104,7 @@ def load_profile(name: str, root: str | os.PathLike = ".") -> Profile:
         if not isinstance(step.get("parameters") or {}, dict):
             raise HndError(f"{path}: step {i}: parameters must be a mapping")
     return Profile(name, path, str(doc.get("description", "")).strip(), bool(doc.get("full_scale", False)), data,
-                   doc["steps"])
+                   doc["steps"], jobs)
 
 
 def _fill(value: object, places: dict[str, str], where: str) -> object:
@@ -127,8 +128,15 @@ def _cell_name(step: dict, combo: dict) -> str:
     return "_".join(parts) or "default"
 
 
-def plan_cells(profile: Profile, runs: Path, data: Path | None) -> list[Cell]:
-    """Every cell of the profile, in run order, with placeholders filled in."""
+def _path(path: Path, cwd: Path | None) -> str:
+    """``path`` as a notebook running in ``cwd`` is given it: relative there, so that no
+    machine's folder names appear in the executed notebooks (absolute without ``cwd``)."""
+    return os.path.relpath(path, cwd) if cwd is not None else str(path)
+
+
+def plan_cells(profile: Profile, runs: Path, data: Path | None, cwd: Path | None = None) -> list[Cell]:
+    """Every cell of the profile, in run order, with placeholders filled in (paths relative to
+    ``cwd``, the notebooks' working folder, when given)."""
     cells, seen = [], set()
     for number, step in enumerate(profile.steps, 1):
         grid = step.get("grid") or {}
@@ -138,7 +146,8 @@ def plan_cells(profile: Profile, runs: Path, data: Path | None) -> list[Cell]:
             if cell_id in seen:
                 raise HndError(f"{profile.path}: two cells are called {cell_id}; give one step a name")
             seen.add(cell_id)
-            places = {"out": str(runs), "data": str(data) if data else "", "cell": str(runs / cell_id)}
+            places = {"out": _path(runs, cwd), "data": _path(data, cwd) if data else "",
+                      "cell": _path(runs / cell_id, cwd)}
             where = f"profile {profile.name}, cell {cell_id}"
             parameters = _fill({**(step.get("parameters") or {}), **combo}, places, where)
             label = ", ".join(f"{k}={v}" for k, v in combo.items()) or step.get("name") or step["notebook"]
@@ -321,21 +330,23 @@ class _Runner:
                                                "data": str(self.data) if self.data else None, "updated": _now(),
                                                **self.environment, "cells": cells})
 
-    def run(self, cell: Cell, declared: dict, position: str) -> dict:
+    def run(self, cell: Cell, declared: dict, position: str, parallel: int = 1) -> dict:
+        """Run one cell; ``parallel`` cells of its step run at once (they share the cores)."""
         folder = self.runs / cell.id
         folder.mkdir(parents=True, exist_ok=True)
         parameters = dict(cell.parameters)
-        defaults = {"output_dir": str(folder), "profile": self.profile.name,
-                    "data": str(self.data) if self.data else None}
+        notebook = notebook_path(self.root, cell.notebook)
+        cwd = notebook.parent  # papermill runs the notebook there (--cwd)
+        defaults = {"output_dir": _path(folder, cwd), "profile": self.profile.name,
+                    "data": _path(self.data, cwd) if self.data else None}
         for name in RUNNER_PARAMETERS:
             if name in declared and name not in parameters and defaults[name] is not None:
                 parameters[name] = defaults[name]
         (folder / METRICS_FILE).unlink(missing_ok=True)
         write_json(folder / "parameters.json", parameters)
         (folder / "parameters.yaml").write_text(yaml.safe_dump(parameters, sort_keys=False))
-        notebook = notebook_path(self.root, cell.notebook)
         command = [sys.executable, "-m", "papermill", str(notebook), str(folder / "notebook.ipynb"),
-                   "-f", str(folder / "parameters.yaml"), "-k", "python3", "--cwd", str(notebook.parent),
+                   "-f", str(folder / "parameters.yaml"), "-k", "python3", "--cwd", str(cwd),
                    "--no-progress-bar"]
         record = {"profile": self.profile.name, "cell": cell.id, "notebook": cell.notebook, "label": cell.label,
                   "step": cell.step, "parameters": cell.parameters, "injected": parameters, "status": "running",
@@ -348,10 +359,10 @@ class _Runner:
         self.log(f"{position} {cell.id}: running")
         slot = self.slots.get()
         env = dict(os.environ)
-        if self.jobs > 1:  # share the cores between parallel kernels, one GPU each if there are enough
-            threads = str(max(1, (os.cpu_count() or 1) // self.jobs))
+        if parallel > 1:  # share the cores between parallel kernels, one GPU each if there are enough
+            threads = str(max(1, (os.cpu_count() or 1) // parallel))
             env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-            if len(self.gpus) >= self.jobs:
+            if len(self.gpus) >= parallel:
                 env["CUDA_VISIBLE_DEVICES"] = self.gpus[slot]
         start = time.perf_counter()
         try:
@@ -403,12 +414,13 @@ def default_runs(root: Path, profile: str) -> Path:
 
 
 def run_grid(profile_name: str, *, root: str | os.PathLike = ".", runs: str | os.PathLike | None = None,
-             only: str | None = None, jobs: int = 1, data: str | os.PathLike | None = None, full: bool = False,
-             log=print) -> list[dict]:
+             only: str | None = None, jobs: int | None = None, data: str | os.PathLike | None = None,
+             full: bool = False, log=print) -> list[dict]:
     """Run the cells of a profile (see the module docstring); returns one summary per selected
-    cell (id, status, seconds, error, metrics)."""
+    cell (id, status, seconds, error, metrics). ``jobs``: cells at once (default: the profile's)."""
     root = Path(root).resolve()
     profile = load_profile(profile_name, root)
+    jobs = profile.jobs if jobs is None else jobs
     if jobs < 1:
         raise HndError(f"--jobs must be at least 1, got {jobs}")
     if profile.full_scale and not full:
@@ -416,7 +428,7 @@ def run_grid(profile_name: str, *, root: str | os.PathLike = ".", runs: str | os
                        "add --full to start it")
     runs = Path(runs).resolve() if runs else default_runs(root, profile.name)
     placeholder = (Path(data).resolve() if data else (runs / "data" if "synth" in profile.data else None))
-    cells = plan_cells(profile, runs, placeholder)
+    cells = plan_cells(profile, runs, placeholder, cwd=root / NOTEBOOKS_DIR)
     chosen = select_cells(cells, only)
     declared = check_cells(cells, root)  # every cell, so a typo anywhere stops the run before it starts
     data_root = _prepare_data(profile, runs, data, log)
@@ -435,8 +447,10 @@ def run_grid(profile_name: str, *, root: str | os.PathLike = ".", runs: str | os
                                       "error": None, "metrics": saved.get("metrics", {}), "skipped": True}
             else:
                 todo.append(cell)
+        parallel = min(jobs, len(todo))  # a step of one cell keeps every core
         with ThreadPoolExecutor(max_workers=jobs) as pool:
-            futures = {cell.id: pool.submit(runner.run, cell, declared[cell.notebook], f"[{next(counter)}/{total}]")
+            futures = {cell.id: pool.submit(runner.run, cell, declared[cell.notebook], f"[{next(counter)}/{total}]",
+                                            parallel)
                        for cell in todo}
             for cell_id, future in futures.items():
                 record = future.result()
@@ -445,7 +459,7 @@ def run_grid(profile_name: str, *, root: str | os.PathLike = ".", runs: str | os
     return [summaries[c.id] for c in chosen]
 
 
-def _headline(metrics: dict) -> str:
+def headline(metrics: dict) -> str:
     """The one number worth a summary column."""
     for key in ("test_top1", "top1", "headline"):
         if isinstance(metrics.get(key), (int, float)):
@@ -459,158 +473,9 @@ def summary_table(summaries: list[dict]) -> str:
     for s in summaries:
         status = s["status"] + (" (cached)" if s.get("skipped") else "")
         seconds = f"{s['seconds']:.1f}" if isinstance(s.get("seconds"), (int, float)) else "-"
-        rows.append((s["id"], status, seconds, s["error"] or _headline(s.get("metrics") or {})))
+        rows.append((s["id"], status, seconds, s["error"] or headline(s.get("metrics") or {})))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = [f"{r[0]:{widths[0]}}  {r[1]:{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}" for r in rows]
     failed = sum(s["status"] != "done" for s in summaries)
     lines.append(f"{len(summaries) - failed} of {len(summaries)} cells finished" + (f", {failed} failed" if failed else ""))
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# Building the book
-
-
-def _jupyter_book() -> list[str]:
-    exe = Path(sys.executable).with_name("jupyter-book")
-    if exe.exists():
-        return [str(exe)]
-    return [sys.executable, "-c", "from jupyter_book.cli.main import main; main()"]
-
-
-def _stage_folder(root: Path) -> Path:
-    """An empty ``_executed`` folder; refuses to delete one it did not write."""
-    stage = root / STAGE_DIR
-    if stage.exists():
-        if not (stage / _STAGE_MARK).exists():
-            raise HndError(f"{stage} exists but was not written by `hnd book build`; move it away first")
-        shutil.rmtree(stage)
-    stage.mkdir()
-    (stage / _STAGE_MARK).write_text("generated by `hnd book build`; deleted and rewritten by every build\n")
-    return stage
-
-
-def _expand_toc(entries: list, staged: dict[str, list[tuple[str, str]]], missing: dict[str, list[dict]],
-                stage: Path, profile: str) -> list:
-    """Replace every ``glob: _executed/<notebook>/*`` entry by the staged notebooks (titled by
-    their grid cell), or by a page that says which runs are missing."""
-    out = []
-    for entry in entries:
-        if isinstance(entry, dict) and "glob" in entry and str(entry["glob"]).startswith(STAGE_DIR + "/"):
-            notebook = str(entry["glob"]).split("/")[1]
-            if staged.get(notebook):
-                out += [{"file": f"{STAGE_DIR}/{notebook}/{name}", **({"title": title} if title else {})}
-                        for name, title in staged[notebook]]
-            else:
-                page = stage / notebook / "missing.md"
-                page.parent.mkdir(parents=True, exist_ok=True)
-                cells = missing.get(notebook, [])
-                lines = [f"# {notebook}: no finished run", "",
-                         f"No run of `notebooks/{notebook}.ipynb` finished in profile `{profile}`."]
-                lines += [f"- `{c['id']}`: {c['status']}" + (f" ({c['error']})" if c.get("error") else "") for c in cells]
-                page.write_text("\n".join(lines) + "\n")
-                out.append({"file": f"{STAGE_DIR}/{notebook}/missing"})
-            continue
-        if isinstance(entry, dict):
-            entry = dict(entry)
-            for key in ("chapters", "sections", "parts"):
-                if key in entry:
-                    entry[key] = _expand_toc(entry[key], staged, missing, stage, profile)
-        out.append(entry)
-    return out
-
-
-def _md_escape(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def _environment_lines(grid: dict) -> list[str]:
-    versions = ", ".join(f"{k} {v}" for k, v in grid.get("versions", {}).items() if v)
-    hw = grid.get("hardware", {})
-    gpus = ", ".join(hw.get("gpus") or []) or "no GPU"
-    git = grid.get("git", {})
-    revision = (git.get("revision") or "unknown")[:12] + (" (with uncommitted changes)" if git.get("dirty") else "")
-    return [f"- versions: {versions}",
-            f"- hardware: {hw.get('cpu')}, {hw.get('cpus')} CPUs, {hw.get('memory_gib')} GiB memory, {gpus}",
-            f"- platform: {hw.get('platform')}",
-            f"- git revision: `{revision}`"]
-
-
-def _profile_page(grid: dict, cells: list[dict]) -> str:
-    done = [c for c in cells if c["status"] == "done"]
-    missing = [c for c in cells if c["status"] != "done"]
-    text = (f"```{{note}}\nThe results on this page were produced by the **`{grid['profile']}` profile** "
-            f"({_md_escape(grid.get('description', '').rstrip('.'))}), last run on {grid.get('updated', '?')[:10]}. "
-            f"{len(done)} of {len(cells)} runs finished")
-    text += (": missing " + ", ".join(f"`{c['id']}`" for c in missing) + "." if missing else ".")
-    return text + " See {doc}`/book/reproducibility` for how to re-run them.\n```\n"
-
-
-def _summary_page(grid: dict, cells: list[dict], runs: Path) -> str:
-    lines = [f"### This build: profile `{grid['profile']}`", "", _md_escape(grid.get("description", "")), "",
-             f"Runs folder: `{runs}`; data: `{grid.get('data')}`; last updated {grid.get('updated')}.", ""]
-    lines += _environment_lines(grid)
-    lines += ["", "| cell | status | seconds | result |", "|---|---|---:|---|"]
-    for c in cells:
-        result = c.get("error") or ""
-        path = runs / c["id"] / RESULTS_FILE
-        if not result and path.is_file():
-            try:
-                result = _headline(read_json(path).get("metrics") or {})
-            except HndError:
-                result = ""
-        seconds = f"{c['seconds']:.1f}" if isinstance(c.get("seconds"), (int, float)) else ""
-        lines.append(f"| `{c['id']}` | {c['status']} | {seconds} | {_md_escape(str(result))} |")
-    total = sum(c["seconds"] for c in cells if isinstance(c.get("seconds"), (int, float)))
-    lines += ["", f"Total notebook time: {total / 60:.1f} minutes."]
-    return "\n".join(lines) + "\n"
-
-
-def build_book(profile_name: str, *, root: str | os.PathLike = ".", runs: str | os.PathLike | None = None,
-               log=print) -> int:
-    """Stage the finished notebooks of a profile's runs into ``_executed/`` with a generated
-    table of contents and profile pages, then run ``jupyter-book build`` (``-W -n
-    --keep-going``; execution off in ``_config.yml``). Returns its exit code."""
-    root = Path(root).resolve()
-    for name in ("_config.yml", "_toc.yml"):
-        if not (root / name).is_file():
-            raise HndError(f"no {name} in {root}; run `hnd book build` from the repository root")
-    load_profile(profile_name, root)
-    runs = Path(runs).resolve() if runs else default_runs(root, profile_name)
-    grid_path = runs / GRID_FILE
-    if not grid_path.is_file():
-        raise HndError(f"no runs of profile {profile_name} in {runs}; run `hnd book run --profile {profile_name}` first")
-    grid = read_json(grid_path)
-    if grid.get("profile") != profile_name:
-        raise HndError(f"{runs} holds runs of profile {grid.get('profile')}, not {profile_name}")
-    cells = grid["cells"]
-    stage = _stage_folder(root)
-    staged: dict[str, list[tuple[str, str]]] = {}
-    missing: dict[str, list[dict]] = {}
-    for cell in cells:
-        source = runs / cell["id"] / "notebook.ipynb"
-        if cell["status"] == "done" and source.is_file():
-            name = cell["id"].split("/", 1)[1]
-            target = stage / cell["notebook"] / f"{name}.ipynb"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, target)
-            title = cell["label"] if cell["label"] != cell["notebook"] else None  # None: the page's own
-            staged.setdefault(cell["notebook"], []).append((name, title))
-        else:
-            missing.setdefault(cell["notebook"], []).append(cell)
-    toc = yaml.safe_load((root / "_toc.yml").read_text())
-    for key in ("chapters", "parts"):
-        if key in toc:
-            toc[key] = _expand_toc(toc[key], staged, missing, stage, profile_name)
-    (stage / "_toc.yml").write_text(yaml.safe_dump(toc, sort_keys=False))
-    (stage / "profile.md").write_text(_profile_page(grid, cells))
-    (stage / "summary.md").write_text(_summary_page(grid, cells, runs))
-    for notebook, absent in missing.items():
-        for cell in absent:
-            log(f"book: missing run {cell['id']} ({cell['status']})")
-    command = [*_jupyter_book(), "build", str(root), "--toc", str(stage / "_toc.yml"), "-W", "-n", "--keep-going"]
-    log("book: " + " ".join(command[-7:]))
-    rc = subprocess.run(command, cwd=root).returncode
-    if rc == 0:
-        log(f"book: open {root / '_build' / 'html' / 'index.html'}")
-    return rc

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 from functools import lru_cache
-from pathlib import Path
 
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
@@ -21,7 +20,7 @@ from IPython.display import Image
 from hnd.errors import HndError
 from hnd.latency import CodedStudent, Option, coded_student, crossovers, list_device_profiles, load_device_profile, \
     options, plan
-from hnd.plots import plot_delay_breakdown
+from hnd.book.plots import plot_delay_breakdown
 from hnd.registry import resolve
 from hnd.students import OFFICIAL_CHANNELS
 from hnd.teachers import PAPER_TEACHERS
@@ -141,26 +140,24 @@ def accuracy_from_runs(runs: str) -> dict:
     """(teacher, kind, channels) -> test top-1 of the finished training runs of a book grid:
     HND students as ``student``, the teacher (own run or as measured in its students' runs)
     for ``local``, ``offload`` and ``teacher_split``."""
-    from hnd.results import finished_runs
+    from hnd.book.results import training_runs
 
     out: dict = {}
-    for run in finished_runs(runs, "02_train"):
-        m = run["metrics"]
-        if m["method"] == "hnd":
-            out[(m["teacher"], "student", m["channels"])] = m["test_top1"]
-        if m.get("teacher_top1") is not None:
+    for r in training_runs(runs):
+        if r.method == "hnd":
+            out[(r.teacher, "student", r.channels)] = r.test_top1
+        if r.teacher_top1 is not None:
             for kind in ("local", "offload", "teacher_split"):
-                out[(m["teacher"], kind, None)] = m["teacher_top1"]
+                out[(r.teacher, kind, None)] = r.teacher_top1
     return out
 
 
 def coded_from_runs(runs: str) -> dict[str, list[CodedStudent]]:
     """teacher -> the entropic students of a book grid's finished runs, as measured."""
-    from hnd.results import finished_runs
+    from hnd.book.results import training_runs
 
     out: dict[str, list[CodedStudent]] = {}
-    for run in finished_runs(runs, "02_train"):
-        m = run["metrics"]
-        if m["method"] == "entropic" and m.get("checkpoint"):
-            out.setdefault(m["teacher"], []).append(coded_student(Path(m["checkpoint"]).parent))
+    for r in training_runs(runs):
+        if r.method == "entropic":
+            out.setdefault(r.teacher, []).append(coded_student(r.checkpoint_path.parent))
     return out

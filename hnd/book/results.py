@@ -1,10 +1,11 @@
 """Results of the book's grid runs: what a notebook records, and reading every run back.
 
-The grid runner (:mod:`hnd.book`) gives each grid cell a folder ``<runs>/<notebook>/<cell>/``.
+The grid runner (:mod:`hnd.book.grid`) gives each grid cell a folder ``<runs>/<notebook>/<cell>/``.
 A notebook writes its numbers there with :func:`write_metrics` (``metrics.json``); the
 runner adds ``results.json`` (parameters, status, metrics, versions, git revision,
 hardware, seconds) and keeps ``grid.json``, the plan and status of every cell, in
-``<runs>``. The results notebook reads them with :func:`finished_runs` and
+``<runs>``. A training run's numbers are one :class:`RunRecord`; the chapters read them
+back with :func:`training_runs`, other cells with :func:`finished_runs` and
 :func:`unfinished_cells`.
 """
 
@@ -13,7 +14,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from statistics import mean
 
 from hnd.checkpoints import atomic_write
 from hnd.errors import HndError
@@ -91,18 +94,175 @@ def unfinished_cells(runs: str | os.PathLike, notebook: str | None = None) -> li
     return [c for c in grid_cells(runs) if c["status"] != "done" and (not notebook or c["notebook"] == notebook)]
 
 
-def teacher_reference(runs: list[dict]) -> dict[str, float]:
-    """Backbone -> the teacher's test top-1 among training-run metrics: its own ``teacher``
-    run if the grid trained it, else the median of what its students' runs measured."""
+TRAIN_NOTEBOOK = "02_train"  # the notebook whose cells are training runs
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One training run of the book's grid (a cell of ``02_train``): what it trained and what
+    it measured. The notebook writes it as the cell's ``metrics.json``; every chapter, the
+    explorer and the plots read it back as this record, never as loose keys."""
+
+    teacher: str  # the backbone, e.g. ``resnet18``
+    method: str  # naive | kd | hnd | ae | entropic | teacher
+    channels: int | None  # bottleneck channels; None for the teacher's own run
+    beta: float | None  # the rate weight of an entropic student; None for other methods
+    model: str  # the trained model's canonical name
+    input_size: int | None
+    test_top1: float
+    test_top5: float
+    bytes_per_image: float | None  # entropic: mean range-coded bytes per test image
+    teacher_top1: float | None  # its teacher on the same test images (None: not measured)
+    select_top1: float | None  # the kept epoch's top-1 on the selection split
+    best_epoch: int
+    epochs: int
+    train_seconds: float
+    seconds_per_epoch: float
+    images_per_s: float
+    checkpoint: str  # the kept checkpoint, relative to the cell's folder
+    folder: Path | None = field(default=None, compare=False, repr=False)  # where it was read from
+
+    @classmethod
+    def from_training(cls, teacher: str, config, result: dict, test: dict, epochs: list[dict],
+                      output_dir: str | os.PathLike) -> RunRecord:
+        """The record of a run of :func:`hnd.training.train_or_resume` (``result``, its per-epoch
+        ``epochs``) whose kept checkpoint :func:`hnd.evaluation.evaluate_checkpoint` tested
+        (``test``), in the cell folder ``output_dir``."""
+        student = test["student"]
+        own = config.method == "teacher"
+        channels = None if own else config.ae_channels if config.method == "ae" else config.model_spec.channels
+        checkpoint = Path(result["checkpoint"]).resolve()
+        try:
+            checkpoint = checkpoint.relative_to(Path(output_dir).resolve())
+        except ValueError:
+            pass  # a checkpoint outside the cell folder keeps its full path
+        return cls(
+            teacher=teacher, method=config.method, channels=channels,
+            beta=config.beta if config.method == "entropic" else None, model=config.model,
+            input_size=config.input_size, test_top1=student["top1"], test_top5=student["top5"],
+            bytes_per_image=student.get("bytes_per_image"),
+            teacher_top1=student["top1"] if own else (test["teacher"] or {}).get("top1"),
+            select_top1=result.get("select_top1"), best_epoch=result["best_epoch"], epochs=config.epochs,
+            train_seconds=sum(e["seconds"] for e in epochs), seconds_per_epoch=mean(e["seconds"] for e in epochs),
+            images_per_s=mean(e["images_per_s"] for e in epochs), checkpoint=checkpoint.as_posix(),
+            folder=Path(output_dir))
+
+    @classmethod
+    def from_dict(cls, doc: dict, folder: str | os.PathLike | None = None) -> RunRecord:
+        """The record saved as ``doc`` (keys it does not know are ignored; a missing one is an error)."""
+        names = [f.name for f in fields(cls) if f.name != "folder"]
+        missing = [n for n in names if n not in doc]
+        if missing:
+            where = f" in {folder}" if folder else ""
+            raise HndError(f"training record{where} lacks {', '.join(missing)}; re-run the cell")
+        return cls(**{n: doc[n] for n in names}, folder=Path(folder) if folder else None)
+
+    def to_dict(self) -> dict:
+        doc = asdict(self)
+        del doc["folder"]
+        return doc
+
+    @property
+    def label(self) -> str:
+        """How the chapters name the run: ``HND 3ch``, ``entropic 3ch β=30``, ``teacher``."""
+        if self.method == "teacher":
+            return "teacher"
+        return rate_label(self.method, self.channels) + (f" {beta_setting(self.beta)}" if self.beta is not None else "")
+
+    @property
+    def checkpoint_path(self) -> Path:
+        """The kept checkpoint as a path (resolved against the folder the record was read from)."""
+        path = Path(self.checkpoint)
+        return path if path.is_absolute() or self.folder is None else self.folder / path
+
+    def write(self, output_dir: str | os.PathLike) -> Path:
+        """Save as ``metrics.json`` in ``output_dir``, for the grid runner."""
+        return write_metrics(output_dir, self.to_dict())
+
+
+def training_runs(runs: str | os.PathLike) -> list[RunRecord]:
+    """The :class:`RunRecord` of every finished training cell of ``runs``, in grid order."""
+    return [RunRecord.from_dict(doc["metrics"], Path(runs) / doc["cell"]) for doc in finished_runs(runs, TRAIN_NOTEBOOK)]
+
+
+def teacher_reference(runs: list[RunRecord]) -> dict[str, float]:
+    """Backbone -> the teacher's test top-1 among training runs: its own ``teacher`` run if the
+    grid trained it, else the median of what its students' runs measured."""
     from statistics import median
 
     out = {}
-    for backbone in sorted({r["teacher"] for r in runs}):
-        own = [r["test_top1"] for r in runs if r["teacher"] == backbone and r["method"] == "teacher"]
-        seen = [r["teacher_top1"] for r in runs if r["teacher"] == backbone and r["method"] != "teacher"
-                and r.get("teacher_top1") is not None]
+    for backbone in sorted({r.teacher for r in runs}):
+        own = [r.test_top1 for r in runs if r.teacher == backbone and r.method == "teacher"]
+        seen = [r.teacher_top1 for r in runs if r.teacher == backbone and r.method != "teacher"
+                and r.teacher_top1 is not None]
         if own or seen:
             out[backbone] = own[0] if own else median(seen)
+    return out
+
+
+@dataclass
+class MeasuredModel:
+    """One trained model the rate chapter measures: its method, bottleneck width, rate weight
+    (entropic students) and resolved configuration, and the model itself in eval mode."""
+
+    method: str
+    channels: int
+    beta: float | None
+    config: object  # hnd.config.TrainConfig
+    model: object  # torch.nn.Module
+
+    @property
+    def label(self) -> str:
+        return rate_label(self.method, self.channels)
+
+
+def grid_data(runs: str | os.PathLike) -> str:
+    """The dataset root the grid in ``runs`` trained and tested on."""
+    data = read_json(Path(runs) / GRID_FILE).get("data")
+    if not data:
+        raise HndError(f"the grid in {runs} names no dataset; run `hnd book run` with a profile that has data")
+    return data
+
+
+def trained_models(runs: str | os.PathLike, methods: list[str], teacher: str = "") -> list[MeasuredModel]:
+    """The kept checkpoints of the finished training runs of ``methods`` in ``runs``, loaded,
+    for one backbone: ``teacher``, or the first one the grid trained."""
+    from hnd.checkpoints import load_model, read_checkpoint
+    from hnd.config import config_from_dict
+
+    out = []
+    for r in training_runs(runs):
+        teacher = teacher or r.teacher
+        if r.method in methods and r.teacher == teacher:
+            checkpoint = read_checkpoint(r.checkpoint_path)
+            config = config_from_dict(checkpoint.meta["config"])
+            out.append(MeasuredModel(r.method, r.channels, r.beta, config, load_model(None, checkpoint).eval()))
+    if not out:
+        raise HndError(f"no finished {'/'.join(methods)} run in {runs}" + (f" for {teacher}" if teacher else ""))
+    return out
+
+
+def untrained_models(methods: list[str], teacher: str, classes: int, input_size: int,
+                     seed: int = 0) -> list[MeasuredModel]:
+    """Randomly initialised models of ``methods`` (3 channels) for a demonstration of the
+    measurement without any run: their accuracies mean nothing."""
+    import torch
+
+    from hnd.autoencoder import build_ae_model
+    from hnd.config import experiment_config
+    from hnd.methods import build_reference_teacher
+    from hnd.registry import student_from_teacher
+
+    torch.manual_seed(seed)
+    out = []
+    for method in methods:
+        config = experiment_config(teacher, method, 3, {"pretrained": False, "input_size": input_size})
+        reference = build_reference_teacher(config, classes)
+        model = (build_ae_model(config.model_spec, reference, 3) if method == "ae"
+                 else student_from_teacher(config.model_spec, reference))
+        if method == "entropic":  # the untrained prior's coding tables
+            model.head.prior.update_tables()
+        out.append(MeasuredModel(method, 3, config.beta if method == "entropic" else None, config, model.eval()))
     return out
 
 
@@ -223,9 +383,29 @@ def entropic_summary(comparison: list[dict]) -> str:
     return " ".join(sentences)
 
 
-def best_run(runs: list[dict], method: str, channels: int | None = None, backbone: str | None = None) -> dict | None:
-    """The training-run metrics of ``method`` (at ``channels``, for ``backbone``) with the best
-    test top-1; for an entropic student the best of its β values. None when there is none."""
-    found = [r for r in runs if r["method"] == method and (channels is None or r.get("channels") == channels)
-             and (backbone is None or r.get("teacher") == backbone)]
-    return max(found, key=lambda r: r["test_top1"]) if found else None
+def best_run(runs: list[RunRecord], method: str, channels: int | None = None,
+             backbone: str | None = None) -> RunRecord | None:
+    """The training run of ``method`` (at ``channels``, for ``backbone``) with the best test
+    top-1; for an entropic student the best of its β values. None when there is none."""
+    found = [r for r in runs if r.method == method and (channels is None or r.channels == channels)
+             and (backbone is None or r.teacher == backbone)]
+    return max(found, key=lambda r: r.test_top1) if found else None
+
+
+def narrowest_summary(runs: list[RunRecord]) -> dict:
+    """The results chapter's closing numbers: for the first backbone with a reference top-1,
+    at its narrowest bottleneck, each method's test top-1 and seconds per epoch (an entropic
+    student's at its best β, with that β and its bytes per image) and the β values trained.
+    Numbers that no run measured are None."""
+    reference = teacher_reference(runs)
+    lead = sorted(reference)[0] if reference else None
+    widths = sorted({r.channels for r in runs if r.teacher == lead and r.method != "teacher"})
+    low = widths[0] if widths else None
+    out = {"backbone": lead, "channels": low, "teacher_top1": reference.get(lead), "methods": {}}
+    for method in ("naive", "kd", "hnd", "ae", "entropic"):
+        best = best_run(runs, method, low, lead) if low is not None else None
+        out["methods"][method] = {key: getattr(best, name) if best else None for key, name in (
+            ("top1", "test_top1"), ("seconds_per_epoch", "seconds_per_epoch"), ("beta", "beta"),
+            ("bytes_per_image", "bytes_per_image"))}
+    out["betas"] = sorted({r.beta for r in runs if r.method == "entropic" and r.teacher == lead and r.channels == low})
+    return out
