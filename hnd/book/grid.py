@@ -32,8 +32,8 @@ from pathlib import Path
 import yaml
 
 import hnd
-from hnd.errors import HndError
 from hnd.book.results import GRID_FILE, METRICS_FILE, RESULTS_FILE, read_json, write_json
+from hnd.errors import HndError
 
 NOTEBOOKS_DIR = "notebooks"
 PROFILES_DIR = "notebooks/profiles"
