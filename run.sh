@@ -42,6 +42,7 @@ chromium_check() {
 
 case "${1:-}" in
     book) shift; setup; book "$@" ;;
-    test) shift; setup; chromium_check; "$PY" -m pytest -q tests "$@" ;;
+    # One test process per core (at most 8), each with one thread: the suite's models are small.
+    test) shift; setup; chromium_check; "$PY" -m pytest -q -n auto --maxprocesses 8 --dist worksteal tests "$@" ;;
     *) echo "usage: ./run.sh book [smoke|cpu|paper] | test" >&2; exit 2 ;;
 esac

@@ -471,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = bsub.add_parser("run", help="execute every grid cell of a profile with papermill (resumable)")
     p.add_argument("--profile", default="cpu", help="smoke | cpu | paper (notebooks/profiles/*.yaml; default cpu)")
     p.add_argument("--only", metavar="PATTERN", help="run only cells whose id matches (glob or substring)")
-    p.add_argument("--jobs", type=int, help="cells run at once within a step (default: the profile's, else 1)")
+    p.add_argument("--jobs", type=int, help="cells run at once (default: the profile's, else 1)")
     p.add_argument("--data", help="dataset root (required by the paper profile; default: the profile's)")
     p.add_argument("--out", help="runs folder (default runs/book/PROFILE)")
     p.add_argument("--full", action="store_true", help="allow a full-scale (GPU) profile such as paper")

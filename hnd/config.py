@@ -200,6 +200,8 @@ def apply_overrides(config: TrainConfig, overrides: dict) -> TrainConfig:
         if key not in types:
             raise HndError(f"unknown config key {key!r}; valid keys: {', '.join(types)}")
         values[key] = _coerce(key, value, types[key])
+    if values["teacher_checkpoint"]:  # recorded with the run: it must not depend on where it was started
+        values["teacher_checkpoint"] = os.path.abspath(os.path.expanduser(values["teacher_checkpoint"]))
     new = TrainConfig(**values, spec=config.spec)
     validate(new)
     return new

@@ -15,6 +15,10 @@ from torch import nn
 from hnd.errors import HndError
 from hnd.teachers import teacher_spec, weights_path
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one test process per core: one thread each, subprocesses too
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 PAPER_TEACHERS = ["densenet169", "densenet201", "resnet152", "inception_v3"]
 OFFICIAL_STUDENTS = [
     f"{t}_head_mimic-ver{'1b' if t == 'inception_v3' else '2b'}-{c}ch"

@@ -56,6 +56,23 @@ def test_every_profile_cell_fits_its_notebook(name, tmp_path):
             assert cell.parameters["teacher_checkpoint"] == str(tmp_path / "runs" / trained_teacher[0].id / "run/best.pt")
     assert all("profile" in spec and "output_dir" in declared["02_train"] for spec in declared.values())
     assert len({c.id for c in cells}) == len(cells)
+    # No cell starts beside one whose results it reads (steps with `wait: false` start with the
+    # step before): students after their teacher, the chapters that read runs after all training.
+    for cell in train:
+        if trained_teacher and cell not in trained_teacher:
+            assert cell.phase > trained_teacher[0].phase, cell.id
+    readers = [c for c in cells if "runs" in c.parameters]
+    assert readers and all(r.phase > max(c.phase for c in train) for r in readers)
+
+
+def test_a_step_that_does_not_wait_starts_with_the_one_before(toy):
+    steps = [{"notebook": "02_train", "name": n, **({"wait": False} if n in ("b", "d") else {})} for n in "abcd"]
+    write_profile(toy, "phases", {"steps": steps})
+    cells = plan_cells(load_profile("phases", toy), toy / "runs", None)
+    assert [(c.id, c.phase) for c in cells] == [("02_train/a", 1), ("02_train/b", 1), ("02_train/c", 2),
+                                                 ("02_train/d", 2)]
+    write_profile(toy, "bad", {"steps": [{"notebook": "02_train", "wait": "no"}]})
+    assert error(load_profile, "bad", toy).endswith("step 1: wait must be true or false, got 'no'")
 
 
 def test_paper_profile_is_the_papers_grid(tmp_path):
@@ -94,10 +111,10 @@ fail: bool = False  # raise an error instead
 output_dir: str = ""  # the cell folder (set by the runner)
 profile: str = "manual"  # the profile (set by the runner)'''
 
-TOY_CODE = '''from hnd.book.results import write_metrics
+TOY_CODE = '''import json, pathlib  # not hnd: a kernel without torch starts in a second
 if fail:
     raise ValueError(f"boom {x}")
-write_metrics(output_dir, {"test_top1": float(x * x)})
+pathlib.Path(output_dir, "metrics.json").write_text(json.dumps({"test_top1": float(x * x)}))
 print("squared", x * x)'''
 
 

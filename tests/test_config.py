@@ -200,6 +200,16 @@ def test_round_trip_through_dict_and_yaml(method):
     assert list(doc)[:2] == ["model", "method"]
 
 
+def test_teacher_checkpoint_is_recorded_absolute(tmp_path, monkeypatch):
+    """A run records where its teacher is independently of the folder it was started from, so
+    ``hnd evaluate`` finds the teacher from anywhere."""
+    monkeypatch.chdir(tmp_path)
+    config = resolve_config(STUDENT["densenet169"], "hnd", None, ["teacher_checkpoint=runs/../t/best.pt"])
+    assert config.teacher_checkpoint == str(tmp_path / "t" / "best.pt")
+    monkeypatch.chdir(tmp_path.parent)
+    assert config_from_dict(config.to_dict()) == config
+
+
 def test_config_from_dict_rejects_bad_documents():
     assert "model" in error(config_from_dict, {"method": "hnd"})
     doc = TrainConfig(model=STUDENT["resnet152"], method="hnd").to_dict()

@@ -23,8 +23,8 @@ from hnd.methods import build_task
 from hnd.synth import write_synthetic_dataset
 from hnd.training import fit, read_metrics, resume_config, train_or_resume
 
-TEACHER = "resnet50"
-STUDENT = "resnet50_head_mimic-ver2b-3ch"
+TEACHER = "resnet18"
+STUDENT = "resnet18@layer2-3ch"
 # Tiny and quick: 64-px inputs, 4 classes, no worker processes.
 TINY = ["input_size=64", "batch_size=8", "eval_batch_size=16", "num_workers=0", "holdout_per_class=2",
         "milestones=[1]"]
@@ -39,7 +39,7 @@ def synth(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def teacher_ckpt(synth, tmp_path_factory) -> Path:
-    """A 4-class ResNet-50 teacher trained from scratch for one epoch (the CPU profile's start)."""
+    """A 4-class ResNet-18 teacher trained from scratch for one epoch (the CPU profile's start)."""
     out = tmp_path_factory.mktemp("runs") / "teacher"
     config = resolve_config(TEACHER, "teacher", None, [*TINY, "pretrained=false", "epochs=1", "lr=0.002"])
     fit(config, synth, out, progress=False)

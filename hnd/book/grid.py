@@ -4,7 +4,8 @@ A profile (``notebooks/profiles/<name>.yaml``) names a dataset and a list of ste
 runs one notebook over the product of its ``grid`` values, plus fixed ``parameters``.
 :func:`run_grid` checks every cell's parameter names and types against the notebook's
 ``parameters`` cell before any kernel starts, then runs the steps in order (the cells of a
-step ``jobs`` at a time), each with papermill into ``<runs>/<notebook>/<cell>/``: the executed
+step ``jobs`` at a time; a step with ``wait: false`` does not need the steps before it and
+starts with them), each with papermill into ``<runs>/<notebook>/<cell>/``: the executed
 notebook, ``parameters.yaml``, ``log.txt`` and ``results.json``. Finished cells are skipped,
 so an interrupted grid continues where it stopped; a failing cell is recorded and the others
 go on. :mod:`hnd.book.build` renders the finished notebooks.
@@ -40,7 +41,7 @@ PROFILES_DIR = "notebooks/profiles"
 # Parameters the runner sets when a notebook declares them and the profile leaves them out.
 RUNNER_PARAMETERS = ("output_dir", "profile", "data")
 _PROFILE_KEYS = {"description", "full_scale", "data", "jobs", "steps"}
-_STEP_KEYS = {"notebook", "name", "grid", "parameters"}
+_STEP_KEYS = {"notebook", "name", "grid", "parameters", "wait"}
 _TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "list": (list,),
           "dict": (dict,)}
 
@@ -63,6 +64,7 @@ class Cell:
     step: int
     label: str  # for people: "method=hnd, channels=3"
     parameters: dict = field(default_factory=dict)
+    phase: int = 0  # cells of one phase run together; a phase starts when the one before has finished
 
 
 def profile_names(root: str | os.PathLike = ".") -> list[str]:
@@ -103,6 +105,8 @@ def load_profile(name: str, root: str | os.PathLike = ".") -> Profile:
             raise HndError(f"{path}: step {i}: grid must map parameter names to non-empty lists")
         if not isinstance(step.get("parameters") or {}, dict):
             raise HndError(f"{path}: step {i}: parameters must be a mapping")
+        if not isinstance(step.get("wait", True), bool):
+            raise HndError(f"{path}: step {i}: wait must be true or false, got {step['wait']!r}")
     return Profile(name, path, str(doc.get("description", "")).strip(), bool(doc.get("full_scale", False)), data,
                    doc["steps"], jobs)
 
@@ -137,8 +141,10 @@ def _path(path: Path, cwd: Path | None) -> str:
 def plan_cells(profile: Profile, runs: Path, data: Path | None, cwd: Path | None = None) -> list[Cell]:
     """Every cell of the profile, in run order, with placeholders filled in (paths relative to
     ``cwd``, the notebooks' working folder, when given)."""
-    cells, seen = [], set()
+    cells, seen, phase = [], set(), 0
     for number, step in enumerate(profile.steps, 1):
+        if number == 1 or step.get("wait", True):  # else the step starts with the one before
+            phase += 1
         grid = step.get("grid") or {}
         for values in itertools.product(*grid.values()):
             combo = dict(zip(grid, values))
@@ -151,7 +157,7 @@ def plan_cells(profile: Profile, runs: Path, data: Path | None, cwd: Path | None
             where = f"profile {profile.name}, cell {cell_id}"
             parameters = _fill({**(step.get("parameters") or {}), **combo}, places, where)
             label = ", ".join(f"{k}={v}" for k, v in combo.items()) or step.get("name") or step["notebook"]
-            cells.append(Cell(cell_id, step["notebook"], number, label, parameters))
+            cells.append(Cell(cell_id, step["notebook"], number, label, parameters, phase))
     return cells
 
 
@@ -436,9 +442,9 @@ def run_grid(profile_name: str, *, root: str | os.PathLike = ".", runs: str | os
     total, done_before = len(chosen), 0
     summaries: dict[str, dict] = {}
     counter = itertools.count(1)
-    for step in sorted({c.step for c in chosen}):
+    for phase in sorted({c.phase for c in chosen}):
         todo = []
-        for cell in (c for c in chosen if c.step == step):
+        for cell in (c for c in chosen if c.phase == phase):
             if runner.is_done(cell):
                 done_before += 1
                 saved = runner._saved(cell)
@@ -447,7 +453,7 @@ def run_grid(profile_name: str, *, root: str | os.PathLike = ".", runs: str | os
                                       "error": None, "metrics": saved.get("metrics", {}), "skipped": True}
             else:
                 todo.append(cell)
-        parallel = min(jobs, len(todo))  # a step of one cell keeps every core
+        parallel = min(jobs, len(todo))  # a phase of one cell keeps every core
         with ThreadPoolExecutor(max_workers=jobs) as pool:
             futures = {cell.id: pool.submit(runner.run, cell, declared[cell.notebook], f"[{next(counter)}/{total}]",
                                             parallel)

@@ -1,0 +1,180 @@
+"""The papers' claims, checked against what a grid measured.
+
+Each experiment chapter closes with the claims it tests: what the papers say, what this grid
+measured, and whether it holds here. A claim that does not hold is reported as such, next to
+how the grid differs from the papers' setting (:func:`differences`), never hidden.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from hnd.book.results import RunRecord, beta_setting, entropic_comparison, matched_input, teacher_reference
+from hnd.data import check_layout
+from hnd.synth import SUMMARY_FILE
+
+ACCESS_2020 = "Matsubara et al., IEEE Access 2020"
+HOTEDGE_2019 = "Matsubara et al., HotEdgeVideo 2019"
+ENTROPIC_2022 = "Matsubara et al., WACV 2022 (Entropic Student)"
+AE_BASELINE = "the original code's autoencoder baseline"
+PAPER_EPOCHS = 20  # every method of the official ImageNet configs
+SIMILAR_TOP1 = 2.0  # points of top-1 within which two students count as equally accurate
+
+
+@dataclass
+class Claim:
+    claim: str  # what the papers say, in one sentence
+    source: str  # who says it
+    measured: str  # what this grid measured, in numbers
+    holds: bool | None  # None: the grid lacks the runs to tell
+
+    @property
+    def verdict(self) -> str:
+        return {True: "holds", False: "does not hold", None: "not measured"}[self.holds]
+
+    def to_row(self) -> dict:
+        return {**asdict(self), "here": self.verdict}
+
+
+def _lead(runs: list[RunRecord]) -> str | None:
+    """The backbone the chapters summarise: the first with a reference top-1."""
+    reference = teacher_reference(runs)
+    return sorted(reference)[0] if reference else None
+
+
+def _top1(runs: list[RunRecord], method: str, channels: int) -> float | None:
+    found = [r.test_top1 for r in runs if r.method == method and r.channels == channels]
+    return max(found) if found else None
+
+
+def _per_width(runs: list[RunRecord], methods: tuple[str, ...], widths: list[int]) -> str:
+    names = {"hnd": "HND", "kd": "KD", "naive": "naive", "ae": "AE"}
+    return "; ".join(f"{w} ch: " + ", ".join(f"{names[m]} {_top1(runs, m, w):.1f}%" for m in methods
+                                              if _top1(runs, m, w) is not None) for w in widths)
+
+
+def training_claims(runs: list[RunRecord]) -> list[Claim]:
+    """The results chapter's claims, for the lead backbone of ``runs``: HND against naive and
+    KD training at every bottleneck width, what an epoch of each costs, HND against the
+    autoencoder baseline, and an entropic student's bytes falling as β rises."""
+    lead = _lead(runs)
+    runs = [r for r in runs if r.teacher == lead]
+    widths = sorted({r.channels for r in runs if r.method != "teacher" and r.channels is not None})
+    claims = []
+
+    pairs = [(_top1(runs, "hnd", w), _top1(runs, "kd", w), _top1(runs, "naive", w)) for w in widths]
+    pairs = [p for p in pairs if None not in p]
+    claims.append(Claim(
+        "At the same bottleneck, the student head trained by HND is at least as accurate as the same student "
+        "trained end to end, naively or with knowledge distillation.", ACCESS_2020,
+        _per_width(runs, ("hnd", "kd", "naive"), widths) if pairs else "",
+        all(h >= max(k, n) for h, k, n in pairs) if pairs else None))
+
+    cost = {m: [r.seconds_per_epoch for r in runs if r.method == m] for m in ("hnd", "kd", "naive")}
+    mean = {m: sum(v) / len(v) for m, v in cost.items() if v}
+    claims.append(Claim(
+        "HND costs less per epoch than naive training or KD: it back-propagates through the student head only and "
+        "runs only the teacher's head forward.", ACCESS_2020,
+        ", ".join(f"{m if m == 'naive' else m.upper()} {s:.1f} s" for m, s in mean.items()) + " per epoch"
+        if mean else "", mean["hnd"] < min(mean["kd"], mean["naive"]) if len(mean) == 3 else None))
+
+    pairs = [(_top1(runs, "hnd", w), _top1(runs, "ae", w)) for w in widths]
+    pairs = [p for p in pairs if None not in p]
+    claims.append(Claim(
+        "A distilled student head with a bottleneck is as accurate as an autoencoder inserted into the unchanged "
+        "teacher, while the device runs only the small head instead of the teacher's head plus an encoder.",
+        AE_BASELINE, _per_width(runs, ("hnd", "ae"), widths) if pairs else "",
+        all(h >= a - SIMILAR_TOP1 for h, a in pairs) if pairs else None))
+
+    sweeps = {w: sorted((r.beta, r.bytes_per_image, r.test_top1) for r in runs
+                        if r.method == "entropic" and r.channels == w and r.bytes_per_image is not None)
+              for w in widths}
+    sweeps = {w: s for w, s in sweeps.items() if len(s) > 1}
+    claims.append(Claim(
+        "A larger rate weight β makes an entropic student send fewer bytes, at some cost in accuracy.",
+        ENTROPIC_2022,
+        "; ".join(f"{w} ch: " + ", ".join(f"{beta_setting(b)} {n:,.0f} B ({t:.1f}%)" for b, n, t in s)
+                  for w, s in sweeps.items()),
+        all(all(n2 < n1 for (_, n1, _), (_, n2, _) in zip(s, s[1:])) for s in sweeps.values()) if sweeps else None))
+    return claims
+
+
+def rate_claims(rows: list[dict]) -> list[Claim]:
+    """The rate chapter's claims, from its measured points (:func:`hnd.book.results.model_points`):
+    the most accurate HND student sent as 8-bit+zlib against JPEG at the same top-1, and each
+    entropic student against the HND student of its width sent as 8-bit+zlib."""
+    claims = []
+    packed = [r for r in rows if r.get("kind") == "bottleneck" and r.get("method") == "hnd"
+              and r.get("setting") == "int8+zlib"]
+    if packed:
+        lead = max(packed, key=lambda r: (r["top1"], -r["bytes"]))
+        jpeg = matched_input(rows, "jpeg", lead["top1"])
+        measured = f"{lead['label']}: {lead['bytes']:,.0f} B at {lead['top1']:.1f}%; JPEG " + (
+            f"{jpeg['bytes']:,.0f} B ({jpeg['setting']}) at {jpeg['top1']:.1f}%" if jpeg
+            else "reaches that top-1 at no quality of the sweep")
+        holds = jpeg is None or jpeg["bytes"] > lead["bytes"]
+    else:
+        measured, holds = "", None
+    claims.append(Claim(
+        "The student's bottleneck takes fewer bytes than the input image compressed as JPEG at the same accuracy.",
+        HOTEDGE_2019, measured, holds))
+
+    comparison = [c for c in entropic_comparison(rows) if c["hnd_zlib_bytes"] is not None]
+    best = {}
+    for c in comparison:  # the most accurate point per width
+        if c["channels"] not in best or (c["top1"], -c["bytes"]) > (best[c["channels"]]["top1"],
+                                                                     -best[c["channels"]]["bytes"]):
+            best[c["channels"]] = c
+    claims.append(Claim(
+        "A learned entropy model on the bottleneck sends fewer bytes than the 8-bit bottleneck of a student of the "
+        f"same width, at a top-1 within {SIMILAR_TOP1:g} points.", ENTROPIC_2022,
+        "; ".join(f"{w} ch: entropic {c['bytes']:,.0f} B at {c['top1']:.1f}%, HND int8+zlib "
+                  f"{c['hnd_zlib_bytes']:,.0f} B at {c['hnd_zlib_top1']:.1f}%" for w, c in sorted(best.items())),
+        all(c["bytes"] < c["hnd_zlib_bytes"] and c["top1"] >= c["hnd_zlib_top1"] - SIMILAR_TOP1
+            for c in best.values()) if best else None))
+    return claims
+
+
+def differences(runs: list[RunRecord], data: str | os.PathLike) -> str:
+    """One Markdown sentence: how the grid of ``runs``, trained on the dataset ``data``, differs
+    from the papers' ImageNet setting."""
+    layout = check_layout(data, splits=("train",))
+    images = "generated images" if (Path(data) / SUMMARY_FILE).is_file() else "images"
+    lead = _lead(runs)
+    own = [r for r in runs if r.teacher == lead]
+    students = sorted({r.epochs for r in own if r.method != "teacher"})
+    teacher = teacher_reference(own).get(lead)
+    sizes = sorted({r.input_size for r in own if r.input_size})
+    size = f" at {sizes[0]} px" if len(sizes) == 1 else ""
+    trained = any(r.method == "teacher" for r in own)
+    return (f"This grid's students train for {'/'.join(map(str, students)) or 'no'} epochs (the papers: "
+            f"{PAPER_EPOCHS}) on {len(layout.samples['train']):,} {images} of {len(layout.classes)} classes (the "
+            f"papers: 1.28 million ImageNet photographs of 1,000 classes), against a `{lead}` teacher{size}"
+            + (f" trained here from scratch to {teacher:.1f}% top-1" if trained and teacher is not None else "")
+            + " (the papers: torchvision's pretrained DenseNet-169/201 and ResNet-152 at 224 px and Inception-v3 at "
+              "299 px).")
+
+
+def claims_table(claims: list[Claim]) -> str:
+    """The claims as a Markdown table (text wraps, nothing is cut short)."""
+    lines = ["| claim | source | measured here | here |", "| --- | --- | --- | --- |"]
+    lines += [f"| {c.claim} | {c.source} | {c.measured or '-'} | **{c.verdict}** |" for c in claims]
+    return "\n".join(lines)
+
+
+def verdict(claims: list[Claim], difference: str) -> str:
+    """The Markdown paragraph under a chapter's claims table: which claims hold at this scale,
+    and for those that do not, how the grid differs from the papers."""
+    held = [c for c in claims if c.holds]
+    failed = [c for c in claims if c.holds is False]
+    unknown = [c for c in claims if c.holds is None]
+    text = f"{len(held)} of {len(claims)} claims hold on this grid."
+    if failed:
+        text += (f" {len(failed)} do{'es' if len(failed) == 1 else ''} not, and this grid cannot tell whether "
+                 f"{'it' if len(failed) == 1 else 'they'} would in the papers' setting. " + difference
+                 + " The `paper` profile runs the same chapters in the papers' setting.")
+    if unknown:
+        text += f" {len(unknown)} could not be checked: the grid lacks the runs."
+    return text

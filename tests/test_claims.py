@@ -1,0 +1,112 @@
+"""The papers' claims checked against a grid: each verdict follows the numbers, a claim the grid
+cannot check is "not measured", and a failed claim comes with how the grid differs."""
+
+from __future__ import annotations
+
+import pytest
+
+from hnd.book.claims import Claim, claims_table, differences, rate_claims, training_claims, verdict
+from hnd.book.results import model_points
+from hnd.rate import RatePoint
+from hnd.synth import write_synthetic_dataset
+from test_results import run
+
+
+def grid(hnd=(60.0, 58.0), kd=(55.0, 56.0), naive=(50.0, 52.0), ae=(59.0, 57.0), seconds=None,
+         entropic=((1, 3, 300, 58.0), (30, 3, 200, 50.0))) -> list:
+    """A grid of one backbone: its teacher, four methods at 3 and 12 channels (top-1 per width)
+    and entropic students as (β, channels, bytes, top-1)."""
+    seconds = seconds or {"hnd": 30.0, "kd": 48.0, "naive": 36.0, "ae": 15.0}
+    runs = [run("shufflenet_v2_x1_0", "teacher", 86.0, 86.0, epochs=12, input_size=96)]
+    for method, top1 in (("hnd", hnd), ("kd", kd), ("naive", naive), ("ae", ae)):
+        runs += [run("shufflenet_v2_x1_0", method, t, 86.0, channels=c, input_size=96,
+                     seconds_per_epoch=seconds[method]) for c, t in zip((3, 12), top1)]
+    runs += [run("shufflenet_v2_x1_0", "entropic", t, 86.0, channels=c, beta=float(b), bytes_per_image=float(n),
+                 input_size=96) for b, c, n, t in entropic]
+    return runs
+
+
+def verdicts(claims: list[Claim]) -> list[bool | None]:
+    return [c.holds for c in claims]
+
+
+def test_training_claims_follow_the_numbers():
+    assert verdicts(training_claims(grid())) == [True, True, True, True]
+    # KD beats HND at one width only: the claim fails, and its numbers are shown
+    claims = training_claims(grid(kd=(55.0, 58.5)))
+    assert verdicts(claims) == [False, True, True, True]
+    assert "12 ch: HND 58.0%, KD 58.5%, naive 52.0%" in claims[0].measured
+    # an HND epoch dearer than a naive one
+    slow = {"hnd": 40.0, "kd": 48.0, "naive": 36.0, "ae": 15.0}
+    assert verdicts(training_claims(grid(seconds=slow)))[1] is False
+    # the autoencoder more than SIMILAR_TOP1 points ahead
+    assert verdicts(training_claims(grid(ae=(66.0, 57.0))))[2] is False
+    assert verdicts(training_claims(grid(ae=(61.5, 57.0))))[2] is True
+    # bytes that do not fall with β
+    flat = ((1, 3, 300, 58.0), (30, 3, 310, 50.0))
+    claims = training_claims(grid(entropic=flat))
+    assert claims[3].holds is False and "β=30 310 B (50.0%)" in claims[3].measured
+
+
+def test_a_claim_without_its_runs_is_not_measured():
+    runs = [r for r in grid(entropic=((1, 3, 300, 58.0),)) if r.method not in ("kd",)]
+    claims = training_claims(runs)
+    assert verdicts(claims) == [None, None, True, None]  # no KD; one β only
+    assert [c.verdict for c in claims][0] == "not measured"
+    assert verdicts(training_claims([])) == [None, None, None, None]
+
+
+def _points(entropic_bytes: float, entropic_top1: float, jpeg_offset: int = 0) -> list[dict]:
+    rows = model_points([RatePoint("bottleneck", "HND 3ch", fmt, b, 58.0, 90.0, 10)
+                         for fmt, b in (("int8", 450), ("int8+zlib", 400))], "hnd", 3)
+    rows += model_points([RatePoint("bottleneck", "AE 3ch", "int8+zlib", 100, 70.0, 90.0, 10)], "ae", 3)
+    rows += model_points([RatePoint("bottleneck", "entropic 3ch", "entropy", entropic_bytes, entropic_top1,
+                                    90.0, 10)], "entropic", 3, 1.0)
+    rows += [RatePoint("input", "x jpeg", f"q{q}", 300 + 20 * q + jpeg_offset, 40 + q / 2, 90.0, 10).to_dict()
+             for q in (5, 10, 20, 40, 70)]
+    return rows
+
+
+def test_rate_claims_compare_the_hnd_bottleneck_and_the_entropic_student():
+    claims = rate_claims(_points(250, 57.0))
+    assert verdicts(claims) == [True, True]
+    assert "HND 3ch: 400 B at 58.0%" in claims[0].measured  # HND, not the more accurate AE
+    assert "q40" in claims[0].measured  # 40 + 40/2 = 60 >= 58
+    assert verdicts(rate_claims(_points(250, 57.0, jpeg_offset=-1000))) == [False, True]
+    assert verdicts(rate_claims(_points(450, 58.0)))[1] is False  # more bytes
+    assert verdicts(rate_claims(_points(250, 55.0)))[1] is False  # 3 points less accurate
+    assert verdicts(rate_claims([])) == [None, None]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_synthetic_dataset(tmp_path_factory.mktemp("data"), classes=3, train_per_class=4, val_per_class=1,
+                                   image_size=32, seed=0)["root"]
+
+
+@pytest.mark.parametrize("failed", [False, True])
+def test_verdict_explains_a_failed_claim_with_the_differences(failed, data):
+    runs = grid(kd=(65.0, 56.0) if failed else (55.0, 56.0))
+    difference = differences(runs, data)
+    assert "2 epochs" in difference and "12 generated images of 3 classes" in difference
+    assert "`shufflenet_v2_x1_0` teacher at 96 px trained here from scratch to 86.0%" in difference
+    text = verdict(training_claims(runs), difference)
+    assert text.startswith(f"{3 if failed else 4} of 4 claims hold")
+    assert (difference in text) is failed
+
+
+def test_differences_name_a_dataset_that_is_not_generated(data, tmp_path):
+    import shutil
+
+    real = tmp_path / "imagenet"
+    shutil.copytree(data, real)
+    (real / "synth.json").unlink()
+    assert "on 12 images of 3 classes" in differences(grid(), real)
+
+
+def test_claims_table_shows_every_claim_whole():
+    claims = training_claims(grid(kd=(55.0, 58.5)))
+    rows = claims_table(claims).splitlines()
+    assert len(rows) == 2 + len(claims) and rows[0].startswith("| claim |")
+    assert claims[0].measured in rows[2] and rows[2].endswith("| **does not hold** |")
+    assert rows[3].endswith("| **holds** |")
