@@ -294,8 +294,13 @@ def config_from_dict(doc: dict, spec: ModelSpec | None = None) -> TrainConfig:
     return apply_overrides(base, {k: v for k, v in doc.items() if k not in ("model", "method")})
 
 
-def dump_config(config: TrainConfig) -> str:
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+def dump_config(config: TrainConfig, relative_to: str | os.PathLike | None = None) -> str:
+    """The config as YAML; with ``relative_to``, the teacher checkpoint's path is shown relative
+    to that folder (for pages that must not show a machine's folder names)."""
+    doc = config.to_dict()
+    if relative_to is not None and doc["teacher_checkpoint"]:
+        doc["teacher_checkpoint"] = os.path.relpath(doc["teacher_checkpoint"], relative_to)
+    return yaml.safe_dump(doc, sort_keys=False)
 
 
 def experiment_config(teacher: str | ModelSpec, method: str, channels: int,

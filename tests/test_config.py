@@ -208,6 +208,8 @@ def test_teacher_checkpoint_is_recorded_absolute(tmp_path, monkeypatch):
     assert config.teacher_checkpoint == str(tmp_path / "t" / "best.pt")
     monkeypatch.chdir(tmp_path.parent)
     assert config_from_dict(config.to_dict()) == config
+    shown = yaml.safe_load(dump_config(config, relative_to=tmp_path / "notebooks"))
+    assert shown["teacher_checkpoint"] == "../t/best.pt" and shown["lr"] == config.lr
 
 
 def test_config_from_dict_rejects_bad_documents():
