@@ -10,6 +10,7 @@ device: no weights, no real arithmetic, instant.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from math import prod
@@ -236,8 +237,14 @@ def analyze_model(spec: ModelSpec | str, model: nn.Module, split_point: str | No
 
 
 def analyze(model: ModelSpec | str, split_point: str | None = None) -> Analysis:
-    """Analyse ``model`` without weights (built on the meta device)."""
-    spec = resolve(model)
+    """Analyse ``model`` without weights (built on the meta device). The result depends on the
+    architecture only, so it is computed once per model and split point (the planner and the
+    explorer ask for the same ones on every change)."""
+    return _analyze(resolve(model), split_point)
+
+
+@functools.lru_cache(maxsize=256)
+def _analyze(spec: ModelSpec, split_point: str | None) -> Analysis:
     return analyze_model(spec, on_meta(lambda: spec.build(pretrained=False)), split_point)
 
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from conftest import error
+from hnd.cli import main
 from hnd.codec import TENSOR_FORMATS
 from hnd.errors import HndError
 from hnd.protocol import (FORMAT_CODES, MAGIC, FrameError, decode_request, decode_response, encode_error,
@@ -278,12 +279,12 @@ def test_cli_edge_json(server, model, checkpoint, image_file):
     assert rows[0]["bytes"] == 32 + 4 * 3 * 29 * 29 and rows[0]["format"] == "fp32"
 
 
-def test_cli_edge_errors(server, model, image_file):
-    done = _hnd("edge", NAME, str(image_file), "--server", server[0], "--bits", "16", "--compress", "zlib",
-                "--random-weights")
-    assert done.returncode == 2 and done.stderr.startswith("hnd: error: --compress zlib applies to --bits 8")
-    done = _hnd("edge", NAME, str(image_file), "--server", server[0])
-    assert done.returncode == 2 and "--checkpoint FILE" in done.stderr
+def test_cli_edge_errors(server, model, image_file, capsys):
+    assert main(["edge", NAME, str(image_file), "--server", server[0], "--bits", "16", "--compress", "zlib",
+                 "--random-weights"]) == 2
+    assert capsys.readouterr().err.startswith("hnd: error: --compress zlib applies to --bits 8")
+    assert main(["edge", NAME, str(image_file), "--server", server[0]]) == 2
+    assert "--checkpoint FILE" in capsys.readouterr().err
     assert "HOST:PORT" in error(parse_address, "localhost")
     with pytest.raises(HndError, match="cannot connect"):
         EdgeClient(NAME, model, "127.0.0.1:1")

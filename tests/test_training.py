@@ -98,19 +98,21 @@ def test_hnd_trains_only_the_head(synth, teacher_ckpt, tmp_path):
     assert loss[0] > 0
 
 
-def test_evaluate_cli_reports_model_and_teacher(synth, teacher_ckpt, tmp_path):
+def test_evaluate_cli_reports_model_and_teacher(synth, teacher_ckpt, tmp_path, capsys):
     out = tmp_path / "kd"
     fit(_config("kd", teacher_ckpt, "epochs=1"), synth, out, progress=False)
-    done = _cli("evaluate", STUDENT, "--method", "kd", "--checkpoint", str(out / "best.pt"), "--data", str(synth),
-                "--workers", "0", "--json")
-    assert done.returncode == 0, done.stderr
-    doc = json.loads(done.stdout)
+    capsys.readouterr()
+    assert main(["evaluate", STUDENT, "--method", "kd", "--checkpoint", str(out / "best.pt"), "--data", str(synth),
+                 "--workers", "0", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
     assert doc["format"] == "hnd" and doc["student"]["images"] == 16 and doc["teacher"]["images"] == 16
     teacher = evaluate_checkpoint(TEACHER, "teacher", teacher_ckpt, synth, num_workers=0)["student"]
     assert doc["teacher"] == teacher
 
-    done = _cli("evaluate", STUDENT, "--method", "hnd", "--checkpoint", str(out / "best.pt"), "--data", str(synth))
-    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "trained with --method kd" in done.stderr
+    assert main(["evaluate", STUDENT, "--method", "hnd", "--checkpoint", str(out / "best.pt"), "--data",
+                 str(synth)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "trained with --method kd" in err, err
 
 
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(synth, teacher_ckpt, tmp_path):
@@ -213,19 +215,18 @@ def test_cli_errors_are_one_line(args, message, capsys):
     assert err.count("\n") == 1 and message in err, err
 
 
-def test_unreadable_image_is_named_or_skipped(synth, teacher_ckpt, tmp_path):
+def test_unreadable_image_is_named_or_skipped(synth, tmp_path, capsys):
     data = tmp_path / "data"
     subprocess.run(["cp", "-r", str(synth), str(data)], check=True)
     bad = sorted((data / "train" / sorted(os.listdir(data / "train"))[0]).iterdir())[0]
     bad.write_bytes(b"not a jpeg")
     common = ["train", TEACHER, "--method", "teacher", "--data", str(data), *TINY, "epochs=1", "pretrained=false",
               "holdout_per_class=12", "--no-progress"]
-    done = _cli(*common, "--out", str(tmp_path / "a"), "num_workers=1")
-    assert done.returncode == 2 and str(bad) in done.stderr and "skip_bad_images" in done.stderr
-    assert done.stderr.count("\n") == 1, done.stderr
-    done = _cli(*common, "--out", str(tmp_path / "b"), "skip_bad_images=true")
-    assert done.returncode == 0, done.stderr
-    assert f"skipped unreadable image {bad}" in done.stderr
+    assert main([*common, "--out", str(tmp_path / "a"), "num_workers=1"]) == 2  # the error from a loader worker
+    err = capsys.readouterr().err
+    assert str(bad) in err and "skip_bad_images" in err and err.count("\n") == 1, err
+    assert main([*common, "--out", str(tmp_path / "b"), "skip_bad_images=true"]) == 0
+    assert f"skipped unreadable image {bad}" in capsys.readouterr().err
 
 
 def test_train_or_resume_starts_continues_and_reuses(synth, teacher_ckpt, tmp_path):
