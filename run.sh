@@ -14,9 +14,8 @@ setup() {
         || { echo "run.sh: Python >= 3.10 is needed ($python is $("$python" -V 2>&1))" >&2; exit 2; }
     [ -x "$PY" ] || "$python" -m venv "$VENV"
     # torch and torchvision are pinned together (constraints.txt) so that pip never pairs a
-    # local torch wheel with a torchvision built for another torch. --no-compile: Python
-    # compiles the modules it imports on first use, not all of them at install (2.5 vs 4 min).
-    "$PY" -m pip install --quiet --no-compile --disable-pip-version-check -c constraints.txt -e ".[book,test,deploy]" 2>&1 \
+    # local torch wheel with a torchvision built for another torch.
+    "$PY" -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[book,test,deploy]" 2>&1 \
         | { grep -v "is ignored: it is neither a file nor a directory" || true; }
     "$PY" -c 'import torch, torchvision; print(f"torch {torch.__version__}, torchvision {torchvision.__version__}")'
 }

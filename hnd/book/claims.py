@@ -8,7 +8,7 @@ how the grid differs from the papers' setting (:func:`differences`), never hidde
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from hnd.book.results import RunRecord, beta_setting, entropic_comparison, matched_input, teacher_reference
@@ -33,9 +33,6 @@ class Claim:
     @property
     def verdict(self) -> str:
         return {True: "holds", False: "does not hold", None: "not measured"}[self.holds]
-
-    def to_row(self) -> dict:
-        return {**asdict(self), "here": self.verdict}
 
 
 def _lead(runs: list[RunRecord]) -> str | None:
