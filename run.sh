@@ -9,13 +9,13 @@ VENV="${HND_VENV:-.venv}"
 PY="$VENV/bin/python"
 
 setup() {
-    local python="${PYTHON:-python3}"
+    local python="${PYTHON:-python3}" extras="$1"  # the book needs only [book]; the tests all three
     "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
         || { echo "run.sh: Python >= 3.10 is needed ($python is $("$python" -V 2>&1))" >&2; exit 2; }
     [ -x "$PY" ] || "$python" -m venv "$VENV"
     # torch and torchvision are pinned together (constraints.txt) so that pip never pairs a
     # local torch wheel with a torchvision built for another torch.
-    "$PY" -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[book,test,deploy]" 2>&1 \
+    "$PY" -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[$extras]" 2>&1 \
         | { grep -v "is ignored: it is neither a file nor a directory" || true; }
     "$PY" -c 'import torch, torchvision; print(f"torch {torch.__version__}, torchvision {torchvision.__version__}")'
 }
@@ -41,8 +41,8 @@ chromium_check() {
 }
 
 case "${1:-}" in
-    book) shift; setup; book "$@" ;;
+    book) shift; setup book; book "$@" ;;
     # One test process per core (at most 8), each with one thread: the suite's models are small.
-    test) shift; setup; chromium_check; "$PY" -m pytest -q -n auto --maxprocesses 8 --dist worksteal tests "$@" ;;
+    test) shift; setup book,test,deploy; chromium_check; "$PY" -m pytest -q -n auto --maxprocesses 8 --dist worksteal tests "$@" ;;
     *) echo "usage: ./run.sh book [smoke|cpu|paper] | test" >&2; exit 2 ;;
 esac

@@ -119,8 +119,26 @@ def evaluate_checkpoint(name: str | ModelSpec | None, method: str, checkpoint: s
     result = {"model": config.model, "method": method, "checkpoint": str(checkpoint), "format": ckpt.format,
               "data": str(layout.root / "val"), "student": None, "teacher": None}
     result["student"] = evaluate(model.to(dev), loader, dev, progress=progress, desc="model").to_dict()
-    trained_teacher = config.teacher_checkpoint or config.pretrained
-    if not student_only and method != "teacher" and trained_teacher:
-        teacher = build_reference_teacher(config, len(layout.classes)).to(dev)
-        result["teacher"] = evaluate(teacher, loader, dev, progress=progress, desc="teacher").to_dict()
+    if not student_only:
+        result["teacher"] = _teacher_accuracy(config, len(layout.classes), loader, dev, progress)
     return result
+
+
+def evaluate_teacher(config: TrainConfig, data: str | os.PathLike, *, batch_size: int = 50, num_workers: int = -1,
+                     device: str = "auto", progress: bool = False) -> dict | None:
+    """Top-1/top-5 on ``data``/val of the teacher a run of ``config`` learns from (its
+    ``teacher_checkpoint`` or pretrained weights); None for a teacher run or an untrained teacher.
+    A finished run has tested itself (``result.json``), so this is all its record still needs."""
+    layout = check_layout(data, splits=("val",))
+    dev = pick_device(device)
+    dataset = ImageDataset(layout.samples["val"], eval_transform(config.spec, config.input_size, config.resize_size))
+    loader = eval_loader(dataset, batch_size, num_workers, pin_memory=dev.type == "cuda")
+    return _teacher_accuracy(config, len(layout.classes), loader, dev, progress)
+
+
+def _teacher_accuracy(config: TrainConfig, classes: int, loader: DataLoader, device: torch.device,
+                      progress: bool) -> dict | None:
+    if config.method == "teacher" or not (config.teacher_checkpoint or config.pretrained):
+        return None
+    teacher = build_reference_teacher(config, classes).to(device)
+    return evaluate(teacher, loader, device, progress=progress, desc="teacher").to_dict()

@@ -18,7 +18,7 @@ from hnd.checkpoints import load_model, read_file
 from hnd.cli import main
 from hnd.config import resolve_config
 from hnd.errors import HndError
-from hnd.evaluation import evaluate_checkpoint
+from hnd.evaluation import evaluate_checkpoint, evaluate_teacher
 from hnd.methods import build_task
 from hnd.synth import write_synthetic_dataset
 from hnd.training import fit, read_metrics, resume_config, train_or_resume
@@ -108,6 +108,10 @@ def test_evaluate_cli_reports_model_and_teacher(synth, teacher_ckpt, tmp_path, c
     assert doc["format"] == "hnd" and doc["student"]["images"] == 16 and doc["teacher"]["images"] == 16
     teacher = evaluate_checkpoint(TEACHER, "teacher", teacher_ckpt, synth, num_workers=0)["student"]
     assert doc["teacher"] == teacher
+    # What the training notebook records next to a finished run: its teacher alone; none for a teacher run.
+    config = _config("kd", teacher_ckpt, "epochs=1")
+    assert evaluate_teacher(config, synth, num_workers=0) == teacher
+    assert evaluate_teacher(resolve_config(TEACHER, "teacher", None, TINY), synth, num_workers=0) is None
 
     assert main(["evaluate", STUDENT, "--method", "hnd", "--checkpoint", str(out / "best.pt"), "--data",
                  str(synth)]) == 2

@@ -126,8 +126,8 @@ class RunRecord:
     def from_training(cls, teacher: str, config, result: dict, test: dict, epochs: list[dict],
                       output_dir: str | os.PathLike) -> RunRecord:
         """The record of a run of :func:`hnd.training.train_or_resume` (``result``, its per-epoch
-        ``epochs``) whose kept checkpoint :func:`hnd.evaluation.evaluate_checkpoint` tested
-        (``test``), in the cell folder ``output_dir``."""
+        ``epochs``), with ``test`` = {"student": the kept checkpoint's test accuracy, "teacher": its
+        teacher's (:func:`hnd.evaluation.evaluate_teacher`) or None}, in the cell folder ``output_dir``."""
         student = test["student"]
         own = config.method == "teacher"
         channels = None if own else config.ae_channels if config.method == "ae" else config.model_spec.channels
