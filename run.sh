@@ -2,6 +2,8 @@
 # Set everything up in ./.venv, then run one job:
 #   ./run.sh book [PROFILE]   run the notebooks of a profile (default cpu) and build the book
 #                             into _build/html; finished runs are kept and skipped next time
+#   ./run.sh explore [ARGS]   the split explorer as a web app on 127.0.0.1 (hnd explore --help)
+#   ./run.sh lab [ARGS]       JupyterLab on the notebooks, with this environment's kernel (hnd lab --help)
 #   ./run.sh test             run the whole test suite (needs Chromium for the browser check)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -42,7 +44,9 @@ chromium_check() {
 
 case "${1:-}" in
     book) shift; setup book; book "$@" ;;
+    explore) shift; setup book; exec "$PY" -m hnd explore "$@" ;;
+    lab) shift; setup book; exec "$PY" -m hnd lab "$@" ;;
     # One test process per core (at most 8), each with one thread: the suite's models are small.
     test) shift; setup book,test,deploy; chromium_check; "$PY" -m pytest -q -n auto --maxprocesses 8 --dist worksteal tests "$@" ;;
-    *) echo "usage: ./run.sh book [smoke|cpu|paper] | test" >&2; exit 2 ;;
+    *) echo "usage: ./run.sh book [smoke|cpu|paper] | explore | lab | test" >&2; exit 2 ;;
 esac

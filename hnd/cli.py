@@ -1,5 +1,5 @@
-"""Command line: ``hnd models | inspect | predict | config | train | evaluate | data | book | plan |
-profile-device | serve | edge | export``.
+"""Command line: ``hnd models | inspect | predict | config | train | evaluate | data | book | explore |
+lab | plan | profile-device | serve | edge | export``.
 ``--json`` prints one JSON document."""
 
 from __future__ import annotations
@@ -251,6 +251,35 @@ def cmd_book_build(args: argparse.Namespace) -> int:
     return build_book(args.profile, runs=args.runs)
 
 
+def _default_runs() -> str | None:
+    """The cpu book's runs when ``./run.sh book`` has made them here, else none."""
+    runs = os.path.join("runs", "book", "cpu")
+    return runs if os.path.isfile(os.path.join(runs, "grid.json")) else None
+
+
+def cmd_explore(args: argparse.Namespace) -> int:
+    from hnd.book.apps import explorer_command, serve
+
+    runs = args.runs if args.runs is not None else _default_runs()
+    if runs:
+        from hnd.book.results import grid_cells
+
+        grid_cells(runs)  # a folder without a grid is a one-line error here, not in the app
+        print(f"explorer: accuracies from the runs in {runs}")
+    command, env = explorer_command(args.port, runs)
+    return serve("explorer", command, env, args.port)
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    import secrets
+
+    from hnd.book.apps import lab_command, serve
+
+    token = os.environ.get("JUPYTER_TOKEN") or secrets.token_hex(16)
+    command, env = lab_command(args.port, args.notebooks, token)
+    return serve("JupyterLab", command, env, args.port, f"/lab?token={token}")
+
+
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:9.2f}"
 
@@ -480,6 +509,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="cpu", help="profile whose runs to render (default cpu)")
     p.add_argument("--runs", help="runs folder (default runs/book/PROFILE)")
     p.set_defaults(func=cmd_book_build)
+
+    p = sub.add_parser("explore", help="the split explorer as a web app on this machine (Voilà)")
+    p.add_argument("--runs", help="book runs whose accuracies to show (default runs/book/cpu when it exists)")
+    p.add_argument("--port", type=int, default=8866, help="port on 127.0.0.1 (default 8866)")
+    p.set_defaults(func=cmd_explore)
+    p = sub.add_parser("lab", help="JupyterLab on the book's notebooks, on this machine")
+    p.add_argument("--notebooks", default="notebooks", help="folder to serve (default notebooks)")
+    p.add_argument("--port", type=int, default=8888, help="port on 127.0.0.1 (default 8888)")
+    p.set_defaults(func=cmd_lab)
 
     p = sub.add_parser("plan", help="rank where to split a teacher's work at a data rate (latency model)")
     p.add_argument("name", help="teacher name, e.g. densenet169")

@@ -397,6 +397,7 @@ class Option:
     bytes: float
     server_s: float
     accuracy: float | None = None
+    split: str | None = None  # teacher splits: the layer cut after, as hnd inspect names it
 
     @property
     def fixed_s(self) -> float:
@@ -571,9 +572,10 @@ def options(teacher: str | ModelSpec, device: DeviceProfile, server: DeviceProfi
             continue
         nbytes, raw = sent(row.output_shape, split_format)
         layer = row.name.split(".", 1)[1]
-        out.append(Option("teacher_split", f"{name} split after {labels.get(layer, layer)} {split_format}",
+        point = labels.get(layer, layer)
+        out.append(Option("teacher_split", f"{name} split after {point} {split_format}",
                           sum(dev[:i + 1]), device.encode_seconds(raw), nbytes, sum(srv[i + 1:]),
-                          top1 if split_format in ("fp32",) else None))
+                          top1 if split_format in ("fp32",) else None, split=point))
     student_formats = list(dict.fromkeys(formats + (["int8+zlib"] if lossless_ratio is not None and "int8" in formats
                                                      else [])))
 

@@ -10,6 +10,7 @@ JSON followed by a NUL byte), and lists what went wrong on each page.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -263,9 +264,11 @@ class _Browser:
 
 
 class _PageLog:
-    """What happened while one page loaded: requests, failures, console errors."""
+    """What happened while one page loaded: requests, failures, console errors.
+    ``local``: URL prefixes a page may load from (a local app adds its own origin)."""
 
-    def __init__(self):
+    def __init__(self, local: tuple[str, ...] = LOCAL_SCHEMES):
+        self.local = local
         self.requests: list[str] = []
         self.problems: list[str] = []
         self.urls: dict[str, str] = {}
@@ -278,8 +281,12 @@ class _PageLog:
             url = p["request"]["url"]
             self.urls[p["requestId"]] = url
             self.requests.append(url)
-            if not url.startswith(LOCAL_SCHEMES):
+            if not url.startswith(self.local):
                 self.problems.append(f"request to the network: {_short(url)}")
+        elif method == "Network.webSocketCreated":
+            self.requests.append(p["url"])
+            if not p["url"].startswith(self.local):
+                self.problems.append(f"websocket to the network: {_short(p['url'])}")
         elif method == "Network.loadingFailed":
             if not p.get("canceled"):
                 url = self.urls.get(p["requestId"], "?")
@@ -469,3 +476,82 @@ def check_pages(html_dir: Path, pages: list[str], *, timeout: float = 30,
     """
     return {page: problems for page, (problems, _) in
             inspect_pages(html_dir, pages, timeout=timeout, ignore=ignore).items()}
+
+
+class LivePage:
+    """One tab of a running web app: run JavaScript in it, wait for what it shows, and
+    collect what went wrong meanwhile (``problems``: as :func:`check_pages` reports them)."""
+
+    def __init__(self, browser: _Browser, session: str, log: _PageLog):
+        self.browser, self.session, self.log = browser, session, log
+
+    @property
+    def problems(self) -> list[str]:
+        self.pump(0)
+        return list(self.log.problems)
+
+    @property
+    def requests(self) -> list[str]:
+        self.pump(0)
+        return list(self.log.requests)
+
+    def pump(self, seconds: float) -> None:
+        """Record this tab's events for ``seconds`` (0: those already received)."""
+        until = time.monotonic() + max(seconds, 0.005)
+        while (ev := self.browser.event(until)) is not None:
+            if ev.get("sessionId") == self.session:
+                self.log.add(ev)
+
+    def evaluate(self, expression: str, *, timeout: float = 30):
+        """The JSON value of ``expression`` in the page (a promise is awaited)."""
+        reply = self.browser.call("Runtime.evaluate", {"expression": expression, "returnByValue": True,
+                                                       "awaitPromise": True, "timeout": timeout * 1000},
+                                  session=self.session, timeout=timeout + 5)
+        self.pump(0)
+        if "exceptionDetails" in reply:
+            d = reply["exceptionDetails"]
+            raise RuntimeError(d.get("exception", {}).get("description") or d.get("text", "script failed"))
+        return reply["result"].get("value")
+
+    def wait_for(self, expression: str, *, timeout: float = 60, poll: float = 0.1):
+        """The first truthy value of ``expression``, evaluated every ``poll`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = self.evaluate(expression)
+            if value:
+                return value
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"the page never satisfied {expression[:80]!r} within {timeout:g} s")
+            self.pump(poll)
+
+
+@contextlib.contextmanager
+def open_app(url: str, *, timeout: float = 60, local: tuple[str, ...] = ()):
+    """Open ``url`` (a web app on this machine) in headless Chromium and yield a
+    :class:`LivePage`; ``local``: URL prefixes besides the usual local schemes that the page
+    may load from (its own origin, its websocket)."""
+    exe = find_chromium()
+    if exe is None:
+        raise RuntimeError(f"Chromium was not found; {INSTALL_HINT}")
+    with tempfile.TemporaryDirectory(prefix="hnd-chromium-") as profile:
+        browser = _Browser(exe, profile, timeout)
+        try:
+            browser.call("Browser.getVersion", timeout=timeout)
+            target = browser.call("Target.createTarget", {"url": "about:blank"})["targetId"]
+            session = browser.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+            log = _PageLog(LOCAL_SCHEMES + tuple(local))
+            for domain in ("Page", "Network", "Runtime", "Log"):
+                browser.call(f"{domain}.enable", session=session)
+            browser.backlog.clear()
+            nav = browser.call("Page.navigate", {"url": url}, session=session)
+            if nav.get("errorText"):
+                raise RuntimeError(f"cannot open {url}: {nav['errorText']}")
+            page = LivePage(browser, session, log)
+            deadline = time.monotonic() + timeout
+            while not log.loaded and time.monotonic() < deadline:
+                page.pump(0.1)
+            if not log.loaded:
+                raise TimeoutError(f"no load event from {url} within {timeout:g} s")
+            yield page
+        finally:
+            browser.close()

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+import json
+
 from hnd.errors import HndError
-from hnd.book.explore import ENTROPY, SplitExplorer, accuracy_from_runs, shortlist
-from hnd.latency import coded_student
-from hnd.latency import list_device_profiles, plan
+from hnd.book.explore import BEST_SPLIT, ENTROPY, SplitExplorer, _options, accuracy_from_runs, app_explorer, \
+    known_teachers, shortlist, zlib_ratios_from_runs
+from hnd.latency import _rows, coded_student, list_device_profiles, load_device_profile, plan, save_device_profile
+from hnd.registry import resolve
 
 PROFILES = list_device_profiles()
 
@@ -107,3 +110,83 @@ def test_entropic_students_appear_with_their_measured_bytes(tmp_path):
     assert not [o for o in explorer.shown if o.kind == "student"]
     explorer.fmt.value = "int8"
     assert any(o.label == "HND student 12ch int8" for o in explorer.shown)
+
+
+def test_the_teacher_split_can_be_chosen_and_follows_the_backbone():
+    explorer = SplitExplorer(("resnet18", "densenet169"), rate_mbps=10.0, rtt_ms=20.0)
+    points = list(explorer.split.options)
+    assert points[0] == BEST_SPLIT and len(points) > 3
+    explorer.split.value = points[1]  # the first layer: not the best at this link
+    [split] = [o for o in explorer.shown if o.kind == "teacher_split"]
+    assert split.split == points[1] and f"split after {points[1]} int8" in explorer.summary.value
+    explorer.backbone.value = "densenet169"  # its own split points; the choice falls back to the best
+    assert explorer.split.value == BEST_SPLIT and "transition1" in " ".join(explorer.split.options)
+    [split] = [o for o in explorer.shown if o.kind == "teacher_split"]
+    best = min((o for o in _options("densenet169", "this-machine", explorer.server.value, 3, "int8")
+                if o.kind == "teacher_split"), key=lambda o: o.delay(10.0, 20.0))
+    assert split == best
+
+
+def test_int8_zlib_uses_the_measured_ratio_of_each_width():
+    explorer = SplitExplorer(("resnet18",), zlib_ratios={3: 0.5, 12: 0.8})
+    assert explorer.zlib.value == 0.5
+    explorer.fmt.value = "int8"
+    [int8] = [o for o in explorer.shown if o.kind == "student"]
+    explorer.fmt.value = "int8+zlib"
+    [packed] = [o for o in explorer.shown if o.kind == "student"]
+    assert packed.bytes == pytest.approx(0.5 * int8.bytes) and "as measured" in explorer.summary.value
+    explorer.channels.value = 12
+    assert explorer.zlib.value == 0.8
+    explorer.zlib.value = 0.25  # a ratio set by hand
+    [packed12] = [o for o in explorer.shown if o.kind == "student"]
+    assert packed12.label == "HND student 12ch int8+zlib" and "set by hand" in explorer.summary.value
+
+
+def test_a_measured_profile_file_becomes_the_device(tmp_path):
+    explorer = SplitExplorer(("resnet18",), rate_mbps=10.0, rtt_ms=20.0)
+    slow = load_device_profile("raspberry-pi4")
+    slow.name = "my-board"
+    save_device_profile(slow, tmp_path / "board.yaml")
+    explorer.profile_file.value = str(tmp_path / "board.yaml")
+    assert explorer.device.label == "my-board (board.yaml)" and explorer.device.value == str(tmp_path / "board.yaml")
+    assert ("my-board (board.yaml)", str(tmp_path / "board.yaml")) in explorer.server.options
+    assert "Loaded device profile" in explorer.message.value
+    local = next(o for o in explorer.shown if o.kind == "local")
+    assert local.device_s == pytest.approx(sum(slow.seconds("resnet18", list(_rows(resolve("resnet18"))))))
+    explorer.device.value = "this-machine"  # the built-in ones stay
+    assert explorer.device.label == "this-machine"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name: [unclosed\n", "is not valid YAML"),
+    ("name: x\nwhatever: 1\n", "has unknown keys whatever"),
+    (None, "does not exist"),
+])
+def test_a_bad_profile_file_is_one_line_in_the_app(tmp_path, text, message):
+    explorer = SplitExplorer(("resnet18",))
+    path = tmp_path / "bad.yaml"
+    if text is not None:
+        path.write_text(text)
+    before = (list(explorer.device.options), explorer.device.value, explorer.summary.value)
+    explorer.profile_file.value = str(path)
+    assert message in explorer.message.value and "\n" not in explorer.message.value
+    assert (list(explorer.device.options), explorer.device.value, explorer.summary.value) == before
+    explorer.rate.value = 50.0  # the next redraw clears the message
+    assert explorer.message.value == ""
+
+
+def test_the_app_reads_a_grid_of_runs(tmp_path):
+    runs = tmp_path / "runs"
+    cell = runs / "03_rate_accuracy" / "default"
+    cell.mkdir(parents=True)
+    points = [{"method": "hnd", "channels": c, "setting": s, "bytes": b}
+              for c, s, b in ((3, "int8", 100.0), (3, "int8+zlib", 60.0), (12, "int8", 400.0), (12, "fp32", 1600.0))]
+    (cell / "results.json").write_text(json.dumps({"metrics": {"points": points}}))
+    (runs / "grid.json").write_text(json.dumps({"cells": [
+        {"id": "03_rate_accuracy/default", "notebook": "03_rate_accuracy", "status": "done"}]}))
+    assert zlib_ratios_from_runs(str(runs)) == {3: 0.6}  # 12 channels: no int8+zlib measured
+    explorer = app_explorer(str(runs))
+    assert explorer.backbone.value == "densenet169" and explorer.zlib.value == 0.6  # no training runs: the default
+    assert list(explorer.backbone.options) == known_teachers()
+    assert known_teachers()[:4] == ["densenet169", "densenet201", "resnet152", "inception_v3"]
+    assert "resnet18" in known_teachers() and "mobilenet_v3_large" in known_teachers()

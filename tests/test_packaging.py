@@ -64,3 +64,13 @@ def test_torchvision_imports():
     import torchvision.models
 
     assert torchvision.models.densenet169 is not None
+
+
+def test_the_live_explorer_files_ship_with_the_package():
+    """hnd explore works from an installed package: its notebook and Voila template are package data."""
+    from hnd.book.apps import EXPLORER_NOTEBOOK, TEMPLATE, TEMPLATES
+
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["hnd.book"]
+    shipped = {p for pattern in patterns for p in (ROOT / "hnd" / "book").glob(pattern)}
+    needed = [EXPLORER_NOTEBOOK, *(TEMPLATES / "voila" / "templates" / TEMPLATE).iterdir()]
+    assert len(needed) == 3 and all(p in shipped for p in needed), (needed, shipped)

@@ -13,7 +13,7 @@ from math import prod
 
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
-from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, NullFormatter
+from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, NullFormatter, NullLocator
 
 from hnd.analysis import Analysis
 from hnd.book.results import RunRecord, beta_setting, is_entropic_point
@@ -444,9 +444,13 @@ def plot_delay_breakdown(options: list, rate_mbps: float, rtt_ms: float, *, cros
                          title: str = "") -> Figure:
     """Left: each option's delay at one link, stacked by where the time goes. Right: delay
     against data rate (log-log), the chosen rate dashed, the rates where the best option
-    changes marked. ``options`` are :class:`hnd.latency.Option`."""
-    fig, (bars, curves) = plt.subplots(1, 2, figsize=(11, 0.45 * len(options) + 2.2),
-                                       gridspec_kw={"width_ratios": [1.1, 1]})
+    changes marked. ``options`` are :class:`hnd.latency.Option`. Margins are computed, not
+    searched (no tight layout, no minor grid): the live explorer redraws it on every change."""
+    width, height = 11, 0.45 * len(options) + 2.2
+    fig, (bars, curves) = plt.subplots(1, 2, figsize=(width, height), gridspec_kw={"width_ratios": [1.1, 1]})
+    label_in = max((len(o.label) for o in options), default=0) * 8 * 0.52 / 72  # 8 pt text, ~0.52 em a character
+    fig.subplots_adjust(left=(label_in + 0.15) / width, right=0.985, bottom=0.62 / height,
+                        top=1 - (0.5 if title else 0.2) / height, wspace=0.22)
     ranked = sorted(options, key=lambda o: o.delay(rate_mbps, rtt_ms), reverse=True)
     for i, option in enumerate(ranked):
         left = 0.0
@@ -466,11 +470,12 @@ def plot_delay_breakdown(options: list, rate_mbps: float, rtt_ms: float, *, cros
         curves.text(c["rate_mbps"], curves.get_ylim()[1], f"{c['rate_mbps']:.3g}", rotation=90, va="top",
                     ha="right", fontsize=7, color="tab:red")
     curves.set(xlabel="data rate (Mbps)", ylabel="delay per image (ms)")
-    curves.grid(alpha=0.3, lw=0.5, which="both")
+    curves.grid(alpha=0.3, lw=0.5)
+    for axis in (curves.xaxis, curves.yaxis):
+        axis.set_minor_locator(NullLocator())
     curves.legend(fontsize=7, loc="upper right")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     return fig
 
 

@@ -95,6 +95,7 @@ def unfinished_cells(runs: str | os.PathLike, notebook: str | None = None) -> li
 
 
 TRAIN_NOTEBOOK = "02_train"  # the notebook whose cells are training runs
+RATE_NOTEBOOK = "03_rate_accuracy"  # the notebook that measures bytes and accuracy per number format
 
 
 @dataclass(frozen=True)
