@@ -11,7 +11,7 @@ VENV="${HND_VENV:-.venv}"
 PY="$VENV/bin/python"
 
 setup() {
-    local python="${PYTHON:-python3}" extras="$1"  # the book needs only [book]; the tests all three
+    local python="${PYTHON:-python3}" extras="$1"  # the book needs only [book]; the tests every extra
     "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
         || { echo "run.sh: Python >= 3.10 is needed ($python is $("$python" -V 2>&1))" >&2; exit 2; }
     [ -x "$PY" ] || "$python" -m venv "$VENV"
@@ -44,9 +44,9 @@ chromium_check() {
 
 case "${1:-}" in
     book) shift; setup book; book "$@" ;;
-    explore) shift; setup book; exec "$PY" -m hnd explore "$@" ;;
-    lab) shift; setup book; exec "$PY" -m hnd lab "$@" ;;
+    explore) shift; setup book,live; exec "$PY" -m hnd explore "$@" ;;
+    lab) shift; setup book,live; exec "$PY" -m hnd lab "$@" ;;
     # One test process per core (at most 8), each with one thread: the suite's models are small.
-    test) shift; setup book,test,deploy; chromium_check; "$PY" -m pytest -q -n auto --maxprocesses 8 --dist worksteal tests "$@" ;;
+    test) shift; setup book,live,test,deploy; chromium_check; "$PY" -m pytest -q -n auto --maxprocesses 8 --dist worksteal tests "$@" ;;
     *) echo "usage: ./run.sh book [smoke|cpu|paper] | explore | lab | test" >&2; exit 2 ;;
 esac

@@ -9,7 +9,7 @@ Prints per control: samples, median and maximum milliseconds; then the median ov
 
 Goal: median well under a second on a 2-core CPU. A backbone's first visit analyses it
 (a torch.fx trace on the meta device), so its samples are the slowest. Run from the repository
-root (needs Chromium and the book extra):
+root (needs Chromium and the live extra):
     python bench/explore.py [--runs runs/book/cpu] [--repeats 3] [--json FILE]
 """
 

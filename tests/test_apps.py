@@ -132,3 +132,15 @@ def test_lab_serves_the_notebooks_and_stops_cleanly(tmp_path):
     assert code == 0, "".join(lines)
     with pytest.raises(OSError):  # the port is closed
         urllib.request.urlopen(f"http://{HOST}:{port}/api/status", timeout=5)
+
+
+@pytest.mark.parametrize("command, module", [("explore", "voila"), ("lab", "jupyterlab")])
+def test_a_missing_front_end_is_one_line(command, module, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
+    monkeypatch.chdir(ROOT)
+    assert main([command, "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"needs the `{module}` package: install the live extra" in err, err

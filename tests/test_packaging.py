@@ -24,7 +24,7 @@ def _name(requirement: str) -> str:
 def test_environment_yml_matches_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    declared = project["dependencies"] + extras["book"] + extras["test"] + extras["deploy"]
+    declared = project["dependencies"] + [r for extra in extras.values() for r in extra]
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     listed = [r for r in pip if not r.startswith("-e")]

@@ -30,8 +30,8 @@ STOP_TIMEOUT = 30.0  # seconds for it to shut down before it is killed
 
 def _need(module: str, what: str) -> None:
     if importlib.util.find_spec(module) is None:
-        raise HndError(f"{what} needs the `{module}` package: install the book extra "
-                       f"(pip install -e '.[book]', or ./run.sh sets it up)")
+        raise HndError(f"{what} needs the `{module}` package: install the live extra "
+                       f"(pip install -e '.[book,live]'; ./run.sh explore and ./run.sh lab set it up)")
 
 
 def _check_port(port: int) -> None:
