@@ -6,8 +6,10 @@ Prints (and with --json writes) four measurements, bounded in count and time:
 1. bytes on the wire per request vs the raw bottleneck payload, per tensor format
    (goal: overhead <= 64 bytes);
 2. server throughput with N concurrent clients sending bottlenecks (dynamic batching) vs the
-   server part's offline batched throughput on the same machine (goal >= 90%);
-3. p50/p99 request latency under that load;
+   server part's offline batched throughput on the same machine (goal >= 90%), in plain TCP
+   and with TLS 1.3 + client tokens (goal: >= 95% of plain; the token costs bytes once per
+   connection, in the hello, and none per request);
+3. p50/p99 request latency under that load, both ways;
 4. the student encoder's batch-1 latency vs MobileNetV2's on the same CPU (goal <= 0.5x).
 
 Weights are random: timings do not depend on them. Run from the repository root:
@@ -23,8 +25,10 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import torch
 import torchvision
@@ -32,14 +36,15 @@ import torchvision
 from hnd.codec import TENSOR_FORMATS, tensor_bytes
 from hnd.errors import HndError
 from hnd.latency import median_seconds
-from hnd.protocol import decode_response, encode_request, read_frame
+from hnd.protocol import decode_response, encode_hello, encode_request, hello_token, read_frame
 from hnd.registry import resolve
+from hnd.tls import client_context, make_self_signed
 
 
-def start_server(name: str, max_batch: int, max_wait_ms: float) -> tuple[subprocess.Popen, int]:
+def start_server(name: str, max_batch: int, max_wait_ms: float, *extra: str) -> tuple[subprocess.Popen, int]:
     """``hnd serve`` as its own process on a free loopback port (random weights)."""
     server = subprocess.Popen([sys.executable, "-m", "hnd", "serve", name, "--random-weights", "--port", "0",
-                               "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms)],
+                               "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms), *extra],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -54,9 +59,15 @@ def start_server(name: str, max_batch: int, max_wait_ms: float) -> tuple[subproc
 
 
 def client(port: int, frames: list[bytes], latencies: list[float], batches: list[int],
-           computes: list[float] | None = None) -> None:
-    with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+           computes: list[float] | None = None, secure: tuple | None = None) -> None:
+    """Send ``frames`` one after another; ``secure`` = (TLS client context, token)."""
+    with socket.create_connection(("127.0.0.1", port)) as raw:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = raw
+        if secure:
+            sock = secure[0].wrap_socket(raw, server_hostname="127.0.0.1")
+            sock.sendall(encode_hello(secure[1]))
+            assert hello_token(read_frame(sock)) == ""
         for frame in frames:
             start = time.perf_counter()
             sock.sendall(frame)
@@ -115,34 +126,52 @@ def main() -> None:
         offline_s = median_seconds(lambda: model.decode(batch), args.repeats)
     offline_ips = len(batch) / offline_s
 
-    # 3. The server under N clients.
-    server, port = start_server(args.model, args.max_batch, args.max_wait_ms)
+    # 3. The server under N clients, plain and with TLS + tokens.
     frames = [encode_request(z[i], args.format) for i in range(len(z))]
-    warm: list[float] = []
-    client(port, frames[:2], warm, [])
-    latencies: list[float] = []
-    batches: list[int] = []
-    computes: list[float] = []
-    workers = [threading.Thread(target=client, args=(port, frames[c::args.clients], latencies, batches, computes))
-               for c in range(args.clients)]
-    start = time.perf_counter()
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    wall = time.perf_counter() - start
-    server.terminate()
-    server.wait(10)
-    served_ips = len(latencies) / wall
-    lat = sorted(latencies)
-    p50, p99 = lat[len(lat) // 2], lat[min(len(lat) - 1, int(0.99 * len(lat)))]
+
+    def load(extra: tuple[str, ...] = (), secure: tuple | None = None) -> dict:
+        server, port = start_server(args.model, args.max_batch, args.max_wait_ms, *extra)
+        try:
+            client(port, frames[:2], [], [], secure=secure)  # warm up
+            latencies: list[float] = []
+            batches: list[int] = []
+            computes: list[float] = []
+            workers = [threading.Thread(target=client, args=(port, frames[c::args.clients], latencies, batches,
+                                                             computes, secure)) for c in range(args.clients)]
+            start = time.perf_counter()
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            wall = time.perf_counter() - start
+        finally:
+            server.terminate()
+            server.wait(30)
+        lat = sorted(latencies)
+        return {"served_ips": len(latencies) / wall, "mean_batch": statistics.fmean(batches),
+                "compute_s": statistics.median(computes), "p50": lat[len(lat) // 2],
+                "p99": lat[min(len(lat) - 1, int(0.99 * len(lat)))]}
+
+    plain = load()
+    with tempfile.TemporaryDirectory() as tmp:
+        cert, key = make_self_signed(tmp)
+        token = "bench-token-" + "0" * 20
+        (Path(tmp) / "tokens").write_text(token + "\n")
+        secured = load(("--tls-cert", str(cert), "--tls-key", str(key), "--token-file", str(Path(tmp) / "tokens")),
+                       (client_context(cert), token))
+    served_ips, p50, p99 = plain["served_ips"], plain["p50"], plain["p99"]
     print(f"\nserver, {args.clients} clients x {args.requests} requests ({args.format}), max batch "
           f"{args.max_batch}, max wait {args.max_wait_ms:g} ms")
-    print(f"  served          {served_ips:8.1f} images/s  (mean batch {statistics.fmean(batches):.2f})")
-    print(f"  offline batched {offline_ips:8.1f} images/s  (decode of {len(batch)} bottlenecks)")
-    print(f"  server compute  {1e3 * statistics.median(computes):8.1f} ms per batch (offline {1e3 * offline_s:.1f} ms)")
+    print(f"  offline batched {offline_ips:8.1f} images/s  (decode of {len(batch)} bottlenecks, "
+          f"{1e3 * offline_s:.1f} ms)")
+    for label, r in (("plain TCP", plain), ("TLS + token", secured)):
+        print(f"  {label:12s} served {r['served_ips']:7.1f} images/s (mean batch {r['mean_batch']:.2f}, "
+              f"{r['served_ips'] / offline_ips:.0%} of offline), compute {1e3 * r['compute_s']:.1f} ms per batch, "
+              f"latency p50 {1e3 * r['p50']:.1f} ms, p99 {1e3 * r['p99']:.1f} ms")
+    print(f"  TLS + token / plain: {secured['served_ips'] / served_ips:.1%} of the throughput (goal >= 95%); "
+          f"the token's hello is {len(encode_hello(token))} bytes once per connection, requests carry no token "
+          f"({len(frames[0])} bytes either way, before TLS framing)")
     print(f"  ratio           {served_ips / offline_ips:8.1%}   (goal >= 90%)")
-    print(f"  latency         p50 {1e3 * p50:.1f} ms, p99 {1e3 * p99:.1f} ms")
 
     # 4. Encoder vs MobileNetV2, batch 1.
     mobilenet = torchvision.models.mobilenet_v2(weights=None).eval()
@@ -163,10 +192,14 @@ def main() -> None:
                 f"overhead {o['frame_bytes'] - o['raw_payload_bytes']:+,}) | overhead <= 64 |"
                 for fmt, o in overhead.items()]
         rows += [f"| served, {args.clients} clients x {args.requests} requests, {args.format} | "
-                 f"{served_ips:.1f} images/s (mean batch {statistics.fmean(batches):.2f}) | |",
+                 f"{served_ips:.1f} images/s (mean batch {plain['mean_batch']:.2f}) | |",
                  f"| server part offline, batch {len(batch)} | {offline_ips:.1f} images/s | |",
                  f"| served / offline | {served_ips / offline_ips:.0%} | >= 90% |",
                  f"| request latency p50 / p99 | {1e3 * p50:.1f} / {1e3 * p99:.1f} ms | |",
+                 f"| served with TLS 1.3 + client token | {secured['served_ips']:.1f} images/s = "
+                 f"{secured['served_ips'] / served_ips:.0%} of plain | >= 95% |",
+                 f"| latency p50 / p99 with TLS + token | {1e3 * secured['p50']:.1f} / {1e3 * secured['p99']:.1f} ms | |",
+                 f"| token bytes per request (after a {len(encode_hello(token))}-byte hello per connection) | 0 | 0 |",
                  f"| encoder batch-1 / MobileNetV2 batch-1 | {1e3 * encoder_s:.2f} / {1e3 * mobilenet_s:.2f} ms "
                  f"= {encoder_s / mobilenet_s:.2f} | <= 0.5 |"]
         text = (f"Measured with `python bench/serve.py --model {args.model} --clients {args.clients} --requests "
@@ -181,8 +214,8 @@ def main() -> None:
         doc = {"model": args.model, "bottleneck": list(z.shape[1:]), "overhead": overhead,
                "clients": args.clients, "requests": args.requests, "format": args.format,
                "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
-               "served_images_per_s": served_ips, "offline_images_per_s": offline_ips,
-               "mean_batch": statistics.fmean(batches), "p50_s": p50, "p99_s": p99,
+               "served_images_per_s": served_ips, "offline_images_per_s": offline_ips, "secured": secured,
+               "mean_batch": plain["mean_batch"], "p50_s": p50, "p99_s": p99,
                "encoder_s": encoder_s, "mobilenet_v2_s": mobilenet_s, "torch_threads": torch.get_num_threads()}
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=1)

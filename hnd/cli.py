@@ -1,5 +1,5 @@
 """Command line: ``hnd models | inspect | predict | config | train | evaluate | data | book | explore |
-lab | plan | profile-device | serve | edge | export``.
+lab | plan | profile-device | serve | tls-cert | edge | export``.
 ``--json`` prints one JSON document."""
 
 from __future__ import annotations
@@ -366,6 +366,31 @@ def _split_student(args: argparse.Namespace, spec):
     return load_student(spec, args.checkpoint, pretrained=False, random_seed=_RANDOM_SEED)
 
 
+def _serve_security(args: argparse.Namespace) -> dict:
+    """TLS and tokens for `hnd serve`; off loopback both are required unless --insecure."""
+    import ipaddress
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise HndError("TLS needs both --tls-cert and --tls-key")
+    out = {}
+    if args.tls_cert:
+        from hnd.tls import server_context
+
+        out["ssl_context"] = server_context(args.tls_cert, args.tls_key)
+    if args.token_file:
+        from hnd.access import TokenFile
+
+        out["tokens"] = TokenFile(args.token_file)
+    try:
+        loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not (out.get("ssl_context") and out.get("tokens")) and not args.insecure:
+        raise HndError(f"serving on {args.host} would let anyone who reaches the port use the model and read the "
+                       "answers: add --tls-cert, --tls-key and --token-file, or --insecure on a trusted network")
+    return out
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     import logging
 
@@ -376,11 +401,20 @@ def cmd_serve(args: argparse.Namespace) -> None:
     model = _split_student(args, spec)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     serve_options = {"device": args.device, "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
-                     "topk": args.topk, "input_size": args.input_size}
+                     "topk": args.topk, "input_size": args.input_size, "max_connections": args.max_connections,
+                     "max_queue": args.max_queue}
     if args.max_frame_bytes:
         serve_options["max_frame_bytes"] = args.max_frame_bytes
+    serve_options.update(_serve_security(args))
     serve(spec, model=model, host=args.host, port=args.port, ready=lambda line: print(line, flush=True),
-          **serve_options)
+          metrics_port=args.metrics_port, drain_timeout_s=args.drain_timeout, **serve_options)
+
+
+def cmd_tls_cert(args: argparse.Namespace) -> None:
+    from hnd.tls import make_self_signed
+
+    cert, key = make_self_signed(args.out, tuple(args.name or ("localhost", "127.0.0.1")), days=args.days)
+    print(f"wrote {cert} and {key}: hnd serve --tls-cert {cert} --tls-key {key}; hnd edge --tls-ca {cert}")
 
 
 def cmd_edge(args: argparse.Namespace) -> None:
@@ -400,7 +434,16 @@ def cmd_edge(args: argparse.Namespace) -> None:
     images = [image_tensor(spec, path) for path in args.images]
     model = _split_student(args, spec)
     results = []
-    with EdgeClient(spec, model, args.server, fmt, args.rate_limit) as client:
+    security = {}
+    if args.tls_ca or args.tls:
+        from hnd.tls import client_context
+
+        security["ssl_context"] = client_context(args.tls_ca)
+    if args.token_file:
+        from hnd.access import read_token
+
+        security["token"] = read_token(args.token_file)
+    with EdgeClient(spec, model, args.server, fmt, args.rate_limit, retries=args.retries, **security) as client:
         for path, x in zip(args.images, images):
             results.append({"image": path, **client.classify(x)})
     if args.json:
@@ -562,7 +605,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, default=5, help="classes in each answer (default 5)")
     p.add_argument("--input-size", type=int, help="image side the edge devices encode (default the model's)")
     p.add_argument("--max-frame-bytes", type=int, help="largest request accepted (default 16 MiB)")
+    p.add_argument("--tls-cert", metavar="FILE", help="serve TLS 1.3 with this certificate chain (PEM)")
+    p.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
+    p.add_argument("--token-file", metavar="FILE",
+                   help="client tokens, one per line, re-read when the file changes; clients must present one")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --host without TLS and tokens (a trusted network only)")
+    p.add_argument("--max-connections", type=int, default=256,
+                   help="open connections at most; more get a busy error (default 256)")
+    p.add_argument("--max-queue", type=int, help="requests waiting at most; more get a busy error "
+                                                 "(default 4 x --max-batch)")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT/metrics")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM/SIGINT, seconds to finish the requests in flight (default 30)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("tls-cert", help="make a self-signed TLS certificate and key for hnd serve (trials, tests)")
+    p.add_argument("--out", required=True, help="folder for cert.pem and key.pem")
+    p.add_argument("--name", action="append", help="DNS name or IP address the certificate is for "
+                                                   "(repeatable; default localhost and 127.0.0.1)")
+    p.add_argument("--days", type=int, default=30, help="validity in days (default 30)")
+    p.set_defaults(func=cmd_tls_cert)
 
     p = sub.add_parser("edge", help="classify images by running the encoder here and the rest on a server")
     p.add_argument("name", help="student name (the server's)")
@@ -575,6 +638,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="zlib: with --bits 8, zlib the codes; entropy: range-code the bottleneck with an entropic "
                         "student's tables")
     p.add_argument("--rate-limit", type=float, metavar="MBPS", help="emulate a link of this many Mbit/s")
+    p.add_argument("--tls", action="store_true", help="speak TLS, trusting the system's certificate authorities")
+    p.add_argument("--tls-ca", metavar="FILE", help="speak TLS, trusting the certificates in FILE (PEM)")
+    p.add_argument("--token-file", metavar="FILE", help="send the first token in FILE in a hello frame")
+    p.add_argument("--retries", type=int, default=5, help="retries of a request the server answers busy (default 5)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_edge)
 

@@ -6,9 +6,10 @@ Every frame starts with the same 8-byte prefix; all numbers are little-endian.
 offset  field                 meaning
 ======  ====================  =========================================================
 0       magic ``4s``          ``b"HND1"``
-4       version ``u8``        1 or 2 (:data:`VERSIONS`); another version is refused
-5       type ``u8``           1 request, 2 result, 3 error
-6       a ``u8``              request: tensor format code; result: top-k count k
+4       version ``u8``        1, 2 or 3 (:data:`VERSIONS`); another version is refused
+5       type ``u8``           1 request, 2 result, 3 error, 4 hello (version 3)
+6       a ``u8``              request: tensor format code; result: top-k count k;
+                              error: code (0 refused, 1 busy, 2 not authorized)
 7       b ``u8``              request: ndim (1..8); result: server batch size (max 255)
 ======  ====================  =========================================================
 
@@ -34,13 +35,25 @@ CRC-32 of the sender's coding tables (:func:`hnd.entropy.table_fingerprint`; a s
 other tables refuses the request) and 0 (reserved). For a [C, H, W] bottleneck the header is
 32 bytes; it never exceeds 52.
 
-Versions: version 2 adds format code 5 and nothing else. Every frame is written with the
-lowest version that can carry it (1 for all but ``entropy`` requests), so a version-1 peer
-still understands everything except entropy coding, and version-1 frames parse unchanged.
+Versions: version 2 adds format code 5; version 3 adds the hello frame (type 4). Every frame
+is written with the lowest version that can carry it (1 for all but ``entropy`` requests and
+hellos), so a version-1 peer still understands everything except entropy coding and tokens,
+and version-1 frames parse unchanged.
 
 A **result** (server -> edge device): queue seconds ``f32`` at 8, compute seconds ``f32``
 at 12, then k pairs (class index ``u32``, probability ``f32``) from 16, most likely first.
-An **error**: message length ``u32`` at 8, then that many bytes of UTF-8 text.
+An **error**: message length ``u32`` at 8, then that many bytes of UTF-8 text; its code (byte
+6) says what the client may do: 0 the request was refused (fix it), 1 **busy** (the server is
+at a limit: retry later, with backoff), 2 **not authorized** (the connection is closed).
+Version-1 and -2 peers wrote 0 there and ignore it, so they read every error as before.
+
+A **hello** (version 3; edge device -> server, first frame of a connection): token length
+``u32`` at 8, then that many bytes of UTF-8 (at most :data:`MAX_TOKEN_BYTES`). A server that
+requires tokens answers a hello whose token it knows with an empty hello (length 0) and
+refuses anything else with a "not authorized" error before reading further; a server without
+tokens accepts any hello. A client of versions 1–2 sends no hello, so a server with tokens
+answers its first request with that error, not a hang; a version-3 hello to an older server
+gets its "protocol version 3 is not supported" error.
 
 Readers (:func:`read_frame`, :func:`read_frame_async`) check the magic, the version, the
 type and every length against a size limit before reading or allocating what follows: a
@@ -65,9 +78,11 @@ from hnd.entropy import FactorizedPrior, table_fingerprint
 from hnd.errors import HndError
 
 MAGIC = b"HND1"
-VERSION = 2  # the newest; frames are written with the lowest version that carries them
-VERSIONS = (1, 2)
-REQUEST, RESULT, ERROR = 1, 2, 3
+VERSION = 3  # the newest; frames are written with the lowest version that carries them
+VERSIONS = (1, 2, 3)
+REQUEST, RESULT, ERROR, HELLO = 1, 2, 3, 4
+REFUSED, BUSY, UNAUTHORIZED = 0, 1, 2  # error codes
+MAX_TOKEN_BYTES = 256
 FORMAT_CODES = {"fp32": 1, "fp16": 2, "int8": 3, "int8+zlib": 4, ENTROPY_FORMAT: 5}
 WIRE_FORMATS = (*TENSOR_FORMATS, ENTROPY_FORMAT)
 _FIRST_VERSION = {5: 2}  # format code -> the version that introduced it (others: 1)
@@ -88,6 +103,15 @@ _ZLIB_LEVEL = 9
 class FrameError(HndError):
     """Broken framing (bad magic or version, a length over the limit, a truncated frame):
     the stream cannot be resynchronized, so the connection must be closed."""
+
+
+class ServerError(HndError):
+    """An error frame from the server; ``code`` is :data:`REFUSED`, :data:`BUSY` or
+    :data:`UNAUTHORIZED`."""
+
+    def __init__(self, message: str, code: int = REFUSED):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -223,10 +247,28 @@ def encode_result(topk: Sequence[tuple[int, float]], queue_s: float, compute_s: 
             + _TIMES.pack(queue_s, compute_s) + pairs)
 
 
-def encode_error(message: str) -> bytes:
-    """Frame an error message (one line, cut to :data:`MAX_ERROR_CHARS` characters)."""
+def encode_error(message: str, code: int = REFUSED) -> bytes:
+    """Frame an error message (one line, cut to :data:`MAX_ERROR_CHARS` characters) with its
+    ``code`` (:data:`REFUSED`, :data:`BUSY`, :data:`UNAUTHORIZED`)."""
     text = " ".join(str(message).split())[:MAX_ERROR_CHARS].encode("utf-8")
-    return _PREFIX.pack(MAGIC, 1, ERROR, 0, 0) + _U32.pack(len(text)) + text
+    return _PREFIX.pack(MAGIC, 1, ERROR, code, 0) + _U32.pack(len(text)) + text
+
+
+def encode_hello(token: str = "") -> bytes:
+    """Frame a hello carrying ``token`` (a client's first frame; empty: the server's accept)."""
+    data = token.encode("utf-8")
+    if len(data) > MAX_TOKEN_BYTES:
+        raise HndError(f"a token is at most {MAX_TOKEN_BYTES} bytes, got {len(data)}")
+    return _PREFIX.pack(MAGIC, 3, HELLO, 0, 0) + _U32.pack(len(data)) + data
+
+
+def hello_token(frame: bytes) -> str | None:
+    """The token of a complete hello frame; None when ``frame`` is not a hello."""
+    view = memoryview(frame)
+    if _check_prefix(view)[2] != HELLO:
+        return None
+    (length,) = _U32.unpack_from(view, _PREFIX.size)
+    return bytes(view[_PREFIX.size + _U32.size:_PREFIX.size + _U32.size + length]).decode("utf-8", "replace")
 
 
 def decode_response(frame: bytes) -> Result:
@@ -237,7 +279,7 @@ def decode_response(frame: bytes) -> Result:
     if kind == ERROR:
         (length,) = _U32.unpack_from(view, _PREFIX.size)
         text = bytes(view[_PREFIX.size + _U32.size:_PREFIX.size + _U32.size + length])
-        raise HndError(f"server: {text.decode('utf-8', 'replace')}")
+        raise ServerError(f"server: {text.decode('utf-8', 'replace')}", k)
     if kind != RESULT:
         raise FrameError(f"expected a result or error frame, got type {kind}")
     if len(view) != _PREFIX.size + _TIMES.size + k * _PAIR.size:
@@ -258,8 +300,8 @@ def _check_prefix(prefix) -> tuple:
     if fields[1] not in VERSIONS:
         raise FrameError(f"protocol version {fields[1]} is not supported; this side speaks "
                          f"{', '.join(map(str, VERSIONS))}")
-    if fields[2] not in (REQUEST, RESULT, ERROR):
-        raise FrameError(f"unknown frame type {fields[2]}")
+    if fields[2] not in (REQUEST, RESULT, ERROR, HELLO) or (fields[2] == HELLO and fields[1] < 3):
+        raise FrameError(f"unknown frame type {fields[2]} in a version-{fields[1]} frame")
     if fields[2] == REQUEST and not 1 <= fields[4] <= MAX_NDIM:
         raise FrameError(f"request ndim {fields[4]} is outside 1..{MAX_NDIM}")
     return fields
@@ -288,6 +330,8 @@ def _parser(max_bytes: int) -> Generator[int, bytes, bytes]:
         return bytes(prefix) + bytes(body)
     raw = yield _U32.size
     (length,) = _U32.unpack(raw)
+    if kind == HELLO and length > MAX_TOKEN_BYTES:
+        raise FrameError(f"hello token of {length} bytes is over the {MAX_TOKEN_BYTES}-byte limit")
     if _PREFIX.size + _U32.size + length > max_bytes:
         raise FrameError(f"error frame of {length} bytes is over the {max_bytes}-byte limit")
     text = (yield length) if length else b""

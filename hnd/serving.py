@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import socket
+import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,8 +23,10 @@ from dataclasses import dataclass, field
 import torch
 
 from hnd.errors import HndError
-from hnd.protocol import (DEFAULT_MAX_FRAME_BYTES, FrameError, check_wire_format, decode_request, decode_response,
-                          encode_error, encode_request, encode_result, read_frame, read_frame_async, request_header)
+from hnd.protocol import (BUSY, DEFAULT_MAX_FRAME_BYTES, MAX_TOKEN_BYTES, UNAUTHORIZED, FrameError, ServerError,
+                          check_wire_format, decode_request, decode_response, encode_error, encode_hello,
+                          encode_request, encode_result, header_bytes, hello_token, read_frame, read_frame_async,
+                          request_header)
 from hnd.registry import ModelSpec, resolve
 from hnd.students import Student
 
@@ -52,6 +56,49 @@ def bottleneck_shape(model: Student, input_size: int) -> tuple[int, ...]:
     return tuple(z.shape[1:])
 
 
+class ServerMetrics:
+    """The server's Prometheus metrics, in a registry of their own (``registry``; serve it with
+    ``prometheus_client.start_http_server(port, registry=...)``): requests by outcome
+    (answered, refused, busy, unauthorized, failed), bytes received in requests, and
+    histograms of batch size, queue seconds and compute seconds."""
+
+    def __init__(self):
+        try:
+            import prometheus_client as prom
+        except ImportError:
+            raise HndError("metrics need the `prometheus_client` package (pip install -e '.[deploy]')") from None
+        self.registry = prom.CollectorRegistry()
+        self.requests = prom.Counter("hnd_requests", "Requests by outcome", ["outcome"], registry=self.registry)
+        self.received = prom.Counter("hnd_received_bytes", "Bytes of request frames", registry=self.registry)
+        self.batch = prom.Histogram("hnd_batch_size", "Images decoded together", registry=self.registry,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 255))
+        times = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+        self.queue = prom.Histogram("hnd_queue_seconds", "Seconds a request waited for its batch",
+                                    registry=self.registry, buckets=times)
+        self.compute = prom.Histogram("hnd_compute_seconds", "Seconds of decoder + tail per batch",
+                                      registry=self.registry, buckets=times)
+        for outcome in ("answered", "refused", "busy", "unauthorized", "failed"):
+            self.requests.labels(outcome)  # every series exists from the start
+
+    def count(self, outcome: str, nbytes: int = 0) -> None:
+        self.requests.labels(outcome).inc()
+        self.received.inc(nbytes)
+
+    def observe(self, batch: int, queue_s: float, compute_s: float) -> None:
+        self.batch.observe(batch)
+        self.queue.observe(queue_s)
+        self.compute.observe(compute_s)
+
+    def serve(self, port: int, host: str = "127.0.0.1"):
+        """Expose the metrics over HTTP at ``http://host:port/metrics``."""
+        import prometheus_client as prom
+
+        try:
+            return prom.start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise HndError(f"cannot serve metrics on {host}:{port} ({exc.strerror or exc})") from None
+
+
 @dataclass
 class _Pending:
     z: torch.Tensor
@@ -68,15 +115,32 @@ class SplitServer:
     framing (bad magic, over ``max_frame_bytes``, truncated, ``read_timeout_s`` inside a
     frame) gets an error frame if possible and the connection is closed, as is one idle for
     ``idle_timeout_s``.
+
+    Facing a network: ``ssl_context`` (:func:`hnd.tls.server_context`) serves TLS 1.3 only;
+    ``tokens`` (:class:`hnd.access.TokenFile`) makes a hello frame with a known token the first
+    frame of every connection, read with a limit of its own size, so a connection without one
+    is refused before any other read or model work. Admission: past ``max_connections`` open
+    connections a new one gets a "busy" error and is closed; past ``max_queue`` waiting
+    requests a request gets a "busy" error at once (clients retry with backoff). A connection
+    has at most one request in flight: its next frame is read after the answer is written, so
+    what a client pipelines waits in the TCP window, not in this process.
     """
 
     def __init__(self, model_name: str | ModelSpec, model: Student, *, host: str = "127.0.0.1", port: int = 0,
                  device: str = "cpu", max_batch: int = 8, max_wait_ms: float = 5.0,
                  max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, read_timeout_s: float = 10.0,
                  idle_timeout_s: float = 300.0, topk: int = 5, input_size: int | None = None,
-                 max_queue: int | None = None):
-        if max_batch < 1 or max_wait_ms < 0 or topk < 1 or max_frame_bytes < 64:
-            raise HndError("max_batch and topk must be >= 1, max_wait_ms >= 0 and max_frame_bytes >= 64")
+                 max_queue: int | None = None, max_connections: int = 256, ssl_context=None, tokens=None,
+                 metrics: bool = False):
+        if max_batch < 1 or max_wait_ms < 0 or topk < 1 or max_frame_bytes < 64 or max_connections < 1:
+            raise HndError("max_batch, max_connections and topk must be >= 1, max_wait_ms >= 0 and "
+                           "max_frame_bytes >= 64")
+        if max_queue is not None and max_queue < 1:
+            raise HndError(f"max_queue must be >= 1, got {max_queue}")
+        self.ssl_context, self.tokens, self.max_connections = ssl_context, tokens, max_connections
+        self._open = 0  # connections being served
+        self._inflight = 0  # requests read and not yet answered
+        self.metrics = ServerMetrics() if metrics else None
         self.name = str(model_name)
         self.device = _check_device(device)
         self.model = check_student(model_name, model).to(self.device).eval()
@@ -101,7 +165,9 @@ class SplitServer:
         self._queue = asyncio.Queue(self.max_queue)
         self._worker = asyncio.create_task(self._batch_loop())
         self._server = await asyncio.start_server(self._connection, self.host, self.port,
-                                                  limit=min(self.max_frame_bytes, 1 << 20))
+                                                  limit=min(self.max_frame_bytes, 1 << 20), ssl=self.ssl_context,
+                                                  ssl_handshake_timeout=self.read_timeout_s if self.ssl_context
+                                                  else None)
         host, port = self._server.sockets[0].getsockname()[:2]
         self.port = port
         return host, port
@@ -111,6 +177,17 @@ class SplitServer:
             await self.start()
         async with self._server:
             await self._server.serve_forever()
+
+    async def drain(self, timeout_s: float = 30.0) -> int:
+        """Stop accepting connections and wait, at most ``timeout_s``, until every request
+        already read has been answered; returns how many were still unanswered."""
+        if self._server is not None:
+            self._server.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self._inflight and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        return self._inflight
 
     async def close(self) -> None:
         if self._server is not None:
@@ -122,9 +199,47 @@ class SplitServer:
 
     # --- connections ---------------------------------------------------------------------------
 
+    def _count(self, outcome: str, nbytes: int = 0) -> None:
+        if self.metrics is not None:
+            self.metrics.count(outcome, nbytes)
+
+    async def _greet(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """With tokens: read the hello (nothing larger), answer it; False if refused."""
+        refusal = ("this server needs a hello frame with a client token first (protocol version 3: "
+                   "hnd edge --token-file FILE)")
+        try:
+            frame = await read_frame_async(reader, header_bytes(0) + MAX_TOKEN_BYTES,
+                                           first_timeout=self.read_timeout_s, timeout=self.read_timeout_s)
+            token = hello_token(frame) if frame is not None else None
+        except FrameError as exc:
+            log.warning("%s: refused: %s", peer, exc)
+            token = None
+        if token is None or not self.tokens.accepts(token):
+            log.warning("%s: refused: %s", peer, "no hello" if token is None else "unknown token")
+            self._count("unauthorized")
+            writer.write(encode_error(refusal if token is None else "unknown client token", UNAUTHORIZED))
+            await writer.drain()
+            return False
+        writer.write(encode_hello())
+        await writer.drain()
+        return True
+
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = "%s:%s" % writer.get_extra_info("peername")[:2]
+        if self._open >= self.max_connections:
+            log.warning("%s: busy: %d connections open", peer, self._open)
+            self._count("busy")
+            writer.write(encode_error(f"busy: {self.max_connections} connections open; retry later", BUSY))
+            try:  # read (a bounded amount of) what the client sent: closing on unread data would reset
+                await asyncio.wait_for(reader.read(self.max_frame_bytes), self.read_timeout_s)
+            except (asyncio.TimeoutError, ConnectionError, OSError):
+                pass
+            await _close(writer)
+            return
+        self._open += 1
         try:
+            if self.tokens is not None and not await self._greet(peer, reader, writer):
+                return
             while True:
                 try:
                     frame = await read_frame_async(reader, self.max_frame_bytes, first_timeout=self.idle_timeout_s,
@@ -136,16 +251,20 @@ class SplitServer:
                     return
                 if frame is None:
                     return
-                writer.write(await self._answer(peer, frame))
-                await writer.drain()
+                self._inflight += 1
+                try:
+                    if hello_token(frame) is not None:  # a hello to a server without tokens: welcome
+                        writer.write(encode_hello())
+                    else:
+                        writer.write(await self._answer(peer, frame))
+                    await writer.drain()
+                finally:
+                    self._inflight -= 1
         except (ConnectionError, OSError) as exc:
             log.info("%s: connection lost: %s", peer, exc)
         finally:
-            writer.close()
-            try:
-                await writer.wait_closed()
-            except (ConnectionError, OSError):
-                pass
+            self._open -= 1
+            await _close(writer)
 
     async def _answer(self, peer: str, frame: bytes) -> bytes:
         """Response frame for one complete request frame; user mistakes become error frames."""
@@ -157,14 +276,24 @@ class SplitServer:
             z, fmt = decode_request(frame, self.model.prior)  # entropy: bounded by the checked shape
         except HndError as exc:
             log.warning("%s: rejected %d-byte request: %s", peer, len(frame), exc)
+            self._count("refused", len(frame))
             return encode_error(str(exc))
         pending = _Pending(z, asyncio.get_running_loop().create_future())
-        await self._queue.put(pending)
+        try:
+            self._queue.put_nowait(pending)
+        except asyncio.QueueFull:
+            log.warning("%s: busy: %d requests queued", peer, self.max_queue)
+            self._count("busy", len(frame))
+            return encode_error(f"busy: {self.max_queue} requests queued; retry later", BUSY)
         try:
             topk, queue_s, compute_s, batch = await pending.future
         except Exception as exc:  # the decoder failed: report it, keep serving
             log.error("%s: decoding failed: %s", peer, exc)
+            self._count("failed", len(frame))
             return encode_error(f"decoding failed: {type(exc).__name__}: {exc}")
+        self._count("answered", len(frame))
+        if self.metrics is not None:
+            self.metrics.observe(batch, queue_s, compute_s)
         log.info("%s: %s %d bytes batch %d queue %.2f ms compute %.2f ms top-1 %d (%.3f)", peer, fmt,
                  len(frame), batch, queue_s * 1e3, compute_s * 1e3, topk[0][0], topk[0][1])
         return encode_result(topk, queue_s, compute_s, batch)
@@ -213,6 +342,15 @@ class SplitServer:
         return probs, indices, time.perf_counter() - start
 
 
+async def _close(writer: asyncio.StreamWriter) -> None:
+    try:
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+    except (ConnectionError, OSError):
+        pass
+
+
 def _check_device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
@@ -250,19 +388,33 @@ def load_student(name: str | ModelSpec, checkpoint: str | None = None, *, pretra
 
 def serve(name: str | ModelSpec, checkpoint: str | None = None, *, host: str = "127.0.0.1", port: int = 8765,
           pretrained: bool = True, random_seed: int | None = None, model: Student | None = None, ready=print,
-          **options) -> None:
-    """Load student ``name`` (or take ``model``) and serve it until interrupted; ``ready`` gets
-    one line with the address once the server listens. ``options`` go to :class:`SplitServer`."""
+          metrics_port: int | None = None, drain_timeout_s: float = 30.0, **options) -> None:
+    """Load student ``name`` (or take ``model``) and serve it until SIGTERM or SIGINT, then drain:
+    stop accepting, answer the requests already read (at most ``drain_timeout_s``) and return.
+    ``ready`` gets one line with the address once the server listens; ``metrics_port`` serves
+    Prometheus metrics on 127.0.0.1. ``options`` go to :class:`SplitServer`."""
     if model is None:
         model = load_student(name, checkpoint, pretrained=pretrained, random_seed=random_seed)
-    server = SplitServer(name, model, host=host, port=port, **options)
+    server = SplitServer(name, model, host=host, port=port, metrics=metrics_port is not None, **options)
+    if metrics_port is not None:
+        server.metrics.serve(metrics_port)
 
     async def run() -> None:
         bound_host, bound_port = await server.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        secure = ", TLS" if server.ssl_context else ""
+        secure += ", client tokens" if server.tokens else ""
         ready(f"hnd serve: {name} on {bound_host}:{bound_port} (bottleneck "
-              f"{'x'.join(map(str, server.shape))}, device {server.device}, max batch {server.max_batch})")
+              f"{'x'.join(map(str, server.shape))}, device {server.device}, max batch {server.max_batch}{secure})")
         try:
-            await server.serve_forever()
+            await stop.wait()
+            log.info("draining: %d requests in flight", server._inflight)
+            left = await server.drain(drain_timeout_s)
+            ready(f"hnd serve: stopped ({left} requests unanswered after {drain_timeout_s:g} s)" if left
+                  else "hnd serve: stopped, every request answered")
         finally:
             await server.close()
 
@@ -277,12 +429,16 @@ class EdgeClient:
 
     ``fmt`` is one of :data:`hnd.protocol.WIRE_FORMATS` (``entropy`` needs an entropic student
     with coding tables); ``rate_limit_mbps`` emulates a slower link
-    by making each send take at least ``bytes * 8 / rate`` seconds.
+    by making each send take at least ``bytes * 8 / rate`` seconds. ``ssl_context``
+    (:func:`hnd.tls.client_context`) speaks TLS and checks the server's certificate for the
+    host name of ``server``; ``token`` is sent in a hello frame before any request. A "busy"
+    answer is retried ``retries`` times, after 50 ms, 100 ms, 200 ms, ... (capped at 2 s).
     """
 
     def __init__(self, name: str | ModelSpec, model: Student, server: str = "127.0.0.1:8765", fmt: str = "int8",
                  rate_limit_mbps: float | None = None, timeout_s: float = 60.0,
-                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES):
+                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, *, ssl_context=None, token: str | None = None,
+                 retries: int = 5):
         self.name = str(name)
         self.model = check_student(name, model).eval()
         self.fmt = check_wire_format(fmt, self.model.prior)
@@ -290,12 +446,42 @@ class EdgeClient:
             raise HndError(f"rate limit must be a positive number of Mbit/s, got {rate_limit_mbps}")
         self.rate_limit_mbps = rate_limit_mbps
         self.address = parse_address(server)
+        self.server = server
         self.max_frame_bytes = max_frame_bytes
+        self.retries, self.timeout_s, self.ssl_context, self.token = retries, timeout_s, ssl_context, token
+        self.sock = self._connect()
+
+    def _connect(self) -> socket.socket:
+        """A connection to the server: TCP, then TLS when asked, then the hello with the token."""
+        server = self.server
         try:
-            self.sock = socket.create_connection(self.address, timeout=timeout_s)
+            sock = socket.create_connection(self.address, timeout=self.timeout_s)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.ssl_context is not None:
+                sock = self.ssl_context.wrap_socket(sock, server_hostname=self.address[0])
+        except ssl.SSLCertVerificationError as exc:
+            raise HndError(f"server {server} failed the TLS certificate check: {exc.verify_message}") from None
+        except ssl.SSLError as exc:
+            raise HndError(f"TLS with server {server} failed: {exc.reason or exc}") from None
         except OSError as exc:
             raise HndError(f"cannot connect to server {server} ({exc.strerror or exc})") from None
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.token is None:
+            return sock
+        try:
+            sock.sendall(encode_hello(self.token))
+            reply = read_frame(sock, self.max_frame_bytes)
+        except OSError as exc:
+            sock.close()
+            raise HndError(f"server {server} closed the connection during the hello "
+                           f"({exc.strerror or exc}; TLS expected?)") from None
+        except HndError:
+            sock.close()
+            raise
+        if hello_token(reply) is None:
+            sock.close()
+            decode_response(reply)  # an error frame: raise the server's message
+            raise FrameError("the server answered the hello with a result frame")
+        return sock
 
     def close(self) -> None:
         self.sock.close()
@@ -319,17 +505,26 @@ class EdgeClient:
         encoded = time.perf_counter()
         frame = encode_request(z, self.fmt, self.model.prior)
         framed = time.perf_counter()
-        try:
-            if self.rate_limit_mbps:  # the frame is on a slow link before the server can see it
-                time.sleep(len(frame) * 8 / (self.rate_limit_mbps * 1e6))
-            self.sock.sendall(frame)
-            reply = read_frame(self.sock, self.max_frame_bytes)
-        except socket.timeout:
-            raise HndError(f"server {self.address[0]}:{self.address[1]} did not answer in time") from None
-        except OSError as exc:
-            raise HndError(f"connection to the server failed ({exc.strerror or exc})") from None
-        received = time.perf_counter()
-        result = decode_response(reply)
+        for attempt in range(self.retries + 1):
+            try:
+                if self.rate_limit_mbps:  # the frame is on a slow link before the server can see it
+                    time.sleep(len(frame) * 8 / (self.rate_limit_mbps * 1e6))
+                self.sock.sendall(frame)
+                reply = read_frame(self.sock, self.max_frame_bytes)
+            except socket.timeout:
+                raise HndError(f"server {self.address[0]}:{self.address[1]} did not answer in time") from None
+            except OSError as exc:
+                raise HndError(f"connection to the server failed ({exc.strerror or exc})") from None
+            received = time.perf_counter()
+            try:
+                result = decode_response(reply)
+                break
+            except ServerError as exc:
+                if exc.code != BUSY or attempt == self.retries:
+                    raise
+                time.sleep(min(2.0, 0.05 * 2 ** attempt))
+                self.sock.close()  # a server at its connection limit has closed this one
+                self.sock = self._connect()
         done = time.perf_counter()
         server_s = result.queue_s + result.compute_s
         return {"topk": [{"index": i, "prob": p} for i, p in result.topk], "format": self.fmt,

@@ -7,12 +7,13 @@ The browser test needs Chromium and fails (not skips) without it, like the book'
 from __future__ import annotations
 
 import json
-import re
+import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -101,7 +102,7 @@ def test_lab_serves_the_notebooks_and_stops_cleanly(tmp_path):
     cell is papermill's parameters cell, and SIGTERM stops it with exit code 0."""
     port, token = free_port(), "t" * 32
     proc = subprocess.Popen([sys.executable, "-m", "hnd", "lab", "--port", str(port)], cwd=ROOT,
-                            env={**__import__("os").environ, "JUPYTER_TOKEN": token},
+                            env={**os.environ, "JUPYTER_TOKEN": token},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()

@@ -21,7 +21,6 @@ import ipywidgets as widgets
 import matplotlib.pyplot as plt
 from IPython.display import Image
 
-from hnd.codec import TENSOR_FORMATS
 from hnd.errors import HndError
 from hnd.latency import CodedStudent, Option, coded_student, crossovers, list_device_profiles, load_device_profile, \
     options, plan
