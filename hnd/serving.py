@@ -230,8 +230,8 @@ class SplitServer:
             log.warning("%s: busy: %d connections open", peer, self._open)
             self._count("busy")
             writer.write(encode_error(f"busy: {self.max_connections} connections open; retry later", BUSY))
-            try:  # read (a bounded amount of) what the client sent: closing on unread data would reset
-                await asyncio.wait_for(reader.read(self.max_frame_bytes), self.read_timeout_s)
+            try:  # read (64 KiB at most) what the client sent: closing on unread data would reset
+                await asyncio.wait_for(reader.read(1 << 16), self.read_timeout_s)
             except (asyncio.TimeoutError, ConnectionError, OSError):
                 pass
             await _close(writer)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -195,6 +196,22 @@ def test_torchrun_two_processes_agree_with_one_process(synth, teacher_ckpt, tmp_
     moved = sum((w1[k] - fresh[k]).pow(2).sum() for k in head).sqrt()
     apart = sum((w1[k] - w2[k]).pow(2).sum() for k in head).sqrt()
     assert moved > 0 and apart < 0.05 * moved, (apart, moved)
+
+    # Two nodes of one process each (two torchrun launchers meeting at a c10d rendezvous on
+    # loopback, as on two machines of a cluster) give the same update as one process.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id",
+                               "hnd-two-nodes", "-m", "hnd", "train", *common,
+                               "--out", str(tmp_path / "nodes"), "batch_size=8"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT) for _ in range(2)]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], [err[-2000:] for _, err in outputs]
+    w3 = read_file(tmp_path / "nodes" / "last.pt")["state_dict"]
+    assert read_metrics(tmp_path / "nodes")[0]["images"] == 16
+    assert sum((w1[k] - w3[k]).pow(2).sum() for k in head).sqrt() < 0.05 * moved
 
     # The test accuracy the two processes all-reduced equals a one-process evaluation.
     result = json.loads((tmp_path / "two" / "result.json").read_text())

@@ -1,0 +1,96 @@
+"""The GPU path: AMP steps, channels_last, a one-process NCCL group, split serving on CUDA and
+ONNX parity with the CUDA provider. Marked ``gpu``: ``bench/gpu_check.sh`` runs them on a
+machine with CUDA; without it each skips, saying why. Everything else in the suite is CPU-only."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hnd.config import resolve_config
+from hnd.synth import write_synthetic_dataset
+from hnd.training import fit, read_metrics
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the GPU path is not tested")]
+
+STUDENT = "resnet18@layer2-3ch"
+TINY = ["input_size=64", "batch_size=8", "eval_batch_size=16", "num_workers=2", "holdout_per_class=2",
+        "milestones=[1]", "pretrained=false", "device=cuda"]
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    return Path(write_synthetic_dataset(tmp_path_factory.mktemp("data") / "synth", classes=4, train_per_class=16,
+                                        val_per_class=4, image_size=64, seed=0)["root"])
+
+
+@pytest.mark.parametrize("amp, channels_last", [("bf16", False), ("fp16", False), ("none", True), ("bf16", True)])
+def test_training_steps_on_cuda(synth, tmp_path, amp, channels_last):
+    config = resolve_config(STUDENT, "naive", None, [*TINY, "epochs=2", f"amp={amp}",
+                                                     f"channels_last={str(channels_last).lower()}"])
+    result = fit(config, synth, tmp_path / "run", progress=False)
+    lines = read_metrics(tmp_path / "run")
+    assert [m["epoch"] for m in lines] == [1, 2] and all(torch.isfinite(torch.tensor(m["train_loss"])) for m in lines)
+    assert 0 <= result["test"]["top1"] <= 100
+
+
+def test_one_process_nccl_group(synth, tmp_path):
+    """torchrun with one process on the GPU: the NCCL backend starts, trains and tears down."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--standalone",
+                           "-m", "hnd", "train", STUDENT, "--method", "naive", "--data", str(synth), "--out",
+                           str(tmp_path / "ddp"), *TINY, "epochs=1", "--no-progress"],
+                          capture_output=True, text=True, cwd=root, timeout=600,
+                          env={**os.environ, "NCCL_DEBUG": "INFO"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "NCCL" in proc.stdout + proc.stderr  # the group really was NCCL
+    assert (tmp_path / "ddp" / "result.json").is_file()
+
+
+def test_serve_on_cuda_answers_an_edge_client():
+    from hnd.serving import EdgeClient, load_student
+
+    root = Path(__file__).resolve().parents[1]
+    server = subprocess.Popen([sys.executable, "-m", "hnd", "serve", STUDENT, "--random-weights", "--port", "0",
+                               "--device", "cuda"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                              cwd=root)
+    try:
+        line = server.stdout.readline()
+        assert "device cuda" in line, line
+        address = re.search(r" on (\S+:\d+) ", line).group(1)
+        model = load_student(STUDENT, pretrained=False, random_seed=0)
+        x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+        with EdgeClient(STUDENT, model, address, "fp32") as client:
+            got = client.classify(x)["topk"][0]["index"]
+        with torch.no_grad():
+            want = int(model(x).argmax())
+        assert got == want
+    finally:
+        server.terminate()
+        assert server.wait(timeout=60) == 0
+
+
+def test_onnx_parity_with_the_cuda_provider(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime has no CUDA provider here (the onnxruntime-gpu package provides it)")
+    from hnd.checkpoints import save_checkpoint
+    from hnd.export import export_onnx
+    from hnd.serving import load_student
+
+    model = load_student(STUDENT, pretrained=False, random_seed=0).eval()
+    save_checkpoint(tmp_path / "student.pt", STUDENT, model)
+    path = export_onnx(STUDENT, "encoder", tmp_path / "encoder.onnx", checkpoint=str(tmp_path / "student.pt"))
+    x = torch.randn(2, 3, 224, 224)
+    session = ort.InferenceSession(str(path), providers=["CUDAExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        want = model.encode(x).numpy()
+    assert abs(got - want).max() < 1e-3
