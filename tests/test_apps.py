@@ -71,7 +71,7 @@ def test_explorer_live_in_a_browser(tmp_path):
             splits = page.evaluate("[...document.querySelectorAll('.hnd-split option')].map(o => o.value)")
             assert splits == list(expected.split.options) and splits[0] == BEST_SPLIT
 
-            page.evaluate(f"window.hnd.text('hnd-profile-file', {js(str(bad))})")
+            page.evaluate(f"window.hnd.text('hnd-profile-file', {js(bad.name)})")  # relative: where it started
             message = page.wait_for("document.querySelector('.hnd-message').innerText", timeout=30)
             assert message.count("\n") == 0 and "measured.yaml is not valid YAML" in message, message
 

@@ -23,6 +23,7 @@ EXPLORER_NOTEBOOK = Path(__file__).with_name("explorer.ipynb")
 TEMPLATES = Path(__file__).with_name("app_data")  # a Jupyter data folder: voila/templates/hnd-explorer
 TEMPLATE = "hnd-explorer"  # Voila's lab template, offline
 RUNS_ENV = "HND_EXPLORE_RUNS"  # the runs folder the explorer's kernel reads accuracies from
+CWD_ENV = "HND_EXPLORE_CWD"  # where hnd explore started: relative profile paths typed in the app mean it
 HOST = "127.0.0.1"
 START_TIMEOUT = 120.0  # seconds for the server to answer on its port
 STOP_TIMEOUT = 30.0  # seconds for it to shut down before it is killed
@@ -48,7 +49,8 @@ def explorer_command(port: int, runs: str | os.PathLike | None) -> tuple[list[st
     """The Voilà command line and environment that serve the explorer on ``port``."""
     _need("voila", "hnd explore")
     data_path = os.pathsep.join(p for p in (str(TEMPLATES), os.environ.get("JUPYTER_PATH", "")) if p)
-    env = {**os.environ, RUNS_ENV: str(Path(runs).resolve()) if runs else "", "JUPYTER_PATH": data_path}
+    env = {**os.environ, RUNS_ENV: str(Path(runs).resolve()) if runs else "", CWD_ENV: os.getcwd(),
+           "JUPYTER_PATH": data_path}
     return [sys.executable, "-m", "voila", str(EXPLORER_NOTEBOOK), "--no-browser", f"--port={port}",
             f"--Voila.ip={HOST}", "--theme=light", f"--template={TEMPLATE}"], env
 
