@@ -253,8 +253,13 @@ def cmd_book_build(args: argparse.Namespace) -> int:
 
 def _default_runs() -> str | None:
     """The cpu book's runs when ``./run.sh book`` has made them here, else none."""
-    runs = os.path.join("runs", "book", "cpu")
-    return runs if os.path.isfile(os.path.join(runs, "grid.json")) else None
+    from pathlib import Path
+
+    from hnd.book.grid import default_runs
+    from hnd.book.results import GRID_FILE
+
+    runs = default_runs(Path("."), "cpu")
+    return str(runs) if (runs / GRID_FILE).is_file() else None
 
 
 def cmd_explore(args: argparse.Namespace) -> int:

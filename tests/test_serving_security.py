@@ -23,19 +23,11 @@ from hnd.cli import main
 from hnd.errors import HndError
 from hnd.protocol import (BUSY, UNAUTHORIZED, FrameError, ServerError, decode_response, encode_error,
                           encode_hello, encode_request, hello_token, read_frame)
-from hnd.registry import build_student
 from hnd.serving import EdgeClient, parse_address
 from hnd.tls import client_context, make_self_signed
+from test_serving import NAME, SHAPE, model  # noqa: F401 - the served student, a module fixture
 
-NAME = "resnet50_head_mimic-ver2b-3ch"
-SHAPE = (3, 29, 29)
 TOKEN = "edge-device-token-0123456789"
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return build_student(NAME, pretrained=False, num_classes=10)
 
 
 @pytest.fixture(scope="module")
