@@ -7,10 +7,12 @@ measures one worker (one process, one thread) turning JPEG files into augmented,
 [3, S, S] tensors with the training transform of the original (warp to S, resize, random crop,
 flip):
 
-- ``pil``: Pillow decode + torchvision transforms on PIL images (what ``hnd.data`` does);
-- ``torchvision``: ``torchvision.io.decode_jpeg`` on the CPU + the same transforms on uint8
-  tensors;
-- ``cuda`` (with a GPU): ``decode_jpeg(device="cuda")`` on batches, then the transforms there.
+- ``pil``: Pillow decode + the transforms on PIL images (``hnd.data``'s ``decoder=pil``, the
+  default);
+- ``torchvision``: ``torchvision.io`` decode on the CPU + the same transforms on uint8 tensors
+  (``decoder=torchvision``);
+- ``cuda`` (with a GPU): ``decode_jpeg(device="cuda")`` on batches, then the same transforms
+  there.
 
 The JPEGs are the photographs bundled with scikit-image and matplotlib, resized to ImageNet's
 typical 500x375 and saved at quality 90. Then, unless ``--no-steps``, it times the training
@@ -35,12 +37,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torchvision import io as tvio
-from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/train_step.py
 
 from hnd.book.photographs import reference_photographs  # noqa: E402
-from hnd.data import IMAGENET_MEAN, IMAGENET_STD, input_sizes, load_image, train_transform  # noqa: E402
+from hnd.data import input_sizes, read_image, train_transform  # noqa: E402
 from hnd.distributed import pick_device  # noqa: E402
 from hnd.errors import HndError  # noqa: E402
 
@@ -57,13 +58,6 @@ def write_jpegs(folder: Path, count: int) -> list[Path]:
         path.write_bytes(buffer.getvalue())
         paths.append(path)
     return paths
-
-
-def tensor_transform(size: int, resize: int) -> v2.Compose:
-    """The original's training transform on uint8 tensors [3, H, W] (as ``hnd.data``'s on PIL)."""
-    return v2.Compose([v2.Resize((size, size), antialias=True), v2.Resize(resize, antialias=True),
-                       v2.RandomCrop(size), v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
-                       v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 def per_worker(paths: list[Path], load, rounds: int) -> float:
@@ -94,17 +88,14 @@ def main() -> None:
     except HndError as exc:
         parser.error(str(exc))
     torch.set_num_threads(1)  # one loader worker: one process, one thread
-    pil_transform = train_transform(args.model, "original")
-    cpu_transform = tensor_transform(size, resize)
     rates: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_jpegs(Path(tmp), args.images)
-        rates["pil"] = per_worker(paths, lambda p: pil_transform(load_image(p)), args.rounds)
-        rates["torchvision"] = per_worker(
-            paths, lambda p: cpu_transform(tvio.decode_jpeg(tvio.read_file(str(p)), mode=tvio.ImageReadMode.RGB)),
-            args.rounds)
+        for decoder in ("pil", "torchvision"):  # hnd.data's two decoders, as a loader worker runs them
+            transform = train_transform(args.model, "original", decoder=decoder)
+            rates[decoder] = per_worker(paths, lambda p: transform(read_image(p, decoder)), args.rounds)
         if device.type == "cuda":
-            gpu_transform = tensor_transform(size, resize)  # runs where its input is
+            gpu_transform = train_transform(args.model, "original", decoder="torchvision")  # runs where its input is
             datas = [tvio.read_file(str(p)) for p in paths]
             for _ in range(2):  # warm up the decoder
                 tvio.decode_jpeg(datas[:8], device=device)

@@ -239,10 +239,39 @@ def cmd_data_imagenet(args: argparse.Namespace) -> None:
 def cmd_book_run(args: argparse.Namespace) -> int:
     from hnd.book.grid import run_grid, summary_table
 
-    summaries = run_grid(args.profile, runs=args.out, only=args.only, jobs=args.jobs, data=args.data,
-                         full=args.full)
+    flags = {"partition": "--partition", "gpus": "--gpus-per-job", "cpus": "--cpus-per-job", "time": "--time",
+             "account": "--account", "mem": "--mem", "sbatch": "--sbatch"}
+    options = {key: getattr(args, flag[2:].replace("-", "_")) for key, flag in flags.items()}
+    options = {key: value for key, value in options.items() if value is not None}
+    if args.executor is None and options:
+        raise HndError(f"{', '.join(flags[k] for k in options)} only apply to jobs; add --executor slurm or "
+                       "--executor local")
+    try:
+        summaries = run_grid(args.profile, runs=args.out, only=args.only, jobs=args.jobs, data=args.data,
+                             full=args.full, executor=args.executor,
+                             job_options=options, poll=args.poll)
+    except KeyboardInterrupt:
+        if args.executor is None:
+            raise
+        print(f"\nhnd book run: stopped following the jobs; they go on. `hnd book status --profile {args.profile}` "
+              "shows them; the same command follows them again", file=sys.stderr)
+        return 130
     print(summary_table(summaries))
     return 1 if any(s["status"] != "done" for s in summaries) else 0
+
+
+def cmd_book_status(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from hnd.book.cluster import grid_status, status_table
+    from hnd.book.grid import default_runs
+
+    rows = grid_status(Path(args.runs) if args.runs else default_runs(Path("."), args.profile))
+    if args.json:
+        _print_json(rows)
+    else:
+        print(status_table(rows))
+    return 1 if any(row["status"] == "failed" for row in rows) else 0
 
 
 def cmd_book_build(args: argparse.Namespace) -> int:
@@ -552,7 +581,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset root (required by the paper profile; default: the profile's)")
     p.add_argument("--out", help="runs folder (default runs/book/PROFILE)")
     p.add_argument("--full", action="store_true", help="allow a full-scale (GPU) profile such as paper")
+    jobs = p.add_argument_group("cluster jobs", "one job per cell through submitit; these override the "
+                                "profile's slurm options")
+    jobs.add_argument("--executor", choices=("local", "slurm"),
+                      help="run each cell as a Slurm job, or as a local submitit job (default: from this command)")
+    jobs.add_argument("--partition", help="Slurm partition")
+    jobs.add_argument("--gpus-per-job", type=int, help="GPUs per cell; more than one trains under torchrun")
+    jobs.add_argument("--cpus-per-job", type=int, help="CPUs per cell (data loading, torch threads)")
+    jobs.add_argument("--time", help="time limit per job: minutes, HH:MM:SS or D-HH:MM:SS (default 1440)")
+    jobs.add_argument("--account", help="Slurm account to charge")
+    jobs.add_argument("--mem", help="memory per job, e.g. 64G")
+    jobs.add_argument("--sbatch", action="append", metavar="FLAG", help="extra sbatch flag, e.g. --sbatch=--qos=high "
+                      "(repeatable)")
+    jobs.add_argument("--poll", type=float, help="seconds between looks at the jobs (default 30 on Slurm, 1 local)")
     p.set_defaults(func=cmd_book_run)
+    p = bsub.add_parser("status", help="each cell's state: planned, queued, running, done or failed (with the "
+                        "log's last line)")
+    p.add_argument("--profile", default="cpu", help="profile whose runs to show (default cpu)")
+    p.add_argument("--runs", help="runs folder (default runs/book/PROFILE)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_book_status)
     p = bsub.add_parser("build", help="render the finished notebooks with Jupyter Book into _build/html")
     p.add_argument("--profile", default="cpu", help="profile whose runs to render (default cpu)")
     p.add_argument("--runs", help="runs folder (default runs/book/PROFILE)")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from hnd.data import input_sizes
+from hnd.data import DECODERS, input_sizes
 from hnd.errors import HndError
 from hnd.registry import ModelSpec, resolve, student_spec
 from hnd.students import check_channels
@@ -60,6 +60,7 @@ class TrainConfig:
     input_size: int | None = None  # None: the teacher's (224, Inception-v3 299)
     resize_size: int | None = None  # None: input_size * 256/224 (Inception-v3: 327/299)
     transforms: str = "original"  # original | torchvision (RandomResizedCrop reference recipe)
+    decoder: str = "pil"  # pil | torchvision (torchvision.io's decoders: more JPEGs/s per loader worker)
     selection: str = "holdout"  # holdout: select on a slice of train, test on val; val: the original
     holdout_per_class: int = 10  # images per class held out of train for model selection
     skip_bad_images: bool = False  # skip unreadable images (reported) instead of failing
@@ -91,6 +92,7 @@ _CHOICES = {
     "method": METHODS,
     "optimizer": ("sgd", "adam"),
     "transforms": ("original", "torchvision"),
+    "decoder": DECODERS,
     "selection": ("holdout", "val"),
     "amp": ("none", "bf16", "fp16"),
 }

@@ -3,9 +3,11 @@
 Datasets are folders in the standard layout ``ROOT/train/<class>/*.JPEG`` and
 ``ROOT/val/<class>/*.JPEG`` (ImageNet prepared by ``hnd data imagenet``, the generated set
 of ``hnd data synth``, or any other). Training transforms are the original's by default
-(original-hnd.md §3.6) or torchvision's reference recipe. Random augmentation is seeded per
-(seed, epoch, image), so a batch is the same whatever the number of workers or processes,
-and an interrupted epoch can be replayed exactly.
+(original-hnd.md §3.6) or torchvision's reference recipe. Images are decoded by Pillow
+(``pil``, the default) or by torchvision.io (``torchvision``: uint8 tensors through the same
+transforms of ``transforms.v2``, more JPEGs per loader worker: ``bench/input_pipeline.py``).
+Random augmentation is seeded per (seed, epoch, image), so a batch is the same whatever the
+number of workers or processes, and an interrupted epoch can be replayed exactly.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
+from torchvision import io as tvio
 from torchvision import transforms
+from torchvision.transforms import v2
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from hnd.errors import HndError
@@ -30,6 +34,7 @@ from hnd.registry import ModelSpec, resolve
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SPLITS = ("train", "val")
+DECODERS = ("pil", "torchvision")  # who turns files into pixels: Pillow, or torchvision.io (uint8 tensors)
 _WNID = re.compile(r"^n\d{8}$")
 _BILINEAR = transforms.InterpolationMode.BILINEAR
 
@@ -43,36 +48,65 @@ def input_sizes(model: str | ModelSpec, input_size: int | None = None,
     return spec.input_size, resize_size or spec.resize_size
 
 
-def _normalize() -> list:
-    return [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+def _ops(decoder: str):
+    """The transforms module for what :func:`read_image` returns: torchvision's classic
+    transforms on PIL images (the default, unchanged), ``transforms.v2`` on uint8 tensors
+    (its uint8 resize is the fast path). Both draw the same random numbers for a crop or flip."""
+    if decoder not in DECODERS:
+        raise HndError(f"unknown decoder {decoder!r}; valid: {', '.join(DECODERS)}")
+    return transforms if decoder == "pil" else v2
+
+
+def _normalize(decoder: str) -> list:
+    """Pixels -> normalized float [3, H, W]."""
+    ops = _ops(decoder)
+    to_float = transforms.ToTensor() if decoder == "pil" else v2.ToDtype(torch.float32, scale=True)
+    return [to_float, ops.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
 
 
 def eval_transform(model: str | ModelSpec, input_size: int | None = None,
-                   resize_size: int | None = None) -> transforms.Compose:
+                   resize_size: int | None = None, decoder: str = "pil") -> transforms.Compose:
     """The evaluation transform for ``model``: shorter side to the resize side (256, 327 for
     Inception-v3; the original's, bilinear; torchvision's sizes and interpolation for other
-    teachers), centre crop to the input side, ImageNet mean/std normalization."""
+    teachers), centre crop to the input side, ImageNet mean/std normalization. ``decoder``:
+    what :func:`read_image` hands it (the geometry is the same for both)."""
     spec = resolve(model)
     size, resize = input_sizes(spec, input_size, resize_size)
     interpolation = transforms.InterpolationMode(spec.teacher.interpolation)
-    return transforms.Compose([transforms.Resize(resize, interpolation=interpolation),
-                               transforms.CenterCrop(size), *_normalize()])
+    ops = _ops(decoder)
+    return ops.Compose([ops.Resize(resize, interpolation=interpolation), ops.CenterCrop(size),
+                        *_normalize(decoder)])
 
 
 def train_transform(model: str | ModelSpec, kind: str = "original", input_size: int | None = None,
-                    resize_size: int | None = None) -> transforms.Compose:
+                    resize_size: int | None = None, decoder: str = "pil") -> transforms.Compose:
     """Training augmentation. ``original``: warp the image to the input size, resize to the
     resize side, random crop, horizontal flip (what the original did). ``torchvision``: the
     reference recipe, RandomResizedCrop + flip."""
     size, resize = input_sizes(model, input_size, resize_size)
+    ops = _ops(decoder)
     if kind == "original":
-        steps = [transforms.Resize((size, size), interpolation=_BILINEAR),
-                 transforms.Resize(resize, interpolation=_BILINEAR), transforms.RandomCrop(size)]
+        steps = [ops.Resize((size, size), interpolation=_BILINEAR), ops.Resize(resize, interpolation=_BILINEAR),
+                 ops.RandomCrop(size)]
     elif kind == "torchvision":
-        steps = [transforms.RandomResizedCrop(size, interpolation=_BILINEAR)]
+        steps = [ops.RandomResizedCrop(size, interpolation=_BILINEAR)]
     else:
         raise HndError(f"unknown transforms {kind!r}; valid: original, torchvision")
-    return transforms.Compose([*steps, transforms.RandomHorizontalFlip(), *_normalize()])
+    return ops.Compose([*steps, ops.RandomHorizontalFlip(), *_normalize(decoder)])
+
+
+def read_image(path: str | os.PathLike, decoder: str = "pil") -> Image.Image | torch.Tensor:
+    """An image file's RGB pixels: a PIL image (``pil``) or a uint8 tensor [3, H, W] decoded by
+    torchvision.io (``torchvision``; a file it cannot decode, such as a CMYK JPEG, goes
+    through Pillow instead). Missing or unreadable files raise a one-line error."""
+    if decoder == "pil":
+        return load_image(path)
+    if decoder not in DECODERS:
+        raise HndError(f"unknown decoder {decoder!r}; valid: {', '.join(DECODERS)}")
+    try:
+        return tvio.decode_image(tvio.read_file(str(path)), mode=tvio.ImageReadMode.RGB)
+    except (RuntimeError, ValueError):
+        return transforms.functional.pil_to_tensor(load_image(path))
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
@@ -165,9 +199,10 @@ class ImageDataset(Dataset):
     are seeded by (seed, epoch, index): call :meth:`set_epoch` before each epoch."""
 
     def __init__(self, samples: list[tuple[str, int]], transform: Callable, *, augment: bool = False,
-                 seed: int = 0, skip_bad_images: bool = False):
+                 seed: int = 0, skip_bad_images: bool = False, decoder: str = "pil"):
         self.samples = samples
-        self.transform = transform
+        self.transform = transform  # built for the same decoder
+        self.decoder = decoder
         self.augment = augment
         self.seed = seed
         self.epoch = 0
@@ -182,7 +217,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int):
         path, label = self.samples[index]
         try:
-            image = load_image(path)
+            image = read_image(path, self.decoder)
         except HndError as exc:
             if not self.skip_bad_images:
                 raise HndError(f"{exc}; pass skip_bad_images=true to skip such files") from None

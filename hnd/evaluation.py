@@ -114,7 +114,8 @@ def evaluate_checkpoint(name: str | ModelSpec | None, method: str, checkpoint: s
     if classes != len(layout.classes):
         raise HndError(f"{checkpoint} classifies {classes} classes but {layout.root}/val has {len(layout.classes)}")
     dev = pick_device(device)
-    dataset = ImageDataset(layout.samples["val"], eval_transform(config.spec, config.input_size, config.resize_size))
+    dataset = ImageDataset(layout.samples["val"], eval_transform(config.spec, config.input_size, config.resize_size,
+                                                                 config.decoder), decoder=config.decoder)
     loader = eval_loader(dataset, batch_size, num_workers, pin_memory=dev.type == "cuda")
     result = {"model": config.model, "method": method, "checkpoint": str(checkpoint), "format": ckpt.format,
               "data": str(layout.root / "val"), "student": None, "teacher": None}
@@ -131,7 +132,8 @@ def evaluate_teacher(config: TrainConfig, data: str | os.PathLike, *, batch_size
     A finished run has tested itself (``result.json``), so this is all its record still needs."""
     layout = check_layout(data, splits=("val",))
     dev = pick_device(device)
-    dataset = ImageDataset(layout.samples["val"], eval_transform(config.spec, config.input_size, config.resize_size))
+    dataset = ImageDataset(layout.samples["val"], eval_transform(config.spec, config.input_size, config.resize_size,
+                                                                 config.decoder), decoder=config.decoder)
     loader = eval_loader(dataset, batch_size, num_workers, pin_memory=dev.type == "cuda")
     return _teacher_accuracy(config, len(layout.classes), loader, dev, progress)
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,22 +167,44 @@ def _prepare_run_folder(out: Path, config: TrainConfig, resume: bool, dist: Dist
 
 
 def train_or_resume(config: TrainConfig, data: str | os.PathLike, out: str | os.PathLike, *,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, processes: int = 1) -> dict:
     """Make ``out`` hold the finished run of ``config``: start it, continue it from ``last.pt``
     after an interruption, or return the saved result if it is done. A run of another config
-    in ``out`` is an error, never overwritten."""
+    in ``out`` is an error, never overwritten. ``processes`` > 1 trains under torchrun on this
+    machine (one process per GPU; gloo on CPU), e.g. a grid cell given several GPUs."""
     out = Path(out)
-    if not (out / "last.pt").is_file():
-        return fit(config, data, out, progress=progress)
-    saved = _last_checkpoint(out)["config"]  # written by TrainConfig.to_dict
-    changed = [k for k, v in config.to_dict().items() if saved.get(k) != v and k not in RESUMABLE_CHANGES]
-    if changed:
-        raise HndError(f"{out} holds a run with other settings ({', '.join(changed)}); delete it or choose "
-                       f"another folder")
-    result_file = out / "result.json"
-    if result_file.is_file() and saved["epochs"] == config.epochs:
-        return json.loads(result_file.read_text())
-    return fit(config, data, out, resume=True, progress=progress)
+    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+        raise HndError(f"processes must be a positive integer, got {processes!r}")
+    resume = (out / "last.pt").is_file()
+    if resume:
+        saved = _last_checkpoint(out)["config"]  # written by TrainConfig.to_dict
+        changed = [k for k, v in config.to_dict().items() if saved.get(k) != v and k not in RESUMABLE_CHANGES]
+        if changed:
+            raise HndError(f"{out} holds a run with other settings ({', '.join(changed)}); delete it or choose "
+                           f"another folder")
+        result_file = out / "result.json"
+        if result_file.is_file() and saved["epochs"] == config.epochs:
+            return json.loads(result_file.read_text())
+    if processes == 1:
+        return fit(config, data, out, resume=resume, progress=progress)
+    return _torchrun(config, data, out, resume, processes)
+
+
+def _torchrun(config: TrainConfig, data: str | os.PathLike, out: Path, resume: bool, processes: int) -> dict:
+    """Run ``hnd train`` under ``torchrun --standalone`` with ``processes`` workers; its result."""
+    out.mkdir(parents=True, exist_ok=True)
+    launch = out / "launch.yaml"  # the whole config: the workers resolve exactly this one
+    write_text(launch, dump_config(config))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
+               "-m", "hnd", "train", str(config.model_spec), "--method", config.method, "--config", str(launch),
+               "--data", str(data), "--out", str(out), "--no-progress"] + (["--resume"] if resume else [])
+    done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
+        errors = [line for line in lines if line.startswith("hnd: error:")]
+        raise HndError(f"training under torchrun ({processes} processes) failed: "
+                       f"{(errors or lines or [f'exit code {done.returncode}'])[-1]}")
+    return json.loads((out / "result.json").read_text())
 
 
 def fit(config: TrainConfig, data: str | os.PathLike, out: str | os.PathLike, *, resume: bool = False,
@@ -235,16 +259,17 @@ def _fit(config: TrainConfig, data: Path, out: Path, resume: bool, progress: boo
     forward = _wrap(task, dist, device)
     workers = default_workers(config.num_workers)
     train_set = ImageDataset(train_samples, train_transform(config.spec, config.transforms, config.input_size,
-                                                            config.resize_size),
-                             augment=True, seed=config.seed, skip_bad_images=config.skip_bad_images)
+                                                            config.resize_size, config.decoder),
+                             augment=True, seed=config.seed, skip_bad_images=config.skip_bad_images,
+                             decoder=config.decoder)
     sampler = DistributedSampler(train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
                                  seed=config.seed)
     pin = device.type == "cuda"
     train_loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler, num_workers=workers,
                               collate_fn=collate, pin_memory=pin)
-    evaluation = eval_transform(config.spec, config.input_size, config.resize_size)
-    select_loader = eval_loader(ImageDataset(select_samples, evaluation, skip_bad_images=config.skip_bad_images),
-                                config.eval_batch_size, workers, dist, pin)
+    evaluation = eval_transform(config.spec, config.input_size, config.resize_size, config.decoder)
+    select_loader = eval_loader(ImageDataset(select_samples, evaluation, skip_bad_images=config.skip_bad_images,
+                                             decoder=config.decoder), config.eval_batch_size, workers, dist, pin)
     amp_dtype = AMP_DTYPES[config.amp]
     loop = _Loop(task, forward, optimizer, scaler, device, dist, amp_dtype, config.channels_last,
                  progress and dist.main)
@@ -304,8 +329,8 @@ def _final_test(config, task, layout, out, dist, device, loop, evaluation, worke
     """Evaluate the best checkpoint on val (the test set) and write ``result.json``."""
     best = read_file(out / "best.pt")
     task.model.load_state_dict(best["state_dict"])
-    test_loader = eval_loader(ImageDataset(layout.samples["val"], evaluation, skip_bad_images=config.skip_bad_images),
-                              config.eval_batch_size, workers, dist, pin)
+    test_loader = eval_loader(ImageDataset(layout.samples["val"], evaluation, skip_bad_images=config.skip_bad_images,
+                                           decoder=config.decoder), config.eval_batch_size, workers, dist, pin)
     test: Accuracy = evaluate(task.model, test_loader, device, amp_dtype=loop.amp_dtype,
                               channels_last=config.channels_last, progress=loop.progress, desc="test")
     result = {"model": config.model, "method": config.method, "epochs": config.epochs,

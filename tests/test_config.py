@@ -95,6 +95,7 @@ def test_wrong_type(pair, key):
 
 @pytest.mark.parametrize("key, bad, valid", [("optimizer", "rmsprop", ["sgd", "adam"]),
                                              ("transforms", "autoaugment", ["original", "torchvision"]),
+                                             ("decoder", "turbojpeg", ["pil", "torchvision"]),
                                              ("selection", "test", ["holdout", "val"]),
                                              ("amp", "fp8", ["none", "bf16", "fp16"])])
 def test_bad_choice_names_the_valid_ones(key, bad, valid):

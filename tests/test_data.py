@@ -6,13 +6,15 @@ import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
 from hnd.data import (ImageDataset, ShardSampler, check_layout, collate, eval_transform, holdout_split,
-                      input_sizes, prepare_imagenet, train_transform)
+                      input_sizes, prepare_imagenet, read_image, train_transform)
+from hnd.book.photographs import reference_photographs
 
 from conftest import PAPER_TEACHERS, error
 
@@ -216,6 +218,55 @@ def test_unreadable_image(images, tmp_path):
     assert collate([None, None]) is None
     x, y = next(iter(DataLoader(lenient, batch_size=3, collate_fn=collate)))
     assert x.shape[0] == 2
+
+
+LEVEL = 1 / 255 / min(0.229, 0.224, 0.225)  # one grey level, normalized
+
+
+@pytest.fixture(scope="module")
+def jpegs(tmp_path_factory) -> list[Path]:
+    """Photographs as ImageNet-sized JPEGs (quality 90), one saved as CMYK, one as PNG."""
+    folder = tmp_path_factory.mktemp("jpegs")
+    paths = []
+    for i, (name, photo) in enumerate(list(reference_photographs().items())[:4]):
+        image = photo.convert("RGB").resize((500, 375), Image.BILINEAR)
+        path = folder / (f"{name}.png" if i == 3 else f"{name}.JPEG")
+        (image.convert("CMYK") if i == 2 else image).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.parametrize("model", ["densenet169", "inception_v3", "resnet50"])
+def test_both_decoders_give_the_same_tensors(jpegs, model):
+    """decoder=torchvision (torchvision.io, uint8 tensors) against Pillow: the same pixels up to
+    JPEG decoder differences, then the same geometry and random draws: within a few grey levels."""
+    for path in jpegs:
+        pil, tensor = read_image(path, "pil"), read_image(path, "torchvision")
+        assert isinstance(tensor, torch.Tensor) and tensor.dtype == torch.uint8
+        pixels = torch.from_numpy(np.array(pil)).permute(2, 0, 1)
+        assert tensor.shape == pixels.shape == (3, 375, 500), path.name
+        assert (tensor.int() - pixels.int()).abs().max() <= 2, path.name
+        a, b = eval_transform(model)(pil), eval_transform(model, decoder="torchvision")(tensor)
+        assert a.shape == b.shape and (a - b).abs().max() <= 3 * LEVEL and (a - b).abs().mean() <= 0.5 * LEVEL
+        for kind in ("original", "torchvision"):  # the same crop and flip from the same seed
+            torch.manual_seed(7)
+            a = train_transform(model, kind)(pil)
+            torch.manual_seed(7)
+            b = train_transform(model, kind, decoder="torchvision")(tensor)
+            assert (a - b).abs().max() <= 3 * LEVEL and (a - b).abs().mean() <= 0.5 * LEVEL, (path.name, kind)
+    # Through the dataset, as training reads them; mistakes are one line.
+    samples = [(str(p), 0) for p in jpegs]
+    dataset = ImageDataset(samples, eval_transform(model, decoder="torchvision"), decoder="torchvision")
+    assert torch.stack([x for x, _ in dataset]).shape[0] == len(jpegs)
+    assert "unknown decoder 'turbo'; valid: pil, torchvision" in error(read_image, jpegs[0], "turbo")
+    assert "unknown decoder 'turbo'" in error(eval_transform, model, decoder="turbo")
+
+
+def test_torchvision_decoder_errors_are_one_line(tmp_path):
+    bad = tmp_path / "broken.JPEG"
+    bad.write_bytes(b"\xff\xd8 not really a JPEG" * 10)
+    assert str(bad) in error(read_image, bad, "torchvision")
+    assert "image not found" in error(read_image, tmp_path / "gone.JPEG", "torchvision")
 
 
 def test_missing_image(tmp_path):

@@ -8,7 +8,8 @@ step ``jobs`` at a time; a step with ``wait: false`` does not need the steps bef
 starts with them), each with papermill into ``<runs>/<notebook>/<cell>/``: the executed
 notebook, ``parameters.yaml``, ``log.txt`` and ``results.json``. Finished cells are skipped,
 so an interrupted grid continues where it stopped; a failing cell is recorded and the others
-go on. :mod:`hnd.book.build` renders the finished notebooks.
+go on. With an executor (``local`` or ``slurm``) each cell runs as a job instead
+(:mod:`hnd.book.cluster`). :mod:`hnd.book.build` renders the finished notebooks.
 
 papermill is imported only here, never by ``import hnd``.
 """
@@ -38,10 +39,12 @@ from hnd.errors import HndError
 
 NOTEBOOKS_DIR = "notebooks"
 PROFILES_DIR = "notebooks/profiles"
+JOB_FILE = "job.json"  # a cell's cluster job (hnd.book.cluster); a new run of the cell supersedes it
 # Parameters the runner sets when a notebook declares them and the profile leaves them out.
-RUNNER_PARAMETERS = ("output_dir", "profile", "data")
-_PROFILE_KEYS = {"description", "full_scale", "data", "jobs", "steps"}
-_STEP_KEYS = {"notebook", "name", "grid", "parameters", "wait"}
+# ``processes``: training processes of a cell given several GPUs by a cluster executor.
+RUNNER_PARAMETERS = ("output_dir", "profile", "data", "processes")
+_PROFILE_KEYS = {"description", "full_scale", "data", "jobs", "slurm", "steps"}
+_STEP_KEYS = {"notebook", "name", "grid", "parameters", "wait", "slurm"}
 _TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "list": (list,),
           "dict": (dict,)}
 
@@ -55,6 +58,7 @@ class Profile:
     data: dict  # {"synth": {...}} (generated into <runs>/data), {"imagenet": true} (--data) or {}
     steps: list[dict]
     jobs: int = 1  # cells run at once when `--jobs` is not given
+    slurm: dict = field(default_factory=dict)  # job options of every cell (hnd.book.cluster.JOB_OPTIONS)
 
 
 @dataclass
@@ -65,6 +69,7 @@ class Cell:
     label: str  # for people: "method=hnd, channels=3"
     parameters: dict = field(default_factory=dict)
     phase: int = 0  # cells of one phase run together; a phase starts when the one before has finished
+    slurm: dict = field(default_factory=dict)  # the step's job options over the profile's
 
 
 def profile_names(root: str | os.PathLike = ".") -> list[str]:
@@ -107,8 +112,13 @@ def load_profile(name: str, root: str | os.PathLike = ".") -> Profile:
             raise HndError(f"{path}: step {i}: parameters must be a mapping")
         if not isinstance(step.get("wait", True), bool):
             raise HndError(f"{path}: step {i}: wait must be true or false, got {step['wait']!r}")
+    from hnd.book.cluster import check_job_options
+
+    check_job_options(doc.get("slurm") or {}, f"{path}: slurm")
+    for i, step in enumerate(doc["steps"], 1):
+        check_job_options(step.get("slurm") or {}, f"{path}: step {i}: slurm")
     return Profile(name, path, str(doc.get("description", "")).strip(), bool(doc.get("full_scale", False)), data,
-                   doc["steps"], jobs)
+                   doc["steps"], jobs, doc.get("slurm") or {})
 
 
 def _fill(value: object, places: dict[str, str], where: str) -> object:
@@ -157,7 +167,8 @@ def plan_cells(profile: Profile, runs: Path, data: Path | None, cwd: Path | None
             where = f"profile {profile.name}, cell {cell_id}"
             parameters = _fill({**(step.get("parameters") or {}), **combo}, places, where)
             label = ", ".join(f"{k}={v}" for k, v in combo.items()) or step.get("name") or step["notebook"]
-            cells.append(Cell(cell_id, step["notebook"], number, label, parameters, phase))
+            cells.append(Cell(cell_id, step["notebook"], number, label, parameters, phase,
+                              {**profile.slurm, **(step.get("slurm") or {})}))
     return cells
 
 
@@ -296,8 +307,74 @@ def _log_tail(path: Path, lines: int = 3) -> str:
     return " | ".join(text[-lines:])
 
 
+@dataclass
+class CellRun:
+    """One cell's papermill run as a picklable value: executed by this process, or shipped to a
+    cluster job (:mod:`hnd.book.cluster`) that may run on another machine."""
+
+    cell: str  # the cell's id
+    folder: str  # <runs>/<cell id>
+    root: str  # the project: papermill starts there
+    command: list[str]
+    record: dict  # results.json as the run starts
+
+    def __post_init__(self) -> None:
+        self._process: subprocess.Popen | None = None
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_process"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _process=None)
+
+    def execute(self, env: dict | None = None) -> dict:
+        """Run the notebook (``env`` over this environment); results.json says running, then
+        done or failed. Returns the final record."""
+        folder = Path(self.folder)
+        record = {**self.record, "status": "running", "started": _now()}
+        write_json(folder / RESULTS_FILE, record)
+        start = time.perf_counter()
+        with open(folder / "log.txt", "a") as log_file:  # a resumed cell's earlier attempts stay
+            log_file.write(f"--- {_now()}: {record.get('job', {}).get('id', 'run')} on {platform.node()}\n")
+            log_file.flush()
+            self._process = subprocess.Popen(self.command, cwd=self.root, env={**os.environ, **(env or {})},
+                                             stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            rc = self._process.wait()
+        seconds = round(time.perf_counter() - start, 1)
+        metrics_file = folder / METRICS_FILE
+        metrics = read_json(metrics_file) if metrics_file.is_file() else {}
+        error = None
+        if rc != 0:
+            error = _notebook_error(folder / "notebook.ipynb") or _log_tail(folder / "log.txt") or f"exit code {rc}"
+        record.update(status="done" if rc == 0 else "failed", finished=_now(), seconds=seconds, metrics=metrics,
+                      error=error)
+        write_json(folder / RESULTS_FILE, record)
+        return record
+
+    def stop(self) -> None:
+        """End papermill and its kernel (which runs in a session of its own), e.g. before a
+        cluster job is requeued: the requeued run resumes from the cell's checkpoints."""
+        import psutil
+
+        if self._process is None or self._process.poll() is not None:
+            return
+        try:
+            tree = [psutil.Process(self._process.pid)]
+            tree += tree[0].children(recursive=True)
+        except psutil.NoSuchProcess:
+            return
+        for process in tree:
+            try:
+                process.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(tree, timeout=10)
+        for process in alive:
+            process.kill()
+
+
 class _Runner:
-    """Runs cells and keeps ``grid.json`` current (threads share it under a lock)."""
+    """Prepares and runs cells and keeps ``grid.json`` current (threads share it under a lock)."""
 
     def __init__(self, profile: Profile, root: Path, runs: Path, cells: list[Cell], data: Path | None,
                  jobs: int, log):
@@ -328,6 +405,11 @@ class _Runner:
         return bool(saved and saved.get("status") == "done" and saved.get("parameters") == cell.parameters
                     and (self.runs / cell.id / "notebook.ipynb").is_file())
 
+    def set_status(self, cell_id: str, status: str, seconds: float | None = None, error: str | None = None) -> None:
+        with self.lock:
+            self.status[cell_id] = {"status": status, "seconds": seconds, "error": error}
+        self.write_grid()
+
     def write_grid(self) -> None:
         with self.lock:
             cells = [{"id": c.id, "notebook": c.notebook, "label": c.label, "step": c.step, **self.status[c.id]}
@@ -336,60 +418,51 @@ class _Runner:
                                                "data": str(self.data) if self.data else None, "updated": _now(),
                                                **self.environment, "cells": cells})
 
-    def run(self, cell: Cell, declared: dict, position: str, parallel: int = 1) -> dict:
-        """Run one cell; ``parallel`` cells of its step run at once (they share the cores)."""
+    def prepare(self, cell: Cell, declared: dict, processes: int = 1) -> CellRun:
+        """Write the cell's parameters and a queued results.json; the run to execute."""
         folder = self.runs / cell.id
         folder.mkdir(parents=True, exist_ok=True)
         parameters = dict(cell.parameters)
         notebook = notebook_path(self.root, cell.notebook)
         cwd = notebook.parent  # papermill runs the notebook there (--cwd)
         defaults = {"output_dir": _path(folder, cwd), "profile": self.profile.name,
-                    "data": _path(self.data, cwd) if self.data else None}
+                    "data": _path(self.data, cwd) if self.data else None,
+                    "processes": processes if processes > 1 else None}
         for name in RUNNER_PARAMETERS:
             if name in declared and name not in parameters and defaults[name] is not None:
                 parameters[name] = defaults[name]
         (folder / METRICS_FILE).unlink(missing_ok=True)
+        (folder / JOB_FILE).unlink(missing_ok=True)
         write_json(folder / "parameters.json", parameters)
         (folder / "parameters.yaml").write_text(yaml.safe_dump(parameters, sort_keys=False))
         command = [sys.executable, "-m", "papermill", str(notebook), str(folder / "notebook.ipynb"),
                    "-f", str(folder / "parameters.yaml"), "-k", "python3", "--cwd", str(cwd),
                    "--no-progress-bar"]
         record = {"profile": self.profile.name, "cell": cell.id, "notebook": cell.notebook, "label": cell.label,
-                  "step": cell.step, "parameters": cell.parameters, "injected": parameters, "status": "running",
-                  "started": _now(), "command": " ".join(command[1:]).replace(str(self.root) + os.sep, ""),
-                  **self.environment}
+                  "step": cell.step, "parameters": cell.parameters, "injected": parameters, "status": "queued",
+                  "command": " ".join(command[1:]).replace(str(self.root) + os.sep, ""), **self.environment}
         write_json(folder / RESULTS_FILE, record)
-        with self.lock:
-            self.status[cell.id] = {"status": "running", "seconds": None, "error": None}
-        self.write_grid()
+        return CellRun(cell.id, str(folder), str(self.root), command, record)
+
+    def run(self, cell: Cell, declared: dict, position: str, parallel: int = 1) -> dict:
+        """Run one cell here; ``parallel`` cells of its step run at once (they share the cores)."""
+        cell_run = self.prepare(cell, declared)
+        self.set_status(cell.id, "running")
         self.log(f"{position} {cell.id}: running")
         slot = self.slots.get()
-        env = dict(os.environ)
+        env = {}
         if parallel > 1:  # share the cores between parallel kernels, one GPU each if there are enough
             threads = str(max(1, (os.cpu_count() or 1) // parallel))
             env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
             if len(self.gpus) >= parallel:
                 env["CUDA_VISIBLE_DEVICES"] = self.gpus[slot]
-        start = time.perf_counter()
         try:
-            with open(folder / "log.txt", "w") as log_file:
-                rc = subprocess.run(command, cwd=self.root, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL).returncode
+            record = cell_run.execute(env)
         finally:
             self.slots.put(slot)
-        seconds = round(time.perf_counter() - start, 1)
-        metrics_file = folder / METRICS_FILE
-        metrics = read_json(metrics_file) if metrics_file.is_file() else {}
-        error = None
-        if rc != 0:
-            error = _notebook_error(folder / "notebook.ipynb") or _log_tail(folder / "log.txt") or f"exit code {rc}"
-        record.update(status="done" if rc == 0 else "failed", finished=_now(), seconds=seconds, metrics=metrics,
-                      error=error)
-        write_json(folder / RESULTS_FILE, record)
-        with self.lock:
-            self.status[cell.id] = {"status": record["status"], "seconds": seconds, "error": error}
-        self.write_grid()
-        self.log(f"{position} {cell.id}: {record['status']} in {seconds:.1f} s" + (f" ({error})" if error else ""))
+        self.set_status(cell.id, record["status"], record["seconds"], record["error"])
+        self.log(f"{position} {cell.id}: {record['status']} in {record['seconds']:.1f} s"
+                 + (f" ({record['error']})" if record["error"] else ""))
         return record
 
 
@@ -419,49 +492,68 @@ def default_runs(root: Path, profile: str) -> Path:
     return root / "runs" / "book" / profile
 
 
+def _summary(cell_id: str, record: dict, skipped: bool) -> dict:
+    return {"id": cell_id, "status": record.get("status"), "seconds": record.get("seconds"),
+            "error": record.get("error"), "metrics": record.get("metrics") or {}, "skipped": skipped}
+
+
 def run_grid(profile_name: str, *, root: str | os.PathLike = ".", runs: str | os.PathLike | None = None,
              only: str | None = None, jobs: int | None = None, data: str | os.PathLike | None = None,
-             full: bool = False, log=print) -> list[dict]:
+             full: bool = False, executor: str | None = None, job_options: dict | None = None,
+             poll: float | None = None, log=print) -> list[dict]:
     """Run the cells of a profile (see the module docstring); returns one summary per selected
-    cell (id, status, seconds, error, metrics). ``jobs``: cells at once (default: the profile's)."""
+    cell (id, status, seconds, error, metrics). ``jobs``: cells at once (default: the profile's;
+    with the slurm executor, no limit). ``executor``: ``local`` or ``slurm`` runs each cell as
+    a job through submitit (:mod:`hnd.book.cluster`, with ``job_options`` over the profile's
+    and ``poll`` seconds between looks at the jobs); None runs the cells from this process."""
     root = Path(root).resolve()
     profile = load_profile(profile_name, root)
-    jobs = profile.jobs if jobs is None else jobs
-    if jobs < 1:
-        raise HndError(f"--jobs must be at least 1, got {jobs}")
+    if executor == "slurm":
+        cap = jobs  # Slurm queues the rest
+    else:
+        cap = jobs = profile.jobs if jobs is None else jobs
+    if cap is not None and cap < 1:
+        raise HndError(f"--jobs must be at least 1, got {cap}")
     if profile.full_scale and not full:
         raise HndError(f"profile {profile.name} is full scale ({profile.description.splitlines()[0]}); "
                        "add --full to start it")
+    job_runner_class = None
+    if executor is not None:
+        from hnd.book.cluster import JobOptions, JobRunner, check_executor
+
+        check_executor(executor)
+        JobOptions.from_layers(profile.slurm, job_options or {}, where="job options")  # checked before anything runs
+        job_runner_class = JobRunner
     runs = Path(runs).resolve() if runs else default_runs(root, profile.name)
     placeholder = (Path(data).resolve() if data else (runs / "data" if "synth" in profile.data else None))
     cells = plan_cells(profile, runs, placeholder, cwd=root / NOTEBOOKS_DIR)
     chosen = select_cells(cells, only)
     declared = check_cells(cells, root)  # every cell, so a typo anywhere stops the run before it starts
     data_root = _prepare_data(profile, runs, data, log)
-    runner = _Runner(profile, root, runs, cells, data_root, jobs, log)
-    total, done_before = len(chosen), 0
+    runner = _Runner(profile, root, runs, cells, data_root, cap or 1, log)
+    job_runner = job_runner_class(runner, executor, job_options or {}, cap, poll) if job_runner_class else None
+    total = len(chosen)
     summaries: dict[str, dict] = {}
     counter = itertools.count(1)
     for phase in sorted({c.phase for c in chosen}):
         todo = []
         for cell in (c for c in chosen if c.phase == phase):
             if runner.is_done(cell):
-                done_before += 1
-                saved = runner._saved(cell)
                 log(f"[{next(counter)}/{total}] {cell.id}: done before, skipped")
-                summaries[cell.id] = {"id": cell.id, "status": "done", "seconds": saved.get("seconds"),
-                                      "error": None, "metrics": saved.get("metrics", {}), "skipped": True}
+                summaries[cell.id] = _summary(cell.id, runner._saved(cell), skipped=True)
             else:
                 todo.append(cell)
+        positions = {cell.id: f"[{next(counter)}/{total}]" for cell in todo}
+        if job_runner is not None:
+            for cell_id, record in job_runner.run_phase(todo, declared, positions).items():
+                summaries[cell_id] = _summary(cell_id, record, skipped=False)
+            continue
         parallel = min(jobs, len(todo))  # a phase of one cell keeps every core
         with ThreadPoolExecutor(max_workers=jobs) as pool:
-            futures = {cell.id: pool.submit(runner.run, cell, declared[cell.notebook], f"[{next(counter)}/{total}]",
-                                            parallel)
+            futures = {cell.id: pool.submit(runner.run, cell, declared[cell.notebook], positions[cell.id], parallel)
                        for cell in todo}
             for cell_id, future in futures.items():
-                record = future.result()
-                summaries[cell_id] = {"id": cell_id, "status": record["status"], "seconds": record["seconds"],
-                                      "error": record["error"], "metrics": record["metrics"], "skipped": False}
+                summaries[cell_id] = _summary(cell_id, future.result(), skipped=False)
     return [summaries[c.id] for c in chosen]
 
 

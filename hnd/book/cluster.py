@@ -1,0 +1,355 @@
+"""The book's grid as cluster jobs: ``hnd book run --executor slurm|local`` through submitit.
+
+Every cell not finished before becomes one job: a Slurm job, or a process of submitit's local
+executor, which runs the same path on this machine. The job runs the cell's notebook exactly
+as ``hnd book run`` does without an executor (:class:`hnd.book.grid.CellRun`) and writes the
+cell's ``results.json`` itself, so the command that submitted the jobs may stop at any time:
+run it again and it follows the jobs still queued or running (each cell folder's ``job.json``
+names its job), skips finished cells and resubmits failed or killed ones, whose training
+continues from the cell's ``last.pt``. A job that Slurm preempts or that reaches its time
+limit is checkpointed by submitit and requeued (the notebook runs again and resumes the same
+way). A cell given several GPUs trains under torchrun inside its job. :func:`grid_status` is
+``hnd book status``.
+
+Job options come from the profile's ``slurm`` mapping, then the step's, then the command
+line: ``partition``, ``gpus`` and ``cpus`` per job, ``time`` (minutes or Slurm's
+``D-HH:MM:SS``), ``account``, ``mem``, ``sbatch`` (extra flags such as ``--qos=high``),
+``setup`` (shell lines run before the job, e.g. ``module load cuda``) and ``requeues`` (time
+limits a cell may reach before it fails; preemptions do not count).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hnd.book.grid import JOB_FILE, Cell, CellRun, _log_tail, _now, _Runner, machine_facts
+from hnd.book.results import GRID_FILE, RESULTS_FILE, read_json, write_json
+from hnd.errors import HndError
+
+EXECUTORS = ("local", "slurm")
+JOBS_DIR = "jobs"  # submitit's pickles and logs, in each cell's folder
+_KINDS = {"partition": (str,), "gpus": (int,), "cpus": (int,), "time": (int, str), "account": (str,),
+          "mem": (str,), "sbatch": (list,), "setup": (list,), "requeues": (int,)}
+JOB_OPTIONS = tuple(_KINDS)
+# Slurm job states (sacct) of a job that may still run the cell; the first group has not started.
+_WAITING = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "SUSPENDED", "RESV_DEL_HOLD"}
+_ALIVE = _WAITING | {"RUNNING", "COMPLETING", "RESIZING", "STAGE_OUT", "SIGNALING", "UNKNOWN", "READY"}
+
+
+def parse_time(value: int | str, where: str = "time") -> int:
+    """A time limit as Slurm writes it (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS)
+    in whole minutes, rounded up."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        minutes = value
+    else:
+        match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", str(value).strip())
+        if not match:
+            raise HndError(f"{where}: {value!r} is not a time limit; valid: minutes, HH:MM:SS or D-HH:MM:SS")
+        days, parts = match.group(1), [int(p) for p in match.groups()[1:] if p is not None]
+        if days is not None:  # D-HH[:MM[:SS]]
+            parts += [0] * (3 - len(parts))
+            seconds = int(days) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
+        else:  # MM, MM:SS or HH:MM:SS
+            seconds = {1: lambda p: p[0] * 60, 2: lambda p: p[0] * 60 + p[1],
+                       3: lambda p: p[0] * 3600 + p[1] * 60 + p[2]}[len(parts)](parts)
+        minutes = -(-seconds // 60)
+    if minutes < 1:
+        raise HndError(f"{where}: the time limit must be at least a minute, got {value!r}")
+    return minutes
+
+
+def sbatch_flags(flags: list, where: str = "sbatch") -> dict:
+    """``["--qos=high", "--exclusive"]`` as submitit's additional sbatch parameters."""
+    out = {}
+    for flag in flags:
+        match = re.fullmatch(r"-{0,2}([A-Za-z][A-Za-z0-9_-]*)(?:=(.+))?", str(flag).strip())
+        if not isinstance(flag, str) or not match:
+            raise HndError(f"{where}: {flag!r} is not an sbatch flag; write it as --name=value or --name")
+        out[match.group(1).replace("-", "_")] = match.group(2) if match.group(2) is not None else True
+    return out
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """What one cell's job asks the cluster for."""
+
+    partition: str | None = None
+    gpus: int = 0  # per job; more than one: the cell trains under torchrun, one process per GPU
+    cpus: int | None = None  # per job (Slurm's cpus-per-task); also the job's torch threads
+    time: int = 1440  # minutes
+    account: str | None = None
+    mem: str | None = None  # e.g. 64G
+    sbatch: dict = field(default_factory=dict)
+    setup: tuple[str, ...] = ()
+    requeues: int = 3
+
+    @classmethod
+    def from_layers(cls, *layers: dict, where: str = "slurm") -> "JobOptions":
+        """Options from mappings, later ones over earlier ones (profile, step, command line)."""
+        merged = {}
+        for layer in layers:
+            check_job_options(layer, where)
+            merged.update({k: v for k, v in layer.items() if v is not None})
+        if "time" in merged:
+            merged["time"] = parse_time(merged["time"], f"{where}: time")
+        if "sbatch" in merged:
+            merged["sbatch"] = sbatch_flags(merged["sbatch"], f"{where}: sbatch")
+        if "setup" in merged:
+            merged["setup"] = tuple(merged["setup"])
+        return cls(**merged)
+
+
+def check_job_options(doc: dict, where: str) -> None:
+    """Raise a one-line error for an unknown job option or a value of the wrong kind."""
+    if not isinstance(doc, dict):
+        raise HndError(f"{where} must be a mapping of job options ({', '.join(JOB_OPTIONS)})")
+    for key, value in doc.items():
+        if key not in _KINDS:
+            raise HndError(f"{where}: unknown job option {key!r}; valid: {', '.join(JOB_OPTIONS)}")
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, _KINDS[key]):
+            kinds = " or ".join("a number" if k is int else "text" if k is str else "a list" for k in _KINDS[key])
+            raise HndError(f"{where}: {key} must be {kinds}, got {value!r}")
+        if key in ("gpus", "requeues") and value < 0 or key == "cpus" and value < 1:
+            raise HndError(f"{where}: {key} must be at least {1 if key == 'cpus' else 0}, got {value}")
+        if key == "time":
+            parse_time(value, f"{where}: time")
+        if key == "sbatch":
+            sbatch_flags(value, f"{where}: sbatch")
+        if key == "setup" and not all(isinstance(line, str) for line in value):
+            raise HndError(f"{where}: setup must be a list of shell lines")
+
+
+def check_executor(kind: str) -> None:
+    """A one-line error for an unknown executor, or for Slurm on a machine without it."""
+    import shutil
+
+    if kind not in EXECUTORS:
+        raise HndError(f"unknown executor {kind!r}; valid: {', '.join(EXECUTORS)}")
+    missing = [tool for tool in ("sbatch", "srun", "sacct") if kind == "slurm" and shutil.which(tool) is None]
+    if missing:
+        raise HndError(f"--executor slurm needs Slurm's {', '.join(missing)} on PATH; on a machine without Slurm "
+                       "run the grid with --executor local (or without --executor)")
+
+
+def make_executor(kind: str, folder: Path, options: JobOptions, name: str, visible_gpus: list[int] = ()):
+    """A submitit executor for one cell's job (``folder``: its pickles and logs)."""
+    import submitit
+
+    check_executor(kind)
+    if kind == "slurm":
+        executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=options.requeues)
+        parameters = {"job_name": name, "time": options.time, "nodes": 1, "ntasks_per_node": 1,
+                      "signal_delay_s": 120, "stderr_to_stdout": True, "partition": options.partition,
+                      "gpus_per_node": options.gpus or None, "cpus_per_task": options.cpus,
+                      "account": options.account, "mem": options.mem, "setup": list(options.setup) or None,
+                      "additional_parameters": options.sbatch or None}
+    else:
+        executor = submitit.LocalExecutor(folder=folder, max_num_timeout=options.requeues)
+        parameters = {"timeout_min": options.time, "gpus_per_node": options.gpus, "stderr_to_stdout": True,
+                      "signal_delay_s": min(120, options.time * 30), "setup": list(options.setup) or None,
+                      "visible_gpus": list(visible_gpus) or None}
+    executor.update_parameters(**{k: v for k, v in parameters.items() if v is not None})
+    return executor
+
+
+class CellJob:
+    """What a cell's job runs: its notebook, with submitit's checkpoint hook, which stops the
+    notebook and requeues the job when Slurm preempts it or its time limit nears."""
+
+    def __init__(self, run: CellRun, executor: str, threads: int | None = None):
+        self.run, self.executor, self.threads = run, executor, threads
+
+    def __call__(self) -> dict:
+        import submitit
+
+        job = submitit.JobEnvironment()
+        self.run.record["job"] = {"executor": self.executor, "id": job.job_id, "host": job.hostname}
+        self.run.record["hardware"] = machine_facts()  # the machine the job landed on
+        env = {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)} if self.threads else {}
+        return self.run.execute(env)
+
+    def checkpoint(self, *args, **kwargs):
+        import submitit
+
+        self.run.stop()
+        self.run.record.update(requeued=_now(), requeues=self.run.record.get("requeues", 0) + 1)
+        write_json(Path(self.run.folder) / RESULTS_FILE, {**self.run.record, "status": "queued"})
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)  # the record travels with it
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return read_json(path) if path.is_file() else None
+    except HndError:
+        return None
+
+
+def _slurm_message(folder: Path, job: dict) -> str | None:
+    """Slurm's own last word in the job's log (a time limit, a cancellation), if any."""
+    try:
+        lines = (folder / JOBS_DIR / f"{job['id']}_0_log.out").read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    said = [line.strip() for line in lines if "slurmstepd" in line]
+    return said[-1] if said else None
+
+
+def attach(folder: Path, job: dict):
+    """A submitit handle on the Slurm job an earlier command submitted for the cell in
+    ``folder`` (None for a local job: its process is looked up by id)."""
+    import submitit
+
+    return submitit.SlurmJob(folder=folder / JOBS_DIR, job_id=str(job["id"])) if job["executor"] == "slurm" else None
+
+
+def _job_state(folder: Path, job: dict, held=None) -> str | None:
+    """``queued`` or ``running`` while the job may still run the cell, else None (it ended).
+    ``held``: the submitit job object when this process submitted it."""
+    if job.get("executor") == "local":
+        if held is not None:
+            return None if held.done() else "running"
+        import psutil
+
+        try:
+            process = psutil.Process(int(job["id"]))
+            alive = process.status() != psutil.STATUS_ZOMBIE and "submitit" in " ".join(process.cmdline())
+        except (psutil.Error, ValueError):
+            alive = False
+        return "running" if alive else None
+    state = (held or attach(folder, job)).state  # sacct, at most every few minutes for a long job
+    state = str(state).split()[0].upper() if state else "UNKNOWN"
+    if state not in _ALIVE:
+        return None
+    return "queued" if state in _WAITING else "running"
+
+
+def cell_state(folder: Path, held=None) -> dict:
+    """A cell's state from its folder: planned, queued, running, done or failed, with its job
+    and the error (a failed notebook's, or why a job ended without finishing it)."""
+    record, job = _read(folder / RESULTS_FILE), _read(folder / JOB_FILE)
+    job_name = f"{job['executor']} {job['id']}" if job else None
+    if record is None:
+        return {"status": "queued" if job else "planned", "job": job_name, "seconds": None, "error": None}
+    status = record.get("status")
+    if status in ("queued", "running") and job:
+        state = _job_state(folder, job, held)
+        if state is None:
+            record = _read(folder / RESULTS_FILE) or record  # it may have finished since the first read
+            status = record.get("status")
+            if status in ("queued", "running"):
+                last = _slurm_message(folder, job) or _log_tail(folder / "log.txt", 1)
+                return {"status": "failed", "job": job_name, "seconds": None,
+                        "error": f"{job_name} ended before the notebook finished (killed, time limit or node "
+                                 f"failure); log: {last or 'empty'}"}
+        elif status == "running" and state == "queued":
+            status = "queued"  # requeued, waiting for its turn again
+    return {"status": status, "job": job_name, "seconds": record.get("seconds"), "error": record.get("error"),
+            "metrics": record.get("metrics") or {}}
+
+
+class JobRunner:
+    """Submits the cells of each phase as jobs and follows them until they end."""
+
+    def __init__(self, runner: _Runner, kind: str, options: dict, cap: int | None, poll: float | None = None):
+        check_executor(kind)
+        self.runner, self.kind, self.options, self.cap = runner, kind, options, cap
+        self.poll = poll if poll is not None else (30.0 if kind == "slurm" else 1.0)
+        self.free_slots = list(range(cap or 1))  # local executor: which GPUs a job gets
+        self.gpus = [int(g) for g in runner.gpus if g.isdigit()]
+
+    def _options(self, cell: Cell) -> JobOptions:
+        return JobOptions.from_layers(cell.slurm, self.options, where=f"{cell.id}: slurm")
+
+    def _submit(self, cell: Cell, declared: dict, position: str) -> dict:
+        options = self._options(cell)
+        folder = self.runner.runs / cell.id
+        run = self.runner.prepare(cell, declared, processes=max(1, options.gpus))
+        slot, visible, threads = None, [], options.cpus
+        if self.kind == "local":
+            slot = self.free_slots.pop(0)
+            if options.gpus and len(self.gpus) >= (slot + 1) * options.gpus:
+                visible = self.gpus[slot * options.gpus:(slot + 1) * options.gpus]
+            threads = threads or max(1, (os.cpu_count() or 1) // (self.cap or 1))
+        executor = make_executor(self.kind, folder / JOBS_DIR, options, f"hnd-{cell.id.replace('/', '.')}", visible)
+        job = executor.submit(CellJob(run, self.kind, threads))
+        write_json(folder / JOB_FILE, {"executor": self.kind, "id": str(job.job_id), "submitted": _now(),
+                                       "options": {**options.__dict__, "setup": list(options.setup)}})
+        self.runner.set_status(cell.id, "queued")
+        self.runner.log(f"{position} {cell.id}: submitted as {self.kind} job {job.job_id}")
+        return {"cell": cell, "job": job, "slot": slot, "status": "queued", "position": position}
+
+    def run_phase(self, cells: list[Cell], declared: dict[str, dict], positions: dict[str, str]) -> dict[str, dict]:
+        """Run ``cells`` (none finished before) as jobs; their final results.json records."""
+        waiting, active, records = [], {}, {}
+        for cell in cells:  # jobs an earlier command submitted and that still run are followed
+            state = cell_state(self.runner.runs / cell.id)
+            job = _read(self.runner.runs / cell.id / JOB_FILE)
+            if state["status"] in ("queued", "running") and job:
+                active[cell.id] = {"cell": cell, "job": attach(self.runner.runs / cell.id, job), "slot": None,
+                                   "status": state["status"],
+                                   "position": positions[cell.id]}
+                self.runner.set_status(cell.id, state["status"])
+                self.runner.log(f"{positions[cell.id]} {cell.id}: {state['status']} as {state['job']}, "
+                                "submitted before; following it")
+            else:
+                waiting.append(cell)
+        while waiting or active:
+            while waiting and (self.cap is None or len(active) < self.cap) and (self.kind != "local" or self.free_slots):
+                cell = waiting.pop(0)
+                active[cell.id] = self._submit(cell, declared[cell.notebook], positions[cell.id])
+            time.sleep(self.poll)
+            for cell_id, entry in list(active.items()):
+                state = cell_state(self.runner.runs / cell_id, entry["job"])
+                if state["status"] == entry["status"]:
+                    continue
+                entry["status"] = state["status"]
+                self.runner.set_status(cell_id, state["status"], state.get("seconds"), state.get("error"))
+                seconds = f" in {state['seconds']:.1f} s" if state.get("seconds") is not None else ""
+                self.runner.log(f"{entry['position']} {cell_id}: {state['status']}{seconds}"
+                                + (f" ({state['error']})" if state.get("error") else ""))
+                if state["status"] in ("done", "failed"):
+                    if entry["slot"] is not None:
+                        self.free_slots.append(entry["slot"])
+                    del active[cell_id]
+                    records[cell_id] = {**(_read(self.runner.runs / cell_id / RESULTS_FILE) or {}), **state}
+        return records
+
+
+def grid_status(runs: Path) -> list[dict]:
+    """Each cell of the grid in ``runs``, in run order: id, status, job, seconds, error, and
+    for a running cell its log's last line."""
+    grid = _read(runs / GRID_FILE)
+    if grid is None:
+        raise HndError(f"no grid in {runs}: start it with hnd book run (its runs folder holds {GRID_FILE})")
+    rows = []
+    for cell in grid.get("cells", []):
+        folder = runs / cell["id"]
+        state = cell_state(folder)
+        if state["status"] in ("queued", "running"):
+            state["error"] = None
+            state["last"] = _log_tail(folder / "log.txt", 1)
+        rows.append({"id": cell["id"], **state})
+    return rows
+
+
+def status_table(rows: list[dict]) -> str:
+    """``hnd book status`` as plain text: cell, state, job, seconds, error or last log line."""
+    table = [("cell", "state", "job", "seconds", "detail")]
+    for row in rows:
+        seconds = f"{row['seconds']:.1f}" if isinstance(row.get("seconds"), (int, float)) else "-"
+        table.append((row["id"], row["status"], row.get("job") or "-", seconds,
+                      row.get("error") or row.get("last") or ""))
+    widths = [max(len(r[i]) for r in table) for i in range(4)]
+    lines = [f"{r[0]:{widths[0]}}  {r[1]:{widths[1]}}  {r[2]:{widths[2]}}  {r[3]:>{widths[3]}}  {r[4]}".rstrip()
+             for r in table]
+    counts = {}
+    for row in rows:
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    lines.append(", ".join(f"{n} {status}" for status, n in counts.items()) + f" of {len(rows)} cells")
+    return "\n".join(lines)
