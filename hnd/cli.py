@@ -248,8 +248,8 @@ def cmd_book_run(args: argparse.Namespace) -> int:
                        "--executor local")
     try:
         summaries = run_grid(args.profile, runs=args.out, only=args.only, jobs=args.jobs, data=args.data,
-                             full=args.full, executor=args.executor,
-                             job_options=options, poll=args.poll)
+                             full=args.full, executor=args.executor, job_options=options, poll=args.poll,
+                             log=lambda line: print(line, flush=True))  # also when sent to a file (nohup)
     except KeyboardInterrupt:
         if args.executor is None:
             raise

@@ -198,12 +198,14 @@ def _torchrun(config: TrainConfig, data: str | os.PathLike, out: Path, resume: b
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
                "-m", "hnd", "train", str(config.model_spec), "--method", config.method, "--config", str(launch),
                "--data", str(data), "--out", str(out), "--no-progress"] + (["--resume"] if resume else [])
-    done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True)
-    if done.returncode != 0:
-        lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
+    log = out / "torchrun.log"  # the workers' output, kept across resumptions
+    with open(log, "a") as f:
+        rc = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
         errors = [line for line in lines if line.startswith("hnd: error:")]
         raise HndError(f"training under torchrun ({processes} processes) failed: "
-                       f"{(errors or lines or [f'exit code {done.returncode}'])[-1]}")
+                       f"{(errors or lines or [f'exit code {rc}'])[-1]} (all of it in {log})")
     return json.loads((out / "result.json").read_text())
 
 

@@ -186,6 +186,9 @@ def test_torchrun_two_processes_agree_with_one_process(synth, teacher_ckpt, tmp_
     two = train_or_resume(config, synth, tmp_path / "two", processes=2)
     assert two == json.loads((tmp_path / "two" / "result.json").read_text())
     assert train_or_resume(config, synth, tmp_path / "two", processes=2) == two  # done: read back, not rerun
+    message = error(train_or_resume, config, tmp_path / "no-data", tmp_path / "broken", processes=2)
+    assert message.startswith("training under torchrun (2 processes) failed: hnd: error: data folder not found")
+    assert (tmp_path / "broken" / "torchrun.log").is_file()
 
     m1, m2 = read_metrics(tmp_path / "one")[0], read_metrics(tmp_path / "two")[0]
     assert m1["images"] == m2["images"] == 16  # 4 classes x (16 - 12 held out): one global batch

@@ -266,7 +266,7 @@ class JobRunner:
     def _options(self, cell: Cell) -> JobOptions:
         return JobOptions.from_layers(cell.slurm, self.options, where=f"{cell.id}: slurm")
 
-    def _submit(self, cell: Cell, declared: dict, position: str) -> dict:
+    def _submit(self, cell: Cell, declared: dict, position: str, parallel: int) -> dict:
         options = self._options(cell)
         folder = self.runner.runs / cell.id
         run = self.runner.prepare(cell, declared, processes=max(1, options.gpus))
@@ -275,7 +275,7 @@ class JobRunner:
             slot = self.free_slots.pop(0)
             if options.gpus and len(self.gpus) >= (slot + 1) * options.gpus:
                 visible = self.gpus[slot * options.gpus:(slot + 1) * options.gpus]
-            threads = threads or max(1, (os.cpu_count() or 1) // (self.cap or 1))
+            threads = threads or max(1, (os.cpu_count() or 1) // parallel)  # cores shared as without jobs
         executor = make_executor(self.kind, folder / JOBS_DIR, options, f"hnd-{cell.id.replace('/', '.')}", visible)
         job = executor.submit(CellJob(run, self.kind, threads))
         write_json(folder / JOB_FILE, {"executor": self.kind, "id": str(job.job_id), "submitted": _now(),
@@ -299,10 +299,11 @@ class JobRunner:
                                 "submitted before; following it")
             else:
                 waiting.append(cell)
+        parallel = min(self.cap or len(cells), len(cells)) or 1  # a phase of one cell keeps every core
         while waiting or active:
             while waiting and (self.cap is None or len(active) < self.cap) and (self.kind != "local" or self.free_slots):
                 cell = waiting.pop(0)
-                active[cell.id] = self._submit(cell, declared[cell.notebook], positions[cell.id])
+                active[cell.id] = self._submit(cell, declared[cell.notebook], positions[cell.id], parallel)
             time.sleep(self.poll)
             for cell_id, entry in list(active.items()):
                 state = cell_state(self.runner.runs / cell_id, entry["job"])
