@@ -177,7 +177,8 @@ def train_or_resume(config: TrainConfig, data: str | os.PathLike, out: str | os.
         raise HndError(f"processes must be a positive integer, got {processes!r}")
     resume = (out / "last.pt").is_file()
     if resume:
-        saved = _last_checkpoint(out)["config"]  # written by TrainConfig.to_dict
+        # written by TrainConfig.to_dict; rebuilt, so that keys added since then take their defaults
+        saved = config_from_dict(_last_checkpoint(out)["config"]).to_dict()
         changed = [k for k, v in config.to_dict().items() if saved.get(k) != v and k not in RESUMABLE_CHANGES]
         if changed:
             raise HndError(f"{out} holds a run with other settings ({', '.join(changed)}); delete it or choose "

@@ -1,8 +1,8 @@
 """A stand-in for Slurm's sbatch, srun and sacct on one machine, for tests of the slurm executor.
 
-``sbatch FILE`` numbers the job, keeps the batch file as ``<state>/<id>.sbatch`` and runs it
+``sbatch FILE`` refuses while ``<state>/refuse`` exists, else numbers the job, keeps the batch file as ``<state>/<id>.sbatch`` and runs it
 in the background as a Slurm node would (SLURM_* variables set); ``srun --output PATTERN CMD``
-runs CMD with its output appended to the pattern's file; ``sacct -j ID`` reports RUNNING,
+runs CMD with its output appended to the pattern's file; ``sacct -j ID[,ID]`` reports RUNNING,
 COMPLETED or FAILED from the job's process and exit code, or the state a test writes into
 ``<state>/<id>.state`` (e.g. TIMEOUT).
 """
@@ -17,6 +17,8 @@ import os, re, subprocess, sys
 from pathlib import Path
 state = Path(os.environ["FAKE_SLURM_STATE"])
 state.mkdir(parents=True, exist_ok=True)
+if (state / "refuse").exists():  # as a cluster at its submit limit
+    sys.exit("sbatch: error: QOSMaxSubmitJobPerUserLimit")
 counter = state / "counter"
 job = int(counter.read_text()) + 1 if counter.exists() else 1
 counter.write_text(str(job))
@@ -51,8 +53,9 @@ SACCT = r'''
 import os, sys
 from pathlib import Path
 state = Path(os.environ["FAKE_SLURM_STATE"])
-jobs = [sys.argv[i + 1] for i, a in enumerate(sys.argv) if a == "-j"]
-print("JobID|State|NodeList")
+jobs = [j for i, a in enumerate(sys.argv) if a == "-j" for j in sys.argv[i + 1].split(",")]
+if "-n" not in sys.argv:
+    print("JobID|State|NodeList")
 for job in jobs:
     forced, rc, pid = (state / f"{job}.{k}" for k in ("state", "rc", "pid"))
     if forced.exists():
@@ -63,7 +66,7 @@ for job in jobs:
         status = "RUNNING"
     else:
         continue
-    print(f"{job}|{status}|fakenode")
+    print(f"{job}|{status}" if "-n" in sys.argv else f"{job}|{status}|fakenode")
 '''
 
 

@@ -142,9 +142,10 @@ def _job_id(runs: Path, cell: str) -> str:
     return read_json(runs / "02_train" / cell / "job.json")["id"]
 
 
-def _book(project: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "hnd", "book", *args], cwd=project, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+def _book(project: Path, *args: str, output=subprocess.PIPE) -> subprocess.Popen:
+    """``hnd book ARGS`` in a process group of its own, as a terminal runs a command."""
+    return subprocess.Popen([sys.executable, "-m", "hnd", "book", *args], cwd=project, stdout=output,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def test_local_jobs_survive_preemption_kills_and_a_stopped_command(project):
@@ -186,14 +187,16 @@ def test_local_jobs_survive_preemption_kills_and_a_stopped_command(project):
     table = status_table(grid_status(runs))
     assert "02_train/x-2  failed" in table and "1 done, 1 failed of 2 cells" in table
 
-    # Run again: the finished cell is skipped, the killed one resubmitted; kill this command.
+    # Run again: the finished cell is skipped, the killed one resubmitted; then Ctrl-C, which a
+    # terminal sends to the command's whole process group (its local jobs' processes included).
     killed_job = _job_id(runs, "x-2")
-    second = _book(project, *command)
+    with open(project / "second.log", "w") as output:
+        second = _book(project, *command, output=output)
     _wait(lambda: (runs / "02_train" / "x-2" / "job.json").is_file() and _job_id(runs, "x-2") != killed_job
           and read_json(runs / "02_train" / "x-2" / "results.json")["status"] == "running", "the resubmitted job")
-    second.kill()
-    second.wait()  # (its output pipe stays open while the job it started runs)
-    second.stdout.close()
+    os.killpg(second.pid, signal.SIGINT)
+    assert second.wait(timeout=60) == 130
+    assert "stopped following the jobs; they go on" in (project / "second.log").read_text()
     job = _job_id(runs, "x-2")
     assert cell_state(runs / "02_train" / "x-2")["status"] == "running"  # the job goes on without the command
 
@@ -250,3 +253,13 @@ def test_slurm_jobs_through_sbatch_and_sacct(project, tmp_path, monkeypatch, cap
     assert main(["book", "run", "--profile", "grid", "--executor", "slurm", "--poll", "0.2"]) == 0
     assert "02_train/x-1: submitted as slurm job 3" in capsys.readouterr().out
     assert cell_state(cell)["status"] == "done"
+
+    # sbatch refusing a job (a submit limit) fails that cell only, with sbatch's words.
+    _wait(lambda: (state / "3.rc").is_file(), "job 3 to end")  # a job outlives its notebook a little
+    (state / "refuse").touch()
+    record = read_json(cell / "results.json")
+    (cell / "results.json").write_text(json.dumps({**record, "status": "failed"}))
+    assert main(["book", "run", "--profile", "grid", "--executor", "slurm", "--poll", "0.2"]) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"02_train/x-1 +failed .*submission failed: .*QOSMaxSubmitJobPerUserLimit", out), out
+    assert re.search(r"02_train/wide_x-2 +done \(cached\)", out), out

@@ -268,6 +268,11 @@ def test_train_or_resume_starts_continues_and_reuses(synth, teacher_ckpt, tmp_pa
     longer = train_or_resume(_config("hnd", teacher_ckpt, "epochs=2"), synth, out, progress=False)
     assert [m["epoch"] for m in read_metrics(out)] == [1, 2] and longer["epochs"] == 2
     assert json.loads((out / "result.json").read_text()) == longer
+    # A run saved before a config key existed (here: decoder) continues with that key's default.
+    ckpt = read_file(out / "last.pt")
+    del ckpt["config"]["decoder"]
+    torch.save(ckpt, out / "last.pt")
+    assert train_or_resume(_config("hnd", teacher_ckpt, "epochs=2"), synth, out, progress=False) == longer
     assert "processes must be a positive integer, got 0" in error(
         train_or_resume, _config("hnd", teacher_ckpt, "epochs=2"), synth, out, processes=0)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -158,12 +159,30 @@ def make_executor(kind: str, folder: Path, options: JobOptions, name: str, visib
     return executor
 
 
+@contextmanager
+def _jobs_ignore_ctrl_c(kind: str):
+    """Local jobs are this command's children: started with SIGINT ignored, a Ctrl-C that stops
+    the command does not reach them (Slurm jobs never see it)."""
+    import signal
+    import threading
+
+    if kind != "local" or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class CellJob:
     """What a cell's job runs: its notebook, with submitit's checkpoint hook, which stops the
     notebook and requeues the job when Slurm preempts it or its time limit nears."""
 
     def __init__(self, run: CellRun, executor: str, threads: int | None = None):
         self.run, self.executor, self.threads = run, executor, threads
+        self.finished = False
 
     def __call__(self) -> dict:
         import submitit
@@ -172,11 +191,17 @@ class CellJob:
         self.run.record["job"] = {"executor": self.executor, "id": job.job_id, "host": job.hostname}
         self.run.record["hardware"] = machine_facts()  # the machine the job landed on
         env = {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)} if self.threads else {}
-        return self.run.execute(env)
+        # A notebook ended by a signal (Slurm's SIGTERM on preemption or cancellation) is not a
+        # failed cell: what Slurm does with the job next (requeue or not) decides.
+        record = self.run.execute(env, final_on_signal=False)
+        self.finished = True
+        return record
 
     def checkpoint(self, *args, **kwargs):
         import submitit
 
+        if self.finished:  # a signal after the notebook ended: nothing to resume, keep the result
+            return None
         self.run.stop()
         self.run.record.update(requeued=_now(), requeues=self.run.record.get("requeues", 0) + 1)
         write_json(Path(self.run.folder) / RESULTS_FILE, {**self.run.record, "status": "queued"})
@@ -200,17 +225,30 @@ def _slurm_message(folder: Path, job: dict) -> str | None:
     return said[-1] if said else None
 
 
-def attach(folder: Path, job: dict):
-    """A submitit handle on the Slurm job an earlier command submitted for the cell in
-    ``folder`` (None for a local job: its process is looked up by id)."""
-    import submitit
+def slurm_states(ids: list[str]) -> dict[str, str]:
+    """Slurm's state of each job id, from one ``sacct`` call (a job it does not list yet, or a
+    failing sacct, is left out: the caller counts it as unknown, hence alive)."""
+    import subprocess
 
-    return submitit.SlurmJob(folder=folder / JOBS_DIR, job_id=str(job["id"])) if job["executor"] == "slurm" else None
+    if not ids:
+        return {}
+    try:
+        done = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(ids)],
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    states = {}
+    for line in done.stdout.splitlines() if done.returncode == 0 else []:
+        job, _, state = line.partition("|")
+        if job.strip() and state.strip():
+            states[job.strip()] = state.split()[0].upper()  # "CANCELLED by 123" -> CANCELLED
+    return states
 
 
-def _job_state(folder: Path, job: dict, held=None) -> str | None:
+def _job_state(job: dict, held=None, states: dict | None = None) -> str | None:
     """``queued`` or ``running`` while the job may still run the cell, else None (it ended).
-    ``held``: the submitit job object when this process submitted it."""
+    ``held``: the submitit job when this process submitted it (local); ``states``: Slurm's
+    states from :func:`slurm_states`, when the caller asked for many jobs at once."""
     if job.get("executor") == "local":
         if held is not None:
             return None if held.done() else "running"
@@ -222,35 +260,47 @@ def _job_state(folder: Path, job: dict, held=None) -> str | None:
         except (psutil.Error, ValueError):
             alive = False
         return "running" if alive else None
-    state = (held or attach(folder, job)).state  # sacct, at most every few minutes for a long job
-    state = str(state).split()[0].upper() if state else "UNKNOWN"
+    job_id = str(job["id"])
+    state = (states if states is not None else slurm_states([job_id])).get(job_id, "UNKNOWN")
     if state not in _ALIVE:
         return None
     return "queued" if state in _WAITING else "running"
 
 
-def cell_state(folder: Path, held=None) -> dict:
+def cell_state(folder: Path, held=None, states: dict | None = None) -> dict:
     """A cell's state from its folder: planned, queued, running, done or failed, with its job
-    and the error (a failed notebook's, or why a job ended without finishing it)."""
+    and the error (a failed notebook's, or why a job ended without finishing it). A cell whose
+    job may still run it is queued or running, whatever its last record says."""
     record, job = _read(folder / RESULTS_FILE), _read(folder / JOB_FILE)
     job_name = f"{job['executor']} {job['id']}" if job else None
     if record is None:
         return {"status": "queued" if job else "planned", "job": job_name, "seconds": None, "error": None}
     status = record.get("status")
-    if status in ("queued", "running") and job:
-        state = _job_state(folder, job, held)
-        if state is None:
-            record = _read(folder / RESULTS_FILE) or record  # it may have finished since the first read
-            status = record.get("status")
-            if status in ("queued", "running"):
-                last = _slurm_message(folder, job) or _log_tail(folder / "log.txt", 1)
-                return {"status": "failed", "job": job_name, "seconds": None,
-                        "error": f"{job_name} ended before the notebook finished (killed, time limit or node "
-                                 f"failure); log: {last or 'empty'}"}
-        elif status == "running" and state == "queued":
-            status = "queued"  # requeued, waiting for its turn again
+    if job and status != "done":
+        state = _job_state(job, held, states)
+        if state is not None:  # queued until its notebook starts (again, after a requeue)
+            status = "queued" if "queued" in (state, status) else "running"
+            return {"status": status, "job": job_name, "seconds": None, "error": None}
+        record = _read(folder / RESULTS_FILE) or record  # it may have finished since the first read
+        status = record.get("status")
+        if status in ("queued", "running"):
+            last = _slurm_message(folder, job) or _log_tail(folder / "log.txt", 1)
+            return {"status": "failed", "job": job_name, "seconds": None,
+                    "error": f"{job_name} ended before the notebook finished (killed, time limit or node "
+                             f"failure); log: {last or 'empty'}"}
     return {"status": status, "job": job_name, "seconds": record.get("seconds"), "error": record.get("error"),
             "metrics": record.get("metrics") or {}}
+
+
+def _slurm_ids(runs: Path, cell_ids) -> list[str]:
+    """The Slurm job ids of the cells not done, for one sacct call."""
+    ids = []
+    for cell_id in cell_ids:
+        job = _read(runs / cell_id / JOB_FILE)
+        record = _read(runs / cell_id / RESULTS_FILE) or {}
+        if job and job.get("executor") == "slurm" and record.get("status") != "done":
+            ids.append(str(job["id"]))
+    return ids
 
 
 class JobRunner:
@@ -276,23 +326,38 @@ class JobRunner:
             if options.gpus and len(self.gpus) >= (slot + 1) * options.gpus:
                 visible = self.gpus[slot * options.gpus:(slot + 1) * options.gpus]
             threads = threads or max(1, (os.cpu_count() or 1) // parallel)  # cores shared as without jobs
-        executor = make_executor(self.kind, folder / JOBS_DIR, options, f"hnd-{cell.id.replace('/', '.')}", visible)
-        job = executor.submit(CellJob(run, self.kind, threads))
+        entry = {"cell": cell, "job": None, "slot": slot, "status": "queued", "position": position}
+        try:
+            executor = make_executor(self.kind, folder / JOBS_DIR, options, f"hnd-{cell.id.replace('/', '.')}",
+                                     visible)
+            with _jobs_ignore_ctrl_c(self.kind):
+                job = executor.submit(CellJob(run, self.kind, threads))
+        except Exception as exc:  # noqa: BLE001 - e.g. sbatch refusing (a submit limit): the others go on
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+            error = f"submission failed: {reason}"
+            write_json(folder / RESULTS_FILE, {**run.record, "status": "failed", "error": error})
+            self.runner.log(f"{position} {cell.id}: {error}")
+            return {**entry, "status": "failed", "error": error}
         write_json(folder / JOB_FILE, {"executor": self.kind, "id": str(job.job_id), "submitted": _now(),
-                                       "options": {**options.__dict__, "setup": list(options.setup)}})
+                                       "slot": slot, "options": {**options.__dict__, "setup": list(options.setup)}})
         self.runner.set_status(cell.id, "queued")
         self.runner.log(f"{position} {cell.id}: submitted as {self.kind} job {job.job_id}")
-        return {"cell": cell, "job": job, "slot": slot, "status": "queued", "position": position}
+        return {**entry, "job": job}
 
     def run_phase(self, cells: list[Cell], declared: dict[str, dict], positions: dict[str, str]) -> dict[str, dict]:
         """Run ``cells`` (none finished before) as jobs; their final results.json records."""
+        runs = self.runner.runs
         waiting, active, records = [], {}, {}
-        for cell in cells:  # jobs an earlier command submitted and that still run are followed
-            state = cell_state(self.runner.runs / cell.id)
-            job = _read(self.runner.runs / cell.id / JOB_FILE)
-            if state["status"] in ("queued", "running") and job:
-                active[cell.id] = {"cell": cell, "job": attach(self.runner.runs / cell.id, job), "slot": None,
-                                   "status": state["status"],
+        states = slurm_states(_slurm_ids(runs, [c.id for c in cells]))
+        for cell in cells:  # jobs an earlier command submitted and that may still run are followed
+            state = cell_state(runs / cell.id, states=states)
+            if state["status"] in ("queued", "running"):
+                slot = (_read(runs / cell.id / JOB_FILE) or {}).get("slot")
+                if slot in self.free_slots and self.kind == "local":
+                    self.free_slots.remove(slot)  # its GPUs stay its own
+                else:
+                    slot = None
+                active[cell.id] = {"cell": cell, "job": None, "slot": slot, "status": state["status"],
                                    "position": positions[cell.id]}
                 self.runner.set_status(cell.id, state["status"])
                 self.runner.log(f"{positions[cell.id]} {cell.id}: {state['status']} as {state['job']}, "
@@ -303,10 +368,20 @@ class JobRunner:
         while waiting or active:
             while waiting and (self.cap is None or len(active) < self.cap) and (self.kind != "local" or self.free_slots):
                 cell = waiting.pop(0)
-                active[cell.id] = self._submit(cell, declared[cell.notebook], positions[cell.id], parallel)
+                entry = self._submit(cell, declared[cell.notebook], positions[cell.id], parallel)
+                if entry["status"] == "failed":
+                    if entry["slot"] is not None:
+                        self.free_slots.append(entry["slot"])
+                    self.runner.set_status(cell.id, "failed", None, entry["error"])
+                    records[cell.id] = _read(runs / cell.id / RESULTS_FILE) or {"status": "failed"}
+                else:
+                    active[cell.id] = entry
+            if not active:
+                break
             time.sleep(self.poll)
+            states = slurm_states(_slurm_ids(runs, active))
             for cell_id, entry in list(active.items()):
-                state = cell_state(self.runner.runs / cell_id, entry["job"])
+                state = cell_state(runs / cell_id, entry["job"], states)
                 if state["status"] == entry["status"]:
                     continue
                 entry["status"] = state["status"]
@@ -318,7 +393,7 @@ class JobRunner:
                     if entry["slot"] is not None:
                         self.free_slots.append(entry["slot"])
                     del active[cell_id]
-                    records[cell_id] = {**(_read(self.runner.runs / cell_id / RESULTS_FILE) or {}), **state}
+                    records[cell_id] = {**(_read(runs / cell_id / RESULTS_FILE) or {}), **state}
         return records
 
 
@@ -329,9 +404,10 @@ def grid_status(runs: Path) -> list[dict]:
     if grid is None:
         raise HndError(f"no grid in {runs}: start it with hnd book run (its runs folder holds {GRID_FILE})")
     rows = []
+    states = slurm_states(_slurm_ids(runs, [cell["id"] for cell in grid.get("cells", [])]))
     for cell in grid.get("cells", []):
         folder = runs / cell["id"]
-        state = cell_state(folder)
+        state = cell_state(folder, states=states)
         if state["status"] in ("queued", "running"):
             state["error"] = None
             state["last"] = _log_tail(folder / "log.txt", 1)

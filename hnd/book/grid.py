@@ -327,9 +327,10 @@ class CellRun:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state, _process=None)
 
-    def execute(self, env: dict | None = None) -> dict:
+    def execute(self, env: dict | None = None, final_on_signal: bool = True) -> dict:
         """Run the notebook (``env`` over this environment); results.json says running, then
-        done or failed. Returns the final record."""
+        done or failed. Returns the final record. ``final_on_signal=False``: a notebook ended
+        by a signal leaves results.json at running (a cluster job's state tells the rest)."""
         folder = Path(self.folder)
         record = {**self.record, "status": "running", "started": _now()}
         write_json(folder / RESULTS_FILE, record)
@@ -341,6 +342,8 @@ class CellRun:
                                              stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             rc = self._process.wait()
         seconds = round(time.perf_counter() - start, 1)
+        if rc < 0 and not final_on_signal:
+            return {**record, "seconds": seconds, "error": f"ended by signal {-rc}"}
         metrics_file = folder / METRICS_FILE
         metrics = read_json(metrics_file) if metrics_file.is_file() else {}
         error = None
