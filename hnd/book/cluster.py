@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hnd.book.grid import JOB_FILE, Cell, CellRun, _log_tail, _now, _Runner, machine_facts
-from hnd.book.results import GRID_FILE, RESULTS_FILE, read_json, write_json
+from hnd.book.results import GRID_FILE, RESULTS_FILE, read_json_if_any, write_json
 from hnd.errors import HndError
 
 EXECUTORS = ("local", "slurm")
@@ -51,13 +51,10 @@ def parse_time(value: int | str, where: str = "time") -> int:
         if not match:
             raise HndError(f"{where}: {value!r} is not a time limit; valid: minutes, HH:MM:SS or D-HH:MM:SS")
         days, parts = match.group(1), [int(p) for p in match.groups()[1:] if p is not None]
-        if days is not None:  # D-HH[:MM[:SS]]
-            parts += [0] * (3 - len(parts))
-            seconds = int(days) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
-        else:  # MM, MM:SS or HH:MM:SS
-            seconds = {1: lambda p: p[0] * 60, 2: lambda p: p[0] * 60 + p[1],
-                       3: lambda p: p[0] * 3600 + p[1] * 60 + p[2]}[len(parts)](parts)
-        minutes = -(-seconds // 60)
+        if days is None and len(parts) < 3:  # MM or MM:SS: no hours
+            parts = [0, *parts]
+        hours, mins, secs = (parts + [0, 0])[:3]  # D-HH[:MM[:SS]] or HH:MM:SS
+        minutes = -(-(int(days or 0) * 86400 + hours * 3600 + mins * 60 + secs) // 60)
     if minutes < 1:
         raise HndError(f"{where}: the time limit must be at least a minute, got {value!r}")
     return minutes
@@ -208,13 +205,6 @@ class CellJob:
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)  # the record travels with it
 
 
-def _read(path: Path) -> dict | None:
-    try:
-        return read_json(path) if path.is_file() else None
-    except HndError:
-        return None
-
-
 def _slurm_message(folder: Path, job: dict) -> str | None:
     """Slurm's own last word in the job's log (a time limit, a cancellation), if any."""
     try:
@@ -271,7 +261,7 @@ def cell_state(folder: Path, held=None, states: dict | None = None) -> dict:
     """A cell's state from its folder: planned, queued, running, done or failed, with its job
     and the error (a failed notebook's, or why a job ended without finishing it). A cell whose
     job may still run it is queued or running, whatever its last record says."""
-    record, job = _read(folder / RESULTS_FILE), _read(folder / JOB_FILE)
+    record, job = read_json_if_any(folder / RESULTS_FILE), read_json_if_any(folder / JOB_FILE)
     job_name = f"{job['executor']} {job['id']}" if job else None
     if record is None:
         return {"status": "queued" if job else "planned", "job": job_name, "seconds": None, "error": None}
@@ -281,7 +271,7 @@ def cell_state(folder: Path, held=None, states: dict | None = None) -> dict:
         if state is not None:  # queued until its notebook starts (again, after a requeue)
             status = "queued" if "queued" in (state, status) else "running"
             return {"status": status, "job": job_name, "seconds": None, "error": None}
-        record = _read(folder / RESULTS_FILE) or record  # it may have finished since the first read
+        record = read_json_if_any(folder / RESULTS_FILE) or record  # it may have finished since the first read
         status = record.get("status")
         if status in ("queued", "running"):
             last = _slurm_message(folder, job) or _log_tail(folder / "log.txt", 1)
@@ -296,8 +286,8 @@ def _slurm_ids(runs: Path, cell_ids) -> list[str]:
     """The Slurm job ids of the cells not done, for one sacct call."""
     ids = []
     for cell_id in cell_ids:
-        job = _read(runs / cell_id / JOB_FILE)
-        record = _read(runs / cell_id / RESULTS_FILE) or {}
+        job = read_json_if_any(runs / cell_id / JOB_FILE)
+        record = read_json_if_any(runs / cell_id / RESULTS_FILE) or {}
         if job and job.get("executor") == "slurm" and record.get("status") != "done":
             ids.append(str(job["id"]))
     return ids
@@ -352,7 +342,7 @@ class JobRunner:
         for cell in cells:  # jobs an earlier command submitted and that may still run are followed
             state = cell_state(runs / cell.id, states=states)
             if state["status"] in ("queued", "running"):
-                slot = (_read(runs / cell.id / JOB_FILE) or {}).get("slot")
+                slot = (read_json_if_any(runs / cell.id / JOB_FILE) or {}).get("slot")
                 if slot in self.free_slots and self.kind == "local":
                     self.free_slots.remove(slot)  # its GPUs stay its own
                 else:
@@ -373,7 +363,7 @@ class JobRunner:
                     if entry["slot"] is not None:
                         self.free_slots.append(entry["slot"])
                     self.runner.set_status(cell.id, "failed", None, entry["error"])
-                    records[cell.id] = _read(runs / cell.id / RESULTS_FILE) or {"status": "failed"}
+                    records[cell.id] = read_json_if_any(runs / cell.id / RESULTS_FILE) or {"status": "failed"}
                 else:
                     active[cell.id] = entry
             if not active:
@@ -393,14 +383,14 @@ class JobRunner:
                     if entry["slot"] is not None:
                         self.free_slots.append(entry["slot"])
                     del active[cell_id]
-                    records[cell_id] = {**(_read(runs / cell_id / RESULTS_FILE) or {}), **state}
+                    records[cell_id] = {**(read_json_if_any(runs / cell_id / RESULTS_FILE) or {}), **state}
         return records
 
 
 def grid_status(runs: Path) -> list[dict]:
     """Each cell of the grid in ``runs``, in run order: id, status, job, seconds, error, and
     for a running cell its log's last line."""
-    grid = _read(runs / GRID_FILE)
+    grid = read_json_if_any(runs / GRID_FILE)
     if grid is None:
         raise HndError(f"no grid in {runs}: start it with hnd book run (its runs folder holds {GRID_FILE})")
     rows = []

@@ -34,7 +34,7 @@ from pathlib import Path
 import yaml
 
 import hnd
-from hnd.book.results import GRID_FILE, METRICS_FILE, RESULTS_FILE, read_json, write_json
+from hnd.book.results import GRID_FILE, METRICS_FILE, RESULTS_FILE, read_json, read_json_if_any, write_json
 from hnd.errors import HndError
 
 NOTEBOOKS_DIR = "notebooks"
@@ -397,11 +397,7 @@ class _Runner:
         self.write_grid()
 
     def _saved(self, cell: Cell) -> dict | None:
-        path = self.runs / cell.id / RESULTS_FILE
-        try:
-            return read_json(path) if path.is_file() else None
-        except HndError:
-            return None
+        return read_json_if_any(self.runs / cell.id / RESULTS_FILE)
 
     def is_done(self, cell: Cell) -> bool:
         saved = self._saved(cell)

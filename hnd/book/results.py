@@ -62,6 +62,15 @@ def read_json(path: str | os.PathLike) -> dict:
     return doc
 
 
+
+def read_json_if_any(path: str | os.PathLike) -> dict | None:
+    """``read_json``, or None for a missing or unreadable file (a record not written yet, or
+    cut short)."""
+    try:
+        return read_json(path) if Path(path).is_file() else None
+    except HndError:
+        return None
+
 def write_metrics(output_dir: str | os.PathLike, metrics: dict) -> Path:
     """Record a notebook's numbers (``metrics.json`` in ``output_dir``) for the grid runner."""
     Path(output_dir).mkdir(parents=True, exist_ok=True)
