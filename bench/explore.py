@@ -38,7 +38,7 @@ def changes(repeats: int) -> list[tuple[str, str]]:
         out += [("rtt", f"window.hnd.slider('hnd-rtt', {t})") for t in (5, 80)]
         out += [("channels", f"window.hnd.select('hnd-channels', {js(c)})") for c in ("12", "3")]
         out += [("format", f"window.hnd.select('hnd-fmt', {js(f)})") for f in ("fp16", "int8")]
-        out += [("device", f"window.hnd.select('hnd-device', {js(d)})") for d in ("raspberry-pi4", "this-machine")]
+        out += [("device", f"window.hnd.select('hnd-device', {js(d)})") for d in ("this-machine", "raspberry-pi4")]
     out += [("teacher split", "window.hnd.select('hnd-split', "
                               "document.querySelector('.hnd-split select').options[2].value)")]
     out += [("backbone", f"window.hnd.select('hnd-backbone', {js(b)})")

@@ -66,6 +66,15 @@ class TrainConfig:
     skip_bad_images: bool = False  # skip unreadable images (reported) instead of failing
     num_workers: int = -1  # data-loading processes; -1: min(cpus, 8)
     seed: int = 0
+    # Stopping rule: end the run once the selection top-1 has not improved for `patience`
+    # epochs (0: run all `epochs`); entropic runs count it from their stage 2.
+    patience: int = 0
+    # Augmentation views: 0 draws a new augmentation of every image each epoch; V > 0 cycles
+    # through V fixed views per image (epoch e shows view e mod V, the same for every run and
+    # seed), so that the frozen teacher's outputs can be computed once (`teacher_cache`).
+    augment_views: int = 0
+    teacher_cache: str | None = None  # folder of cached teacher outputs (needs augment_views > 0)
+    test_every_epoch: bool = False  # also test every epoch on val, for a curve (never used to select)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "none"  # none | bf16 | fp16 (CUDA only)
     channels_last: bool = False  # CUDA only
@@ -202,8 +211,9 @@ def apply_overrides(config: TrainConfig, overrides: dict) -> TrainConfig:
         if key not in types:
             raise HndError(f"unknown config key {key!r}; valid keys: {', '.join(types)}")
         values[key] = _coerce(key, value, types[key])
-    if values["teacher_checkpoint"]:  # recorded with the run: it must not depend on where it was started
-        values["teacher_checkpoint"] = os.path.abspath(os.path.expanduser(values["teacher_checkpoint"]))
+    for key in ("teacher_checkpoint", "teacher_cache"):  # recorded with the run: not relative to where it started
+        if values[key]:
+            values[key] = os.path.abspath(os.path.expanduser(values[key]))
     new = TrainConfig(**values, spec=config.spec)
     validate(new)
     return new
@@ -249,6 +259,12 @@ def validate(config: TrainConfig) -> None:
     for key in positive:
         if getattr(config, key) <= 0:
             raise HndError(f"{key} must be positive, got {getattr(config, key)}")
+    for key, unit in (("patience", "epochs"), ("augment_views", "views per image")):
+        if getattr(config, key) < 0:
+            raise HndError(f"{key} must be 0 (off) or a positive number of {unit}, got {getattr(config, key)}")
+    if config.teacher_cache and not config.augment_views:
+        raise HndError("teacher_cache needs augment_views > 0 (a fixed set of views whose teacher outputs can be "
+                       "kept); e.g. augment_views=8")
     if not config.lr > 0 or not config.gamma > 0 or not config.momentum >= 0 or not config.weight_decay >= 0:
         raise HndError("lr and gamma must be positive, momentum and weight_decay non-negative")
     if not 0 <= config.kd_alpha <= 1 or not config.kd_temperature > 0:
@@ -300,8 +316,10 @@ def dump_config(config: TrainConfig, relative_to: str | os.PathLike | None = Non
     """The config as YAML; with ``relative_to``, the teacher checkpoint's path is shown relative
     to that folder (for pages that must not show a machine's folder names)."""
     doc = config.to_dict()
-    if relative_to is not None and doc["teacher_checkpoint"]:
-        doc["teacher_checkpoint"] = os.path.relpath(doc["teacher_checkpoint"], relative_to)
+    if relative_to is not None:
+        for key in ("teacher_checkpoint", "teacher_cache"):
+            if doc[key]:
+                doc[key] = os.path.relpath(doc[key], relative_to)
     return yaml.safe_dump(doc, sort_keys=False)
 
 

@@ -79,10 +79,12 @@ def eval_transform(model: str | ModelSpec, input_size: int | None = None,
 
 
 def train_transform(model: str | ModelSpec, kind: str = "original", input_size: int | None = None,
-                    resize_size: int | None = None, decoder: str = "pil") -> transforms.Compose:
+                    resize_size: int | None = None, decoder: str = "pil", *,
+                    normalize: bool = True) -> transforms.Compose:
     """Training augmentation. ``original``: warp the image to the input size, resize to the
     resize side, random crop, horizontal flip (what the original did). ``torchvision``: the
-    reference recipe, RandomResizedCrop + flip."""
+    reference recipe, RandomResizedCrop + flip. ``normalize=False`` stops before the pixels
+    become normalized floats (see :func:`normalize_pixels`)."""
     size, resize = input_sizes(model, input_size, resize_size)
     ops = _ops(decoder)
     if kind == "original":
@@ -92,7 +94,20 @@ def train_transform(model: str | ModelSpec, kind: str = "original", input_size: 
         steps = [ops.RandomResizedCrop(size, interpolation=_BILINEAR)]
     else:
         raise HndError(f"unknown transforms {kind!r}; valid: original, torchvision")
-    return ops.Compose([*steps, ops.RandomHorizontalFlip(), *_normalize(decoder)])
+    return ops.Compose([*steps, ops.RandomHorizontalFlip(), *(_normalize(decoder) if normalize else [])])
+
+
+def pixels_uint8(image: Image.Image | torch.Tensor) -> torch.Tensor:
+    """An augmented image before normalization (PIL image or uint8 tensor) as uint8 [3, H, W]."""
+    return image if isinstance(image, torch.Tensor) else transforms.functional.pil_to_tensor(image)
+
+
+def normalize_pixels(pixels: torch.Tensor, decoder: str = "pil") -> torch.Tensor:
+    """uint8 [3, H, W] -> the normalized float tensor that the training transform gives for the
+    same pixels, bit for bit: the transform's own last steps."""
+    if decoder == "pil":  # ToTensor takes an H x W x C array, as it does a PIL image
+        return transforms.Compose(_normalize(decoder))(pixels.permute(1, 2, 0).numpy())
+    return v2.Compose(_normalize(decoder))(pixels)
 
 
 def read_image(path: str | os.PathLike, decoder: str = "pil") -> Image.Image | torch.Tensor:
@@ -194,17 +209,23 @@ def holdout_split(samples: list[tuple[str, int]], per_class: int, seed: int = 0)
     return ([s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held])
 
 
+_VIEW_SEED = 0x5EED  # augmentation views are drawn from (this, view, index): the same for every run
+
+
 class ImageDataset(Dataset):
     """(image, label) pairs from a list of files. With ``augment``, the transform's random draws
-    are seeded by (seed, epoch, index): call :meth:`set_epoch` before each epoch."""
+    are seeded by (seed, epoch, index): call :meth:`set_epoch` before each epoch. With ``views``
+    = V > 0 they are seeded by (view, index) instead, view = epoch mod V, and each item is
+    (image, label, key) with key = index·V + view: the key of the teacher's cached outputs."""
 
     def __init__(self, samples: list[tuple[str, int]], transform: Callable, *, augment: bool = False,
-                 seed: int = 0, skip_bad_images: bool = False, decoder: str = "pil"):
+                 seed: int = 0, skip_bad_images: bool = False, decoder: str = "pil", views: int = 0):
         self.samples = samples
         self.transform = transform  # built for the same decoder
         self.decoder = decoder
         self.augment = augment
         self.seed = seed
+        self.views = views
         self.epoch = 0
         self.skip_bad_images = skip_bad_images
 
@@ -225,9 +246,11 @@ class ImageDataset(Dataset):
             return None
         if not self.augment:
             return self.transform(image), label
+        draw = (self.seed, self.epoch, index) if not self.views else (_VIEW_SEED, self.epoch % self.views, index)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF)
-            return self.transform(image), label
+            torch.manual_seed(hash(draw) & 0x7FFF_FFFF)
+            x = self.transform(image)
+        return (x, label) if not self.views else (x, label, index * self.views + self.epoch % self.views)
 
 
 def collate(batch: list):

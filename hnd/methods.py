@@ -31,6 +31,7 @@ from hnd.errors import HndError
 from hnd.losses import head_mse_loss, kd_loss
 from hnd.registry import student_from_teacher
 from hnd.students import BottleneckHead
+from hnd.teacher_outputs import TeacherOutputs
 from hnd.teachers import build_teacher, classifier_classes, replace_classifier, split_teacher
 
 
@@ -79,9 +80,25 @@ class Task:
     kd_alpha: float = 0.5
     beta: float = 0.0  # entropic: weight of the rate in bits
     stage: int = 1  # entropic: 1 (head, distortion + rate) or 2 (decoder + tail, KD)
-    teacher: nn.Module | None = None  # entropic: the whole frozen teacher, stage 2's reference
+    teacher: nn.Module | None = None  # the whole frozen teacher (KD, HND, AE, entropic: stage 2's reference;
+    # naive: an untouched copy, only to fill a teacher_cache)
     frozen: tuple[nn.Module, ...] = ()  # parts of ``trained`` that stay in eval mode
     bits: float = 0.0  # entropic stage 1: rate summed over this epoch's images (one process)
+    cache: TeacherOutputs | None = None  # the reference's outputs per training key (teacher_cache)
+
+    @property
+    def target_kind(self) -> str:
+        """What the frozen reference gives: the teacher's ``logits`` (KD, entropic stage 2) or
+        the teacher head's output (``head``: HND, AE, entropic stage 1)."""
+        return "logits" if self.method == "kd" or (self.method == "entropic" and self.stage == 2) else "head"
+
+    def target(self, x: torch.Tensor, keys: torch.Tensor | None) -> torch.Tensor:
+        """The frozen reference's output for batch ``x``: read from the cache by ``keys`` when
+        there is one, else computed."""
+        if self.cache is not None and keys is not None:
+            return self.cache.targets(self.target_kind, keys, x.device)
+        with torch.no_grad():
+            return self.reference(x)
 
     @property
     def summed_loss(self) -> bool:
@@ -120,13 +137,14 @@ class Task:
         if self.method == "entropic" and self.stage == 1:
             self.model.head.prior.update_tables()
 
-    def loss(self, forward: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(loss, logits or None) of one batch; ``forward`` is ``trained``, possibly DDP-wrapped."""
+    def loss(self, forward: nn.Module, x: torch.Tensor, y: torch.Tensor,
+             keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(loss, logits or None) of one batch; ``forward`` is ``trained``, possibly DDP-wrapped;
+        ``keys``: the batch's rows in the teacher-output cache, if any."""
         if self.method in ("naive", "teacher"):
             logits = forward(x)
             return F.cross_entropy(logits, y), logits
-        with torch.no_grad():
-            target = self.reference(x)  # KD: teacher logits; HND/AE: teacher head output
+        target = self.target(x, keys)  # KD: teacher logits; HND/AE: teacher head output
         if self.method == "kd":
             logits = forward(x)
             return kd_loss(logits, target, y, temperature=self.kd_temperature, alpha=self.kd_alpha), logits
@@ -208,11 +226,13 @@ def build_task(config: TrainConfig, num_classes: int) -> Task:
     if config.method == "teacher":
         return Task("teacher", teacher, teacher, None, "teacher", **kd)
     if config.method == "naive":
-        student = student_from_teacher(spec, teacher)  # the tail is trained in place
-        return Task("naive", student, student, None, "student", **kd)
+        # the tail is trained in place; a pristine copy of the teacher fills a teacher_cache
+        pristine = copy.deepcopy(teacher) if config.teacher_cache else None
+        student = student_from_teacher(spec, teacher)
+        return Task("naive", student, student, None, "student", teacher=pristine, **kd)
     if config.method == "kd":
         student = student_from_teacher(spec, copy.deepcopy(teacher))  # own, trainable tail
-        return Task("kd", student, student, _freeze(teacher), "student", **kd)
+        return Task("kd", student, student, _freeze(teacher), "student", teacher=teacher, **kd)
     _freeze(teacher)
     if config.method == "entropic":
         teacher_head, _ = split_teacher(spec.teacher, teacher, spec.split_point,
@@ -225,6 +245,6 @@ def build_task(config: TrainConfig, num_classes: int) -> Task:
         teacher_head, _ = split_teacher(spec.teacher, teacher, spec.split_point,
                                         transform_input=spec.head_transform_input)
         student = student_from_teacher(spec, teacher)  # shares the frozen tail
-        return Task("hnd", student, student.head, teacher_head, "student", **kd)
+        return Task("hnd", student, student.head, teacher_head, "student", teacher=teacher, **kd)
     model = build_ae_model(spec, teacher, config.ae_channels)  # only model.ae is trainable
-    return Task("ae", model, model.ae, model.head, "ae", **kd)
+    return Task("ae", model, model.ae, model.head, "ae", teacher=teacher, **kd)

@@ -34,11 +34,14 @@ from hnd.data import ImageDataset, check_layout, collate, eval_transform, holdou
 from hnd.distributed import Dist, all_reduce_sum, barrier, broadcast_flag, setup, sync_batchnorm, teardown
 from hnd.errors import HndError
 from hnd.registry import ModelSpec, resolve
-from hnd.evaluation import Accuracy, default_workers, eval_loader, evaluate
+from hnd.evaluation import Accuracy, default_workers, eval_loader, evaluate, evaluate_checkpoint
 from hnd.methods import Task, build_task, check_input_size, make_optimizer, stage_of
+from hnd.teacher_outputs import CachedViews, TeacherOutputs, cached_teacher_outputs, compute_teacher_outputs, \
+    fingerprint, teacher_identity
+from hnd.teachers import split_teacher
 
 # Keys a resumed run may change: they do not alter what is computed.
-RESUMABLE_CHANGES = ("epochs", "num_workers", "device")
+RESUMABLE_CHANGES = ("epochs", "num_workers", "device", "teacher_cache")
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -113,12 +116,13 @@ def train_one_epoch(loop: _Loop, loader: DataLoader, epoch: int) -> dict:
         if batch is None:
             continue
         x, y = batch[0].to(loop.device, non_blocking=True), batch[1].to(loop.device, non_blocking=True)
+        keys = batch[2] if len(batch) > 2 else None  # rows of the teacher-output cache (augment_views)
         if loop.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         loop.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(loop.device.type, dtype=loop.amp_dtype or torch.float32,
                             enabled=loop.amp_dtype is not None):
-            loss, logits = task.loss(loop.forward, x, y)
+            loss, logits = task.loss(loop.forward, x, y, keys)
         loop.scaler.scale(loss * grad_scale).backward()
         loop.scaler.step(loop.optimizer)
         loop.scaler.update()
@@ -189,6 +193,24 @@ def train_or_resume(config: TrainConfig, data: str | os.PathLike, out: str | os.
     if processes == 1:
         return fit(config, data, out, resume=resume, progress=progress)
     return _torchrun(config, data, out, resume, processes)
+
+
+def finished_run(config: TrainConfig, folder: str | os.PathLike, data: str | os.PathLike) -> dict:
+    """The result of the finished run of ``config`` in ``folder``, trained elsewhere (e.g. a
+    teacher shipped with the project), with its best checkpoint tested again on ``data``'s test
+    split: checked here, not trusted."""
+    folder = Path(folder)
+    if not (folder / "result.json").is_file() or not (folder / "best.pt").is_file():
+        raise HndError(f"{folder} holds no finished run (result.json and best.pt)")
+    saved = read_config_file(folder / "config.yaml")
+    mine = config.to_dict()
+    changed = [k for k, v in mine.items() if k not in RESUMABLE_CHANGES and saved.get(k, v) != v]
+    if changed:
+        raise HndError(f"the run in {folder} was trained with other settings ({', '.join(changed)}) than asked")
+    result = json.loads((folder / "result.json").read_text())
+    tested = evaluate_checkpoint(None, config.method, folder / "best.pt", data, student_only=True,
+                                 batch_size=config.eval_batch_size, num_workers=config.num_workers)
+    return {**result, "trained_test": result["test"], "test": tested["student"], "checkpoint": str(folder / "best.pt")}
 
 
 def _torchrun(config: TrainConfig, data: str | os.PathLike, out: Path, resume: bool, processes: int) -> dict:
@@ -264,7 +286,11 @@ def _fit(config: TrainConfig, data: Path, out: Path, resume: bool, progress: boo
     train_set = ImageDataset(train_samples, train_transform(config.spec, config.transforms, config.input_size,
                                                             config.resize_size, config.decoder),
                              augment=True, seed=config.seed, skip_bad_images=config.skip_bad_images,
-                             decoder=config.decoder)
+                             decoder=config.decoder, views=config.augment_views)
+    task.cache = _teacher_cache(config, task, train_set, workers, device)
+    if task.cache is not None:  # the views' pixels come from the cache too: no image is decoded again
+        train_set = CachedViews(task.cache, [label for _, label in train_samples], config.augment_views,
+                                config.decoder)
     sampler = DistributedSampler(train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
                                  seed=config.seed)
     pin = device.type == "cuda"
@@ -273,6 +299,7 @@ def _fit(config: TrainConfig, data: Path, out: Path, resume: bool, progress: boo
     evaluation = eval_transform(config.spec, config.input_size, config.resize_size, config.decoder)
     select_loader = eval_loader(ImageDataset(select_samples, evaluation, skip_bad_images=config.skip_bad_images,
                                              decoder=config.decoder), config.eval_batch_size, workers, dist, pin)
+    test_loader = _test_loader(config, layout, evaluation, workers, dist, pin)
     amp_dtype = AMP_DTYPES[config.amp]
     loop = _Loop(task, forward, optimizer, scaler, device, dist, amp_dtype, config.channels_last,
                  progress and dist.main)
@@ -283,6 +310,8 @@ def _fit(config: TrainConfig, data: Path, out: Path, resume: bool, progress: boo
     epochs = tqdm(range(start_epoch, config.epochs), desc=f"{config.method} {config.model}", initial=start_epoch,
                   total=config.epochs, disable=not loop.progress, dynamic_ncols=True)
     for epoch in epochs:
+        if patience_spent(config, epoch, best_epoch):
+            break
         torch.manual_seed(config.seed * 1_000_003 + epoch)  # dropout and anything else random
         sampler.set_epoch(epoch)
         train_set.set_epoch(epoch)
@@ -303,6 +332,9 @@ def _fit(config: TrainConfig, data: Path, out: Path, resume: bool, progress: boo
                 "select_loss": select.loss, "best_epoch": best_epoch}
         if select.bytes_per_image is not None:
             line["select_bytes_per_image"] = select.bytes_per_image
+        if config.test_every_epoch:  # a convergence curve on the test split; selection never sees it
+            line["test_top1"] = evaluate(task.model, test_loader, device, amp_dtype=amp_dtype,
+                                         channels_last=config.channels_last, desc="test").top1
         if dist.main:
             state = {"epoch": epoch + 1, "stage": task.stage, "best_top1": best_top1, "best_epoch": best_epoch,
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -318,7 +350,45 @@ def _fit(config: TrainConfig, data: Path, out: Path, resume: bool, progress: boo
         epochs.set_postfix(select_top1=f"{select.top1:.2f}")
         barrier()
 
-    return _final_test(config, task, layout, out, dist, device, loop, evaluation, workers, pin)
+    return _final_test(config, task, out, dist, device, loop, test_loader)
+
+
+def patience_spent(config: TrainConfig, epoch: int, best_epoch: int) -> bool:
+    """The stopping rule, before 0-based ``epoch``: ``patience`` epochs in a row without a new
+    best selection top-1 (counted from stage 2's start in entropic runs)."""
+    if not config.patience or stage_of(config, epoch) != stage_of(config, config.epochs - 1):
+        return False
+    start = config.stage1_epochs if config.method == "entropic" else 0
+    return epoch - max(best_epoch, start) >= config.patience
+
+
+def _test_loader(config, layout, evaluation, workers, dist, pin) -> DataLoader:
+    """The test split (the dataset's val/) in order."""
+    return eval_loader(ImageDataset(layout.samples["val"], evaluation, skip_bad_images=config.skip_bad_images,
+                                    decoder=config.decoder), config.eval_batch_size, workers, dist, pin)
+
+
+def _teacher_cache(config: TrainConfig, task: Task, train_set: ImageDataset, workers: int,
+                   device: torch.device) -> TeacherOutputs | None:
+    """The frozen teacher's outputs for every training view, from ``config.teacher_cache``
+    (computed there by the first run that needs them); None without a cache or a teacher."""
+    if not config.teacher_cache or task.teacher is None:
+        return None
+    spec = config.model_spec
+    teacher = teacher_identity(config.teacher_checkpoint, spec.teacher.name, config.pretrained, config.seed)
+    key = fingerprint(teacher, train_set.samples, train_set.transform, config.augment_views,
+                      f"{spec.split_point}/{spec.head_transform_input}")
+
+    def compute() -> TeacherOutputs:
+        head, _ = split_teacher(spec.teacher, task.teacher, spec.split_point,
+                                transform_input=spec.head_transform_input)
+        pixels = train_transform(config.spec, config.transforms, config.input_size, config.resize_size,
+                                 config.decoder, normalize=False)
+        views = ImageDataset(train_set.samples, pixels, augment=True, decoder=config.decoder,
+                             views=config.augment_views)
+        return compute_teacher_outputs(head, task.teacher, views, config.eval_batch_size, workers, device)
+
+    return cached_teacher_outputs(config.teacher_cache, key, compute)
 
 
 def _wrap(task: Task, dist: Dist, device: torch.device) -> torch.nn.Module:
@@ -328,16 +398,15 @@ def _wrap(task: Task, dist: Dist, device: torch.device) -> torch.nn.Module:
     return DistributedDataParallel(task.trained, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def _final_test(config, task, layout, out, dist, device, loop, evaluation, workers, pin) -> dict:
+def _final_test(config, task, out, dist, device, loop, test_loader) -> dict:
     """Evaluate the best checkpoint on val (the test set) and write ``result.json``."""
     best = read_file(out / "best.pt")
     task.model.load_state_dict(best["state_dict"])
-    test_loader = eval_loader(ImageDataset(layout.samples["val"], evaluation, skip_bad_images=config.skip_bad_images,
-                                           decoder=config.decoder), config.eval_batch_size, workers, dist, pin)
     test: Accuracy = evaluate(task.model, test_loader, device, amp_dtype=loop.amp_dtype,
                               channels_last=config.channels_last, progress=loop.progress, desc="test")
     result = {"model": config.model, "method": config.method, "epochs": config.epochs,
-              "best_epoch": best["best_epoch"], "select_top1": best["best_top1"], "selection": config.selection,
+              "epochs_run": len(read_metrics(out)), "best_epoch": best["best_epoch"],
+              "select_top1": best["best_top1"], "selection": config.selection,
               "test": test.to_dict(), "checkpoint": str(out / "best.pt")}
     if dist.main:
         write_text(out / "result.json", json.dumps(result, indent=1) + "\n")

@@ -89,6 +89,17 @@ PAGE_STATE_JS = r"""
   const limit = column ? column.getBoundingClientRect().width : window.innerWidth;
   const wideTables = [...document.querySelectorAll('table')].map(
       (t) => Math.round(t.getBoundingClientRect().width)).filter((w) => w > limit + 1);
+  // A Markdown table that was rendered as text: a line of pipes and dashes (Sphinx's
+  // smart quotes turn --- into an em dash) outside code.
+  const separator = /^\s*\|?(\s*:?[-\u2013\u2014]+:?\s*\|)+\s*(:?[-\u2013\u2014]+:?\s*)?$/;
+  const texts = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+  const rawTables = [];
+  for (let node = texts.nextNode(); node; node = texts.nextNode()) {
+    if (node.parentElement.closest('pre, code, script, style, textarea')) continue;
+    if (node.textContent.split('\n').some((line) => separator.test(line))) {
+      rawTables.push(node.textContent.trim().replace(/\s+/g, ' ').slice(0, 60));
+    }
+  }
   const math = [...document.querySelectorAll('.math')];
   const mj = window.MathJax;
   if (mj && mj.startup && mj.startup.promise && window.__checkMathDone === undefined) {
@@ -102,6 +113,7 @@ PAGE_STATE_JS = r"""
     widgets,
     images,
     wideTables,
+    rawTables,
     column: Math.round(limit),
     math: math.length,
     untypeset: math.filter((el) => !el.querySelector('mjx-container')).length,
@@ -344,6 +356,8 @@ def _state_problems(state: dict) -> list[str]:
                             f"({img['width']:g}x{img['height']:g})")
     for width in state.get("wideTables", []):
         problems.append(f"a table is {width} px wide, wider than the text column ({state['column']} px)")
+    for text in state.get("rawTables", []):
+        problems.append(f"a Markdown table shows as text, not as a table: {text!r}")
     if state["math"]:
         if not state["mathJax"]:
             problems.append(f"{state['math']} math element(s) but MathJax did not load")
@@ -469,7 +483,8 @@ def check_pages(html_dir: Path, pages: list[str], *, timeout: float = 30,
 
     Problems: failed or non-local requests, console errors and uncaught exceptions,
     images that did not load or have zero size, saved widgets that did not render,
-    and math that MathJax did not typeset.  Problems matching a pattern of
+    tables wider than the text column, Markdown tables shown as text (a ``|---|``
+    line outside code) and math that MathJax did not typeset.  Problems matching a pattern of
     ``ignore`` (default ``KNOWN_HARMLESS``: pairs of regular expression and
     reason) are left out.  Raises RuntimeError when Chromium is missing or
     cannot start.

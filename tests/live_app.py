@@ -36,6 +36,21 @@ window.hnd = {
     i.value = value;
     i.dispatchEvent(new Event('change', {bubbles: true}));
   },
+  check(cls, value) {  // tick or untick a checkbox with a click
+    const i = document.querySelector(`.${cls} input`);
+    if (i.checked !== value) i.click();
+  },
+  visible(cls) {
+    return getComputedStyle(document.querySelector(`.${cls}`)).display !== 'none';
+  },
+  headerGaps(cls) {  // pixels between the texts of neighbouring table headers
+    const boxes = [...document.querySelectorAll(`.${cls} th`)].map((th) => {
+      const r = document.createRange();
+      r.selectNodeContents(th);
+      return r.getBoundingClientRect();
+    });
+    return boxes.slice(1).map((b, i) => b.left - boxes[i].right);
+  },
   figure() {
     const img = document.querySelector('.hnd-output img');
     return img ? img.src : null;

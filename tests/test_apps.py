@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from browser import INSTALL_HINT, find_chromium, open_app
-from hnd.book.explore import BEST_SPLIT, SplitExplorer, known_teachers
+from hnd.book.explore import BEST_SPLIT, SplitExplorer, format_rate, known_teachers
 from hnd.cli import main
 from hnd.latency import plan
 from live_app import HOST, free_port, js, ready, redraw_ms, running_explorer
@@ -33,9 +33,10 @@ def best_label(explorer: SplitExplorer) -> str:
 
 
 def test_explorer_live_in_a_browser(tmp_path):
-    """Start the app, change the data rate and the backbone as a reader would: the best option
-    and the figure follow what the planner says, nothing is fetched from the network, no error
-    shows; a malformed profile file is one line inside the app."""
+    """Start the app, change the data rate and the backbone as a reader would: it opens where the
+    rate moves the best option; the best option and the figure follow what the planner says,
+    rates read as people write them, nothing is fetched from the network, no error shows; every
+    traced layer and the zlib ratio appear on demand; a malformed profile file is one line."""
     if find_chromium() is None:
         pytest.fail(f"Chromium is needed for the live explorer test; {INSTALL_HINT}", pytrace=False)
     # The same explorer in this process: what the page must show after each change.
@@ -47,29 +48,39 @@ def test_explorer_live_in_a_browser(tmp_path):
         with open_app(url, timeout=120, local=local) as page:
             ready(page)
             summary = "document.querySelector('.hnd-summary').innerText"
+            readout = "document.querySelector('.hnd-rate .widget-readout').innerText"
             assert f"Best at 10 Mbps, 20 ms RTT: {best_label(expected)}" in page.evaluate(summary)
+            assert page.evaluate("document.querySelector('.hnd-device select').value") == "raspberry-pi4"
             backbones = page.evaluate("[...document.querySelectorAll('.hnd-backbone option')].map(o => o.value)")
             assert backbones == list(expected.backbone.options)  # every teacher hnd knows
-            redraw_ms(page, f"window.hnd.select('hnd-device', {js('raspberry-pi4')})")
-            expected.device.value = "raspberry-pi4"  # a slow device: the link decides
+            assert not page.evaluate("window.hnd.visible('hnd-zlib')")  # int8: no ratio to set
+            assert min(page.evaluate("window.hnd.headerGaps('hnd-summary')")) >= 8  # the headers stay apart
             figures = {page.evaluate("window.hnd.figure()")}
             bests = {best_label(expected)}
             for rate in (0.1, 1000):
                 redraw_ms(page, f"window.hnd.slider('hnd-rate', {rate})")
                 expected.rate.value = rate
                 bests.add(best_label(expected))
-                assert f"Best at {rate:.3g} Mbps, 20 ms RTT: {best_label(expected)}" in page.evaluate(summary)
+                assert f"Best at {format_rate(rate)}, 20 ms RTT: {best_label(expected)}" in page.evaluate(summary)
+                assert page.evaluate(readout) == format_rate(rate, unit=False)  # 0.1, 1,000: no "e+"
                 figures.add(page.evaluate("window.hnd.figure()"))
-            assert len(bests) >= 2  # the rate moved the answer
+            assert len(bests) == 3  # local, the student, offloading: the rate moves the answer
             redraw_ms(page, f"window.hnd.select('hnd-backbone', {js('resnet152')})")
             expected.backbone.value = "resnet152"
             shown = page.evaluate(summary)
-            assert f"Best at 1e+03 Mbps, 20 ms RTT: {best_label(expected)}" in shown
+            assert f"Best at 1,000 Mbps, 20 ms RTT: {best_label(expected)}" in shown
             assert "resnet152 split after" in shown and "densenet169" not in shown
             figures.add(page.evaluate("window.hnd.figure()"))
             assert len(figures) == 4  # every change drew a new figure
             splits = page.evaluate("[...document.querySelectorAll('.hnd-split option')].map(o => o.value)")
             assert splits == list(expected.split.options) and splits[0] == BEST_SPLIT
+            page.evaluate("window.hnd.check('hnd-every-split', true)")
+            expected.every_split.value = True
+            every = len(expected.split.options)
+            assert every > len(splits)
+            page.wait_for(f"document.querySelectorAll('.hnd-split option').length === {every}", timeout=60)
+            page.evaluate(f"window.hnd.select('hnd-fmt', {js('int8+zlib')})")
+            page.wait_for("window.hnd.visible('hnd-zlib')", timeout=60)
 
             page.evaluate(f"window.hnd.text('hnd-profile-file', {js(bad.name)})")  # relative: where it started
             message = page.wait_for("document.querySelector('.hnd-message').innerText", timeout=30)

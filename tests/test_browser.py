@@ -8,6 +8,7 @@ rendering is only checked here.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -36,7 +37,8 @@ def page(body: str, title: str = "t") -> str:
 
 # Hand-made pages: name -> (HTML body, text one of its problems must contain; None: no problems).
 PAGES = {
-    "good.html": ('<h1>fine</h1><img src="img/dot.png" alt="dot"><script>let x = 1 + 1;</script>', None),
+    "good.html": ('<h1>fine</h1><img src="img/dot.png" alt="dot"><script>let x = 1 + 1;</script>'
+                  '<table><tr><td>a table</td></tr></table><pre>| as code |\n|---|</pre>', None),
     "missing_image.html": ('<img src="img/missing.png">', "failed to load file://"),
     "console_error.html": ("<script>console.error('boom', 42)</script>", "console.error: boom 42"),
     "exception.html": ("<script>throw new Error('kaputt')</script>", "uncaught exception: Error: kaputt"),
@@ -48,6 +50,12 @@ PAGES = {
                     "widget 1 did not render"),
     "math.html": (r'<p>Area <span class="math notranslate nohighlight">\(a^2\)</span></p>',
                   "math element(s) but MathJax did not load"),
+    # A Markdown table displayed by a cell and rendered as CommonMark: one paragraph of pipes.
+    "markdown_table.html": ("<p>| claim | holds |\n|---|:---:|\n| smaller | yes |</p>",
+                            "a Markdown table shows as text, not as a table: '| claim | holds |"),
+    # The same after Sphinx's smart quotes, which turn --- into em dashes.
+    "markdown_table_dashes.html": ("<p>| claim | here |\n| \u2014 | \u2014 |\n| smaller | <strong>holds</strong> |</p>",
+                                   "a Markdown table shows as text"),
 }
 
 
@@ -60,7 +68,7 @@ def hand_made(tmp_path_factory) -> dict[str, list[str]] | None:
     (site / "img").mkdir()
     Image.new("RGB", (16, 8), (200, 30, 30)).save(site / "img" / "dot.png")
     for name, (body, _) in PAGES.items():
-        (site / name).write_text(page(body))
+        (site / name).write_text(page(body), encoding="utf-8")
     return check_pages(site, list(PAGES) + ["nowhere.html"])
 
 
@@ -140,6 +148,14 @@ widgets.VBox([slider, out])
 """
 
 
+# A table a cell displays as Markdown, as the chapters show the papers' claims.
+MARKDOWN_TABLE_CELL = """\
+from IPython.display import Markdown, display
+
+display(Markdown("| method | top-1 |\\n|---|---:|\\n| HND | 41.7 |"))
+"""
+
+
 def jupyter_book_command() -> list[str]:
     """jupyter-book next to the running interpreter, else its click entry point."""
     exe = Path(sys.executable).with_name("jupyter-book")
@@ -150,7 +166,8 @@ def jupyter_book_command() -> list[str]:
 
 @pytest.fixture(scope="module")
 def tiny_book(tmp_path_factory) -> Path | None:
-    """A two-page book (math page + papermill-executed widget notebook), built with -W;
+    """A two-page book (math page + papermill-executed notebook with a widget and a Markdown
+    table), built with -W;
     None without Chromium, as nothing could look at it."""
     if find_chromium() is None:
         return None
@@ -166,7 +183,7 @@ def tiny_book(tmp_path_factory) -> Path | None:
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.cells = [nbformat.v4.new_markdown_cell("# Widgets\n\nA slider and a figure."),
-                nbformat.v4.new_code_cell(WIDGET_CELL)]
+                nbformat.v4.new_code_cell(WIDGET_CELL), nbformat.v4.new_code_cell(MARKDOWN_TABLE_CELL)]
     source = base / "widgets.ipynb"
     nbformat.write(nb, source)
     executed = book / "_executed" / "notebooks" / "widgets.ipynb"
@@ -216,3 +233,12 @@ def test_tiny_book_widgets_rendered_offline(tiny_results):
     assert figures and figures[0]["natural"] > 0 and figures[0]["src"].startswith("data:image/png")
     assert all(url.startswith(("file:", "data:")) for url in state["requests"])
     assert any(url.split("?")[0].endswith("/_static/html-manager/embed-amd.js") for url in state["requests"])
+
+
+def test_tiny_book_renders_a_displayed_markdown_table_as_a_table(tiny_book, tiny_results):
+    """_config.yml has cells' Markdown parsed as MyST: a table, not a paragraph of pipes."""
+    need_chromium()
+    text = (tiny_book / "_executed" / "notebooks" / "widgets.html").read_text()
+    assert re.search(r"<table[^>]*>.*<p>HND</p>.*<p>41.7</p>.*</table>", text, re.S), text[-3000:]
+    _, state = tiny_results["_executed/notebooks/widgets.html"]
+    assert state["rawTables"] == []

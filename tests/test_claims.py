@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from hnd.book.claims import Claim, claims_table, differences, rate_claims, training_claims, verdict
+from hnd.book.claims import Claim, claims_table, compare, differences, rate_claims, training_claims, verdict
 from hnd.book.results import model_points
 from hnd.rate import RatePoint
 from hnd.synth import write_synthetic_dataset
@@ -13,14 +13,16 @@ from test_results import run
 
 
 def grid(hnd=(60.0, 58.0), kd=(55.0, 56.0), naive=(50.0, 52.0), ae=(59.0, 57.0), seconds=None,
-         entropic=((1, 3, 300, 58.0), (30, 3, 200, 50.0))) -> list:
+         entropic=((1, 3, 300, 58.0), (30, 3, 200, 50.0)), spread=0.0) -> list:
     """A grid of one backbone: its teacher, four methods at 3 and 12 channels (top-1 per width)
-    and entropic students as (β, channels, bytes, top-1)."""
+    and entropic students as (β, channels, bytes, top-1). ``spread``: two seeds per student,
+    ``spread`` points apart around each top-1 (0: one seed)."""
     seconds = seconds or {"hnd": 30.0, "kd": 48.0, "naive": 36.0, "ae": 15.0}
+    offsets = ((0, 0.0),) if not spread else ((0, -spread / 2), (1, spread / 2))
     runs = [run("shufflenet_v2_x1_0", "teacher", 86.0, 86.0, epochs=12, input_size=96)]
     for method, top1 in (("hnd", hnd), ("kd", kd), ("naive", naive), ("ae", ae)):
-        runs += [run("shufflenet_v2_x1_0", method, t, 86.0, channels=c, input_size=96,
-                     seconds_per_epoch=seconds[method]) for c, t in zip((3, 12), top1)]
+        runs += [run("shufflenet_v2_x1_0", method, t + d, 86.0, channels=c, input_size=96, seed=seed,
+                     seconds_per_epoch=seconds[method]) for c, t in zip((3, 12), top1) for seed, d in offsets]
     runs += [run("shufflenet_v2_x1_0", "entropic", t, 86.0, channels=c, beta=float(b), bytes_per_image=float(n),
                  input_size=96) for b, c, n, t in entropic]
     return runs
@@ -31,29 +33,46 @@ def verdicts(claims: list[Claim]) -> list[bool | None]:
 
 
 def test_training_claims_follow_the_numbers():
-    assert verdicts(training_claims(grid())) == [True, True, True, True]
+    assert verdicts(training_claims(grid())) == [True, True, True, True, True]
     # KD beats HND at one width only: the claim fails, and its numbers are shown
     claims = training_claims(grid(kd=(55.0, 58.5)))
-    assert verdicts(claims) == [False, True, True, True]
+    assert verdicts(claims) == [False, True, True, True, True]
     assert "12 ch: HND 58.0%, KD 58.5%, naive 52.0%" in claims[0].measured
+    # naive ahead of KD at one width
+    assert verdicts(training_claims(grid(naive=(50.0, 57.0))))[1] is False
     # an HND epoch dearer than a naive one
     slow = {"hnd": 40.0, "kd": 48.0, "naive": 36.0, "ae": 15.0}
-    assert verdicts(training_claims(grid(seconds=slow)))[1] is False
+    assert verdicts(training_claims(grid(seconds=slow)))[2] is False
     # the autoencoder more than SIMILAR_TOP1 points ahead
-    assert verdicts(training_claims(grid(ae=(66.0, 57.0))))[2] is False
-    assert verdicts(training_claims(grid(ae=(61.5, 57.0))))[2] is True
+    assert verdicts(training_claims(grid(ae=(66.0, 57.0))))[3] is False
+    assert verdicts(training_claims(grid(ae=(61.5, 57.0))))[3] is True
     # bytes that do not fall with β
     flat = ((1, 3, 300, 58.0), (30, 3, 310, 50.0))
     claims = training_claims(grid(entropic=flat))
-    assert claims[3].holds is False and "β=30 310 B (50.0%)" in claims[3].measured
+    assert claims[4].holds is False and "β=30 310 B (50.0%)" in claims[4].measured
+
+
+def test_a_difference_within_the_spread_over_seeds_is_noise():
+    # HND leads KD by 4 and 2 points: beyond a 1-point spread, within a 3-point one at 12 channels
+    assert training_claims(grid(spread=1.0))[0].verdict == "holds"
+    claim = training_claims(grid(spread=3.0))[0]
+    assert claim.verdict == "within noise" and claim.holds is None and claim.within_noise
+    assert "3 ch: HND 60.0% (58.5–61.5, 2 seeds)" in claim.measured
+    # a shortfall larger than the spread still fails, whatever the other widths show
+    assert training_claims(grid(kd=(55.0, 62.0), spread=3.0))[0].verdict == "does not hold"
+    assert compare([60.0, 61.0], [59.0, 59.5]) == "holds"
+    assert compare([60.0, 61.0], [60.0, 61.5]) == "noise"
+    assert compare([58.0, 58.5], [60.0, 61.0]) == "fails"
+    assert compare([], [60.0]) is None
+    assert compare([58.0], [59.0], margin=2.0) == "holds"
 
 
 def test_a_claim_without_its_runs_is_not_measured():
     runs = [r for r in grid(entropic=((1, 3, 300, 58.0),)) if r.method not in ("kd",)]
     claims = training_claims(runs)
-    assert verdicts(claims) == [None, None, True, None]  # no KD; one β only
-    assert [c.verdict for c in claims][0] == "not measured"
-    assert verdicts(training_claims([])) == [None, None, None, None]
+    assert verdicts(claims) == [True, None, None, True, None]  # HND against naive only; no KD; one β only
+    assert [c.verdict for c in claims][1] == "not measured"
+    assert verdicts(training_claims([])) == [None, None, None, None, None]
 
 
 def _points(entropic_bytes: float, entropic_top1: float, jpeg_offset: int = 0) -> list[dict]:
@@ -89,9 +108,9 @@ def test_verdict_explains_a_failed_claim_with_the_differences(failed, data):
     runs = grid(kd=(65.0, 56.0) if failed else (55.0, 56.0))
     difference = differences(runs, data)
     assert "2 epochs" in difference and "12 generated images of 3 classes" in difference
-    assert "`shufflenet_v2_x1_0` teacher at 96 px trained here from scratch to 86.0%" in difference
+    assert "`shufflenet_v2_x1_0` teacher at 96 px trained from scratch on these images to 86.0%" in difference
     text = verdict(training_claims(runs), difference)
-    assert text.startswith(f"{3 if failed else 4} of 4 claims hold")
+    assert text.startswith(f"{4 if failed else 5} of 5 claims hold")
     assert (difference in text) is failed
 
 
@@ -110,3 +129,13 @@ def test_claims_table_shows_every_claim_whole():
     assert len(rows) == 2 + len(claims) and rows[0].startswith("| claim |")
     assert claims[0].measured in rows[2] and rows[2].endswith("| **does not hold** |")
     assert rows[3].endswith("| **holds** |")
+
+
+def test_ablation_rows_give_means_and_verdicts_per_setting():
+    from hnd.book.claims import ablation_rows
+
+    rows = ablation_rows({"early": grid(hnd=(50.0, 50.0), kd=(55.0, 56.0)), "late": grid(spread=1.0)})
+    assert [r["setting"] for r in rows] == ["early", "late"]
+    assert rows[0]["HND 3ch"] == 50.0 and rows[0]["KD 12ch"] == 56.0
+    assert (rows[0]["HND ≥ KD, naive"], rows[0]["KD ≥ naive"]) == ("does not hold", "holds")
+    assert rows[1]["HND ≥ KD, naive"] == "holds" and rows[1]["HND 3ch"] == 60.0

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import re
+
+import matplotlib.pyplot as plt
 import pytest
 
-import json
-
 from hnd.errors import HndError
-from hnd.book.explore import BEST_SPLIT, ENTROPY, SplitExplorer, _options, accuracy_from_runs, app_explorer, \
-    known_teachers, shortlist, zlib_ratios_from_runs
-from hnd.latency import _rows, coded_student, list_device_profiles, load_device_profile, plan, save_device_profile
+import hnd.book.explore as explore
+from hnd.book.explore import BEST_SPLIT, DEVICE, ENTROPY, RATE_READOUT, SplitExplorer, _options, _write_rates, \
+    accuracy_from_runs, app_explorer, format_rate, known_teachers, offered, shortlist, stage_ends, zlib_ratios_from_runs
+from hnd.book.plots import plot_delay_breakdown
+from hnd.latency import _rows, coded_student, crossovers, list_device_profiles, load_device_profile, plan, \
+    save_device_profile
 from hnd.registry import resolve
 
 PROFILES = list_device_profiles()
@@ -43,7 +48,7 @@ def test_moving_the_rate_changes_the_answer(explorer):
     before = shown_png(explorer)
     explorer.rate.value = 1000.0
     fast = plan(explorer.shown, 1000.0, explorer.rtt.value)[0][0]
-    assert f"Best at 1e+03 Mbps" in explorer.summary.value and fast.label in explorer.summary.value
+    assert f"Best at 1,000 Mbps" in explorer.summary.value and fast.label in explorer.summary.value
     assert shown_png(explorer) != before
 
 
@@ -122,7 +127,7 @@ def test_the_teacher_split_can_be_chosen_and_follows_the_backbone():
     explorer.backbone.value = "densenet169"  # its own split points; the choice falls back to the best
     assert explorer.split.value == BEST_SPLIT and "transition1" in " ".join(explorer.split.options)
     [split] = [o for o in explorer.shown if o.kind == "teacher_split"]
-    best = min((o for o in _options("densenet169", "this-machine", explorer.server.value, 3, "int8")
+    best = min((o for o in offered(list(_options("densenet169", DEVICE, explorer.server.value, 3, "int8")))
                 if o.kind == "teacher_split"), key=lambda o: o.delay(10.0, 20.0))
     assert split == best
 
@@ -190,3 +195,95 @@ def test_the_app_reads_a_grid_of_runs(tmp_path):
     assert list(explorer.backbone.options) == known_teachers()
     assert known_teachers()[:4] == ["densenet169", "densenet201", "resnet152", "inception_v3"]
     assert "resnet18" in known_teachers() and "mobilenet_v3_large" in known_teachers()
+
+
+def test_hnd_explore_opens_where_the_rate_moves_the_best_option():
+    """The scene hnd explore opens on (a Pi-class device, a paper teacher): along the rate
+    slider the best option is local, then the student, then offloading."""
+    explorer = app_explorer()
+    assert (explorer.backbone.value, explorer.device.value, explorer.server.value) == \
+        ("densenet169", "raspberry-pi4", "gpu-server")
+    bests = []
+    for step in range(9):
+        rate = 10 ** (explorer.rate.min + step * (explorer.rate.max - explorer.rate.min) / 8)
+        explorer.rate.value = rate
+        best = plan(explorer.shown, explorer.rate.value, explorer.rtt.value)[0][0]
+        assert f"Best at {format_rate(explorer.rate.value)}, 20 ms RTT: {best.label}</b>" in explorer.summary.value
+        bests.append(best.kind)
+    assert list(dict.fromkeys(bests)) == ["local_small", "student", "offload"]
+
+
+@pytest.mark.parametrize("mbps, text", [(0.1, "0.1 Mbps"), (0.05, "0.05 Mbps"), (2.5, "2.5 Mbps"), (1, "1 Mbps"),
+                                        (10, "10 Mbps"), (300, "300 Mbps"), (1000, "1,000 Mbps"),
+                                        (999.7, "1,000 Mbps"), (10 ** 0.05, "1.12 Mbps"), (12345, "12,300 Mbps")])
+def test_rates_are_written_as_people_write_them(mbps, text):
+    assert format_rate(mbps) == text and format_rate(mbps, unit=False) == text.removesuffix(" Mbps")
+
+
+def test_the_slider_readout_and_the_figure_write_rates_the_same_way(explorer):
+    assert explorer.rate.readout_format == RATE_READOUT == ",.3~r"  # d3-format: 3 significant digits, trimmed
+    explorer.rate.value = 1000.0
+    assert "e+" not in explorer.summary.value and "1,000 Mbps" in explorer.summary.value
+
+    fig = plot_delay_breakdown(explorer.shown, 1000.0, 20.0, crossings=crossovers(explorer.shown, rtt_ms=20.0))
+    _write_rates(fig, 1000.0)
+    fig.canvas.draw()
+    bars, curves = fig.axes[:2]
+    ticks = [t.get_text() for t in curves.get_xticklabels() if t.get_text()]
+    assert "1,000" in ticks and "0.1" in ticks and "1,000 Mbps" in bars.get_xlabel()
+    assert all("e" not in t.get_text() for t in curves.texts)
+    plt.close(fig)
+
+
+def test_stage_ends_are_where_a_reader_cuts():
+    assert stage_ends(["conv1", "bn1", "layer1.0.add", "layer1.0", "layer1", "layer2.0", "layer2.1", "avgpool"]) == \
+        ["conv1", "bn1", "layer1", "layer2.1", "avgpool"]
+    assert stage_ends(["features.0", "features.1.conv.0", "features.1", "features.2.conv.0", "features"]) == \
+        ["features.0", "features.1", "features.2.conv.0", "features"]
+    assert stage_ends(["pool0", "denseblock1.denselayer1", "denseblock1.denselayer6", "transition1.norm",
+                       "transition1.pool", "stage2.0.cat", "stage2", "Mixed_5b", "Mixed_5c"]) == \
+        ["pool0", "denseblock1.denselayer6", "transition1.pool", "stage2", "Mixed_5b", "Mixed_5c"]
+    assert stage_ends([]) == []
+
+
+def test_every_traced_layer_is_behind_a_toggle():
+    explorer = SplitExplorer(("resnet18", "shufflenet_v2_x1_0"))
+    stages = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool", "flatten"]
+    assert list(explorer.split.options) == [BEST_SPLIT] + stages
+    explorer.every_split.value = True
+    every = list(explorer.split.options)[1:]
+    assert "layer1.0.add" in every and set(stages) < set(every) and stage_ends(every) == stages
+    explorer.split.value = "layer1.0.add"
+    assert [o.split for o in explorer.shown if o.kind == "teacher_split"] == ["layer1.0.add"]
+    explorer.every_split.value = False  # the chosen point is hidden again: back to the best
+    assert explorer.split.value == BEST_SPLIT and "layer1.0.add" not in explorer.split.options
+    explorer.backbone.value = "shufflenet_v2_x1_0"
+    assert list(explorer.split.options) == [BEST_SPLIT, "conv1", "maxpool", "stage2", "stage3", "stage4", "conv5",
+                                            "mean"]
+
+
+def test_the_zlib_ratio_box_shows_only_for_int8_zlib(explorer):
+    explorer.fmt.value = "int8"
+    assert explorer.zlib.layout.display == "none"
+    explorer.fmt.value = "int8+zlib"
+    assert explorer.zlib.layout.display is None
+    explorer.fmt.value = "fp16"
+    assert explorer.zlib.layout.display == "none"
+
+
+def test_table_headers_are_separate_padded_cells(explorer):
+    headers = re.findall(r"<th style='([^']*)'>([^<]*)</th>", explorer.summary.value)
+    assert [h for _, h in headers] == ["option", "delay (ms)", "bytes sent", "top-1 (%)"]
+    assert all("padding:2px 10px" in style for style, _ in headers)
+    assert explorer.summary.value.count("padding:2px 10px") == 4 * (len(explorer.shown) + 1)
+
+
+def test_with_runs_it_still_opens_on_a_paper_teacher_and_names_the_trained_one(monkeypatch):
+    monkeypatch.setattr(explore, "accuracy_from_runs", lambda runs: {("shufflenet_v2_x1_0", "student", 3): 41.5})
+    monkeypatch.setattr(explore, "coded_from_runs", lambda runs: {})
+    monkeypatch.setattr(explore, "zlib_ratios_from_runs", lambda runs: {})
+    explorer = app_explorer("runs")
+    assert explorer.backbone.value == "densenet169" and explorer.device.value == DEVICE
+    assert "trained <b>shufflenet_v2_x1_0</b>" in explorer.message.value
+    explorer.backbone.value = "shufflenet_v2_x1_0"
+    assert "41.5" in explorer.summary.value

@@ -99,5 +99,8 @@ def test_rate_accuracy_demo_measures_an_entropic_student(tmp_path):
     assert {"entropic_summary", "lead_label", "jpeg_match", "photo_jpeg75", "paper_int8_3ch"} <= glued(nb)
     html = "".join(o.get("data", {}).get("text/html", "") for o in outputs(nb))
     assert "hnd zlib bytes" in html  # the matched-accuracy table
+    # Every point in a scrolling box, and all of them with every column as CSV.
+    assert "hnd-scroll-table" in html and html.count("<td>") >= 4 * len(points)
+    assert len((tmp_path / "rate" / "rate_accuracy.csv").read_text().splitlines()) == 1 + len(points)
     assert "densenet169 3ch" in html and "2531" in html  # the paper's 3x29x29 bottleneck: 2,523 codes + 8 bytes
     assert str(tmp_path) not in html and "PosixPath" not in html

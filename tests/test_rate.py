@@ -262,9 +262,14 @@ def test_plot_rate_accuracy(teacher_top1):
         assert {t.get_text() for t in ax.texts} >= {"q10", "q95", "conv1", "layer4"}
         assert "avgpool" not in {t.get_text() for t in ax.texts}  # same place as layer4: not written twice
         fig.canvas.draw()
-        legend, axes_box = ax.get_legend().get_window_extent(), ax.get_window_extent()
-        assert legend.x0 >= axes_box.x1 and legend.x1 <= fig.bbox.x1 + 1  # beside the axes, inside the figure
-        texts = {t.get_text() for t in ax.get_legend().get_texts()}
+        (legend,) = fig.legends
+        box, axes_box = legend.get_window_extent(), ax.get_window_extent()
+        assert box.y1 <= axes_box.y0 and box.x0 >= -1 and box.x1 <= fig.bbox.x1 + 1  # below the axes, in the figure
+        # Read at a page's width (about 7 inches): no text smaller than 8 points on a 7.5 inch figure.
+        assert fig.get_figwidth() <= 8
+        words = [*ax.texts, *legend.get_texts(), *ax.get_xticklabels(), *ax.get_yticklabels()]
+        assert min(t.get_fontsize() for t in words) >= 8
+        texts = {t.get_text() for t in legend.get_texts()}
         assert {"student 3ch", "bottleneck int8+zlib", "input: resnet50 jpeg"} <= texts
         assert any(math.isclose(line.get_ydata()[0], 75.0) and line.get_linestyle() == "--"
                    for line in ax.lines) == (teacher_top1 is not None)
@@ -297,7 +302,7 @@ def test_plot_rate_accuracy_draws_each_entropic_student_as_a_curve_over_beta():
         assert three.get_color() != curves["entropic 12ch, range-coded over β"].get_color()
         assert len(ax.lines) == 3 + 2 + 1 + 2  # as without them, plus one curve per entropic student
         assert {"β=0.1", "β=0.5", "β=2"} <= {t.get_text() for t in ax.texts}
-        texts = {t.get_text() for t in ax.get_legend().get_texts()}
+        texts = {t.get_text() for t in fig.legends[0].get_texts()}
         assert set(curves) <= texts and "bottleneck β=0.1" not in texts and "entropic 3ch" not in texts
     finally:
         plt.close(fig)

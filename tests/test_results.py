@@ -4,6 +4,7 @@ comparison, and the results chapter's figures."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -238,6 +239,18 @@ def test_accuracy_vs_channels_draws_one_line_per_beta(plt):
     assert {t.get_text() for t in ax.get_legend().get_texts()} == set(lines)
 
 
+def test_accuracy_vs_channels_draws_the_mean_over_seeds_and_their_range(plt):
+    from hnd.book.plots import plot_accuracy_vs_channels
+
+    runs = [run("resnet50", "hnd", t, channels=c, seed=s) for c, s, t in
+            ((3, 0, 50.0), (3, 1, 54.0), (12, 0, 60.0), (12, 1, 60.0))]
+    (ax,) = plot_accuracy_vs_channels(runs).axes
+    (line,) = [line for line in ax.lines if line.get_label() == "HND"]
+    assert list(line.get_xdata()) == [3, 12] and list(line.get_ydata()) == [52.0, 60.0]
+    (bars,) = ax.collections  # one vertical bar per width, from the lowest to the highest seed
+    assert [tuple(s[:, 1]) for s in bars.get_segments()] == [(50.0, 54.0), (60.0, 60.0)]
+
+
 def test_accuracy_vs_channels_gives_each_panel_its_legend_when_betas_differ(plt):
     from hnd.book.plots import plot_accuracy_vs_channels
 
@@ -296,3 +309,35 @@ def test_narrowest_summary_reads_each_method_at_the_narrowest_width():
                                            "bytes_per_image": None}
     assert summary["betas"] == [0.5, 2.0]
     assert narrowest_summary([])["backbone"] is None
+
+
+def _curve_run(folder: Path, method: str, channels: int, seed: int, select: list[float], test: list[float]):
+    """A finished student run whose run/metrics.jsonl holds the given per-epoch top-1s."""
+    lines = [{"epoch": e + 1, "select_top1": s, "test_top1": t, "seconds": 2.0, "train_loss": 1.0}
+             for e, (s, t) in enumerate(zip(select, test))]
+    (folder / "run").mkdir(parents=True)
+    (folder / "run" / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    best = max(range(len(select)), key=lambda i: select[i])
+    return run("resnet50", method, test[best], 80.0, channels=channels, seed=seed, best_epoch=best + 1,
+               epochs=10, epochs_run=len(select), folder=folder)
+
+
+def test_runs_read_as_if_they_had_stopped_earlier(tmp_path, plt):
+    from hnd.book.plots import plot_learning_curves
+    from hnd.book.results import learning_curves, seed_means, top1_at_epoch
+
+    runs = [_curve_run(tmp_path / "hnd0", "hnd", 3, 0, [20, 50, 70, 70], [21, 49, 72, 71]),
+            _curve_run(tmp_path / "kd0", "kd", 3, 0, [40, 60, 61, 59], [41, 58, 62, 60]),
+            _curve_run(tmp_path / "kd1", "kd", 3, 1, [42, 61, 60, 60], [43, 59, 60, 60]),
+            run("resnet50", "teacher", 80.0, 80.0, folder=tmp_path / "teacher")]
+    curves = learning_curves(runs)
+    assert [r.method for r, _ in curves] == ["hnd", "kd", "kd"]  # the teacher has no student curve
+    early = top1_at_epoch(curves, 2)
+    assert [(r.test_top1, r.best_epoch, r.epochs_run) for r in early] == [(49, 2, 2), (58, 2, 2), (59, 2, 2)]
+    assert [r.test_top1 for r in top1_at_epoch(curves, 4)] == [72, 62, 59]  # kept epochs 3, 3, 2
+    means = {r.method: r for r in seed_means(early)}
+    assert means["kd"].test_top1 == 58.5 and means["kd"].seed == -1 and means["hnd"].seed == 0
+    fig = plot_learning_curves(curves)
+    left, right = fig.axes
+    assert sum(1 for line in left.lines if len(line.get_xdata()) == 4) == 3
+    assert max(max(line.get_xdata()) for line in right.lines if len(line.get_xdata())) == 8.0  # 4 epochs x 2 s

@@ -28,10 +28,13 @@ class Claim:
     claim: str  # what the papers say, in one sentence
     source: str  # who says it
     measured: str  # what this grid measured, in numbers
-    holds: bool | None  # None: the grid lacks the runs to tell
+    holds: bool | None  # None: the grid lacks the runs to tell, or the difference is within noise
+    within_noise: bool = False  # measured, but the difference does not exceed the spread over seeds
 
     @property
     def verdict(self) -> str:
+        if self.within_noise:
+            return "within noise"
         return {True: "holds", False: "does not hold", None: "not measured"}[self.holds]
 
 
@@ -41,53 +44,93 @@ def _lead(runs: list[RunRecord]) -> str | None:
     return sorted(reference)[0] if reference else None
 
 
-def _top1(runs: list[RunRecord], method: str, channels: int) -> float | None:
-    found = [r.test_top1 for r in runs if r.method == method and r.channels == channels]
-    return max(found) if found else None
+def _seeds(runs: list[RunRecord], method: str, channels: int) -> list[float]:
+    """Test top-1 of every seed of (method, channels)."""
+    return [r.test_top1 for r in runs if r.method == method and r.channels == channels]
+
+
+def _spread(values: list[float]) -> float:
+    """How far seeds of one setting lie apart: max - min (0 with one seed)."""
+    return max(values) - min(values) if values else 0.0
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def compare(a: list[float], b: list[float], margin: float = 0.0) -> str | None:
+    """Is ``a`` at least ``b`` minus ``margin`` (each a list of per-seed top-1)? ``"holds"``
+    when the difference of the means exceeds the larger spread over seeds, ``"fails"`` when
+    it falls short by more than that, ``"noise"`` between; None without both."""
+    if not a or not b:
+        return None
+    gap, noise = _mean(a) - _mean(b) + margin, max(_spread(a), _spread(b))
+    return "holds" if gap > noise else "fails" if gap < -noise else "noise"
+
+
+def _claim(claim: str, source: str, measured: str, outcomes: list[str | None]) -> Claim:
+    """A claim over several comparisons: it does not hold if one fails, holds if all hold,
+    and is within noise otherwise."""
+    outcomes = [o for o in outcomes if o is not None]
+    if not outcomes:
+        return Claim(claim, source, "", None)
+    if "fails" in outcomes:
+        return Claim(claim, source, measured, False)
+    if all(o == "holds" for o in outcomes):
+        return Claim(claim, source, measured, True)
+    return Claim(claim, source, measured, None, within_noise=True)
+
+
+def _describe(values: list[float]) -> str:
+    """``90.1%`` (one seed) or ``90.1% (89.5-90.7, 2 seeds)``."""
+    if len(values) == 1:
+        return f"{values[0]:.1f}%"
+    return f"{_mean(values):.1f}% ({min(values):.1f}–{max(values):.1f}, {len(values)} seeds)"
 
 
 def _per_width(runs: list[RunRecord], methods: tuple[str, ...], widths: list[int]) -> str:
     names = {"hnd": "HND", "kd": "KD", "naive": "naive", "ae": "AE"}
-    return "; ".join(f"{w} ch: " + ", ".join(f"{names[m]} {_top1(runs, m, w):.1f}%" for m in methods
-                                              if _top1(runs, m, w) is not None) for w in widths)
+    return "; ".join(f"{w} ch: " + ", ".join(f"{names[m]} {_describe(_seeds(runs, m, w))}" for m in methods
+                                              if _seeds(runs, m, w)) for w in widths)
 
 
 def training_claims(runs: list[RunRecord]) -> list[Claim]:
-    """The results chapter's claims, for the lead backbone of ``runs``: HND against naive and
-    KD training at every bottleneck width, what an epoch of each costs, HND against the
-    autoencoder baseline, and an entropic student's bytes falling as β rises."""
+    """The results chapter's claims, for the lead backbone of ``runs``: HND against KD and
+    naive training and KD against naive at every bottleneck width, what an epoch of each
+    costs, HND against the autoencoder baseline, and an entropic student's bytes falling as β
+    rises. Accuracy claims compare means over seeds against the spread between seeds."""
     lead = _lead(runs)
     runs = [r for r in runs if r.teacher == lead]
     widths = sorted({r.channels for r in runs if r.method != "teacher" and r.channels is not None})
-    claims = []
-
-    pairs = [(_top1(runs, "hnd", w), _top1(runs, "kd", w), _top1(runs, "naive", w)) for w in widths]
-    pairs = [p for p in pairs if None not in p]
-    claims.append(Claim(
-        "At the same bottleneck, the student head trained by HND is at least as accurate as the same student "
-        "trained end to end, naively or with knowledge distillation.", ACCESS_2020,
-        _per_width(runs, ("hnd", "kd", "naive"), widths) if pairs else "",
-        all(h >= max(k, n) for h, k, n in pairs) if pairs else None))
+    top1 = {(m, w): _seeds(runs, m, w) for m in ("hnd", "kd", "naive", "ae") for w in widths}
+    claims = [
+        _claim("At the same bottleneck, the student head trained by HND is at least as accurate as the same student "
+               "trained end to end, naively or with knowledge distillation.", ACCESS_2020,
+               _per_width(runs, ("hnd", "kd", "naive"), widths),
+               [compare(top1["hnd", w], top1[other, w]) for w in widths for other in ("kd", "naive")]),
+        _claim("At the same bottleneck, knowledge distillation trains a more accurate student than naive training.",
+               HOTEDGE_2019, _per_width(runs, ("kd", "naive"), widths),
+               [compare(top1["kd", w], top1["naive", w]) for w in widths]),
+    ]
 
     cost = {m: [r.seconds_per_epoch for r in runs if r.method == m] for m in ("hnd", "kd", "naive")}
-    mean = {m: sum(v) / len(v) for m, v in cost.items() if v}
+    mean = {m: _mean(v) for m, v in cost.items() if v}
     claims.append(Claim(
-        "HND costs less per epoch than naive training or KD: it back-propagates through the student head only and "
-        "runs only the teacher's head forward.", ACCESS_2020,
+        "HND costs less per epoch than naive training or KD: it back-propagates through the student head only, "
+        "and needs no more of the teacher than its head's output.", ACCESS_2020,
         ", ".join(f"{m if m == 'naive' else m.upper()} {s:.1f} s" for m, s in mean.items()) + " per epoch"
         if mean else "", mean["hnd"] < min(mean["kd"], mean["naive"]) if len(mean) == 3 else None))
 
-    pairs = [(_top1(runs, "hnd", w), _top1(runs, "ae", w)) for w in widths]
-    pairs = [p for p in pairs if None not in p]
-    claims.append(Claim(
+    claims.append(_claim(
         "A distilled student head with a bottleneck is as accurate as an autoencoder inserted into the unchanged "
         "teacher, while the device runs only the small head instead of the teacher's head plus an encoder.",
-        AE_BASELINE, _per_width(runs, ("hnd", "ae"), widths) if pairs else "",
-        all(h >= a - SIMILAR_TOP1 for h, a in pairs) if pairs else None))
+        AE_BASELINE, _per_width(runs, ("hnd", "ae"), widths),
+        [compare(top1["hnd", w], top1["ae", w], margin=SIMILAR_TOP1) for w in widths]))
 
     sweeps = {w: sorted((r.beta, r.bytes_per_image, r.test_top1) for r in runs
                         if r.method == "entropic" and r.channels == w and r.bytes_per_image is not None)
               for w in widths}
+    sweeps = {w: _by_beta(s) for w, s in sweeps.items()}
     sweeps = {w: s for w, s in sweeps.items() if len(s) > 1}
     claims.append(Claim(
         "A larger rate weight β makes an entropic student send fewer bytes, at some cost in accuracy.",
@@ -96,6 +139,13 @@ def training_claims(runs: list[RunRecord]) -> list[Claim]:
                   for w, s in sweeps.items()),
         all(all(n2 < n1 for (_, n1, _), (_, n2, _) in zip(s, s[1:])) for s in sweeps.values()) if sweeps else None))
     return claims
+
+
+def _by_beta(points: list[tuple[float, float, float]]) -> list[tuple[float, float, float]]:
+    """(β, bytes, top-1) averaged over the seeds of each β, in β order."""
+    betas = sorted({b for b, _, _ in points})
+    return [(b, _mean([n for bb, n, _ in points if bb == b]), _mean([t for bb, _, t in points if bb == b]))
+            for b in betas]
 
 
 def rate_claims(rows: list[dict]) -> list[Claim]:
@@ -141,15 +191,17 @@ def differences(runs: list[RunRecord], data: str | os.PathLike) -> str:
     images = "generated images" if (Path(data) / SUMMARY_FILE).is_file() else "images"
     lead = _lead(runs)
     own = [r for r in runs if r.teacher == lead]
-    students = sorted({r.epochs for r in own if r.method != "teacher"})
+    ran = sorted({r.epochs_run or r.epochs for r in own if r.method != "teacher"})
+    students = f"{ran[0]}" if len(ran) == 1 else f"{ran[0]} to {ran[-1]}" if ran else "no"
     teacher = teacher_reference(own).get(lead)
     sizes = sorted({r.input_size for r in own if r.input_size})
     size = f" at {sizes[0]} px" if len(sizes) == 1 else ""
     trained = any(r.method == "teacher" for r in own)
-    return (f"This grid's students train for {'/'.join(map(str, students)) or 'no'} epochs (the papers: "
+    return (f"This grid's students train for {students} epochs (the papers: "
             f"{PAPER_EPOCHS}) on {len(layout.samples['train']):,} {images} of {len(layout.classes)} classes (the "
             f"papers: 1.28 million ImageNet photographs of 1,000 classes), against a `{lead}` teacher{size}"
-            + (f" trained here from scratch to {teacher:.1f}% top-1" if trained and teacher is not None else "")
+            + (f" trained from scratch on these images to {teacher:.1f}% top-1" if trained and teacher is not None
+               else "")
             + " (the papers: torchvision's pretrained DenseNet-169/201 and ResNet-152 at 224 px and Inception-v3 at "
               "299 px).")
 
@@ -166,8 +218,12 @@ def verdict(claims: list[Claim], difference: str) -> str:
     and for those that do not, how the grid differs from the papers."""
     held = [c for c in claims if c.holds]
     failed = [c for c in claims if c.holds is False]
-    unknown = [c for c in claims if c.holds is None]
+    noise = [c for c in claims if c.within_noise]
+    unknown = [c for c in claims if c.holds is None and not c.within_noise]
     text = f"{len(held)} of {len(claims)} claims hold on this grid."
+    if noise:
+        text += (f" For {len(noise)} the difference is within the spread between seeds: this grid cannot tell "
+                 "either way.")
     if failed:
         text += (f" {len(failed)} do{'es' if len(failed) == 1 else ''} not, and this grid cannot tell whether "
                  f"{'it' if len(failed) == 1 else 'they'} would in the papers' setting. " + difference
@@ -175,3 +231,23 @@ def verdict(claims: list[Claim], difference: str) -> str:
     if unknown:
         text += f" {len(unknown)} could not be checked: the grid lacks the runs."
     return text
+
+
+def ablation_rows(settings: dict[str, list[RunRecord]]) -> list[dict]:
+    """One row per setting (e.g. the same students stopped after 2 epochs, after 5, and by the
+    stopping rule): each method's mean test top-1 at every width and the verdicts of the two
+    accuracy claims (HND against KD and naive, KD against naive) under that setting."""
+    rows = []
+    for label, runs in settings.items():
+        claims = training_claims(runs)
+        lead = _lead(runs)
+        own = [r for r in runs if r.teacher == lead]
+        widths = sorted({r.channels for r in own if r.method != "teacher" and r.channels is not None})
+        row = {"setting": label}
+        for w in widths:
+            for m, name in (("hnd", "HND"), ("kd", "KD"), ("naive", "naive")):
+                values = _seeds(own, m, w)
+                row[f"{name} {w}ch"] = round(_mean(values), 1) if values else None
+        row["HND ≥ KD, naive"], row["KD ≥ naive"] = claims[0].verdict, claims[1].verdict
+        rows.append(row)
+    return rows

@@ -1,25 +1,32 @@
 """An interactive split-point explorer: ipywidgets over the latency model.
 
-:class:`SplitExplorer` owns explicit widgets (backbone, the plain teacher's split point,
-student channels, number format, zlib ratio, data rate, round-trip time, device and server
-profiles, a profile file), a one-line message, an HTML summary and an ``Output`` with one
-figure: the delay breakdown of each option at the chosen link, and delay against data rate
-with the crossovers marked. Every change recomputes through :mod:`hnd.latency`, so tests drive
-it headlessly by setting widget values and reading ``summary.value`` and ``shown``.
+:class:`SplitExplorer` owns explicit widgets (backbone, the plain teacher's split point and
+whether every traced layer is offered, student channels, number format, zlib ratio, data rate,
+round-trip time, device and server profiles, a profile file), a one-line message, an HTML
+summary and an ``Output`` with one figure: the delay breakdown of each option at the chosen
+link, and delay against data rate with the crossovers marked. Every change recomputes through
+:mod:`hnd.latency`, so tests drive it headlessly by setting widget values and reading
+``summary.value`` and ``shown``.
 In a rendered book the widgets are a saved snapshot of their last state; ``hnd explore``
-serves them live (Voilà, :func:`app_explorer`).
+serves them live (Voilà, :func:`app_explorer`). It opens on the papers' question: a Pi-class
+device and a paper teacher, where the best option moves with the data rate.
 """
 
 from __future__ import annotations
 
 import html
 import io
+import math
+import re
 from functools import lru_cache
 from pathlib import Path
 
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
+import traitlets
 from IPython.display import Image
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 from hnd.errors import HndError
 from hnd.latency import CodedStudent, Option, coded_student, crossovers, list_device_profiles, load_device_profile, \
@@ -33,6 +40,38 @@ FORMATS = ("fp32", "fp16", "int8", "int8+zlib")
 ENTROPY = "entropy"  # the format choice of entropic students, offered when runs measured some
 BEST_SPLIT = "best at this link"
 UNMEASURED_ZLIB = 1.0  # int8+zlib without a measured ratio: no compression assumed until one is set
+DEVICE = "raspberry-pi4"  # where the explorer opens: a device slow enough for the link to decide
+RATE_READOUT = ",.3~r"  # format_rate in d3-format, for the slider's readout
+
+
+def format_rate(mbps: float, unit: bool = True) -> str:
+    """A data rate as people write it: 0.1, 2.5, 316, 1,000 Mbps (three significant digits,
+    thousands separated, never an exponent), as the slider's readout (RATE_READOUT) shows it."""
+    if not 0 < mbps < math.inf:
+        return f"{mbps:g}" + (" Mbps" if unit else "")
+    digits = 2 - math.floor(math.log10(mbps))
+    text = f"{round(mbps, digits):,.{max(digits, 0)}f}"
+    text = text.rstrip("0").rstrip(".") if "." in text else text
+    return text + (" Mbps" if unit else "")
+
+
+class RateSlider(widgets.FloatLogSlider):
+    """The data-rate slider; its readout writes rates as :func:`format_rate` does (ipywidgets'
+    own check of ``readout_format`` predates d3-format's ``~``, which trims trailing zeros)."""
+
+    readout_format = traitlets.Unicode(RATE_READOUT).tag(sync=True)
+
+
+def stage_ends(points: list[str]) -> list[str]:
+    """The split points (in the order run) that end a stage, where a reader would cut: a point's
+    stage is its name up to the first part ending in a digit (``layer2.1.add`` -> ``layer2``,
+    ``features.4.conv.0`` -> ``features.4``, ``denseblock1.denselayer3`` -> ``denseblock1``,
+    ``stage3.2`` -> ``stage3``), else the whole name; the other points lie inside a stage."""
+    def stage(point: str) -> str:
+        parts = point.split(".")
+        return ".".join(parts[:next((i + 1 for i, p in enumerate(parts) if p[-1:].isdigit()), len(parts))])
+
+    return [p for p, after in zip(points, points[1:] + [None]) if after is None or stage(after) != stage(p)]
 
 
 @lru_cache(maxsize=128)
@@ -51,6 +90,14 @@ def _options(teacher: str, device: str, server: str, channels: int, fmt: str,
     split_format = fmt if fmt in ("fp32", "fp16", "int8") else "int8"
     return tuple(options(spec, dev, srv, channels=(channels,), formats=(fmt,), split_format=split_format,
                          lossless_ratio=zlib_ratio if fmt == "int8+zlib" else None))
+
+
+def offered(choices: list[Option], every_layer: bool = False) -> list[Option]:
+    """``choices`` with the plain teacher cut only where a stage ends (:func:`stage_ends`), or
+    after every traced layer."""
+    points = [o.split for o in choices if o.kind == "teacher_split"]
+    keep = set(points if every_layer else stage_ends(points))
+    return [o for o in choices if o.kind != "teacher_split" or o.split in keep]
 
 
 def shortlist(choices: list[Option], rate_mbps: float, rtt_ms: float, split: str = "") -> list[Option]:
@@ -75,6 +122,28 @@ def _error(exc: Exception) -> str:
     return f"<span style='color:#b00020'>{html.escape(str(exc))}</span>"
 
 
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    """An HTML table whose columns stay apart in any page style: padded cells, the first column
+    left-aligned, the numbers right-aligned."""
+    def cells(tag: str, values: list[str]) -> str:
+        return "".join(f"<{tag} style='padding:2px 10px;text-align:{'left' if i == 0 else 'right'}'>{v}</{tag}>"
+                       for i, v in enumerate(values))
+
+    return "<table>" + "".join(f"<tr>{cells(t, r)}</tr>" for t, r in [("th", header)] + [("td", r) for r in rows]) \
+        + "</table>"
+
+
+def _write_rates(fig: Figure, rate_mbps: float) -> None:
+    """Rates in ``fig`` (:func:`hnd.book.plots.plot_delay_breakdown`) as :func:`format_rate`
+    writes them: the rate axis's ticks, the chosen rate and the crossovers' labels."""
+    bars, curves = fig.axes[:2]
+    bars.set_xlabel(bars.get_xlabel().replace(f"{rate_mbps:.3g} Mbps", format_rate(rate_mbps)))
+    curves.xaxis.set_major_formatter(FuncFormatter(lambda x, _: format_rate(x, unit=False)))
+    for text in curves.texts:
+        if re.fullmatch(r"[\d.e+-]+", text.get_text()):
+            text.set_text(format_rate(float(text.get_text()), unit=False))
+
+
 class SplitExplorer:
     """Widgets to explore where to split ``teachers`` for a device, a server and a link.
 
@@ -88,7 +157,7 @@ class SplitExplorer:
     """
 
     def __init__(self, teachers: tuple[str, ...] = PAPER_TEACHERS, *, backbone: str | None = None,
-                 device: str = "this-machine", server: str | None = None, profiles: list[str] | None = None,
+                 device: str = DEVICE, server: str | None = None, profiles: list[str] | None = None,
                  accuracy: dict | None = None, coded: dict | None = None, zlib_ratios: dict | None = None,
                  rate_mbps: float = 10.0, rtt_ms: float = 20.0):
         profiles = profiles or list_device_profiles()
@@ -106,25 +175,26 @@ class SplitExplorer:
                                          description="backbone", style=style)
         self.split = widgets.Dropdown(options=[BEST_SPLIT], value=BEST_SPLIT, description="teacher split",
                                       style=style)
+        self.every_split = widgets.Checkbox(value=False, description="every traced layer", style=style)
         self.channels = widgets.Dropdown(options=list(OFFICIAL_CHANNELS), description="channels", style=style)
         formats = list(FORMATS) + ([ENTROPY] if any(self.coded.values()) else [])
         self.fmt = widgets.Dropdown(options=formats, value="int8", description="format", style=style)
         self.zlib = widgets.BoundedFloatText(value=self._measured_zlib(), min=0.01, max=2.0, step=0.01,
                                              description="zlib ratio", style=style)
-        self.rate = widgets.FloatLogSlider(value=rate_mbps, base=10, min=-1, max=3, step=0.05,
-                                           description="rate (Mbps)", continuous_update=False, style=style)
+        self.rate = RateSlider(value=rate_mbps, base=10, min=-1, max=3, step=0.05, description="rate (Mbps)",
+                               continuous_update=False, style=style)
         self.rtt = widgets.FloatSlider(value=rtt_ms, min=0, max=200, step=1, description="RTT (ms)",
                                        continuous_update=False, style=style)
         self.device = widgets.Dropdown(options=profiles, value=device, description="device", style=style)
         self.server = widgets.Dropdown(options=profiles, value=server, description="server", style=style)
         self.profile_file = widgets.Text(placeholder="a file written by hnd profile-device",
                                          description="profile file", continuous_update=False, style=style)
-        self.message = widgets.HTML()  # one line: a profile loaded, or what is wrong
+        self.message = widgets.HTML()  # one line: a profile loaded, the runs' teacher, or what is wrong
         self.summary = widgets.HTML()
         self.output = widgets.Output()
         self.shown: list[Option] = []  # what the figure shows now
-        for name in ("backbone", "split", "channels", "fmt", "zlib", "rate", "rtt", "device", "server",
-                     "profile_file", "message", "summary", "output"):
+        for name in ("backbone", "split", "every_split", "channels", "fmt", "zlib", "rate", "rtt", "device",
+                     "server", "profile_file", "message", "summary", "output"):
             getattr(self, name).add_class(f"hnd-{name.replace('_', '-')}")  # stable handles for a browser
         self._quiet = False  # set while the explorer changes its own widgets
         self.channels.observe(self._channels_changed, names="value")
@@ -136,12 +206,12 @@ class SplitExplorer:
 
     @property
     def controls(self) -> list[widgets.Widget]:
-        return [self.backbone, self.split, self.channels, self.fmt, self.zlib, self.rate, self.rtt, self.device,
-                self.server, self.profile_file]
+        return [self.backbone, self.split, self.every_split, self.channels, self.fmt, self.zlib, self.rate,
+                self.rtt, self.device, self.server, self.profile_file]
 
     @property
     def widget(self) -> widgets.Widget:
-        left = widgets.VBox([self.backbone, self.split, self.channels, self.fmt, self.zlib])
+        left = widgets.VBox([self.backbone, self.split, self.every_split, self.channels, self.fmt, self.zlib])
         right = widgets.VBox([self.rate, self.rtt, self.device, self.server, self.profile_file])
         return widgets.VBox([widgets.HBox([left, right]), self.message, self.summary, self.output])
 
@@ -190,10 +260,11 @@ class SplitExplorer:
 
     def _choices(self) -> list[Option]:
         coded = tuple(c for c in self.coded.get(self.backbone.value, ()) if c.spec.channels == self.channels.value)
-        choices = list(_options(self.backbone.value, self.device.value, self.server.value, self.channels.value,
-                                self.fmt.value, coded if self.fmt.value == ENTROPY else (), float(self.zlib.value)))
+        choices = offered(list(_options(self.backbone.value, self.device.value, self.server.value,
+                                        self.channels.value, self.fmt.value, coded if self.fmt.value == ENTROPY
+                                        else (), float(self.zlib.value))), self.every_split.value)
         points = [BEST_SPLIT] + [o.split for o in choices if o.kind == "teacher_split"]
-        if list(self.split.options) != points:  # another backbone: its own split points
+        if list(self.split.options) != points:  # another backbone or the toggle: other split points
             self._quiet = True
             try:
                 keep = self.split.value if self.split.value in points else BEST_SPLIT
@@ -207,6 +278,7 @@ class SplitExplorer:
         """Recompute for the current widget values and redraw the summary and the figure."""
         if self._quiet:
             return
+        self.zlib.layout.display = None if self.fmt.value == "int8+zlib" else "none"  # only int8+zlib uses it
         rate, rtt = self.rate.value, self.rtt.value
         try:
             choices = self._choices()
@@ -218,12 +290,9 @@ class SplitExplorer:
         ranked = plan(self.shown, rate, rtt)
         best, delay = ranked[0]
         changes = crossovers(self.shown, rtt_ms=rtt)
-        rows = "".join(
-            f"<tr><td>{o.label}</td><td style='text-align:right'>{1e3 * d:,.1f}</td>"
-            f"<td style='text-align:right'>{o.bytes:,.0f}</td>"
-            f"<td style='text-align:right'>{'' if self._accuracy(o) is None else f'{self._accuracy(o):.1f}'}</td></tr>"
-            for o, d in ranked)
-        crossing = "; ".join(f"{c['from']} → {c['to']} at {c['rate_mbps']:.3g} Mbps" for c in changes) or "none"
+        rows = [[o.label, f"{1e3 * d:,.1f}", f"{o.bytes:,.0f}",
+                 "" if self._accuracy(o) is None else f"{self._accuracy(o):.1f}"] for o, d in ranked]
+        crossing = "; ".join(f"{c['from']} → {c['to']} at {format_rate(c['rate_mbps'])}" for c in changes) or "none"
         zlib = ""
         if self.fmt.value == "int8+zlib":
             measured = self.zlib_ratios.get(self.channels.value)
@@ -231,11 +300,12 @@ class SplitExplorer:
                     ("as measured by the book's rate chapter." if measured == self.zlib.value else
                      "set by hand (the rate chapter or <code>hnd rate</code> measures it)."))
         self.summary.value = (
-            f"<b>Best at {rate:.3g} Mbps, {rtt:.0f} ms RTT: {best.label}</b> ({1e3 * delay:,.1f} ms)."
+            f"<b>Best at {format_rate(rate)}, {rtt:.0f} ms RTT: {best.label}</b> ({1e3 * delay:,.1f} ms)."
             f"<br>Best option changes as the rate rises: {crossing}.{zlib}"
-            f"<table><tr><th>option</th><th>delay (ms)</th><th>bytes sent</th><th>top-1 (%)</th></tr>{rows}</table>")
+            + _table(["option", "delay (ms)", "bytes sent", "top-1 (%)"], rows))
         fig = plot_delay_breakdown(self.shown, rate, rtt, crossings=changes,
                                    title=f"{self.backbone.value}: {self.device.label} → {self.server.label}")
+        _write_rates(fig, rate)
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=90)
         plt.close(fig)
@@ -289,13 +359,18 @@ def zlib_ratios_from_runs(runs: str) -> dict[int, float]:
 
 def app_explorer(runs: str | None = None) -> SplitExplorer:
     """The explorer of ``hnd explore``: every teacher hnd knows and the built-in device
-    profiles; with a book grid's ``runs``, its accuracies, entropic students and zlib ratios,
-    opened on the teacher it trained."""
+    profiles, opened on the papers' question (their first teacher on a Pi-class device); with a
+    book grid's ``runs``, its accuracies, entropic students and zlib ratios, and a line naming
+    the teacher it trained (the book's is small enough to run locally at every rate)."""
     teachers = known_teachers()
     if not runs:
         return SplitExplorer(tuple(teachers))
     accuracy = accuracy_from_runs(runs)
+    explorer = SplitExplorer(tuple(teachers), accuracy=accuracy, coded=coded_from_runs(runs),
+                             zlib_ratios=zlib_ratios_from_runs(runs))
     trained = [t for (t, kind, _) in accuracy if kind == "student"] or [t for (t, _, _) in accuracy]
-    backbone = next((t for t in trained if t in teachers), None)
-    return SplitExplorer(tuple(teachers), backbone=backbone, accuracy=accuracy, coded=coded_from_runs(runs),
-                         zlib_ratios=zlib_ratios_from_runs(runs))
+    trained = [t for t in trained if t in teachers]
+    if trained:
+        explorer.message.value = (f"The book's runs trained <b>{html.escape(trained[0])}</b>: "
+                                  "choose it as the backbone to see their accuracies.")
+    return explorer

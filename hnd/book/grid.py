@@ -149,8 +149,11 @@ def _path(path: Path, cwd: Path | None) -> str:
 
 
 def plan_cells(profile: Profile, runs: Path, data: Path | None, cwd: Path | None = None) -> list[Cell]:
-    """Every cell of the profile, in run order, with placeholders filled in (paths relative to
-    ``cwd``, the notebooks' working folder, when given)."""
+    """Every cell of the profile, in run order, with placeholders filled in: ``{out}`` (the runs
+    folder), ``{data}``, ``{cell}`` and ``{project}`` (the folder holding ``notebooks/``, e.g.
+    for files shipped with the project), as paths relative to ``cwd``, the notebooks' working
+    folder, when given."""
+    project = profile.path.parent.parent.parent  # <project>/notebooks/profiles/<name>.yaml
     cells, seen, phase = [], set(), 0
     for number, step in enumerate(profile.steps, 1):
         if number == 1 or step.get("wait", True):  # else the step starts with the one before
@@ -163,7 +166,7 @@ def plan_cells(profile: Profile, runs: Path, data: Path | None, cwd: Path | None
                 raise HndError(f"{profile.path}: two cells are called {cell_id}; give one step a name")
             seen.add(cell_id)
             places = {"out": _path(runs, cwd), "data": _path(data, cwd) if data else "",
-                      "cell": _path(runs / cell_id, cwd)}
+                      "cell": _path(runs / cell_id, cwd), "project": _path(project.resolve(), cwd)}
             where = f"profile {profile.name}, cell {cell_id}"
             parameters = _fill({**(step.get("parameters") or {}), **combo}, places, where)
             label = ", ".join(f"{k}={v}" for k, v in combo.items()) or step.get("name") or step["notebook"]

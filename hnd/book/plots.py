@@ -230,6 +230,9 @@ def plot_training(metrics: list[dict], title: str = "") -> Figure:
     loss_ax.set_yscale("log")
     loss_ax.set(xlabel="epoch", ylabel="training loss per image", title="loss")
     acc_ax.plot(epochs, [m["select_top1"] for m in metrics], marker="o", label="selection split")
+    tested = [(m["epoch"], m["test_top1"]) for m in metrics if "test_top1" in m]  # test_every_epoch runs
+    if tested:
+        acc_ax.plot(*zip(*tested), marker=".", color="black", label="test split")
     trained = [(m["epoch"], m["train_top1"]) for m in metrics if "train_top1" in m]
     if trained and (entropic or len(trained) == len(metrics)):
         acc_ax.plot(*zip(*trained), marker=".", ls="--", label="training batches")
@@ -265,7 +268,8 @@ def plot_training(metrics: list[dict], title: str = "") -> Figure:
 
 def plot_accuracy_vs_channels(runs: list[RunRecord], teacher_top1: dict[str, float] | None = None) -> Figure:
     """The papers' main comparison: test top-1 against bottleneck channels, a line per method,
-    one panel per backbone, the teacher's top-1 as a dashed reference line. Entropic students
+    one panel per backbone, the teacher's top-1 as a dashed reference line; with several seeds,
+    the mean and a bar from the lowest to the highest seed. Entropic students
     get one line per rate weight β (``entropic β=…``, shades of purple). The legend is on the last panel, or on every panel when their lines differ."""
     teacher_top1 = teacher_top1 or {}
     backbones = sorted({r.teacher for r in runs} | set(teacher_top1))
@@ -275,13 +279,12 @@ def plot_accuracy_vs_channels(runs: list[RunRecord], teacher_top1: dict[str, flo
     for ax, backbone in zip(axes[0], backbones):
         mine = [r for r in runs if r.teacher == backbone]
         for method in ("naive", "kd", "hnd", "ae"):
-            points = sorted((r.channels, r.test_top1) for r in mine if r.method == method)
-            if points:
-                ax.plot(*zip(*points), marker="o", color=METHOD_COLORS[method], label=METHOD_LABELS[method])
+            _seed_line(ax, [r for r in mine if r.method == method], marker="o", color=METHOD_COLORS[method],
+                       label=METHOD_LABELS[method])
         for beta in sorted({r.beta for r in mine if r.method == "entropic"}, key=lambda b: (b is None, b)):
-            points = sorted((r.channels, r.test_top1) for r in mine if r.method == "entropic" and r.beta == beta)
             label = "entropic" if beta is None else f"entropic {beta_setting(beta)}"
-            ax.plot(*zip(*points), marker="D", ms=5, color=shades.get(beta, METHOD_COLORS["entropic"]), label=label)
+            _seed_line(ax, [r for r in mine if r.method == "entropic" and r.beta == beta], marker="D", ms=5,
+                       color=shades.get(beta, METHOD_COLORS["entropic"]), label=label)
         if backbone in teacher_top1:
             ax.axhline(teacher_top1[backbone], color="black", ls="--", lw=1, label="teacher")
         ax.set_xticks(sorted({r.channels for r in mine}) or [0])
@@ -295,6 +298,20 @@ def plot_accuracy_vs_channels(runs: list[RunRecord], teacher_top1: dict[str, flo
             ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return fig
+
+
+def _seed_line(ax, runs: list[RunRecord], **style) -> None:
+    """Test top-1 against channels: the mean over seeds, with a bar from the lowest to the
+    highest seed where there are several."""
+    widths = sorted({r.channels for r in runs})
+    if not widths:
+        return
+    seeds = [[r.test_top1 for r in runs if r.channels == w] for w in widths]
+    means = [sum(v) / len(v) for v in seeds]
+    ax.plot(widths, means, **style)
+    if any(len(v) > 1 for v in seeds):
+        spread = [[m - min(v) for m, v in zip(means, seeds)], [max(v) - m for m, v in zip(means, seeds)]]
+        ax.errorbar(widths, means, yerr=spread, fmt="none", capsize=3, color=style["color"])
 
 
 def plot_training_time(runs: list[RunRecord]) -> Figure:
@@ -332,6 +349,7 @@ def plot_training_time(runs: list[RunRecord]) -> Figure:
 
 
 _FORMAT_MARKERS = {"fp32": "o", "fp16": "s", "int8": "^", "int8+zlib": "D"}
+_NOTE_SIZE = 9  # points' labels in the rate-accuracy plane
 
 
 def _sparse(n: int, most: int) -> list[int]:
@@ -341,12 +359,13 @@ def _sparse(n: int, most: int) -> list[int]:
     return sorted({round(k * (n - 1) / (most - 1)) for k in range(most)})
 
 
-def _annotate_sparsely(ax, series: list[dict], most: int, placed: list, y_tol: float, **text) -> None:
-    """Write each chosen point's ``setting`` next to it, skipping points that lie too close (in
-    log bytes and top-1) to one already written, so that labels do not pile up."""
+def _annotate_sparsely(ax, series: list[dict], most: int, placed: list, y_tol: float, gap: float = 0.1,
+                       **text) -> None:
+    """Write each chosen point's ``setting`` next to it, skipping points that lie too close (``gap``
+    decades of bytes, ``y_tol`` of top-1) to one already written, so that labels do not pile up."""
     for i in _sparse(len(series), most):
         x, y = series[i]["bytes"], series[i]["top1"]
-        if any(abs(math.log10(x / px)) < 0.08 and abs(y - py) < y_tol for px, py in placed):
+        if any(abs(math.log10(x / px)) < gap and abs(y - py) < y_tol for px, py in placed):
             continue
         placed.append((x, y))
         ax.annotate(series[i]["setting"], (x, y), textcoords="offset points", **text)
@@ -358,10 +377,10 @@ def plot_rate_accuracy(points: list[RatePoint] | list[dict], teacher_top1: float
     ``beta``, see :func:`hnd.book.results.model_points`) as one curve over its β values, joined in
     order of bytes and labelled with β, one line per input codec over its qualities, one line
     per teacher through its split stages (in stage order), the raw input size as a dotted
-    vertical line, the teacher's top-1 (if given) as a dashed line. The legend sits to the
-    right of the axes."""
+    vertical line, the teacher's top-1 (if given) as a dashed line. Sized to be read at the
+    width of a page: the legend sits below the axes, in columns."""
     rows = [p.to_dict() if hasattr(p, "to_dict") else dict(p) for p in points]
-    fig, ax = plt.subplots(figsize=(8.5, 4.5), layout="constrained")
+    fig, ax = plt.subplots(figsize=(7.5, 6.5), layout="constrained")
     handles: list = []
     colors = (f"C{k % 10}" for k in range(10**6))  # one colour per model, codec and teacher
     placed: list = []  # annotated (bytes, top1)
@@ -380,7 +399,7 @@ def plot_rate_accuracy(points: list[RatePoint] | list[dict], teacher_top1: float
         for fmt in formats:
             series = [r for r in mine if r["setting"] == fmt and not is_entropic_point(r)]
             if series:
-                ax.scatter([r["bytes"] for r in series], [r["top1"] for r in series], s=40, color=color,
+                ax.scatter([r["bytes"] for r in series], [r["top1"] for r in series], s=60, color=color,
                            marker=markers[fmt], edgecolors="black", linewidths=0.4, zorder=3)
         if any(not is_entropic_point(r) for r in mine):
             handles.append(plt.Line2D([], [], ls="", marker="o", ms=7, color=color, label=label))
@@ -394,7 +413,7 @@ def plot_rate_accuracy(points: list[RatePoint] | list[dict], teacher_top1: float
         (line,) = ax.plot([r["bytes"] for r in series], [r["top1"] for r in series], marker="P", ms=8, lw=1.6,
                           color=color, mec="black", mew=0.4, zorder=4, label=f"{label}, range-coded over β")
         handles.append(line)
-        _annotate_sparsely(ax, series, 5, placed, y_tol, xytext=(4, -9), fontsize=7, color=color)
+        _annotate_sparsely(ax, series, 5, placed, y_tol, xytext=(5, -11), fontsize=_NOTE_SIZE, color=color)
 
     inputs = [r for r in rows if r["kind"] == "input"]
     for label in dict.fromkeys(r["label"] for r in inputs if r["setting"] != "raw"):
@@ -403,15 +422,16 @@ def plot_rate_accuracy(points: list[RatePoint] | list[dict], teacher_top1: float
         (line,) = ax.plot([r["bytes"] for r in series], [r["top1"] for r in series], marker=".", ms=6,
                           lw=1.2, color=next(colors), label=f"input: {label}")
         handles.append(line)
-        _annotate_sparsely(ax, series, 3, placed, y_tol, xytext=(3, 4), fontsize=7, color=line.get_color())
+        _annotate_sparsely(ax, series, 3, placed, y_tol, xytext=(3, 5), fontsize=_NOTE_SIZE,
+                           color=line.get_color())
 
     for label in dict.fromkeys(r["label"] for r in rows if r["kind"] == "teacher_split"):
         series = [r for r in rows if r["kind"] == "teacher_split" and r["label"] == label]
         (line,) = ax.plot([r["bytes"] for r in series], [r["top1"] for r in series], marker="x", ms=5,
                           lw=0.8, color=next(colors), label=f"{label} split after a stage")
         handles.append(line)
-        _annotate_sparsely(ax, series, 6, placed, y_tol, xytext=(0, -10), fontsize=6, ha="center",
-                           color=line.get_color())
+        _annotate_sparsely(ax, series, 6, placed, y_tol, gap=0.2, xytext=(0, -12), fontsize=_NOTE_SIZE - 1,
+                           ha="center", color=line.get_color())
 
     raw = {(r["label"], r["bytes"]): r for r in inputs if r["setting"] == "raw"}
     for (label, size), r in raw.items():
@@ -424,10 +444,11 @@ def plot_rate_accuracy(points: list[RatePoint] | list[dict], teacher_top1: float
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(EngFormatter(unit="B", sep=" "))
     ax.yaxis.set_major_formatter(_PERCENT)
-    ax.set_xlabel("bytes sent per image (log scale)")
-    ax.set_ylabel("top-1")
+    ax.set_xlabel("bytes sent per image (log scale)", fontsize=12)
+    ax.set_ylabel("top-1", fontsize=12)
+    ax.tick_params(labelsize=11)
     ax.grid(lw=0.3, alpha=0.5, which="both")
-    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
+    fig.legend(handles=handles, fontsize=10, loc="outside lower center", ncol=2, frameon=False)
     return fig
 
 
@@ -503,5 +524,41 @@ def plot_delay_vs_rate(options_by_teacher: dict[str, list], rtt_ms: float) -> Fi
         ax.set_ylabel(f"delay per image (ms), RTT {rtt_ms:g} ms")
     for ax in list(axes.flat)[len(names):]:
         ax.set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def plot_learning_curves(curves: list[tuple[RunRecord, list[dict]]], key: str = "select_top1") -> Figure:
+    """Every student's top-1 (``key``: selection or test split) against epoch and against
+    training seconds: one colour per method, solid for the narrowest bottleneck and dashed for
+    wider ones, one line per seed; a cross marks the epoch each run kept. The right panel is
+    the papers' cost argument: accuracy per second of training."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    widths = sorted({r.channels for r, _ in curves if r.channels is not None})
+    for record, metrics in curves:
+        series = [(m["epoch"], m[key], m["seconds"]) for m in metrics if key in m]
+        if not series:
+            continue
+        epochs, top1, seconds = zip(*series)
+        elapsed = [sum(seconds[: i + 1]) for i in range(len(seconds))]
+        style = dict(color=METHOD_COLORS.get(record.method, STAGE_COLOR), lw=1.2, alpha=0.85,
+                     ls="-" if record.channels == widths[0] else "--")
+        for ax, x in ((axes[0], epochs), (axes[1], elapsed)):
+            ax.plot(x, top1, **style)
+            kept = record.best_epoch - epochs[0]
+            if 0 <= kept < len(x):
+                ax.plot(x[kept], top1[kept], "x", ms=7, color=style["color"])
+    for method in dict.fromkeys(r.method for r, _ in curves):
+        axes[0].plot([], [], color=METHOD_COLORS.get(method, STAGE_COLOR), label=METHOD_LABELS.get(method, method))
+    for w, ls in zip(widths[:2], ("-", "--")):
+        axes[0].plot([], [], color="0.3", ls=ls, label=f"{w} ch" if w == widths[0] else f"{', '.join(map(str, widths[1:]))} ch")
+    axes[0].plot([], [], "x", color="0.3", label="kept epoch")
+    axes[0].set(xlabel="epoch", ylabel=f"{'selection' if key == 'select_top1' else 'test'} top-1")
+    axes[1].set(xlabel="training seconds (cumulative)")
+    axes[1].set_xscale("log")
+    for ax in axes:
+        ax.yaxis.set_major_formatter(_PERCENT)
+        ax.grid(alpha=0.3, lw=0.5)
+    axes[0].legend(fontsize=9, loc="lower right", ncol=2)
     fig.tight_layout()
     return fig

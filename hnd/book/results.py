@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from statistics import mean
 
@@ -130,6 +130,8 @@ class RunRecord:
     seconds_per_epoch: float
     images_per_s: float
     checkpoint: str  # the kept checkpoint, relative to the cell's folder
+    seed: int = 0  # the run's seed (initialization and batch order)
+    epochs_run: int | None = None  # epochs trained before the stopping rule ended the run
     folder: Path | None = field(default=None, compare=False, repr=False)  # where it was read from
 
     @classmethod
@@ -155,17 +157,18 @@ class RunRecord:
             select_top1=result.get("select_top1"), best_epoch=result["best_epoch"], epochs=config.epochs,
             train_seconds=sum(e["seconds"] for e in epochs), seconds_per_epoch=mean(e["seconds"] for e in epochs),
             images_per_s=mean(e["images_per_s"] for e in epochs), checkpoint=checkpoint.as_posix(),
-            folder=Path(output_dir))
+            seed=config.seed, epochs_run=len(epochs), folder=Path(output_dir))
 
     @classmethod
     def from_dict(cls, doc: dict, folder: str | os.PathLike | None = None) -> RunRecord:
         """The record saved as ``doc`` (keys it does not know are ignored; a missing one is an error)."""
         names = [f.name for f in fields(cls) if f.name != "folder"]
-        missing = [n for n in names if n not in doc]
+        optional = {f.name for f in fields(cls) if f.default is not MISSING}  # added since; defaults apply
+        missing = [n for n in names if n not in doc and n not in optional]
         if missing:
             where = f" in {folder}" if folder else ""
             raise HndError(f"training record{where} lacks {', '.join(missing)}; re-run the cell")
-        return cls(**{n: doc[n] for n in names}, folder=Path(folder) if folder else None)
+        return cls(**{n: doc[n] for n in names if n in doc}, folder=Path(folder) if folder else None)
 
     def to_dict(self) -> dict:
         doc = asdict(self)
@@ -281,14 +284,16 @@ def untrained_models(methods: list[str], teacher: str, classes: int, input_size:
 
 
 def train_overrides(method: str, overrides: dict | None, *, teacher_checkpoint: str = "",
-                    beta: float = 0.0) -> dict:
+                    beta: float = 0.0, seed: int = 0) -> dict:
     """The config overrides of one training run (``02_train``): the profile's ``overrides``,
-    then ``teacher_checkpoint`` if given, then ``beta`` for method ``entropic`` (0 keeps the
-    method's preset, :func:`hnd.config.default_beta`). A non-zero ``beta`` for another method
-    is an error: only entropic students have a rate to weigh."""
+    then ``teacher_checkpoint`` and ``seed`` if given, then ``beta`` for method ``entropic`` (0
+    keeps the method's preset, :func:`hnd.config.default_beta`). A non-zero ``beta`` for another
+    method is an error: only entropic students have a rate to weigh."""
     out = dict(overrides or {})
     if teacher_checkpoint:
         out["teacher_checkpoint"] = teacher_checkpoint
+    if seed:
+        out["seed"] = seed
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
         raise HndError(f"beta must be a non-negative number (0: the preset), got {beta!r}")
     if beta:
@@ -402,13 +407,34 @@ def best_run(runs: list[RunRecord], method: str, channels: int | None = None,
     return max(found, key=lambda r: r.test_top1) if found else None
 
 
+def seed_means(runs: list[RunRecord]) -> list[RunRecord]:
+    """One record per setting (backbone, method, channels, β) whose numbers are the means over
+    its seeds (``seed`` -1 when several were averaged); settings with one seed pass through."""
+    groups: dict[tuple, list[RunRecord]] = {}
+    for r in runs:
+        groups.setdefault((r.teacher, r.method, r.channels, r.beta), []).append(r)
+    out = []
+    for group in groups.values():
+        if len(group) == 1:
+            out.append(group[0])
+            continue
+        averaged = {k: mean(getattr(r, k) for r in group) for k in _AVERAGED if None not in [getattr(r, k) for r in group]}
+        out.append(replace(group[0], seed=-1, **averaged))
+    return out
+
+
+_AVERAGED = ("test_top1", "test_top5", "bytes_per_image", "teacher_top1", "select_top1", "train_seconds",
+             "seconds_per_epoch", "images_per_s")
+
+
 def narrowest_summary(runs: list[RunRecord]) -> dict:
     """The results chapter's closing numbers: for the first backbone with a reference top-1,
-    at its narrowest bottleneck, each method's test top-1 and seconds per epoch (an entropic
-    student's at its best β, with that β and its bytes per image) and the β values trained.
-    Numbers that no run measured are None."""
+    at its narrowest bottleneck, each method's test top-1 and seconds per epoch, as means over
+    seeds (an entropic student's at its best β, with that β and its bytes per image) and the β
+    values trained. Numbers that no run measured are None."""
     reference = teacher_reference(runs)
     lead = sorted(reference)[0] if reference else None
+    runs = seed_means(runs)
     widths = sorted({r.channels for r in runs if r.teacher == lead and r.method != "teacher"})
     low = widths[0] if widths else None
     out = {"backbone": lead, "channels": low, "teacher_top1": reference.get(lead), "methods": {}}
@@ -418,4 +444,30 @@ def narrowest_summary(runs: list[RunRecord]) -> dict:
             ("top1", "test_top1"), ("seconds_per_epoch", "seconds_per_epoch"), ("beta", "beta"),
             ("bytes_per_image", "bytes_per_image"))}
     out["betas"] = sorted({r.beta for r in runs if r.method == "entropic" and r.teacher == lead and r.channels == low})
+    return out
+
+
+def learning_curves(runs: list[RunRecord]) -> list[tuple[RunRecord, list[dict]]]:
+    """Each student run with its per-epoch lines (``run/metrics.jsonl`` in its cell folder),
+    for the learning-curve figures; runs whose lines are not there are left out."""
+    from hnd.training import read_metrics
+
+    out = []
+    for r in runs:
+        metrics = read_metrics(r.folder / "run") if r.folder is not None and r.method != "teacher" else []
+        if metrics:
+            out.append((r, metrics))
+    return out
+
+
+def top1_at_epoch(curves: list[tuple[RunRecord, list[dict]]], epoch: int) -> list[RunRecord]:
+    """The runs as if they had stopped after ``epoch`` epochs and kept their best selection
+    epoch up to then: test top-1 of that epoch (runs that logged ``test_top1`` every epoch)."""
+    out = []
+    for record, metrics in curves:
+        seen = [m for m in metrics if m["epoch"] <= epoch and "test_top1" in m]
+        if seen:
+            kept = max(seen, key=lambda m: m["select_top1"])  # the first of equals, as training keeps it
+            out.append(replace(record, test_top1=kept["test_top1"], best_epoch=kept["epoch"],
+                               epochs_run=len(seen)))
     return out

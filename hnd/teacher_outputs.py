@@ -1,0 +1,142 @@
+"""The frozen teacher's outputs, computed once per (image, augmentation view) and reused.
+
+A teacher is frozen while its students train, so its head output (the target of HND, AE and
+entropic stage 1) and its logits (the soft labels of KD and entropic stage 2) are a fixed
+function of the augmented image. With ``augment_views=V`` every epoch shows one of V fixed
+views of each image (:class:`hnd.data.ImageDataset`), the same for every run and seed, so
+:func:`cached_teacher_outputs` computes both outputs for every view once, keeps them in
+``<teacher_cache>/<fingerprint>.pt`` with the views' pixels, and every run on the same
+teacher, data and views reads them back instead of decoding images and running the teacher:
+across epochs, bottleneck widths, methods and seeds (:class:`CachedViews`). Caching teacher
+outputs is how torchdistill speeds up distillation too. A file lock makes runs that start
+together compute them once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from hnd.checkpoints import atomic_save, read_file
+from hnd.data import ImageDataset, normalize_pixels, pixels_uint8
+from hnd.errors import HndError
+
+FORMAT = 2  # bump when what a cache file holds changes
+
+
+@dataclass
+class TeacherOutputs:
+    """Row ``index·V + view`` of: the view's pixels [N·V, 3, S, S] (uint8, before
+    normalization), the teacher head's output [N·V, C, H, W] (float16: half the memory; the
+    squared error against it differs from float32 targets by under 0.1%) and the teacher's
+    logits [N·V, classes] (float32)."""
+
+    pixels: torch.Tensor
+    head: torch.Tensor
+    logits: torch.Tensor
+
+    def targets(self, kind: str, keys: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """The ``head`` outputs or ``logits`` of a batch's keys, as float32 on ``device``."""
+        rows = getattr(self, kind)[keys.cpu()]
+        return rows.to(device=device, dtype=torch.float32)
+
+
+def fingerprint(teacher: str, samples: list[tuple[str, int]], transform: object, views: int,
+                split: str) -> str:
+    """What the outputs depend on: the teacher (its checkpoint file's path, size and time, or
+    its pretrained name), the split point, the training images and labels, the augmentation
+    and the number of views."""
+    doc = {"format": FORMAT, "teacher": teacher, "split": split, "views": views, "transform": repr(transform),
+           "samples": [(os.path.abspath(p), label) for p, label in samples]}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def teacher_identity(checkpoint: str | None, name: str, pretrained: bool, seed: int) -> str:
+    """A teacher checkpoint as path, size and modification time (no second read of the file);
+    pretrained teachers by name, random ones by name and the seed that drew them."""
+    if not checkpoint:
+        return f"pretrained:{name}" if pretrained else f"random:{name}:{seed}"
+    stat = Path(checkpoint).stat()
+    return f"{os.path.abspath(checkpoint)}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+@torch.no_grad()
+def compute_teacher_outputs(head: nn.Module, teacher: nn.Module, views: ImageDataset, batch_size: int,
+                            num_workers: int, device: torch.device) -> TeacherOutputs:
+    """Run the frozen ``head`` and whole ``teacher`` over every view of every image; ``views``
+    gives the augmented images before normalization (``train_transform(normalize=False)``)."""
+    count, n = views.views, len(views)
+    head.eval(), teacher.eval()
+    rows: list[tuple[torch.Tensor, ...]] = []
+    for view in range(count):
+        views.set_epoch(view)
+        loader = DataLoader(views, batch_size=batch_size, num_workers=num_workers, collate_fn=_pixels)
+        for pixels, keys in loader:
+            x = torch.stack([normalize_pixels(p, views.decoder) for p in pixels]).to(device)  # [B, 3, S, S]
+            rows.append((keys, pixels, head(x).half().cpu(), teacher(x).float().cpu()))
+    keys = torch.cat([r[0] for r in rows])
+    order = torch.empty_like(keys)
+    order[keys] = torch.arange(len(keys))  # row index·V + view
+    assert len(keys) == n * count
+    return TeacherOutputs(*(torch.cat([r[i] for r in rows])[order] for i in (1, 2, 3)))
+
+
+def _pixels(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 pixels [B, 3, S, S], keys [B]) of a batch of (image, label, key) views."""
+    return torch.stack([pixels_uint8(image) for image, _, _ in batch]), torch.tensor([k for _, _, k in batch])
+
+
+class CachedViews(Dataset):
+    """The training views of a cache as a dataset: (normalized image, label, key) for epoch
+    ``e``'s view ``e mod V``, the same tensors :class:`hnd.data.ImageDataset` would decode."""
+
+    def __init__(self, cache: TeacherOutputs, labels: list[int], views: int, decoder: str):
+        self.cache, self.labels, self.views, self.decoder = cache, labels, views, decoder
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        key = index * self.views + self.epoch % self.views
+        return normalize_pixels(self.cache.pixels[key], self.decoder), self.labels[index], key
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Hold an exclusive lock on ``path`` (created if missing) while inside."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def cached_teacher_outputs(folder: str | os.PathLike, key: str, compute) -> TeacherOutputs:
+    """The outputs stored as ``folder/<key>.pt``, or ``compute()``'s, stored there first. Runs
+    asking for the same key at once wait for the first to finish and read its file."""
+    path = Path(folder) / f"{key}.pt"
+    with _locked(path.with_suffix(".lock")):
+        if path.is_file():
+            doc = read_file(path)
+            if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+                raise HndError(f"{path} is not a teacher-output cache of this version; delete it")
+            return TeacherOutputs(doc["pixels"], doc["head"], doc["logits"])
+        outputs = compute()
+        atomic_save({"format": FORMAT, "pixels": outputs.pixels, "head": outputs.head, "logits": outputs.logits},
+                    path)
+        return outputs

@@ -1,0 +1,136 @@
+"""The frozen teacher's outputs computed once per (image, augmentation view) and reused, the
+fixed augmentation views they rest on, the stopping rule, and runs trained elsewhere."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import hnd.training
+from conftest import error
+from hnd.config import resolve_config
+from hnd.data import ImageDataset, check_layout, train_transform
+from hnd.teacher_outputs import CachedViews, compute_teacher_outputs
+from hnd.training import finished_run, fit, read_metrics, train_or_resume
+from test_training import STUDENT, TEACHER, TINY, synth, teacher_ckpt  # noqa: F401 - fixtures
+
+VIEWS = ["augment_views=2", "epochs=3"]
+
+
+def _config(method: str, teacher: Path, *extra: str):
+    name = TEACHER if method == "ae" else STUDENT
+    return resolve_config(name, method, None, [*TINY, f"teacher_checkpoint={teacher}", *VIEWS, *extra])
+
+
+def test_views_repeat_every_v_epochs_and_ignore_the_seed(synth):
+    samples = check_layout(synth).samples["train"][:3]
+    transform = train_transform(STUDENT, input_size=64)
+
+    def item(epoch, seed, index=1):
+        dataset = ImageDataset(samples, transform, augment=True, seed=seed, views=2)
+        dataset.set_epoch(epoch)
+        return dataset[index]
+
+    x0, label, key0 = item(0, seed=0)
+    assert key0 == 1 * 2 + 0 and item(1, 0)[2] == 1 * 2 + 1 and item(2, 0)[2] == key0
+    assert torch.equal(x0, item(2, seed=0)[0]) and torch.equal(x0, item(0, seed=5)[0])
+    assert not torch.equal(x0, item(1, seed=0)[0])
+    plain = ImageDataset(samples, transform, augment=True, seed=0)
+    assert len(plain[1]) == 2  # without views: (image, label), a new draw every epoch
+
+
+@pytest.mark.parametrize("decoder", ["pil", "torchvision"])
+def test_cached_views_are_the_decoded_ones_bit_for_bit(decoder, synth):
+    samples = check_layout(synth).samples["train"][:5]
+    normalized = ImageDataset(samples, train_transform(STUDENT, input_size=64, decoder=decoder), augment=True,
+                              decoder=decoder, views=2)
+    pixels = ImageDataset(samples, train_transform(STUDENT, input_size=64, decoder=decoder, normalize=False),
+                          augment=True, decoder=decoder, views=2)
+    pool = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())  # a "teacher" with 3 logits
+    outputs = compute_teacher_outputs(torch.nn.Identity(), pool, pixels, 2, 0, torch.device("cpu"))
+    assert outputs.pixels.dtype == torch.uint8 and outputs.pixels.shape == (10, 3, 64, 64)
+    cached = CachedViews(outputs, [label for _, label in samples], 2, decoder)
+    for epoch in (0, 1, 2):
+        normalized.set_epoch(epoch), cached.set_epoch(epoch)
+        for i in range(len(samples)):
+            x, label, key = normalized[i]
+            y, cached_label, cached_key = cached[i]
+            assert torch.equal(x, y) and (label, key) == (cached_label, cached_key)
+            assert torch.equal(outputs.head[key], x.half()) and torch.allclose(outputs.logits[key], x.mean((1, 2)))
+
+
+@pytest.mark.parametrize("method", ["naive", "hnd", "kd", "ae"])
+def test_cached_run_trains_as_the_uncached_one(method, synth, teacher_ckpt, tmp_path, monkeypatch):
+    calls = []
+    compute = hnd.training.compute_teacher_outputs
+    monkeypatch.setattr(hnd.training, "compute_teacher_outputs", lambda *a, **k: calls.append(1) or compute(*a, **k))
+    plain = fit(_config(method, teacher_ckpt), synth, tmp_path / "plain", progress=False)
+    cache = tmp_path / "cache"
+    cached = fit(_config(method, teacher_ckpt, f"teacher_cache={cache}"), synth, tmp_path / "cached", progress=False)
+    again = fit(_config(method, teacher_ckpt, f"teacher_cache={cache}", "seed=1"), synth, tmp_path / "again",
+                progress=False)
+    assert calls == [1]  # the second cached run (another seed) read the file
+    assert len(list(cache.glob("*.pt"))) == 1
+    losses = [[m["train_loss"] for m in read_metrics(tmp_path / run)] for run in ("plain", "cached")]
+    # naive reads only the pixels from the cache: the same run. The targets differ in rounding:
+    # float16 head outputs (HND, AE), teacher logits from batches of another size (KD), which
+    # Adam's normalized steps carry on; within 0.1% (KD: 0.5%)
+    assert losses[1] == pytest.approx(losses[0], rel={"naive": 1e-12, "kd": 5e-3}.get(method, 1e-3))
+    assert cached["test"]["top1"] == pytest.approx(plain["test"]["top1"], abs=100 / cached["test"]["images"] + 1e-9)
+    assert again["test"]["images"] == plain["test"]["images"]
+
+
+def test_a_new_teacher_or_other_views_make_a_new_cache(synth, teacher_ckpt, tmp_path):
+    cache = tmp_path / "cache"
+    fit(_config("hnd", teacher_ckpt, f"teacher_cache={cache}", "epochs=1"), synth, tmp_path / "a", progress=False)
+    fit(_config("hnd", teacher_ckpt, f"teacher_cache={cache}", "epochs=1", "augment_views=3"), synth, tmp_path / "b",
+        progress=False)
+    other = tmp_path / "teacher.pt"
+    shutil.copy(teacher_ckpt, other)
+    fit(_config("hnd", other, f"teacher_cache={cache}", "epochs=1"), synth, tmp_path / "c", progress=False)
+    assert len(list(cache.glob("*.pt"))) == 3
+
+
+def test_patience_stops_a_run_that_no_longer_improves(synth, teacher_ckpt, tmp_path):
+    # a learning rate too small to move the selection top-1 after the first epoch
+    config = _config("naive", teacher_ckpt, "epochs=6", "patience=2", "lr=1e-12")
+    result = train_or_resume(config, synth, tmp_path / "run", progress=False)
+    lines = read_metrics(tmp_path / "run")
+    assert result["epochs_run"] == len(lines) == 3 and result["best_epoch"] == 1
+    assert train_or_resume(config, synth, tmp_path / "run", progress=False) == result  # finished: read back
+
+
+def test_entropic_patience_counts_from_stage_two():
+    config = resolve_config(STUDENT, "entropic", None, [*TINY, "epochs=10", "stage1_epochs=4", "patience=2"])
+    spent = [hnd.training.patience_spent(config, epoch, best_epoch=1) for epoch in range(10)]
+    assert spent == [False] * 6 + [True] * 4  # stage 2 starts at epoch index 4; 6 - 4 >= 2
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["teacher_cache=/tmp/c", "augment_views=0"], "teacher_cache needs augment_views > 0 (a fixed set of views "
+                                                  "whose teacher outputs can be kept); e.g. augment_views=8"),
+    (["patience=-1"], "patience must be 0 (off) or a positive number of epochs, got -1"),
+    (["augment_views=-2"], "augment_views must be 0 (off) or a positive number of views per image, got -2"),
+])
+def test_config_mistakes_are_one_line(extra, message):
+    assert error(resolve_config, STUDENT, "hnd", None, [*TINY, *extra]) == message
+
+
+def test_a_run_trained_elsewhere_is_tested_again_and_checked(synth, tmp_path):
+    config = resolve_config(TEACHER, "teacher", None, [*TINY, "pretrained=false", "epochs=1"])
+    fit(config, synth, tmp_path / "trained", progress=False)
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    for name in ("config.yaml", "metrics.jsonl", "result.json", "best.pt"):
+        shutil.copy(tmp_path / "trained" / name, shipped / name)
+    result = finished_run(config, shipped, synth)
+    assert result["test"] == result["trained_test"]  # the same weights on the same images
+    assert result["checkpoint"] == str(shipped / "best.pt")
+    other = resolve_config(TEACHER, "teacher", None, [*TINY, "pretrained=false", "epochs=1", "lr=0.5"])
+    assert error(finished_run, other, shipped, synth) == \
+        f"the run in {shipped} was trained with other settings (lr) than asked"
+    (shipped / "best.pt").unlink()
+    assert error(finished_run, config, shipped, synth) == f"{shipped} holds no finished run (result.json and best.pt)"
