@@ -36,8 +36,8 @@ FORMAT = 2  # bump when what a cache file holds changes
 @dataclass
 class TeacherOutputs:
     """Row ``index·V + view`` of: the view's pixels [N·V, 3, S, S] (uint8, before
-    normalization), the teacher head's output [N·V, C, H, W] (float16: half the memory; the
-    squared error against it differs from float32 targets by under 0.1%) and the teacher's
+    normalization), the teacher head's output [N·V, C, H, W] (float16: half the memory; a
+    student's training loss against it moves by under 0.5%) and the teacher's
     logits [N·V, classes] (float32)."""
 
     pixels: torch.Tensor

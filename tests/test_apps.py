@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from browser import INSTALL_HINT, find_chromium, open_app
-from hnd.book.explore import BEST_SPLIT, SplitExplorer, format_rate, known_teachers
+from hnd.book.explore import BEST_SPLIT, SplitExplorer, known_teachers
+from hnd.book.plots import format_rate
 from hnd.cli import main
 from hnd.latency import plan
 from live_app import HOST, free_port, js, ready, redraw_ms, running_explorer

@@ -109,6 +109,8 @@ def test_verdict_explains_a_failed_claim_with_the_differences(failed, data):
     difference = differences(runs, data)
     assert "2 epochs" in difference and "12 generated images of 3 classes" in difference
     assert "`shufflenet_v2_x1_0` teacher at 96 px trained from scratch on these images to 86.0%" in difference
+    assert difference.endswith("encoder does 75% fewer multiply-adds than the teacher head it replaces (the papers' "
+                               "DenseNet-169: 94%).")
     text = verdict(training_claims(runs), difference)
     assert text.startswith(f"{4 if failed else 5} of 5 claims hold")
     assert (difference in text) is failed

@@ -10,9 +10,9 @@ import pytest
 
 from hnd.errors import HndError
 import hnd.book.explore as explore
-from hnd.book.explore import BEST_SPLIT, DEVICE, ENTROPY, RATE_READOUT, SplitExplorer, _options, _write_rates, \
-    accuracy_from_runs, app_explorer, format_rate, known_teachers, offered, shortlist, stage_ends, zlib_ratios_from_runs
-from hnd.book.plots import plot_delay_breakdown
+from hnd.book.explore import BEST_SPLIT, DEVICE, ENTROPY, RATE_READOUT, SplitExplorer, _options, \
+    accuracy_from_runs, app_explorer, known_teachers, offered, shortlist, stage_ends, zlib_ratios_from_runs
+from hnd.book.plots import format_rate, plot_delay_breakdown
 from hnd.latency import _rows, coded_student, crossovers, list_device_profiles, load_device_profile, plan, \
     save_device_profile
 from hnd.registry import resolve
@@ -226,7 +226,6 @@ def test_the_slider_readout_and_the_figure_write_rates_the_same_way(explorer):
     assert "e+" not in explorer.summary.value and "1,000 Mbps" in explorer.summary.value
 
     fig = plot_delay_breakdown(explorer.shown, 1000.0, 20.0, crossings=crossovers(explorer.shown, rtt_ms=20.0))
-    _write_rates(fig, 1000.0)
     fig.canvas.draw()
     bars, curves = fig.axes[:2]
     ticks = [t.get_text() for t in curves.get_xticklabels() if t.get_text()]

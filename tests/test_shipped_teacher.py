@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hnd.book.grid import load_profile, plan_cells
+from hnd.book.grid import check_cells, load_profile, plan_cells
 from hnd.book.results import train_overrides
 from hnd.config import experiment_config
 from hnd.synth import write_synthetic_dataset
@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _teacher_cell(profile: str, tmp_path: Path):
     cells = plan_cells(load_profile(profile, ROOT), tmp_path / "runs", tmp_path / "data")
+    check_cells(cells, ROOT)  # parameter names and types against the notebook
     (cell,) = [c for c in cells if c.notebook == "02_train" and c.parameters["method"] == "teacher"]
     return cell.parameters
 

@@ -20,6 +20,7 @@ HOTEDGE_2019 = "Matsubara et al., HotEdgeVideo 2019"
 ENTROPIC_2022 = "Matsubara et al., WACV 2022 (Entropic Student)"
 AE_BASELINE = "the original code's autoencoder baseline"
 PAPER_EPOCHS = 20  # every method of the official ImageNet configs
+PAPER_STUDENT = "densenet169_head_mimic-ver2b-3ch"  # the papers' first student, for comparisons
 SIMILAR_TOP1 = 2.0  # points of top-1 within which two students count as equally accurate
 
 
@@ -185,8 +186,8 @@ def rate_claims(rows: list[dict]) -> list[Claim]:
 
 
 def differences(runs: list[RunRecord], data: str | os.PathLike) -> str:
-    """One Markdown sentence: how the grid of ``runs``, trained on the dataset ``data``, differs
-    from the papers' ImageNet setting."""
+    """Markdown sentences: how the grid of ``runs``, trained on the dataset ``data``, differs
+    from the papers' ImageNet setting, and how light its student's encoder is."""
     layout = check_layout(data, splits=("train",))
     images = "generated images" if (Path(data) / SUMMARY_FILE).is_file() else "images"
     lead = _lead(runs)
@@ -197,13 +198,29 @@ def differences(runs: list[RunRecord], data: str | os.PathLike) -> str:
     sizes = sorted({r.input_size for r in own if r.input_size})
     size = f" at {sizes[0]} px" if len(sizes) == 1 else ""
     trained = any(r.method == "teacher" for r in own)
-    return (f"This grid's students train for {students} epochs (the papers: "
+    widths = sorted(r.channels for r in own if r.method == "hnd")
+    text = (f"This grid's students train for {students} epochs (the papers: "
             f"{PAPER_EPOCHS}) on {len(layout.samples['train']):,} {images} of {len(layout.classes)} classes (the "
             f"papers: 1.28 million ImageNet photographs of 1,000 classes), against a `{lead}` teacher{size}"
             + (f" trained from scratch on these images to {teacher:.1f}% top-1" if trained and teacher is not None
                else "")
             + " (the papers: torchvision's pretrained DenseNet-169/201 and ResNet-152 at 224 px and Inception-v3 at "
               "299 px).")
+    return text + (" " + head_difference(lead, widths[0], sizes[0] if len(sizes) == 1 else None) if widths else "")
+
+
+def head_difference(teacher: str, channels: int, input_size: int | None) -> str:
+    """One sentence: how much lighter the encoder of ``teacher``'s student is than the teacher
+    head it replaces, next to the papers' DenseNet-169 (94%: the device runs a small part)."""
+    from hnd.analysis import analyze, compare_heads
+    from hnd.registry import resolve, student_spec
+
+    spec = student_spec(teacher, channels).at_input_size(input_size)
+    mine = compare_heads(analyze(spec.teacher_spec()), analyze(spec))["macs_reduction_pct"]
+    paper = resolve(PAPER_STUDENT)
+    papers = compare_heads(analyze(paper.teacher_spec()), analyze(paper))["macs_reduction_pct"]
+    return (f"The student's encoder does {mine:.0f}% fewer multiply-adds than the teacher head it replaces (the "
+            f"papers' DenseNet-169: {papers:.0f}%).")
 
 
 def claims_table(claims: list[Claim]) -> str:

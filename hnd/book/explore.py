@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import html
 import io
-import math
-import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -25,13 +23,11 @@ import ipywidgets as widgets
 import matplotlib.pyplot as plt
 import traitlets
 from IPython.display import Image
-from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter
 
 from hnd.errors import HndError
 from hnd.latency import CodedStudent, Option, coded_student, crossovers, list_device_profiles, load_device_profile, \
     options, plan
-from hnd.book.plots import plot_delay_breakdown
+from hnd.book.plots import format_rate, plot_delay_breakdown
 from hnd.registry import list_models, resolve
 from hnd.students import OFFICIAL_CHANNELS
 from hnd.teachers import PAPER_TEACHERS
@@ -41,23 +37,13 @@ ENTROPY = "entropy"  # the format choice of entropic students, offered when runs
 BEST_SPLIT = "best at this link"
 UNMEASURED_ZLIB = 1.0  # int8+zlib without a measured ratio: no compression assumed until one is set
 DEVICE = "raspberry-pi4"  # where the explorer opens: a device slow enough for the link to decide
-RATE_READOUT = ",.3~r"  # format_rate in d3-format, for the slider's readout
-
-
-def format_rate(mbps: float, unit: bool = True) -> str:
-    """A data rate as people write it: 0.1, 2.5, 316, 1,000 Mbps (three significant digits,
-    thousands separated, never an exponent), as the slider's readout (RATE_READOUT) shows it."""
-    if not 0 < mbps < math.inf:
-        return f"{mbps:g}" + (" Mbps" if unit else "")
-    digits = 2 - math.floor(math.log10(mbps))
-    text = f"{round(mbps, digits):,.{max(digits, 0)}f}"
-    text = text.rstrip("0").rstrip(".") if "." in text else text
-    return text + (" Mbps" if unit else "")
+RATE_READOUT = ",.3~r"  # hnd.book.plots.format_rate in d3-format, for the slider's readout
 
 
 class RateSlider(widgets.FloatLogSlider):
-    """The data-rate slider; its readout writes rates as :func:`format_rate` does (ipywidgets'
-    own check of ``readout_format`` predates d3-format's ``~``, which trims trailing zeros)."""
+    """The data-rate slider; its readout writes rates as :func:`hnd.book.plots.format_rate`
+    does (ipywidgets' own check of ``readout_format`` predates d3-format's ``~``, which trims
+    trailing zeros)."""
 
     readout_format = traitlets.Unicode(RATE_READOUT).tag(sync=True)
 
@@ -131,17 +117,6 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
     return "<table>" + "".join(f"<tr>{cells(t, r)}</tr>" for t, r in [("th", header)] + [("td", r) for r in rows]) \
         + "</table>"
-
-
-def _write_rates(fig: Figure, rate_mbps: float) -> None:
-    """Rates in ``fig`` (:func:`hnd.book.plots.plot_delay_breakdown`) as :func:`format_rate`
-    writes them: the rate axis's ticks, the chosen rate and the crossovers' labels."""
-    bars, curves = fig.axes[:2]
-    bars.set_xlabel(bars.get_xlabel().replace(f"{rate_mbps:.3g} Mbps", format_rate(rate_mbps)))
-    curves.xaxis.set_major_formatter(FuncFormatter(lambda x, _: format_rate(x, unit=False)))
-    for text in curves.texts:
-        if re.fullmatch(r"[\d.e+-]+", text.get_text()):
-            text.set_text(format_rate(float(text.get_text()), unit=False))
 
 
 class SplitExplorer:
@@ -305,7 +280,6 @@ class SplitExplorer:
             + _table(["option", "delay (ms)", "bytes sent", "top-1 (%)"], rows))
         fig = plot_delay_breakdown(self.shown, rate, rtt, crossings=changes,
                                    title=f"{self.backbone.value}: {self.device.label} → {self.server.label}")
-        _write_rates(fig, rate)
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=90)
         plt.close(fig)

@@ -457,6 +457,17 @@ DELAY_PARTS = (("device", "tab:blue"), ("encode", "tab:purple"), ("transfer", "t
 _RATES = [10 ** (k / 20) for k in range(-20, 61)]  # 0.1 .. 1000 Mbps
 
 
+def format_rate(mbps: float, unit: bool = True) -> str:
+    """A data rate as people write it: 0.1, 2.5, 316, 1,000 Mbps (three significant digits,
+    thousands separated, never an exponent), as the explorer's rate slider shows it."""
+    if not 0 < mbps < math.inf:
+        return f"{mbps:g}" + (" Mbps" if unit else "")
+    digits = 2 - math.floor(math.log10(mbps))
+    text = f"{round(mbps, digits):,.{max(digits, 0)}f}"
+    text = text.rstrip("0").rstrip(".") if "." in text else text
+    return text + (" Mbps" if unit else "")
+
+
 def _delay_curve(option, rtt_ms: float) -> list[float]:
     return [1e3 * option.delay(r, rtt_ms) for r in _RATES]
 
@@ -480,7 +491,7 @@ def plot_delay_breakdown(options: list, rate_mbps: float, rtt_ms: float, *, cros
             bars.barh(i, width, left=left, color=color, label=part if i == 0 else None)
             left += width
     bars.set_yticks(range(len(ranked)), [o.label for o in ranked], fontsize=8)
-    bars.set_xlabel(f"delay per image (ms) at {rate_mbps:.3g} Mbps, RTT {rtt_ms:.0f} ms")
+    bars.set_xlabel(f"delay per image (ms) at {format_rate(rate_mbps)}, RTT {rtt_ms:.0f} ms")
     bars.legend(fontsize=7, loc="lower right")
     bars.grid(axis="x", alpha=0.3, lw=0.5)
     for option in options:
@@ -488,9 +499,10 @@ def plot_delay_breakdown(options: list, rate_mbps: float, rtt_ms: float, *, cros
     curves.axvline(rate_mbps, color="black", ls="--", lw=0.8)
     for c in crossings:
         curves.axvline(c["rate_mbps"], color="tab:red", ls=":", lw=0.8)
-        curves.text(c["rate_mbps"], curves.get_ylim()[1], f"{c['rate_mbps']:.3g}", rotation=90, va="top",
-                    ha="right", fontsize=7, color="tab:red")
+        curves.text(c["rate_mbps"], curves.get_ylim()[1], format_rate(c["rate_mbps"], unit=False), rotation=90,
+                    va="top", ha="right", fontsize=7, color="tab:red")
     curves.set(xlabel="data rate (Mbps)", ylabel="delay per image (ms)")
+    curves.xaxis.set_major_formatter(FuncFormatter(lambda x, _: format_rate(x, unit=False)))
     curves.grid(alpha=0.3, lw=0.5)
     for axis in (curves.xaxis, curves.yaxis):
         axis.set_minor_locator(NullLocator())
