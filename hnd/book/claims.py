@@ -251,8 +251,8 @@ def verdict(claims: list[Claim], difference: str) -> str:
 
 
 def ablation_rows(settings: dict[str, list[RunRecord]]) -> list[dict]:
-    """One row per setting (e.g. the same students stopped after 2 epochs, after 5, and by the
-    stopping rule): each method's mean test top-1 at every width and the verdicts of the two
+    """One row per setting (e.g. the same students stopped after 2 epochs, after 5, and after
+    the whole schedule): each method's mean test top-1 at every width and the verdicts of the two
     accuracy claims (HND against KD and naive, KD against naive) under that setting."""
     rows = []
     for label, runs in settings.items():
