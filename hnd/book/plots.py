@@ -562,8 +562,10 @@ def plot_learning_curves(curves: list[tuple[RunRecord, list[dict]]], key: str = 
                 ax.plot(x[kept], top1[kept], "x", ms=7, color=style["color"])
     for method in dict.fromkeys(r.method for r, _ in curves):
         axes[0].plot([], [], color=METHOD_COLORS.get(method, STAGE_COLOR), label=METHOD_LABELS.get(method, method))
-    for w, ls in zip(widths[:2], ("-", "--")):
-        axes[0].plot([], [], color="0.3", ls=ls, label=f"{w} ch" if w == widths[0] else f"{', '.join(map(str, widths[1:]))} ch")
+    if widths:
+        axes[0].plot([], [], color="0.3", ls="-", label=f"{widths[0]} ch")
+    if len(widths) > 1:
+        axes[0].plot([], [], color="0.3", ls="--", label=f"{', '.join(map(str, widths[1:]))} ch")
     axes[0].plot([], [], "x", color="0.3", label="kept epoch")
     axes[0].set(xlabel="epoch", ylabel=f"{'selection' if key == 'select_top1' else 'test'} top-1")
     axes[1].set(xlabel="training seconds (cumulative)")

@@ -407,6 +407,10 @@ def best_run(runs: list[RunRecord], method: str, channels: int | None = None,
     return max(found, key=lambda r: r.test_top1) if found else None
 
 
+_AVERAGED = ("test_top1", "test_top5", "bytes_per_image", "teacher_top1", "select_top1", "train_seconds",
+             "seconds_per_epoch", "images_per_s")
+
+
 def seed_means(runs: list[RunRecord]) -> list[RunRecord]:
     """One record per setting (backbone, method, channels, β) whose numbers are the means over
     its seeds (``seed`` -1 when several were averaged); settings with one seed pass through."""
@@ -418,13 +422,10 @@ def seed_means(runs: list[RunRecord]) -> list[RunRecord]:
         if len(group) == 1:
             out.append(group[0])
             continue
-        averaged = {k: mean(getattr(r, k) for r in group) for k in _AVERAGED if None not in [getattr(r, k) for r in group]}
+        averaged = {k: mean(getattr(r, k) for r in group) for k in _AVERAGED
+                    if all(getattr(r, k) is not None for r in group)}
         out.append(replace(group[0], seed=-1, **averaged))
     return out
-
-
-_AVERAGED = ("test_top1", "test_top5", "bytes_per_image", "teacher_top1", "select_top1", "train_seconds",
-             "seconds_per_epoch", "images_per_s")
 
 
 def narrowest_summary(runs: list[RunRecord]) -> dict:
