@@ -251,7 +251,7 @@ def _load_into(module: nn.Module, ckpt: Checkpoint, spec: ModelSpec) -> None:
 
 def checkpoint_spec(ckpt: Checkpoint, model: str | ModelSpec | None = None) -> ModelSpec:
     """The spec of the model in ``ckpt``: ``model`` if given, else the one the file records;
-    a recorded input size (a run at another resolution) is kept."""
+    a recorded input size (a run at another resolution) and head design are kept."""
     saved = ckpt.meta.get("spec")
     if model is None:
         if isinstance(saved, dict):
@@ -259,10 +259,7 @@ def checkpoint_spec(ckpt: Checkpoint, model: str | ModelSpec | None = None) -> M
         if ckpt.model is None:
             raise HndError(f"{ckpt.path} ({ckpt.format}) does not record its model; give the model name")
         return resolve(ckpt.model)
-    spec = resolve(model)
-    if isinstance(saved, dict) and saved.get("name") == str(spec):
-        spec = spec.at_input_size(saved.get("input_size"))
-    return spec
+    return resolve(model).as_saved(saved)
 
 
 def load_model(model: str | ModelSpec | None, checkpoint: str | os.PathLike | Checkpoint) -> nn.Module:

@@ -247,8 +247,8 @@ class ImageDataset(Dataset):
         if not self.augment:
             return self.transform(image), label
         draw = (self.seed, self.epoch, index) if not self.views else (_VIEW_SEED, self.epoch % self.views, index)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash(draw) & 0x7FFF_FFFF)
+        with torch.random.fork_rng(devices=[]):  # the CPU generator only: torch.manual_seed would also
+            torch.random.default_generator.manual_seed(hash(draw) & 0x7FFF_FFFF)  # queue a CUDA seed per image
             x = self.transform(image)
         return (x, label) if not self.views else (x, label, index * self.views + self.epoch % self.views)
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from hnd.errors import HndError
-from hnd.students import (OFFICIAL_CHANNELS, OFFICIAL_DESIGNS, GenericHead, Student, StudentHead, check_channels,
+from hnd.students import (GENERIC_DESIGN, GENERIC_DESIGNS, OFFICIAL_CHANNELS, OFFICIAL_DESIGNS, GenericHead, Student, StudentHead, check_channels,
                           head_version)
 from hnd.teachers import (PAPER_TEACHERS, TEACHERS, TeacherSpec, build_teacher, canonical_split_point,
                           default_split_point, meta_teacher,
@@ -49,8 +49,8 @@ class ModelSpec:
     """Everything a model name means: its teacher, split point, bottleneck and sizes.
 
     Resolve a name once with :func:`resolve`; pass the spec on. ``design`` is ``None`` for a
-    teacher, ``"ver2b"``/``"ver1b"`` for the original's students, ``"generic"`` for
-    :class:`hnd.students.GenericHead` students.
+    teacher, ``"ver2b"``/``"ver1b"`` for the original's students, ``"generic2"`` (or the
+    wider ``"generic"`` of students saved before it) for :class:`hnd.students.GenericHead` students.
     """
 
     teacher: TeacherSpec
@@ -119,6 +119,17 @@ class ModelSpec:
             return self
         return _spec(self.teacher, self.split_point, self.channels, self.design, size, self.entropy)
 
+    def as_saved(self, doc: dict | None) -> ModelSpec:
+        """This model as a file saved it (``doc``: :meth:`to_dict` of the same name): at its
+        input size and with its head design (a generic student saved before ``generic2``)."""
+        if not isinstance(doc, dict) or doc.get("name") != str(self):
+            return self
+        design = doc.get("design") if self.is_student and doc.get("design") else self.design
+        size = doc.get("input_size") or self.input_size
+        if (design, size) == (self.design, self.input_size):
+            return self
+        return _spec(self.teacher, self.split_point, self.channels, design, size, self.entropy)
+
     def build(self, *, pretrained: bool = True, num_classes: int | None = None) -> nn.Module:
         """Build the model (eval mode); it carries this spec as ``.spec``.
 
@@ -152,7 +163,7 @@ def student_from_teacher(spec: ModelSpec, teacher: nn.Module) -> Student:
         head = StudentHead(spec.teacher.family, spec.channels, entropy=spec.entropy)
     else:
         head = GenericHead(spec.channels, spec.head_output_shape, spec.input_size, stem_channels=spec.stem[0],
-                           stem_kernel=spec.stem[1], entropy=spec.entropy)
+                           stem_kernel=spec.stem[1], entropy=spec.entropy, design=spec.design)
     return Student(spec, head, tail)
 
 
@@ -191,13 +202,16 @@ def _spec(teacher: TeacherSpec, point: str | None, channels: int | None, design:
         channels = check_channels(channels)
         if design is None:
             design = (f"ver{head_version(teacher.family)}" if teacher.staged and point == teacher.split_point
-                      else "generic")
+                      else GENERIC_DESIGN)
+    generic = design in GENERIC_DESIGNS
+    if design is not None and not generic and design not in ("ver2b", "ver1b"):
+        raise HndError(f"unknown student design {design!r}; designs are ver2b, ver1b, {', '.join(GENERIC_DESIGNS)}")
     shape, stem = _head_facts(teacher, point, size, _head_transform_input(teacher, design))
-    if design == "generic" and len(shape) != 3:
+    if generic and len(shape) != 3:
         raise HndError(f"a student of {teacher.name} at {point!r} would have to produce a "
                        f"{'x'.join(map(str, shape))} tensor; student heads need a split point whose output is a "
                        f"[C, H, W] feature map (see `hnd inspect {teacher.name} --split-points`)")
-    if design == "generic" and min(shape[1:]) < 1:
+    if generic and min(shape[1:]) < 1:
         raise HndError(f"{teacher.name} at {point!r} outputs {shape} at input size {size}")
     if entropy and channels is None:
         raise HndError(f"{teacher.name}{ENTROPIC_SUFFIX}: only students (names with -<C>ch) have an entropy-coded "

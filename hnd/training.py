@@ -70,8 +70,10 @@ def resume_config(out: str | os.PathLike, model: str | ModelSpec, method: str,
                   config_file: str | os.PathLike | None = None, assignments: list[str] = ()) -> TrainConfig:
     """The config of the run in ``out``, with overrides that do not change the computation
     (``epochs`` to extend a run, ``num_workers``, ``device``); anything else is an error."""
+    last = _last_checkpoint(Path(out))
+    doc = last["config"]
     spec = method_spec(resolve(model), method)
-    doc = _last_checkpoint(Path(out))["config"]
+    spec = spec.as_saved({**(last.get("spec") or {}), "input_size": spec.input_size})  # its head design
     if (doc.get("model"), doc.get("method")) != (str(spec), method):
         raise HndError(f"{out} holds a {doc.get('method')} run of {doc.get('model')}, not {method} of {spec}")
     saved = config_from_dict(doc, spec)
