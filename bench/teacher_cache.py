@@ -4,8 +4,8 @@ the frozen teacher run every step, and with its outputs read from ``teacher_cach
     python bench/teacher_cache.py [--data DIR] [--teacher CKPT] [--epochs N] [--threads T]
 
 Defaults: the `cpu` profile's generated data (made in a temporary folder when --data is not
-given) and its shipped teacher, 80 px, channels-last, batch 32, 8 augmentation views, one thread (as a book
-cell runs). Prints seconds and images per second per epoch, the one-time cost of filling the
+given) and its shipped teacher, 80 px, channels-last, batch 32, 8 augmentation views, one thread
+(as a book cell runs). Prints seconds and images per second per epoch, the one-time cost of filling the
 cache and its size. Every run trains in its own temporary folder.
 """
 
@@ -25,8 +25,8 @@ from hnd.training import fit, read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 TEACHER = ROOT / "notebooks" / "teachers" / "shufflenet_v2_x1_0-synth10-80px"
-STUDENT = {"pretrained": False, "input_size": 80, "channels_last": True, "batch_size": 32, "optimizer": "adam", "lr": 1e-3,
-           "weight_decay": 0.0, "milestones": [], "num_workers": 0, "augment_views": 8}
+STUDENT = {"pretrained": False, "input_size": 80, "channels_last": True, "batch_size": 32, "optimizer": "adam",
+           "lr": 1e-3, "weight_decay": 0.0, "milestones": [], "num_workers": 0, "augment_views": 8}
 
 
 def epoch_seconds(method: str, data: Path, teacher: Path, epochs: int, cache: Path | None, out: Path) -> dict:

@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.densenet import _DenseBlock
 
 from hnd import tracing
+from hnd.models import create_model
 from hnd.registry import ModelSpec, resolve
 from hnd.students import Student
 from hnd.teachers import on_meta, split_teacher, teacher_stages
@@ -245,7 +246,7 @@ def analyze(model: ModelSpec | str, split_point: str | None = None) -> Analysis:
 
 @functools.lru_cache(maxsize=256)
 def _analyze(spec: ModelSpec, split_point: str | None) -> Analysis:
-    return analyze_model(spec, on_meta(lambda: spec.build(pretrained=False)), split_point)
+    return analyze_model(spec, on_meta(lambda: create_model(spec, pretrained=False)), split_point)
 
 
 @dataclass(frozen=True)
@@ -273,7 +274,7 @@ def split_point_rows(model: ModelSpec | str) -> list[SplitPointRow]:
     """Every valid split point of ``model``'s teacher, in order: a paper family's stages
     first, then every point of the traced graph (any of these names is a valid ``@POINT``)."""
     spec = resolve(model)
-    teacher = on_meta(lambda: spec.teacher_spec().build(pretrained=False))
+    teacher = on_meta(lambda: create_model(spec.teacher_spec(), pretrained=False))
     size = spec.input_size
     x = torch.zeros(1, 3, size, size, device=_device_of(teacher))
     n_input = 3 * size * size

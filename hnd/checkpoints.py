@@ -21,7 +21,6 @@ import argparse
 import os
 import pickle
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from torch import nn
 
 from hnd.autoencoder import AutoencoderModel, build_ae_model
 from hnd.errors import HndError, describe_mismatch
+from hnd.files import atomic_write
 from hnd.registry import ModelSpec, resolve, spec_from_dict
 from hnd.students import Student, head_version
 from hnd.teachers import build_teacher, classifier_classes
@@ -299,28 +299,6 @@ def load_model(model: str | ModelSpec | None, checkpoint: str | os.PathLike | Ch
         model = spec.build(pretrained=False, num_classes=num_classes)
         _load_into(model, ckpt, spec)
     return model.eval()
-
-
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)  # read the process's umask (there is no getter)
-
-
-def atomic_write(path: str | os.PathLike, write, mode: str = "wb") -> None:
-    """Call ``write(file)`` on a temporary file in ``path``'s folder, then rename it to ``path``:
-    the target is either the old file or the complete new one, never a partial write."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; give it a normal file's mode
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def atomic_save(obj: object, path: str | os.PathLike) -> None:

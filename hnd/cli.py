@@ -108,22 +108,19 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from hnd.checkpoints import load_model
     from hnd.data import eval_transform, load_image
     from hnd.inference import predict
+    from hnd.models import create_model
     from hnd.registry import resolve
 
     spec = resolve(args.name)
-    if args.topk < 1:
+    if args.topk is not None and args.topk < 1:
         raise HndError(f"--topk must be a positive integer, got {args.topk}")
     image = load_image(args.image)
-    if args.checkpoint:
-        model = load_model(spec, args.checkpoint)
-    elif not spec.is_student:
-        model = spec.build(pretrained=True)
-    else:
+    if spec.is_student and not args.checkpoint:
         raise HndError(f"{spec} is a student: give its weights with --checkpoint FILE "
                        "(an original naive/KD/HND checkpoint or an hnd checkpoint)")
+    model = create_model(spec, checkpoint=args.checkpoint)
     x = eval_transform(model.spec)(image).unsqueeze(0)  # the checkpoint's input size, if it records one
     pred = predict(model, x, args.topk)
     if args.json:
@@ -374,30 +371,28 @@ def cmd_profile_device(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from hnd.checkpoints import atomic_write
-    from hnd.export import check_onnx, load_part, onnx_bytes
+    from hnd.export import export_onnx
+    from hnd.models import create_student
 
-    from hnd.registry import resolve
-
-    spec = resolve(args.name)
-    module, x = load_part(spec, args.part, checkpoint=args.checkpoint)
-    data = onnx_bytes(module, x, args.part, opset=args.opset)
-    atomic_write(args.out, lambda f: f.write(data))
-    diff = check_onnx(args.out, module, x)
-    print(f"wrote {args.out}: {spec} {args.part}, {len(data) / 1e6:.2f} MB; "
-          f"onnxruntime vs PyTorch max abs diff {diff:.2e} (batch {x.shape[0]})")
+    model = create_student(args.name, checkpoint=args.checkpoint)
+    done = export_onnx(model, args.part, args.out, opset=args.opset)
+    print(f"wrote {done.path}: {model.spec} {args.part}, {done.size_bytes / 1e6:.2f} MB; "
+          f"onnxruntime vs PyTorch max abs diff {done.max_abs_diff:.2e} (batch {done.batch})")
 
 
 _RANDOM_SEED = 0  # --random-weights: the same weights in the server and the edge process
 
 
 def _split_student(args: argparse.Namespace, spec):
-    from hnd.serving import load_student
+    """The student of `serve` and `edge`: from --checkpoint (its own input size), or random."""
+    from hnd.models import create_student
 
     if not args.checkpoint and not args.random_weights:
         raise HndError(f"give the weights of {spec} with --checkpoint FILE (the same file on the server "
                        "and the edge device), or --random-weights for a test")
-    return load_student(spec, args.checkpoint, pretrained=False, random_seed=_RANDOM_SEED)
+    if args.checkpoint:
+        return create_student(spec, checkpoint=args.checkpoint)
+    return create_student(spec, random_seed=_RANDOM_SEED)
 
 
 def _serve_security(args: argparse.Namespace) -> dict:
@@ -465,8 +460,9 @@ def cmd_edge(args: argparse.Namespace) -> None:
     else:
         fmt = {32: "fp32", 16: "fp16", 8: "int8"}[args.bits] + ("+zlib" if args.compress == "zlib" else "")
     spec = resolve(args.name)
-    images = [image_tensor(spec, path) for path in args.images]
     model = _split_student(args, spec)
+    size = args.input_size or model.spec.input_size  # the checkpoint's, as `hnd serve` takes it
+    images = [image_tensor(model.spec.at_input_size(size), path) for path in args.images]
     results = []
     security = {}
     if args.tls_ca or args.tls:
@@ -523,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="teacher or student name")
     p.add_argument("image", help="image file")
     p.add_argument("--checkpoint", help="original naive/KD/HND checkpoint or an hnd checkpoint")
-    p.add_argument("--topk", type=int, default=5, help="classes to show (default 5)")
+    p.add_argument("--topk", type=int, help="classes to show (default 5, or every class if fewer)")
     p.add_argument("--logits", action="store_true", help="also print all logits")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_predict)
@@ -686,6 +682,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server", required=True, help="HOST:PORT of `hnd serve`")
     p.add_argument("--checkpoint", help="the student's weights (the server's file)")
     p.add_argument("--random-weights", action="store_true", help="the fixed random weights of `serve --random-weights`")
+    p.add_argument("--input-size", type=int, help="image side to encode (default the checkpoint's; the server's "
+                                                   "--input-size must agree)")
     p.add_argument("--bits", type=int, default=8, help="32 (fp32), 16 (fp16) or 8 (int8, default)")
     p.add_argument("--compress", choices=("none", "zlib", "entropy"), default="none",
                    help="zlib: with --bits 8, zlib the codes; entropy: range-code the bottleneck with an entropic "

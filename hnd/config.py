@@ -14,12 +14,12 @@ import math
 import os
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import yaml
 
 from hnd.data import DECODERS, input_sizes
 from hnd.errors import HndError
+from hnd.files import read_mapping
 from hnd.registry import ModelSpec, resolve, student_spec
 from hnd.students import check_channels
 
@@ -75,6 +75,7 @@ class TrainConfig:
     augment_views: int = 0
     teacher_cache: str | None = None  # folder of cached teacher outputs (needs augment_views > 0)
     test_every_epoch: bool = False  # also test every epoch on val, for a curve (never used to select)
+    test_first_epochs: int = 0  # also test after each of the first N epochs (a curve's start, for less)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "none"  # none | bf16 | fp16 (CUDA only)
     channels_last: bool = False  # channels-last tensors: faster convolutions on CUDA and on CPU (oneDNN)
@@ -235,18 +236,7 @@ def parse_assignments(pairs: list[str]) -> dict:
 
 def read_config_file(path: str | os.PathLike) -> dict:
     """A YAML mapping of config fields, from ``--config FILE``."""
-    path = Path(path)
-    if not path.is_file():
-        raise HndError(f"config file not found: {path}")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise HndError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if doc is None:
-        return {}
-    if not isinstance(doc, dict):
-        raise HndError(f"{path} must hold a mapping of config keys, got a {type(doc).__name__}")
-    return doc
+    return read_mapping(path, "config file", "a mapping of config keys")
 
 
 def validate(config: TrainConfig) -> None:
@@ -259,7 +249,7 @@ def validate(config: TrainConfig) -> None:
     for key in positive:
         if getattr(config, key) <= 0:
             raise HndError(f"{key} must be positive, got {getattr(config, key)}")
-    for key, unit in (("patience", "epochs"), ("augment_views", "views per image")):
+    for key, unit in (("patience", "epochs"), ("augment_views", "views per image"), ("test_first_epochs", "epochs")):
         if getattr(config, key) < 0:
             raise HndError(f"{key} must be 0 (off) or a positive number of {unit}, got {getattr(config, key)}")
     if config.teacher_cache and not config.augment_views:

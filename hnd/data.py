@@ -210,17 +210,28 @@ def holdout_split(samples: list[tuple[str, int]], per_class: int, seed: int = 0)
 
 
 _VIEW_SEED = 0x5EED  # augmentation views are drawn from (this, view, index): the same for every run
+KEEP_BYTES = 256 << 20  # an evaluation set up to this size (as float32 tensors) is decoded once per run
+
+
+def worth_keeping(images: int, size: int) -> bool:
+    """Whether an evaluation set of ``images`` at ``size`` px is small enough to keep decoded."""
+    return images * 3 * size * size * 4 <= KEEP_BYTES
 
 
 class ImageDataset(Dataset):
     """(image, label) pairs from a list of files. With ``augment``, the transform's random draws
     are seeded by (seed, epoch, index): call :meth:`set_epoch` before each epoch. With ``views``
     = V > 0 they are seeded by (view, index) instead, view = epoch mod V, and each item is
-    (image, label, key) with key = index·V + view: the key of the teacher's cached outputs."""
+    (image, label, key) with key = index·V + view: the key of the teacher's cached outputs. With
+    ``keep`` (evaluation sets read every epoch) an item is decoded once and kept in memory."""
 
     def __init__(self, samples: list[tuple[str, int]], transform: Callable, *, augment: bool = False,
-                 seed: int = 0, skip_bad_images: bool = False, decoder: str = "pil", views: int = 0):
+                 seed: int = 0, skip_bad_images: bool = False, decoder: str = "pil", views: int = 0,
+                 keep: bool = False):
+        if keep and augment:
+            raise HndError("only an evaluation set (no augmentation) can be kept in memory")
         self.samples = samples
+        self.kept: dict[int, tuple] | None = {} if keep else None
         self.transform = transform  # built for the same decoder
         self.decoder = decoder
         self.augment = augment
@@ -236,6 +247,13 @@ class ImageDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int):
+        if self.kept is not None:
+            if index not in self.kept:
+                self.kept[index] = self._read(index)
+            return self.kept[index]
+        return self._read(index)
+
+    def _read(self, index: int):
         path, label = self.samples[index]
         try:
             image = read_image(path, self.decoder)

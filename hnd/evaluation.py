@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from hnd.checkpoints import checkpoint_spec, load_model, read_checkpoint
+from hnd.checkpoints import checkpoint_spec, read_checkpoint
 from hnd.codec import coded_roundtrip
 from hnd.config import TrainConfig, check_method, config_from_dict, method_spec, preset
 from hnd.data import ImageDataset, ShardSampler, check_layout, collate, eval_transform
@@ -20,6 +20,7 @@ from hnd.distributed import Dist, all_reduce_sum, pick_device
 from hnd.errors import HndError
 from hnd.registry import ModelSpec, resolve
 from hnd.methods import build_reference_teacher
+from hnd.models import create_model
 from hnd.teachers import classifier_classes
 
 
@@ -108,7 +109,7 @@ def evaluate_checkpoint(name: str | ModelSpec | None, method: str, checkpoint: s
     check_method(method)
     ckpt = read_checkpoint(checkpoint)
     config = _checkpoint_config(name, method, ckpt)
-    model = load_model(config.model_spec, ckpt)
+    model = create_model(config.model_spec, checkpoint=ckpt)
     layout = check_layout(data, splits=("val",))
     classes = classifier_classes(model.state_dict())
     if classes != len(layout.classes):

@@ -12,13 +12,15 @@ import importlib
 import io
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from hnd.errors import HndError
-from hnd.registry import ModelSpec, resolve
+from hnd.files import atomic_write
+from hnd.students import Student
 
 PARTS = ("encoder", "server")
 FORMATS = ("onnx",)
@@ -34,9 +36,8 @@ def _require(module: str):
                        'pip install -e ".[deploy]"') from None
 
 
-def load_part(name: str | ModelSpec, part: str, *, checkpoint: str | os.PathLike | None = None,
-              pretrained: bool = True, batch: int = 2) -> tuple[nn.Module, torch.Tensor]:
-    """(module, example input) for ``part`` of student ``name`` (a name or spec), in eval mode.
+def example_part(model: Student, part: str, *, batch: int = 2) -> tuple[nn.Module, torch.Tensor]:
+    """(module, example input) for ``part`` of ``model``, in eval mode.
 
     The example image batch has the model's input size (``model.spec``: a checkpoint's own);
     the server part's example input is the encoder's output on it, so its shape is the real
@@ -44,24 +45,14 @@ def load_part(name: str | ModelSpec, part: str, *, checkpoint: str | os.PathLike
     """
     if part not in PARTS:
         raise HndError(f"unknown part {part!r}; valid parts: {', '.join(PARTS)}")
-    spec = resolve(name)
-    if not spec.is_student:
-        raise HndError(f"{spec} is a teacher and has no edge/server split; give a student name, "
-                       f"e.g. densenet169_head_mimic-ver2b-3ch or {spec.teacher.name}-3ch")
-    if checkpoint is not None:
-        from hnd.checkpoints import load_model
-
-        model = load_model(spec, checkpoint)
-    else:
-        model = spec.build(pretrained=pretrained)
     model.eval()
     encoder, server = (m.eval() for m in model.split())  # split() makes a new, training-mode wrapper
-    size = getattr(model, "spec", spec).input_size
-    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    size = model.spec.input_size
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))  # [B, 3, S, S]
     if part == "encoder":
         return encoder, x
     with torch.no_grad():
-        return server, encoder(x)
+        return server, encoder(x)  # z: [B, C, H', W']
 
 
 def _windows(size: int, out: int) -> tuple[int, int] | None:
@@ -134,17 +125,24 @@ def onnx_bytes(module: nn.Module, x: torch.Tensor, part: str, *, opset: int | No
     return buffer.getvalue()
 
 
-def export_onnx(name: str | ModelSpec, part: str, out: str | os.PathLike, *, checkpoint: str | None = None,
-                pretrained: bool = True, opset: int | None = None) -> Path:
-    """Write ``part`` (``encoder`` or ``server``) of student ``name`` to ``out`` as ONNX."""
-    from hnd.checkpoints import atomic_write
+@dataclass(frozen=True)
+class OnnxExport:
+    """A written ONNX file and its check against PyTorch on an example batch."""
 
-    _require("onnx")
-    module, x = load_part(name, part, checkpoint=checkpoint, pretrained=pretrained)
+    path: Path
+    size_bytes: int
+    max_abs_diff: float  # onnxruntime vs PyTorch
+    batch: int
+
+
+def export_onnx(model: Student, part: str, out: str | os.PathLike, *, opset: int | None = None) -> OnnxExport:
+    """Write ``part`` (``encoder`` or ``server``) of ``model`` to ``out`` as ONNX (atomically)
+    and check it with onnxruntime against PyTorch."""
+    module, x = example_part(model, part)
     data = onnx_bytes(module, x, part, opset=opset)
     out = Path(out)
     atomic_write(out, lambda f: f.write(data))
-    return out
+    return OnnxExport(out, len(data), check_onnx(out, module, x), x.shape[0])
 
 
 def run_onnx(path: str | os.PathLike, x: torch.Tensor) -> torch.Tensor:

@@ -17,10 +17,12 @@ class Prediction:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, topk: int = 5) -> Prediction:
-    """Classify one normalized image ``x`` [1, 3, S, S] with ``model`` in eval mode."""
+def predict(model: nn.Module, x: torch.Tensor, topk: int | None = None) -> Prediction:
+    """Classify one normalized image ``x`` [1, 3, S, S] with ``model`` in eval mode; the ``topk``
+    most likely classes (default 5, or every class of a model with fewer)."""
     model.eval()
     logits = model(x)[0]  # [classes]
+    topk = min(5, logits.numel()) if topk is None else topk
     if not 1 <= topk <= logits.numel():
         raise HndError(f"--topk must be between 1 and {logits.numel()}, got {topk}")
     probs = logits.softmax(0)

@@ -35,6 +35,8 @@ from torch import nn
 from hnd.analysis import LayerRow, analyze, profile_layers, walk_layers
 from hnd.codec import TENSOR_FORMATS, check_tensor_format, encode_tensor, tensor_bytes
 from hnd.errors import HndError
+from hnd.files import read_json, read_mapping, write_text
+from hnd.models import create_model
 from hnd.registry import ModelSpec, resolve, student_spec
 
 PROFILE_DIR = Path(__file__).with_name("device_profiles")
@@ -123,18 +125,7 @@ def _is_path(name_or_path: str) -> bool:
 
 
 def _read_profile_file(path: Path) -> dict:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise HndError(f"cannot read device profile {path}: {exc.strerror or exc}") from None
-    try:
-        doc = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise HndError(f"device profile {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
-                       f"{first}") from None
-    if not isinstance(doc, dict):
-        raise HndError(f"device profile {path} must be a mapping with keys {', '.join(_PROFILE_KEYS)}")
+    doc = read_mapping(path, "device profile", f"a mapping with keys {', '.join(_PROFILE_KEYS)}")
     unknown = [k for k in doc if k not in _PROFILE_KEYS]
     if unknown:
         raise HndError(f"device profile {path} has unknown keys {', '.join(map(str, unknown))}; "
@@ -216,14 +207,12 @@ def load_device_profile(name_or_path: str, _seen: tuple[Path, ...] = ()) -> Devi
 
 def save_device_profile(profile: DeviceProfile, path: str | os.PathLike) -> None:
     """Write ``profile`` as YAML (or JSON for a ``.json`` path), atomically."""
-    from hnd.checkpoints import atomic_write
-
     doc = profile.to_dict()
     if doc["encode_bytes_per_s"] is None:
         del doc["encode_bytes_per_s"]
     text = (json.dumps(doc, indent=1) + "\n" if str(path).endswith(".json")
             else yaml.safe_dump(doc, sort_keys=False, width=120))
-    atomic_write(path, lambda f: f.write(text), mode="w")
+    write_text(path, text)
 
 
 # --- the small on-device model -----------------------------------------------------------
@@ -276,7 +265,7 @@ def _measured_parts(model: str | ModelSpec) -> tuple[list[tuple[str, nn.Module]]
     from hnd.teachers import split_teacher
 
     spec = resolve(model)
-    built = spec.build(pretrained=False).eval()
+    built = create_model(spec, pretrained=False)
     if spec.is_student:
         parts = [("encoder", built.head.encoder), ("decoder", built.head.decoder), ("tail", built.tail)]
     else:
@@ -490,14 +479,14 @@ def coded_student(run: str | os.PathLike) -> CodedStudent:
     folder = Path(run)
     result_file = folder / "result.json" if folder.is_dir() else folder
     try:
-        result = json.loads(result_file.read_text())
+        result = read_json(result_file)
         coded = result["test"]["bytes_per_image"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (HndError, KeyError, TypeError):
         raise HndError(f"{run} is not a finished entropic run (no result.json with test bytes_per_image)") from None
     if result.get("method") != "entropic" or coded is None:
         raise HndError(f"{run} holds a {result.get('method')} run; only entropic runs measure coded bytes")
     config_file = result_file.parent / "config.yaml"
-    config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
+    config = read_mapping(config_file) if config_file.is_file() else {}
     return CodedStudent(result["model"], float(coded), config.get("beta"), result["test"].get("top1"),
                         config.get("input_size"))
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hnd.autoencoder import build_ae_model
-from hnd.checkpoints import load_model
+from hnd.models import create_model
 from hnd.config import TrainConfig
 from hnd.errors import HndError
 from hnd.losses import head_mse_loss, kd_loss
@@ -43,7 +43,7 @@ def build_reference_teacher(config: TrainConfig, num_classes: int) -> nn.Module:
     teacher_input = spec.teacher.family in ("inception", "googlenet")
     transform_input = config.inception_transform_input if spec.teacher.name == "inception_v3" else None
     if config.teacher_checkpoint:
-        teacher = load_model(spec, config.teacher_checkpoint)
+        teacher = create_model(spec, checkpoint=config.teacher_checkpoint)
         found = classifier_classes(teacher.state_dict())
         if found != num_classes:
             raise HndError(f"teacher checkpoint {config.teacher_checkpoint} has {found} classes but the data has "

@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from hnd.errors import HndError
-from hnd.students import (GENERIC_DESIGN, GENERIC_DESIGNS, OFFICIAL_CHANNELS, OFFICIAL_DESIGNS, GenericHead, Student, StudentHead, check_channels,
-                          head_version)
+from hnd.students import (GENERIC_DESIGN, GENERIC_DESIGNS, OFFICIAL_CHANNELS, OFFICIAL_DESIGNS, GenericHead, Student,
+                          StudentHead, check_channels, head_version)
 from hnd.teachers import (PAPER_TEACHERS, TEACHERS, TeacherSpec, build_teacher, canonical_split_point,
                           default_split_point, meta_teacher,
                           split_teacher, teacher_spec, torchvision_classifiers)

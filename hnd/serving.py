@@ -368,24 +368,6 @@ def model_spec(name: str | ModelSpec, model: Student) -> ModelSpec:
     return spec if isinstance(spec, ModelSpec) else resolve(name)
 
 
-def load_student(name: str | ModelSpec, checkpoint: str | None = None, *, pretrained: bool = True,
-                 random_seed: int | None = None) -> Student:
-    """The student ``name`` (a name or spec): from ``checkpoint`` if given, else built
-    (``pretrained`` tail; a ``random_seed`` makes random weights that another process can
-    rebuild identically)."""
-    from hnd.checkpoints import load_model
-
-    spec = resolve(name)
-    if checkpoint:
-        return check_student(spec, load_model(spec, checkpoint))
-    if not spec.is_student:
-        raise HndError(f"{spec} is a teacher: split computing here needs a student such as "
-                       f"{spec.teacher.name}-3ch (see `hnd models`)")
-    if random_seed is not None:
-        torch.manual_seed(random_seed)
-    return spec.build(pretrained=pretrained)
-
-
 def serve(name: str | ModelSpec, checkpoint: str | None = None, *, host: str = "127.0.0.1", port: int = 8765,
           pretrained: bool = True, random_seed: int | None = None, model: Student | None = None, ready=print,
           metrics_port: int | None = None, drain_timeout_s: float = 30.0, **options) -> None:
@@ -394,7 +376,9 @@ def serve(name: str | ModelSpec, checkpoint: str | None = None, *, host: str = "
     ``ready`` gets one line with the address once the server listens; ``metrics_port`` serves
     Prometheus metrics on 127.0.0.1. ``options`` go to :class:`SplitServer`."""
     if model is None:
-        model = load_student(name, checkpoint, pretrained=pretrained, random_seed=random_seed)
+        from hnd.models import create_student
+
+        model = create_student(name, checkpoint=checkpoint, pretrained=pretrained, random_seed=random_seed)
     server = SplitServer(name, model, host=host, port=port, metrics=metrics_port is not None, **options)
     if metrics_port is not None:
         server.metrics.serve(metrics_port)
@@ -520,6 +504,9 @@ class EdgeClient:
                 result = decode_response(reply)
                 break
             except ServerError as exc:
+                if "takes a bottleneck of shape" in str(exc):  # name this side's size too
+                    raise ServerError(f"{exc}; this device encoded a {image.shape[-1]}px image (set the same "
+                                      "--input-size on both sides)", exc.code) from None
                 if exc.code != BUSY or attempt == self.retries:
                     raise
                 time.sleep(min(2.0, 0.05 * 2 ** attempt))

@@ -50,7 +50,7 @@ def make_self_signed(out_dir: str | os.PathLike, names: tuple[str, ...] = ("loca
         from cryptography.x509.oid import NameOID
     except ImportError:
         raise HndError("making a certificate needs the `cryptography` package (pip install -e '.[deploy]')") from None
-    from hnd.checkpoints import atomic_write
+    from hnd.files import atomic_write
 
     key = ec.generate_private_key(ec.SECP256R1())
     alt = []

@@ -27,12 +27,14 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 import hnd
-from hnd.checkpoints import atomic_write, read_file, save_checkpoint
+from hnd.checkpoints import read_file, save_checkpoint
 from hnd.config import TrainConfig, apply_overrides, config_from_dict, dump_config, method_spec, parse_assignments, \
     read_config_file
-from hnd.data import ImageDataset, check_layout, collate, eval_transform, holdout_split, train_transform
+from hnd.data import (ImageDataset, check_layout, collate, eval_transform, holdout_split, train_transform,
+                      worth_keeping)
 from hnd.distributed import Dist, all_reduce_sum, barrier, broadcast_flag, setup, sync_batchnorm, teardown
 from hnd.errors import HndError
+from hnd.files import read_json, write_text
 from hnd.registry import ModelSpec, resolve
 from hnd.evaluation import Accuracy, default_workers, eval_loader, evaluate, evaluate_checkpoint
 from hnd.methods import Task, build_task, check_input_size, make_optimizer, stage_of
@@ -43,11 +45,6 @@ from hnd.teachers import split_teacher
 # Keys a resumed run may change: they do not alter what is computed.
 RESUMABLE_CHANGES = ("epochs", "num_workers", "device", "teacher_cache")
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write a small text file atomically."""
-    atomic_write(path, lambda f: f.write(text), mode="w")
 
 
 def read_metrics(run: str | os.PathLike) -> list[dict]:
@@ -191,7 +188,7 @@ def train_or_resume(config: TrainConfig, data: str | os.PathLike, out: str | os.
                            f"another folder")
         result_file = out / "result.json"
         if result_file.is_file() and saved["epochs"] == config.epochs:
-            return json.loads(result_file.read_text())
+            return read_json(result_file)
     if processes == 1:
         return fit(config, data, out, resume=resume, progress=progress)
     return _torchrun(config, data, out, resume, processes)
@@ -209,7 +206,7 @@ def finished_run(config: TrainConfig, folder: str | os.PathLike, data: str | os.
     changed = [k for k, v in mine.items() if k not in RESUMABLE_CHANGES and saved.get(k, v) != v]
     if changed:
         raise HndError(f"the run in {folder} was trained with other settings ({', '.join(changed)}) than asked")
-    result = json.loads((folder / "result.json").read_text())
+    result = read_json(folder / "result.json")
     tested = evaluate_checkpoint(None, config.method, folder / "best.pt", data, student_only=True,
                                  batch_size=config.eval_batch_size, num_workers=config.num_workers)
     return {**result, "trained_test": result["test"], "test": tested["student"], "checkpoint": str(folder / "best.pt")}
@@ -231,7 +228,7 @@ def _torchrun(config: TrainConfig, data: str | os.PathLike, out: Path, resume: b
         errors = [line for line in lines if line.startswith("hnd: error:")]
         raise HndError(f"training under torchrun ({processes} processes) failed: "
                        f"{(errors or lines or [f'exit code {rc}'])[-1]} (all of it in {log})")
-    return json.loads((out / "result.json").read_text())
+    return read_json(out / "result.json")
 
 
 def fit(config: TrainConfig, data: str | os.PathLike, out: str | os.PathLike, *, resume: bool = False,
@@ -299,9 +296,10 @@ def _fit(config: TrainConfig, data: Path, out: Path, resume: bool, progress: boo
     train_loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler, num_workers=workers,
                               collate_fn=collate, pin_memory=pin)
     evaluation = eval_transform(config.spec, config.input_size, config.resize_size, config.decoder)
-    select_loader = eval_loader(ImageDataset(select_samples, evaluation, skip_bad_images=config.skip_bad_images,
-                                             decoder=config.decoder), config.eval_batch_size, workers, dist, pin)
-    test_loader = _test_loader(config, layout, evaluation, workers, dist, pin)
+    select_loader = eval_loader(_eval_set(config, select_samples, evaluation), config.eval_batch_size, workers, dist,
+                                pin)
+    test_loader = eval_loader(_eval_set(config, layout.samples["val"], evaluation), config.eval_batch_size, workers,
+                              dist, pin)  # the test split: the dataset's val/
     amp_dtype = AMP_DTYPES[config.amp]
     loop = _Loop(task, forward, optimizer, scaler, device, dist, amp_dtype, config.channels_last,
                  progress and dist.main)
@@ -334,7 +332,7 @@ def _fit(config: TrainConfig, data: Path, out: Path, resume: bool, progress: boo
                 "select_loss": select.loss, "best_epoch": best_epoch}
         if select.bytes_per_image is not None:
             line["select_bytes_per_image"] = select.bytes_per_image
-        if config.test_every_epoch:  # a convergence curve on the test split; selection never sees it
+        if config.test_every_epoch or epoch < config.test_first_epochs:  # a curve on the test split; never selects
             line["test_top1"] = evaluate(task.model, test_loader, device, amp_dtype=amp_dtype,
                                          channels_last=config.channels_last, desc="test").top1
         if dist.main:
@@ -364,10 +362,10 @@ def patience_spent(config: TrainConfig, epoch: int, best_epoch: int) -> bool:
     return epoch - max(best_epoch, start) >= config.patience
 
 
-def _test_loader(config, layout, evaluation, workers, dist, pin) -> DataLoader:
-    """The test split (the dataset's val/) in order."""
-    return eval_loader(ImageDataset(layout.samples["val"], evaluation, skip_bad_images=config.skip_bad_images,
-                                    decoder=config.decoder), config.eval_batch_size, workers, dist, pin)
+def _eval_set(config: TrainConfig, samples: list, evaluation) -> ImageDataset:
+    """An evaluation split, decoded once and kept in memory when small (it is read every epoch)."""
+    return ImageDataset(samples, evaluation, skip_bad_images=config.skip_bad_images, decoder=config.decoder,
+                        keep=worth_keeping(len(samples), config.model_spec.input_size))
 
 
 def _teacher_cache(config: TrainConfig, task: Task, train_set: ImageDataset, workers: int,

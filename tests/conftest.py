@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -172,6 +173,42 @@ def pretrained(torch_home):
         return written[name]
 
     return make
+
+
+@pytest.fixture
+def counts(monkeypatch):
+    """Counts of ``hnd.registry.parse_name`` calls, of ``hnd.models.create_model`` calls and of
+    ``torch.load`` calls per file."""
+    import hnd.models
+    import hnd.registry
+
+    seen = {"parse": 0, "create": 0, "loads": {}}
+    parse, create = hnd.registry.parse_name, hnd.models.create_model
+
+    def counting_parse(name):
+        seen["parse"] += 1
+        return parse(name)
+
+    def counting_create(*args, **kwargs):
+        seen["create"] += 1
+        return create(*args, **kwargs)
+
+    # Modules that imported a function by name look it up at home: replace it there too.
+    for module in list(sys.modules.values()):
+        if getattr(module, "__name__", "").startswith("hnd"):
+            for name, original, counting in (("parse_name", parse, counting_parse),
+                                             ("create_model", create, counting_create)):
+                if getattr(module, name, None) is original:
+                    monkeypatch.setattr(module, name, counting)
+    load = torch.load
+
+    def counting_load(f, *args, **kwargs):
+        key = str(Path(f).resolve()) if isinstance(f, (str, Path)) else repr(f)
+        seen["loads"][key] = seen["loads"].get(key, 0) + 1
+        return load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    return seen
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,8 @@ from hnd.book.grid import check_cells, load_profile, plan_cells, profile_names, 
 from hnd.cli import main
 from hnd.config import experiment_config
 from hnd.errors import HndError
-from hnd.book.results import finished_runs, grid_cells, read_json, train_overrides, training_runs, unfinished_cells
+from hnd.book.results import finished_runs, grid_cells, train_overrides, training_runs, unfinished_cells
+from hnd.files import read_json
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES = ("smoke", "cpu", "paper")

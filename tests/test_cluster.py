@@ -24,7 +24,7 @@ from conftest import error
 from hnd.book.cluster import JobOptions, cell_state, grid_status, make_executor, parse_time, sbatch_flags, \
     status_table
 from hnd.book.grid import load_profile, plan_cells, run_grid
-from hnd.book.results import read_json
+from hnd.files import read_json
 from hnd.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,6 +15,8 @@ from torch.utils.data import DataLoader
 from hnd.data import (ImageDataset, ShardSampler, check_layout, collate, eval_transform, holdout_split,
                       input_sizes, prepare_imagenet, read_image, train_transform)
 from hnd.book.photographs import reference_photographs
+from hnd.registry import resolve
+from hnd.synth import write_synthetic_dataset
 
 from conftest import PAPER_TEACHERS, error
 
@@ -331,3 +333,22 @@ def test_prepare_imagenet_without_archives(tmp_path):
 def test_prepare_imagenet_missing_folder(tmp_path):
     message = error(prepare_imagenet, tmp_path / "absent")
     assert str(tmp_path / "absent") in message and "ILSVRC2012" in message
+
+
+def test_an_evaluation_set_kept_in_memory_is_decoded_once(tmp_path, monkeypatch):
+    import hnd.data
+
+    root = write_synthetic_dataset(tmp_path / "d", classes=2, train_per_class=2, val_per_class=3, image_size=40)["root"]
+    samples = check_layout(root).samples["val"]
+    transform = eval_transform(resolve("resnet18"), 32)
+    reads = []
+    original = hnd.data.read_image
+    monkeypatch.setattr(hnd.data, "read_image", lambda *a: reads.append(a) or original(*a))
+    kept, plain = (ImageDataset(samples, transform, keep=keep) for keep in (True, False))
+    for _ in range(3):  # three epochs
+        for i in range(len(samples)):
+            (x, label), (y, same_label) = kept[i], plain[i]
+            assert torch.equal(x, y) and label == same_label
+    assert len(reads) == len(samples) + 3 * len(samples)  # kept: once; plain: every epoch
+    assert hnd.data.worth_keeping(500, 80) and not hnd.data.worth_keeping(50_000, 224)
+    assert "evaluation set" in error(ImageDataset, samples, transform, augment=True, keep=True)

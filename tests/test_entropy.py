@@ -423,9 +423,11 @@ def test_export_of_an_entropic_student_matches_pytorch(checkpoints, model, tmp_p
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     from hnd.export import PARTS, check_onnx, export_onnx, run_onnx
+    from hnd.models import create_student
 
     path = str(checkpoints["entropic"])
-    parts = {part: export_onnx(NAME, part, tmp_path / f"{part}.onnx", checkpoint=path) for part in PARTS}
+    exporting = create_student(NAME, checkpoint=path)
+    parts = {part: export_onnx(exporting, part, tmp_path / f"{part}.onnx").path for part in PARTS}
     encoder, server_part = model.split()
     server_part.eval()
     x = torch.cat([_image(8), _image(9)])

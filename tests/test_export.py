@@ -12,7 +12,8 @@ import torch
 from conftest import error, randomize
 from hnd.checkpoints import load_model, save_checkpoint
 from hnd.cli import main
-from hnd.export import PARTS, check_onnx, export_onnx, load_part, run_onnx
+from hnd.export import PARTS, check_onnx, example_part, export_onnx, run_onnx
+from hnd.models import create_student
 from hnd.registry import build_model
 
 NAME = "resnet50_head_mimic-ver2b-3ch"
@@ -33,7 +34,8 @@ def checkpoint(tmp_path_factory):
 def exported(checkpoint, tmp_path_factory):
     """{part: path} of both parts exported from ``checkpoint``."""
     folder = tmp_path_factory.mktemp("onnx")
-    return {part: export_onnx(NAME, part, folder / f"{part}.onnx", checkpoint=str(checkpoint)) for part in PARTS}
+    model = create_student(NAME, checkpoint=checkpoint)
+    return {part: export_onnx(model, part, folder / f"{part}.onnx").path for part in PARTS}
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +73,8 @@ def test_chained_parts_give_the_students_logits(exported, student):
     assert torch.equal(logits.argmax(1), expected.argmax(1))
 
 
-def test_load_part_gives_real_shapes(checkpoint):
-    module, z = load_part(NAME, "server", checkpoint=checkpoint, batch=2)
+def test_example_part_gives_real_shapes(checkpoint):
+    module, z = example_part(create_student(checkpoint=checkpoint), "server", batch=2)
     assert tuple(z.shape) == (2, 3, 29, 29) and not module.training
 
 
@@ -84,8 +86,8 @@ def test_a_student_of_any_teacher_exports(tmp_path):
     randomize(model, seed=4)
     path = tmp_path / "student.pt"
     save_checkpoint(path, name, model)
-    parts = {part: export_onnx(name, part, tmp_path / f"{part}.onnx", checkpoint=str(path)) for part in PARTS}
-    student = load_model(name, path)
+    student = create_student(name, checkpoint=path)
+    parts = {part: export_onnx(student, part, tmp_path / f"{part}.onnx").path for part in PARTS}
     encoder, server = student.split()
     x = _images(2, seed=8)
     with torch.no_grad():
@@ -97,17 +99,15 @@ def test_a_student_of_any_teacher_exports(tmp_path):
     logits = run_onnx(parts["server"], run_onnx(parts["encoder"], x))
     assert (logits - expected).abs().max() <= TOL * max(1.0, scale)
     assert torch.equal(logits.argmax(1), expected.argmax(1))
-    module, z = load_part(name, "server", checkpoint=path, batch=3)
+    module, z = example_part(student, "server", batch=3)
     assert tuple(z.shape) == (3, 3, 29, 29) and not module.training
 
 
 def test_errors_are_one_line(tmp_path, monkeypatch):
-    assert "student name" in error(export_onnx, "resnet50", "encoder", tmp_path / "t.onnx", pretrained=False)
-    message = error(export_onnx, NAME, "edge", tmp_path / "e.onnx", pretrained=False)
-    assert "encoder" in message and "server" in message
+    model = create_student(NAME, random_seed=0)
+    assert error(export_onnx, model, "edge", tmp_path / "e.onnx") == "unknown part 'edge'; valid parts: encoder, server"
     monkeypatch.setitem(sys.modules, "onnx", None)
-    assert 'pip install -e ".[deploy]"' in error(export_onnx, NAME, "encoder", tmp_path / "m.onnx",
-                                                 pretrained=False)
+    assert 'pip install -e ".[deploy]"' in error(export_onnx, model, "encoder", tmp_path / "m.onnx")
     assert not list(tmp_path.iterdir()), "nothing is written on errors"
 
 
@@ -121,7 +121,7 @@ def test_cli_export(checkpoint, tmp_path, capsys):
     assert out.stat().st_size > 0 and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
     assert main(["export", "resnet50", "--part", "encoder", "--out", str(tmp_path / "t.onnx")]) == 2
-    assert "student name" in capsys.readouterr().err
+    assert "resnet50 is a teacher: split computing here needs a student" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["export", NAME, "--part", "encoder", "--format", "tflite", "--out", str(tmp_path / "x")])
     assert "invalid choice" in capsys.readouterr().err

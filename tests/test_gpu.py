@@ -55,7 +55,8 @@ def test_one_process_nccl_group(synth, tmp_path):
 
 
 def test_serve_on_cuda_answers_an_edge_client():
-    from hnd.serving import EdgeClient, load_student
+    from hnd.models import create_student
+    from hnd.serving import EdgeClient
 
     root = Path(__file__).resolve().parents[1]
     server = subprocess.Popen([sys.executable, "-m", "hnd", "serve", STUDENT, "--random-weights", "--port", "0",
@@ -65,7 +66,7 @@ def test_serve_on_cuda_answers_an_edge_client():
         line = server.stdout.readline()
         assert "device cuda" in line, line
         address = re.search(r" on (\S+:\d+) ", line).group(1)
-        model = load_student(STUDENT, pretrained=False, random_seed=0)
+        model = create_student(STUDENT, random_seed=0)
         x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
         with EdgeClient(STUDENT, model, address, "fp32") as client:
             got = client.classify(x)["topk"][0]["index"]
@@ -83,11 +84,11 @@ def test_onnx_parity_with_the_cuda_provider(tmp_path):
         pytest.skip("onnxruntime has no CUDA provider here (the onnxruntime-gpu package provides it)")
     from hnd.checkpoints import save_checkpoint
     from hnd.export import export_onnx
-    from hnd.serving import load_student
+    from hnd.models import create_student
 
-    model = load_student(STUDENT, pretrained=False, random_seed=0).eval()
+    model = create_student(STUDENT, random_seed=0)
     save_checkpoint(tmp_path / "student.pt", STUDENT, model)
-    path = export_onnx(STUDENT, "encoder", tmp_path / "encoder.onnx", checkpoint=str(tmp_path / "student.pt"))
+    path = export_onnx(create_student(checkpoint=tmp_path / "student.pt"), "encoder", tmp_path / "encoder.onnx").path
     x = torch.randn(2, 3, 224, 224)
     session = ort.InferenceSession(str(path), providers=["CUDAExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]

@@ -125,7 +125,7 @@ def test_measured_profile_round_trips(tmp_path):
 
 @pytest.mark.parametrize("text,expected", [
     ("macs_per_s: [1, 2\n", "not valid YAML"),
-    ("- 1\n- 2\n", "must be a mapping"),
+    ("- 1\n- 2\n", "must hold a mapping with keys"),
     ("macs_per_s: 1e9\nscale: -2\n", "scale must be a positive number"),
     ("macs_per_s: 0\n", "macs_per_s must be a positive number"),
     ("macs_per_s: 1e9\nspeed: 3\n", "valid: name, description"),

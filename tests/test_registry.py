@@ -4,7 +4,6 @@ user teachers, generic students' checkpoints, one parse and one file read per ca
 from __future__ import annotations
 
 import dataclasses
-import sys
 from pathlib import Path
 
 import pytest
@@ -232,7 +231,8 @@ def test_a_student_saved_with_the_wider_design_loads_by_name_and_resumes(tmp_pat
     config = experiment_config("resnet18@layer2", "naive", 3, {"pretrained": False, "input_size": 64, "epochs": 1,
                                                                "num_workers": 0, "holdout_per_class": 2})
     config.spec = spec_from_dict({**config.spec.to_dict(), "design": "generic"})
-    data = write_synthetic_dataset(tmp_path / "synth", classes=2, train_per_class=4, val_per_class=2, image_size=72)["root"]
+    data = write_synthetic_dataset(tmp_path / "synth", classes=2, train_per_class=4, val_per_class=2,
+                                   image_size=72)["root"]
     fit(config, data, run, progress=False)
     resumed = resume_config(run, "resnet18@layer2-3ch", "naive", assignments=["epochs=2"])
     assert resumed.model_spec.design == "generic"
@@ -241,31 +241,6 @@ def test_a_student_saved_with_the_wider_design_loads_by_name_and_resumes(tmp_pat
 
 
 # ---------------------------------------------------------------- one parse and one read per call
-
-@pytest.fixture
-def counts(monkeypatch):
-    """Counts of ``hnd.registry.parse_name`` calls and of ``torch.load`` calls per file."""
-    seen = {"parse": 0, "loads": {}}
-    parse = hnd.registry.parse_name
-
-    def counting_parse(name):
-        seen["parse"] += 1
-        return parse(name)
-
-    # resolve() looks parse_name up in hnd.registry; modules that imported it by name look it up at home.
-    for module in list(sys.modules.values()):
-        if getattr(module, "__name__", "").startswith("hnd") and getattr(module, "parse_name", None) is parse:
-            monkeypatch.setattr(module, "parse_name", counting_parse)
-    load = torch.load
-
-    def counting_load(f, *args, **kwargs):
-        key = str(Path(f).resolve()) if isinstance(f, (str, Path)) else repr(f)
-        seen["loads"][key] = seen["loads"].get(key, 0) + 1
-        return load(f, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "load", counting_load)
-    return seen
-
 
 @pytest.fixture(scope="module")
 def four_class_run(tmp_path_factory):

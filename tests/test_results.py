@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -38,7 +39,8 @@ def test_students_median_without_a_teacher_run_and_nothing_when_unknown():
 
 def _training_cell(runs, cell, record: RunRecord, status="done"):
     """A grid folder as the runner leaves it: grid.json and the cell's results.json."""
-    from hnd.book.results import GRID_FILE, RESULTS_FILE, read_json, write_json
+    from hnd.book.results import GRID_FILE, RESULTS_FILE, write_json
+    from hnd.files import read_json
 
     grid = read_json(runs / GRID_FILE) if (runs / GRID_FILE).is_file() else {"profile": "t", "cells": []}
     grid["cells"].append({"id": cell, "notebook": cell.split("/")[0], "label": cell, "status": status,
@@ -83,7 +85,8 @@ def test_a_record_from_training_keeps_the_checkpoint_inside_the_cell_relative(tm
     assert (record.channels, record.beta, record.bytes_per_image, record.teacher_top1) == (3, 2.0, 33.5, 70.0)
     assert (record.train_seconds, record.seconds_per_epoch, record.images_per_s) == (8.0, 4.0, 15.0)
     record.write(tmp_path)
-    from hnd.book.results import METRICS_FILE, read_json
+    from hnd.book.results import METRICS_FILE
+    from hnd.files import read_json
 
     assert RunRecord.from_dict(read_json(tmp_path / METRICS_FILE), tmp_path) == record
     own = RunRecord.from_training("resnet18", experiment_config("resnet18", "teacher", 3, {"pretrained": False}),

@@ -199,10 +199,10 @@ def test_a_student_of_any_teacher_serves_like_one_process():
     """``hnd serve`` with --random-weights for a generic student (ResNet-18 cut after layer2,
     its tail a traced graph): an edge client holding the same fixed weights gets exactly the
     single-process top-k, and the server takes the bottleneck of the spec's input size."""
-    from hnd.serving import load_student
+    from hnd.models import create_student
 
     name = "resnet18@layer2-3ch"
-    model = load_student(name, pretrained=False, random_seed=0)  # the weights of --random-weights
+    model = create_student(name, random_seed=0)  # the weights of --random-weights
     proc = subprocess.Popen([sys.executable, "-m", "hnd", "serve", "resnet18-3ch", "--random-weights", "--port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
@@ -219,7 +219,8 @@ def test_a_student_of_any_teacher_serves_like_one_process():
         proc.kill()
         proc.wait(10)
         proc.stdout.close()
-    assert "teacher" in error(load_student, "resnet18", pretrained=False)
+    assert error(create_student, "resnet18", random_seed=0) == (
+        "resnet18 is a teacher: split computing here needs a student such as resnet18-3ch (see `hnd models`)")
 
 
 def _raw(address: str) -> socket.socket:

@@ -89,6 +89,19 @@ def test_fit_writes_a_complete_run(method, synth, teacher_ckpt, tmp_path):
     assert evaluated["student"] == result["test"]
 
 
+@pytest.mark.parametrize("extra, tested", [([], []), (["test_first_epochs=1"], [1]),
+                                           (["test_every_epoch=true"], [1, 2])])
+def test_runs_test_after_the_epochs_asked_and_the_kept_one_at_the_end(synth, teacher_ckpt, tmp_path, extra, tested):
+    result = fit(_config("hnd", teacher_ckpt, "epochs=2", *extra), synth, tmp_path / "run", progress=False)
+    lines = read_metrics(tmp_path / "run")
+    assert [m["epoch"] for m in lines if "test_top1" in m] == tested
+    assert all(0 <= m["test_top1"] <= 100 for m in lines if "test_top1" in m)
+    assert result["test"]["images"] == 4 * 4
+    if tested:  # the same test split: the kept epoch's curve point is its final test
+        kept = next(m for m in lines if m["epoch"] == result["best_epoch"])
+        assert "test_top1" not in kept or kept["test_top1"] == result["test"]["top1"]
+
+
 def test_hnd_trains_only_the_head(synth, teacher_ckpt, tmp_path):
     out = tmp_path / "hnd"
     fit(_config("hnd", teacher_ckpt, "epochs=1"), synth, out, progress=False)

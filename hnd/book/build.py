@@ -18,7 +18,8 @@ from pathlib import Path
 import yaml
 
 from hnd.book.grid import default_runs, headline, load_profile
-from hnd.book.results import GRID_FILE, RESULTS_FILE, read_json
+from hnd.book.results import GRID_FILE, RESULTS_FILE
+from hnd.files import read_json
 from hnd.errors import HndError
 
 STAGE_DIR = "_executed"  # what the book renders: copies of the finished notebooks, generated pages

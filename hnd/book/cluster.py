@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hnd.book.grid import JOB_FILE, Cell, CellRun, _log_tail, _now, _Runner, machine_facts
-from hnd.book.results import GRID_FILE, RESULTS_FILE, read_json_if_any, write_json
+from hnd.book.results import GRID_FILE, RESULTS_FILE, write_json
+from hnd.files import read_json_if_any
 from hnd.errors import HndError
 
 EXECUTORS = ("local", "slurm")

@@ -34,7 +34,8 @@ from pathlib import Path
 import yaml
 
 import hnd
-from hnd.book.results import GRID_FILE, METRICS_FILE, RESULTS_FILE, read_json, read_json_if_any, write_json
+from hnd.book.results import GRID_FILE, METRICS_FILE, RESULTS_FILE, write_json
+from hnd.files import read_json, read_json_if_any, read_mapping, write_text
 from hnd.errors import HndError
 
 NOTEBOOKS_DIR = "notebooks"
@@ -83,11 +84,8 @@ def load_profile(name: str, root: str | os.PathLike = ".") -> Profile:
     if name not in names:
         where = Path(root).resolve() / PROFILES_DIR
         raise HndError(f"unknown profile {name!r}; valid profiles: {', '.join(names) or f'none in {where}'}")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise HndError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("steps"), list) or not doc["steps"]:
+    doc = read_mapping(path)
+    if not isinstance(doc.get("steps"), list) or not doc["steps"]:
         raise HndError(f"{path} must be a mapping with a non-empty list of steps")
     unknown = set(doc) - _PROFILE_KEYS
     if unknown:
@@ -436,7 +434,7 @@ class _Runner:
         (folder / METRICS_FILE).unlink(missing_ok=True)
         (folder / JOB_FILE).unlink(missing_ok=True)
         write_json(folder / "parameters.json", parameters)
-        (folder / "parameters.yaml").write_text(yaml.safe_dump(parameters, sort_keys=False))
+        write_text(folder / "parameters.yaml", yaml.safe_dump(parameters, sort_keys=False))
         command = [sys.executable, "-m", "papermill", str(notebook), str(folder / "notebook.ipynb"),
                    "-f", str(folder / "parameters.yaml"), "-k", "python3", "--cwd", str(cwd),
                    "--no-progress-bar"]

@@ -230,7 +230,7 @@ def plot_training(metrics: list[dict], title: str = "") -> Figure:
     loss_ax.set_yscale("log")
     loss_ax.set(xlabel="epoch", ylabel="training loss per image", title="loss")
     acc_ax.plot(epochs, [m["select_top1"] for m in metrics], marker="o", label="selection split")
-    tested = [(m["epoch"], m["test_top1"]) for m in metrics if "test_top1" in m]  # test_every_epoch runs
+    tested = [(m["epoch"], m["test_top1"]) for m in metrics if "test_top1" in m]  # test_every_epoch, test_first_epochs
     if tested:
         acc_ax.plot(*zip(*tested), marker=".", color="black", label="test split")
     trained = [(m["epoch"], m["train_top1"]) for m in metrics if "train_top1" in m]

@@ -18,7 +18,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from statistics import mean
 
-from hnd.checkpoints import atomic_write
+from hnd.files import read_json, write_text
 from hnd.errors import HndError
 
 METRICS_FILE = "metrics.json"  # a notebook's own numbers, in its output_dir
@@ -44,32 +44,9 @@ def _plain(value: object) -> object:
 def write_json(path: str | os.PathLike, doc: dict) -> Path:
     """Write ``doc`` as indented JSON, atomically."""
     path = Path(path)
-    text = json.dumps(_plain(doc), indent=1) + "\n"
-    atomic_write(path, lambda f: f.write(text), mode="w")
+    write_text(path, json.dumps(_plain(doc), indent=1) + "\n")
     return path
 
-
-def read_json(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise HndError(f"{path} not found") from None
-    except json.JSONDecodeError as exc:
-        raise HndError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(doc, dict):
-        raise HndError(f"{path} must hold a JSON object")
-    return doc
-
-
-
-def read_json_if_any(path: str | os.PathLike) -> dict | None:
-    """``read_json``, or None for a missing or unreadable file (a record not written yet, or
-    cut short)."""
-    try:
-        return read_json(path) if Path(path).is_file() else None
-    except HndError:
-        return None
 
 def write_metrics(output_dir: str | os.PathLike, metrics: dict) -> Path:
     """Record a notebook's numbers (``metrics.json`` in ``output_dir``) for the grid runner."""
@@ -240,8 +217,9 @@ def grid_data(runs: str | os.PathLike) -> str:
 def trained_models(runs: str | os.PathLike, methods: list[str], teacher: str = "") -> list[MeasuredModel]:
     """The kept checkpoints of the finished training runs of ``methods`` in ``runs``, loaded,
     for one backbone: ``teacher``, or the first one the grid trained."""
-    from hnd.checkpoints import load_model, read_checkpoint
+    from hnd.checkpoints import read_checkpoint
     from hnd.config import config_from_dict
+    from hnd.models import create_model
 
     out = []
     for r in training_runs(runs):
@@ -249,7 +227,7 @@ def trained_models(runs: str | os.PathLike, methods: list[str], teacher: str = "
         if r.method in methods and r.teacher == teacher:
             checkpoint = read_checkpoint(r.checkpoint_path)
             config = config_from_dict(checkpoint.meta["config"])
-            out.append(MeasuredModel(r.method, r.channels, r.beta, config, load_model(None, checkpoint).eval()))
+            out.append(MeasuredModel(r.method, r.channels, r.beta, config, create_model(checkpoint=checkpoint)))
     if not out:
         raise HndError(f"no finished {'/'.join(methods)} run in {runs}" + (f" for {teacher}" if teacher else ""))
     return out
