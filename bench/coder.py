@@ -26,7 +26,7 @@ import torch
 
 from hnd.codec import decode_coded, encode_coded, encode_tensor
 from hnd.entropy import FactorizedPrior
-from hnd.latency import median_seconds
+from hnd.devices import median_seconds
 
 HEADER = 8  # bytes the coded payload may exceed the estimate by: checksum + the coder's last word
 GOAL_MS = 2.0

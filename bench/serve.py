@@ -35,7 +35,7 @@ import torchvision
 
 from hnd.codec import TENSOR_FORMATS, tensor_bytes
 from hnd.errors import HndError
-from hnd.latency import median_seconds
+from hnd.devices import median_seconds
 from hnd.protocol import decode_response, encode_hello, encode_request, hello_token, read_frame
 from hnd.registry import resolve
 from hnd.tls import client_context, make_self_signed
@@ -185,7 +185,7 @@ def main() -> None:
     if args.markdown:
         import platform
 
-        from hnd.book.grid import machine_facts
+        from hnd.machine import machine_facts
 
         hw = machine_facts()
         rows = [f"| bytes per request, {fmt} | {o['frame_bytes']:,} (raw payload {o['raw_payload_bytes']:,}, "

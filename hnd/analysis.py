@@ -274,7 +274,7 @@ def split_point_rows(model: ModelSpec | str) -> list[SplitPointRow]:
     """Every valid split point of ``model``'s teacher, in order: a paper family's stages
     first, then every point of the traced graph (any of these names is a valid ``@POINT``)."""
     spec = resolve(model)
-    teacher = on_meta(lambda: create_model(spec.teacher_spec(), pretrained=False))
+    teacher = on_meta(lambda: create_model(spec.as_teacher(), pretrained=False))
     size = spec.input_size
     x = torch.zeros(1, 3, size, size, device=_device_of(teacher))
     n_input = 3 * size * size

@@ -1,5 +1,5 @@
 """The autoencoder baseline of the papers: a small autoencoder inserted at a frozen teacher's
-split point, trained to reconstruct the teacher head's output (original-hnd.md §3.5).
+split point, trained to reconstruct the teacher head's output (tests/reference/original-hnd-facts.md §3).
 
 Unlike HND, the teacher's own head still runs on the device; the autoencoder's encoder
 shrinks its output to a few channels for transmission.

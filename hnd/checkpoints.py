@@ -2,7 +2,7 @@
 
 Every file is read with ``torch.load(..., weights_only=True, map_location="cpu")``; the only
 extra class allowed is ``argparse.Namespace`` (the original KD checkpoints store their
-command-line arguments in one). Formats understood (original-hnd.md §4.1, §2.7):
+command-line arguments in one). Formats understood (tests/reference/original-hnd-facts.md §2):
 
 - ``original-naive``: ``{type, model, acc, epoch}``, ``model`` = whole student state_dict with
   the original keys (``student_model.*``, ``features.N.*``, ``classifier.*``);

@@ -9,6 +9,7 @@ import json
 import os
 import sys
 
+from hnd.book.cells import EXECUTORS
 from hnd.errors import HndError
 
 
@@ -40,6 +41,11 @@ teacher in Python with hnd.register_teacher(name, module, input_size=...).
 """
 
 
+def _models_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--all", action="store_true", help="also every torchvision image classifier (all are teachers)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
 def cmd_models(args: argparse.Namespace) -> None:
     from hnd.registry import list_models
 
@@ -64,12 +70,20 @@ def _print_split_points(spec) -> None:
 
     rows = split_point_rows(spec)
     print(f"split points of {spec.teacher.name} at input 3x{spec.input_size}x{spec.input_size} "
-          f"(default {spec.teacher_spec().split_point if not spec.is_student else spec.split_point}):")
+          f"(default {spec.as_teacher().split_point if not spec.is_student else spec.split_point}):")
     print(f"{'point':48s} {'kind':7s} {'output':>13s} {'bytes fp32':>11s} {'int8':>9s} {'% input':>8s} "
           f"{'cum. MACs':>15s} {'% MACs':>7s}")
     for r in rows:
         print(f"{r.name:48s} {r.kind:7s} {_fmt_shape(r.output_shape):>13s} {r.bytes():11,} {r.bytes('int8'):9,} "
               f"{r.pct_of_input:8.2f} {r.cum_macs:15,} {r.pct_macs:7.2f}")
+
+
+def _inspect_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="teacher or student name (see `hnd models --help`)")
+    p.add_argument("--split-point", help="teachers only: point after which to split (default: the name's)")
+    p.add_argument("--split-points", action="store_true",
+                   help="list the teacher's valid split points with output shape, bytes and cumulative MACs")
+    p.add_argument("--json", action="store_true", help="print JSON")
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
@@ -105,6 +119,15 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     for r in analysis.rows:
         print(f"{r.name:44s} {r.type:18s} {_fmt_shape(r.output_shape):>13s} {r.bytes() / 1024:10.1f} "
               f"{r.params:12,} {r.macs:15,} {r.cum_macs:15,}")
+
+
+def _predict_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="teacher or student name")
+    p.add_argument("image", help="image file")
+    p.add_argument("--checkpoint", help="original naive/KD/HND checkpoint or an hnd checkpoint")
+    p.add_argument("--topk", type=int, help="classes to show (default 5, or every class if fewer)")
+    p.add_argument("--logits", action="store_true", help="also print all logits")
+    p.add_argument("--json", action="store_true", help="print JSON")
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -150,10 +173,22 @@ def _default_out(args: argparse.Namespace) -> str:
     return f"runs/{args.method}/{args.name}"
 
 
+def _config_arguments(p: argparse.ArgumentParser) -> None:
+    _add_run_arguments(p)
+
+
 def cmd_config(args: argparse.Namespace) -> None:
     from hnd.config import dump_config
 
     sys.stdout.write(dump_config(_resolved_config(args)))
+
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    _add_run_arguments(p)
+    p.add_argument("--data", required=True, help="image folder with train/<class>/ and val/<class>/")
+    p.add_argument("--out", help="run folder (default runs/METHOD/NAME)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -168,6 +203,19 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"{config.method} {config.model}: best epoch {result['best_epoch']} "
               f"(selection top-1 {result['select_top1']:.2f}%); test top-1 {test['top1']:.2f}% "
               f"top-5 {test['top5']:.2f}% on {test['images']} images{coded}; {result['checkpoint']}")
+
+
+def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="the checkpoint's model name")
+    p.add_argument("--method", required=True, help="naive | kd | hnd | ae | teacher | entropic")
+    p.add_argument("--checkpoint", required=True, help="original naive/KD/HND checkpoint or an hnd checkpoint")
+    p.add_argument("--data", required=True, help="image folder with val/<class>/")
+    p.add_argument("--student-only", action="store_true", help="skip the teacher")
+    p.add_argument("--batch-size", type=int, default=50, help="default 50, as the original's test batch")
+    p.add_argument("--workers", type=int, default=-1, help="data-loading processes (default min(cpus, 8))")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print JSON")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -189,6 +237,15 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             print(f"  {label:8s} top-1 {acc['top1']:.2f}%  top-5 {acc['top5']:.2f}%  ({acc['images']} images{coded})")
 
 
+def _data_synth_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="new folder to create")
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--train-per-class", type=int, default=100)
+    p.add_argument("--val-per-class", type=int, default=20)
+    p.add_argument("--image-size", type=int, default=72)
+    p.add_argument("--seed", type=int, default=0)
+
+
 def cmd_data_synth(args: argparse.Namespace) -> None:
     from hnd.synth import write_synthetic_dataset
 
@@ -202,6 +259,12 @@ def cmd_data_synth(args: argparse.Namespace) -> None:
 def _print_layout(layout) -> None:
     counts = ", ".join(f"{split} {n} images" for split, n in layout.counts().items())
     print(f"{layout.root}: {len(layout.classes)} classes, {counts}")
+
+
+def _data_check_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("root")
+    p.add_argument("--verify", action="store_true", help="open every image and list unreadable ones")
+    p.add_argument("--json", action="store_true", help="print JSON")
 
 
 def cmd_data_check(args: argparse.Namespace) -> None:
@@ -227,21 +290,52 @@ def cmd_data_check(args: argparse.Namespace) -> None:
         raise HndError(f"{len(bad)} unreadable images; delete them or train with skip_bad_images=true")
 
 
+def _data_imagenet_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("root", help="folder holding the three ILSVRC2012 archives")
+
+
 def cmd_data_imagenet(args: argparse.Namespace) -> None:
     from hnd.data import prepare_imagenet
 
     _print_layout(prepare_imagenet(args.root))
 
 
+# The command-line flag of each job option (hnd.book.cells.JOB_OPTIONS) that `hnd book run` takes.
+_JOB_FLAGS = {
+    "partition": ("--partition", {"help": "Slurm partition"}),
+    "gpus": ("--gpus-per-job", {"type": int, "help": "GPUs per cell; more than one trains under torchrun"}),
+    "cpus": ("--cpus-per-job", {"type": int, "help": "CPUs per cell (data loading, torch threads)"}),
+    "time": ("--time", {"help": "time limit per job: minutes, HH:MM:SS or D-HH:MM:SS (default 1440)"}),
+    "account": ("--account", {"help": "Slurm account to charge"}),
+    "mem": ("--mem", {"help": "memory per job, e.g. 64G"}),
+    "sbatch": ("--sbatch", {"action": "append", "metavar": "FLAG",
+                            "help": "extra sbatch flag, e.g. --sbatch=--qos=high (repeatable)"}),
+}
+
+
+def _book_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default="cpu", help="smoke | cpu | paper (notebooks/profiles/*.yaml; default cpu)")
+    p.add_argument("--only", metavar="PATTERN", help="run only cells whose id matches (glob or substring)")
+    p.add_argument("--jobs", type=int, help="cells run at once (default: the profile's, else 1)")
+    p.add_argument("--data", help="dataset root (required by the paper profile; default: the profile's)")
+    p.add_argument("--out", help="runs folder (default runs/book/PROFILE)")
+    p.add_argument("--full", action="store_true", help="allow a full-scale (GPU) profile such as paper")
+    jobs = p.add_argument_group("cluster jobs", "one job per cell through submitit; these override the "
+                                "profile's slurm options")
+    jobs.add_argument("--executor", choices=EXECUTORS,
+                      help="run each cell as a Slurm job, or as a local submitit job (default: from this command)")
+    for key, (flag, options) in _JOB_FLAGS.items():
+        jobs.add_argument(flag, dest=f"job_{key}", **{"metavar": flag[2:].replace("-", "_").upper(), **options})
+    jobs.add_argument("--poll", type=float, help="seconds between looks at the jobs (default 30 on Slurm, 1 local)")
+
+
 def cmd_book_run(args: argparse.Namespace) -> int:
     from hnd.book.grid import run_grid, summary_table
 
-    flags = {"partition": "--partition", "gpus": "--gpus-per-job", "cpus": "--cpus-per-job", "time": "--time",
-             "account": "--account", "mem": "--mem", "sbatch": "--sbatch"}
-    options = {key: getattr(args, flag[2:].replace("-", "_")) for key, flag in flags.items()}
+    options = {key: getattr(args, f"job_{key}") for key in _JOB_FLAGS}
     options = {key: value for key, value in options.items() if value is not None}
     if args.executor is None and options:
-        raise HndError(f"{', '.join(flags[k] for k in options)} only apply to jobs; add --executor slurm or "
+        raise HndError(f"{', '.join(_JOB_FLAGS[k][0] for k in options)} only apply to jobs; add --executor slurm or "
                        "--executor local")
     try:
         summaries = run_grid(args.profile, runs=args.out, only=args.only, jobs=args.jobs, data=args.data,
@@ -257,6 +351,12 @@ def cmd_book_run(args: argparse.Namespace) -> int:
     return 1 if any(s["status"] != "done" for s in summaries) else 0
 
 
+def _book_status_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default="cpu", help="profile whose runs to show (default cpu)")
+    p.add_argument("--runs", help="runs folder (default runs/book/PROFILE)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
 def cmd_book_status(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -269,6 +369,11 @@ def cmd_book_status(args: argparse.Namespace) -> int:
     else:
         print(status_table(rows))
     return 1 if any(row["status"] == "failed" for row in rows) else 0
+
+
+def _book_build_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default="cpu", help="profile whose runs to render (default cpu)")
+    p.add_argument("--runs", help="runs folder (default runs/book/PROFILE)")
 
 
 def cmd_book_build(args: argparse.Namespace) -> int:
@@ -288,6 +393,11 @@ def _default_runs() -> str | None:
     return str(runs) if (runs / GRID_FILE).is_file() else None
 
 
+def _explore_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runs", help="book runs whose accuracies to show (default runs/book/cpu when it exists)")
+    p.add_argument("--port", type=int, default=8866, help="port on 127.0.0.1 (default 8866)")
+
+
 def cmd_explore(args: argparse.Namespace) -> int:
     from hnd.book.apps import explorer_command, serve
 
@@ -299,6 +409,11 @@ def cmd_explore(args: argparse.Namespace) -> int:
         print(f"explorer: accuracies from the runs in {runs}")
     command, env = explorer_command(args.port, runs)
     return serve("explorer", command, env, args.port)
+
+
+def _lab_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--notebooks", default="notebooks", help="folder to serve (default notebooks)")
+    p.add_argument("--port", type=int, default=8888, help="port on 127.0.0.1 (default 8888)")
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
@@ -315,14 +430,36 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:9.2f}"
 
 
+def _plan_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="teacher name, e.g. densenet169")
+    p.add_argument("--rate", type=float, required=True, help="data rate of the link, Mbit/s")
+    p.add_argument("--rtt", type=float, default=0.0, help="round-trip time, ms (default 0)")
+    p.add_argument("--device", default="this-machine", help="device profile name or file (default this-machine)")
+    p.add_argument("--server", default="gpu-server", help="server profile name or file (default gpu-server)")
+    p.add_argument("--channels", type=int, nargs="+", default=[3, 6, 9, 12], help="student bottleneck channels")
+    p.add_argument("--formats", nargs="+", default=["fp32", "fp16", "int8"], help="student tensor formats")
+    p.add_argument("--split-format", default="int8", help="tensor format of teacher splits (default int8)")
+    p.add_argument("--lossless-ratio", type=float, help="measured zlib ratio (bytes after / before) on int8 bottlenecks")
+    p.add_argument("--input-bytes", type=float, help="bytes of the offloaded input (default raw RGB)")
+    p.add_argument("--images", metavar="DIR", help="measure the offloaded input: encode images found under DIR")
+    p.add_argument("--codec", default="jpeg", help="with --images: jpeg | webp | png (default jpeg)")
+    p.add_argument("--quality", type=int, default=75, help="with --images: codec quality 1-100 (default 75)")
+    p.add_argument("--entropic", nargs="+", default=[], metavar="RUN",
+                   help="finished entropic training runs (folders): plan their students with their measured bytes")
+    p.add_argument("--input-size", type=int, help="image side (default the teacher's; entropic runs need theirs)")
+    p.add_argument("--top", type=int, default=20, help="rows of the table (default 20; 0 for all)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
 def cmd_plan(args: argparse.Namespace) -> None:
-    from hnd.latency import coded_student, crossovers, load_device_profile, measure_input_codec, options, plan
+    from hnd.devices import load_device_profile
+    from hnd.latency import coded_student, crossovers, measure_input_codec, options, plan
     from hnd.registry import resolve
 
     spec = resolve(args.name).at_input_size(args.input_size)
     if spec.is_student:
         raise HndError(f"hnd plan takes a teacher (its students are planned with it), not the student {spec}; "
-                       f"e.g. {spec.teacher_spec()}")
+                       f"e.g. {spec.as_teacher()}")
     device, server = load_device_profile(args.device), load_device_profile(args.server)
     codec = measure_input_codec(spec, args.images, args.codec, args.quality) if args.images else None
     coded = [coded_student(run) for run in args.entropic]
@@ -359,8 +496,17 @@ def cmd_plan(args: argparse.Namespace) -> None:
         print(f"  at {c['rate_mbps']:10.3f} Mbit/s: {c['from']} -> {c['to']}")
 
 
+def _profile_device_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("models", nargs="+", metavar="MODEL", help="teachers, students or mobilenet_v2")
+    p.add_argument("--out", required=True, help="profile file to write (.yaml or .json)")
+    p.add_argument("--name", default="this-machine", help="profile name (default this-machine)")
+    p.add_argument("--repeats", type=int, default=20, help="timed runs per layer (default 20)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed runs per layer first (default 5)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default torch's)")
+
+
 def cmd_profile_device(args: argparse.Namespace) -> None:
-    from hnd.latency import measure_device_profile, save_device_profile
+    from hnd.devices import measure_device_profile, save_device_profile
 
     profile = measure_device_profile(args.models, repeats=args.repeats, warmup=args.warmup, threads=args.threads,
                                      name=args.name)
@@ -368,6 +514,16 @@ def cmd_profile_device(args: argparse.Namespace) -> None:
     layers = sum(len(t) for t in profile.layer_seconds.values())
     print(f"wrote {args.out}: {profile.name}, {layers} layers of {len(profile.layer_seconds)} models, "
           f"{profile.macs_per_s:.3g} MACs/s, int8 encoding {profile.encode_bytes_per_s:.3g} bytes/s")
+
+
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="student name")
+    p.add_argument("--part", required=True, choices=["encoder", "server"],
+                   help="encoder (image -> z, edge) or server (z -> logits)")
+    p.add_argument("--format", default="onnx", choices=["onnx"], help="file format (onnx)")
+    p.add_argument("--checkpoint", help="weights to export (default: the pretrained student)")
+    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--out", required=True, help="file to write")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -420,6 +576,34 @@ def _serve_security(args: argparse.Namespace) -> dict:
     return out
 
 
+def _serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="student name")
+    p.add_argument("--checkpoint", help="the student's weights (any supported checkpoint format)")
+    p.add_argument("--random-weights", action="store_true", help="fixed random weights instead (tests)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8765, help="TCP port (default 8765; 0 picks a free one)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+    p.add_argument("--max-batch", type=int, default=8, help="images decoded together at most (default 8)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="wait after a request for others to batch with it (default 5)")
+    p.add_argument("--topk", type=int, default=5, help="classes in each answer (default 5)")
+    p.add_argument("--input-size", type=int, help="image side the edge devices encode (default the model's)")
+    p.add_argument("--max-frame-bytes", type=int, help="largest request accepted (default 16 MiB)")
+    p.add_argument("--tls-cert", metavar="FILE", help="serve TLS 1.3 with this certificate chain (PEM)")
+    p.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
+    p.add_argument("--token-file", metavar="FILE",
+                   help="client tokens, one per line, re-read when the file changes; clients must present one")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --host without TLS and tokens (a trusted network only)")
+    p.add_argument("--max-connections", type=int, default=256,
+                   help="open connections at most; more get a busy error (default 256)")
+    p.add_argument("--max-queue", type=int, help="requests waiting at most; more get a busy error "
+                                                 "(default 4 x --max-batch)")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT/metrics")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM/SIGINT, seconds to finish the requests in flight (default 30)")
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     import logging
 
@@ -439,11 +623,38 @@ def cmd_serve(args: argparse.Namespace) -> None:
           metrics_port=args.metrics_port, drain_timeout_s=args.drain_timeout, **serve_options)
 
 
+def _tls_cert_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="folder for cert.pem and key.pem")
+    p.add_argument("--name", action="append", help="DNS name or IP address the certificate is for "
+                                                   "(repeatable; default localhost and 127.0.0.1)")
+    p.add_argument("--days", type=int, default=30, help="validity in days (default 30)")
+
+
 def cmd_tls_cert(args: argparse.Namespace) -> None:
     from hnd.tls import make_self_signed
 
     cert, key = make_self_signed(args.out, tuple(args.name or ("localhost", "127.0.0.1")), days=args.days)
     print(f"wrote {cert} and {key}: hnd serve --tls-cert {cert} --tls-key {key}; hnd edge --tls-ca {cert}")
+
+
+def _edge_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="student name (the server's)")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument("--server", required=True, help="HOST:PORT of `hnd serve`")
+    p.add_argument("--checkpoint", help="the student's weights (the server's file)")
+    p.add_argument("--random-weights", action="store_true", help="the fixed random weights of `serve --random-weights`")
+    p.add_argument("--input-size", type=int, help="image side to encode (default the checkpoint's; the server's "
+                                                   "--input-size must agree)")
+    p.add_argument("--bits", type=int, default=8, help="32 (fp32), 16 (fp16) or 8 (int8, default)")
+    p.add_argument("--compress", choices=("none", "zlib", "entropy"), default="none",
+                   help="zlib: with --bits 8, zlib the codes; entropy: range-code the bottleneck with an entropic "
+                        "student's tables")
+    p.add_argument("--rate-limit", type=float, metavar="MBPS", help="emulate a link of this many Mbit/s")
+    p.add_argument("--tls", action="store_true", help="speak TLS, trusting the system's certificate authorities")
+    p.add_argument("--tls-ca", metavar="FILE", help="speak TLS, trusting the certificates in FILE (PEM)")
+    p.add_argument("--token-file", metavar="FILE", help="send the first token in FILE in a hello frame")
+    p.add_argument("--retries", type=int, default=5, help="retries of a request the server answers busy (default 5)")
+    p.add_argument("--json", action="store_true", help="print JSON")
 
 
 def cmd_edge(args: argparse.Namespace) -> None:
@@ -496,215 +707,62 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config keys, e.g. epochs=2 lr=0.01")
 
 
+def _command(sub, arguments, handler, name: str, **options) -> argparse.ArgumentParser:
+    """Add `hnd ... NAME` with the arguments that ``arguments`` declares, run by ``handler``."""
+    p = sub.add_parser(name, **options)
+    arguments(p)
+    p.set_defaults(func=handler)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hnd", description="Head Network Distillation for split computing.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("models", help="list teachers and students; --help explains model names",
-                       description="List teachers and students.", epilog=MODELS_HELP,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--all", action="store_true", help="also every torchvision image classifier (all are teachers)")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_models)
-
-    p = sub.add_parser("inspect", help="per-layer sizes, params and MACs of a model and its split")
-    p.add_argument("name", help="teacher or student name (see `hnd models --help`)")
-    p.add_argument("--split-point", help="teachers only: point after which to split (default: the name's)")
-    p.add_argument("--split-points", action="store_true",
-                   help="list the teacher's valid split points with output shape, bytes and cumulative MACs")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_inspect)
-
-    p = sub.add_parser("predict", help="classify one image in eval mode")
-    p.add_argument("name", help="teacher or student name")
-    p.add_argument("image", help="image file")
-    p.add_argument("--checkpoint", help="original naive/KD/HND checkpoint or an hnd checkpoint")
-    p.add_argument("--topk", type=int, help="classes to show (default 5, or every class if fewer)")
-    p.add_argument("--logits", action="store_true", help="also print all logits")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_predict)
-
-    p = sub.add_parser("config", help="print the resolved training config (official preset + overrides)")
-    _add_run_arguments(p)
-    p.set_defaults(func=cmd_config)
-
-    p = sub.add_parser("train", help="train with naive, kd, hnd, ae or teacher (torchrun for several processes)")
-    _add_run_arguments(p)
-    p.add_argument("--data", required=True, help="image folder with train/<class>/ and val/<class>/")
-    p.add_argument("--out", help="run folder (default runs/METHOD/NAME)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("evaluate", help="top-1/top-5 of a checkpoint (and its teacher) on DATA/val")
-    p.add_argument("name", help="the checkpoint's model name")
-    p.add_argument("--method", required=True, help="naive | kd | hnd | ae | teacher | entropic")
-    p.add_argument("--checkpoint", required=True, help="original naive/KD/HND checkpoint or an hnd checkpoint")
-    p.add_argument("--data", required=True, help="image folder with val/<class>/")
-    p.add_argument("--student-only", action="store_true", help="skip the teacher")
-    p.add_argument("--batch-size", type=int, default=50, help="default 50, as the original's test batch")
-    p.add_argument("--workers", type=int, default=-1, help="data-loading processes (default min(cpus, 8))")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_evaluate)
+    _command(sub, _models_arguments, cmd_models, "models",
+             help="list teachers and students; --help explains model names", description="List teachers and students.",
+             epilog=MODELS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _command(sub, _inspect_arguments, cmd_inspect, "inspect",
+             help="per-layer sizes, params and MACs of a model and its split")
+    _command(sub, _predict_arguments, cmd_predict, "predict", help="classify one image in eval mode")
+    _command(sub, _config_arguments, cmd_config, "config",
+             help="print the resolved training config (official preset + overrides)")
+    _command(sub, _train_arguments, cmd_train, "train",
+             help="train with naive, kd, hnd, ae or teacher (torchrun for several processes)")
+    _command(sub, _evaluate_arguments, cmd_evaluate, "evaluate",
+             help="top-1/top-5 of a checkpoint (and its teacher) on DATA/val")
 
     data = sub.add_parser("data", help="datasets: generate, check, prepare ImageNet")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    p = dsub.add_parser("synth", help="write the generated ImageFolder dataset (no download)")
-    p.add_argument("--out", required=True, help="new folder to create")
-    p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--train-per-class", type=int, default=100)
-    p.add_argument("--val-per-class", type=int, default=20)
-    p.add_argument("--image-size", type=int, default=72)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_data_synth)
-    p = dsub.add_parser("check", help="check an image folder's layout (and, with --verify, every image)")
-    p.add_argument("root")
-    p.add_argument("--verify", action="store_true", help="open every image and list unreadable ones")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_data_check)
-    p = dsub.add_parser("imagenet", help="extract the official ILSVRC2012 archives in ROOT into train/ and val/")
-    p.add_argument("root", help="folder holding the three ILSVRC2012 archives")
-    p.set_defaults(func=cmd_data_imagenet)
+    _command(dsub, _data_synth_arguments, cmd_data_synth, "synth",
+             help="write the generated ImageFolder dataset (no download)")
+    _command(dsub, _data_check_arguments, cmd_data_check, "check",
+             help="check an image folder's layout (and, with --verify, every image)")
+    _command(dsub, _data_imagenet_arguments, cmd_data_imagenet, "imagenet",
+             help="extract the official ILSVRC2012 archives in ROOT into train/ and val/")
 
     book = sub.add_parser("book", help="run the book's notebooks over a profile's grid, build the book")
     bsub = book.add_subparsers(dest="book_command", required=True, metavar="ACTION")
-    p = bsub.add_parser("run", help="execute every grid cell of a profile with papermill (resumable)")
-    p.add_argument("--profile", default="cpu", help="smoke | cpu | paper (notebooks/profiles/*.yaml; default cpu)")
-    p.add_argument("--only", metavar="PATTERN", help="run only cells whose id matches (glob or substring)")
-    p.add_argument("--jobs", type=int, help="cells run at once (default: the profile's, else 1)")
-    p.add_argument("--data", help="dataset root (required by the paper profile; default: the profile's)")
-    p.add_argument("--out", help="runs folder (default runs/book/PROFILE)")
-    p.add_argument("--full", action="store_true", help="allow a full-scale (GPU) profile such as paper")
-    jobs = p.add_argument_group("cluster jobs", "one job per cell through submitit; these override the "
-                                "profile's slurm options")
-    jobs.add_argument("--executor", choices=("local", "slurm"),
-                      help="run each cell as a Slurm job, or as a local submitit job (default: from this command)")
-    jobs.add_argument("--partition", help="Slurm partition")
-    jobs.add_argument("--gpus-per-job", type=int, help="GPUs per cell; more than one trains under torchrun")
-    jobs.add_argument("--cpus-per-job", type=int, help="CPUs per cell (data loading, torch threads)")
-    jobs.add_argument("--time", help="time limit per job: minutes, HH:MM:SS or D-HH:MM:SS (default 1440)")
-    jobs.add_argument("--account", help="Slurm account to charge")
-    jobs.add_argument("--mem", help="memory per job, e.g. 64G")
-    jobs.add_argument("--sbatch", action="append", metavar="FLAG", help="extra sbatch flag, e.g. --sbatch=--qos=high "
-                      "(repeatable)")
-    jobs.add_argument("--poll", type=float, help="seconds between looks at the jobs (default 30 on Slurm, 1 local)")
-    p.set_defaults(func=cmd_book_run)
-    p = bsub.add_parser("status", help="each cell's state: planned, queued, running, done or failed (with the "
-                        "log's last line)")
-    p.add_argument("--profile", default="cpu", help="profile whose runs to show (default cpu)")
-    p.add_argument("--runs", help="runs folder (default runs/book/PROFILE)")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_book_status)
-    p = bsub.add_parser("build", help="render the finished notebooks with Jupyter Book into _build/html")
-    p.add_argument("--profile", default="cpu", help="profile whose runs to render (default cpu)")
-    p.add_argument("--runs", help="runs folder (default runs/book/PROFILE)")
-    p.set_defaults(func=cmd_book_build)
+    _command(bsub, _book_run_arguments, cmd_book_run, "run",
+             help="execute every grid cell of a profile with papermill (resumable)")
+    _command(bsub, _book_status_arguments, cmd_book_status, "status",
+             help="each cell's state: planned, queued, running, done or failed (with the log's last line)")
+    _command(bsub, _book_build_arguments, cmd_book_build, "build",
+             help="render the finished notebooks with Jupyter Book into _build/html")
 
-    p = sub.add_parser("explore", help="the split explorer as a web app on this machine (Voilà)")
-    p.add_argument("--runs", help="book runs whose accuracies to show (default runs/book/cpu when it exists)")
-    p.add_argument("--port", type=int, default=8866, help="port on 127.0.0.1 (default 8866)")
-    p.set_defaults(func=cmd_explore)
-    p = sub.add_parser("lab", help="JupyterLab on the book's notebooks, on this machine")
-    p.add_argument("--notebooks", default="notebooks", help="folder to serve (default notebooks)")
-    p.add_argument("--port", type=int, default=8888, help="port on 127.0.0.1 (default 8888)")
-    p.set_defaults(func=cmd_lab)
-
-    p = sub.add_parser("plan", help="rank where to split a teacher's work at a data rate (latency model)")
-    p.add_argument("name", help="teacher name, e.g. densenet169")
-    p.add_argument("--rate", type=float, required=True, help="data rate of the link, Mbit/s")
-    p.add_argument("--rtt", type=float, default=0.0, help="round-trip time, ms (default 0)")
-    p.add_argument("--device", default="this-machine", help="device profile name or file (default this-machine)")
-    p.add_argument("--server", default="gpu-server", help="server profile name or file (default gpu-server)")
-    p.add_argument("--channels", type=int, nargs="+", default=[3, 6, 9, 12], help="student bottleneck channels")
-    p.add_argument("--formats", nargs="+", default=["fp32", "fp16", "int8"], help="student tensor formats")
-    p.add_argument("--split-format", default="int8", help="tensor format of teacher splits (default int8)")
-    p.add_argument("--lossless-ratio", type=float, help="measured zlib ratio (bytes after / before) on int8 bottlenecks")
-    p.add_argument("--input-bytes", type=float, help="bytes of the offloaded input (default raw RGB)")
-    p.add_argument("--images", metavar="DIR", help="measure the offloaded input: encode images found under DIR")
-    p.add_argument("--codec", default="jpeg", help="with --images: jpeg | webp | png (default jpeg)")
-    p.add_argument("--quality", type=int, default=75, help="with --images: codec quality 1-100 (default 75)")
-    p.add_argument("--entropic", nargs="+", default=[], metavar="RUN",
-                   help="finished entropic training runs (folders): plan their students with their measured bytes")
-    p.add_argument("--input-size", type=int, help="image side (default the teacher's; entropic runs need theirs)")
-    p.add_argument("--top", type=int, default=20, help="rows of the table (default 20; 0 for all)")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_plan)
-
-    p = sub.add_parser("profile-device", help="measure this machine's per-layer batch-1 times into a profile")
-    p.add_argument("models", nargs="+", metavar="MODEL", help="teachers, students or mobilenet_v2")
-    p.add_argument("--out", required=True, help="profile file to write (.yaml or .json)")
-    p.add_argument("--name", default="this-machine", help="profile name (default this-machine)")
-    p.add_argument("--repeats", type=int, default=20, help="timed runs per layer (default 20)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed runs per layer first (default 5)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default torch's)")
-    p.set_defaults(func=cmd_profile_device)
-
-    p = sub.add_parser("serve", help="run a student's decoder and tail as a server for edge devices")
-    p.add_argument("name", help="student name")
-    p.add_argument("--checkpoint", help="the student's weights (any supported checkpoint format)")
-    p.add_argument("--random-weights", action="store_true", help="fixed random weights instead (tests)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8765, help="TCP port (default 8765; 0 picks a free one)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
-    p.add_argument("--max-batch", type=int, default=8, help="images decoded together at most (default 8)")
-    p.add_argument("--max-wait-ms", type=float, default=5.0,
-                   help="wait after a request for others to batch with it (default 5)")
-    p.add_argument("--topk", type=int, default=5, help="classes in each answer (default 5)")
-    p.add_argument("--input-size", type=int, help="image side the edge devices encode (default the model's)")
-    p.add_argument("--max-frame-bytes", type=int, help="largest request accepted (default 16 MiB)")
-    p.add_argument("--tls-cert", metavar="FILE", help="serve TLS 1.3 with this certificate chain (PEM)")
-    p.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
-    p.add_argument("--token-file", metavar="FILE",
-                   help="client tokens, one per line, re-read when the file changes; clients must present one")
-    p.add_argument("--insecure", action="store_true",
-                   help="allow a non-loopback --host without TLS and tokens (a trusted network only)")
-    p.add_argument("--max-connections", type=int, default=256,
-                   help="open connections at most; more get a busy error (default 256)")
-    p.add_argument("--max-queue", type=int, help="requests waiting at most; more get a busy error "
-                                                 "(default 4 x --max-batch)")
-    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT/metrics")
-    p.add_argument("--drain-timeout", type=float, default=30.0,
-                   help="on SIGTERM/SIGINT, seconds to finish the requests in flight (default 30)")
-    p.set_defaults(func=cmd_serve)
-
-    p = sub.add_parser("tls-cert", help="make a self-signed TLS certificate and key for hnd serve (trials, tests)")
-    p.add_argument("--out", required=True, help="folder for cert.pem and key.pem")
-    p.add_argument("--name", action="append", help="DNS name or IP address the certificate is for "
-                                                   "(repeatable; default localhost and 127.0.0.1)")
-    p.add_argument("--days", type=int, default=30, help="validity in days (default 30)")
-    p.set_defaults(func=cmd_tls_cert)
-
-    p = sub.add_parser("edge", help="classify images by running the encoder here and the rest on a server")
-    p.add_argument("name", help="student name (the server's)")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    p.add_argument("--server", required=True, help="HOST:PORT of `hnd serve`")
-    p.add_argument("--checkpoint", help="the student's weights (the server's file)")
-    p.add_argument("--random-weights", action="store_true", help="the fixed random weights of `serve --random-weights`")
-    p.add_argument("--input-size", type=int, help="image side to encode (default the checkpoint's; the server's "
-                                                   "--input-size must agree)")
-    p.add_argument("--bits", type=int, default=8, help="32 (fp32), 16 (fp16) or 8 (int8, default)")
-    p.add_argument("--compress", choices=("none", "zlib", "entropy"), default="none",
-                   help="zlib: with --bits 8, zlib the codes; entropy: range-code the bottleneck with an entropic "
-                        "student's tables")
-    p.add_argument("--rate-limit", type=float, metavar="MBPS", help="emulate a link of this many Mbit/s")
-    p.add_argument("--tls", action="store_true", help="speak TLS, trusting the system's certificate authorities")
-    p.add_argument("--tls-ca", metavar="FILE", help="speak TLS, trusting the certificates in FILE (PEM)")
-    p.add_argument("--token-file", metavar="FILE", help="send the first token in FILE in a hello frame")
-    p.add_argument("--retries", type=int, default=5, help="retries of a request the server answers busy (default 5)")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_edge)
-
-    p = sub.add_parser("export", help="write a student's edge encoder or server part as ONNX")
-    p.add_argument("name", help="student name")
-    p.add_argument("--part", required=True, choices=["encoder", "server"],
-                   help="encoder (image -> z, edge) or server (z -> logits)")
-    p.add_argument("--format", default="onnx", choices=["onnx"], help="file format (onnx)")
-    p.add_argument("--checkpoint", help="weights to export (default: the pretrained student)")
-    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
-    p.add_argument("--out", required=True, help="file to write")
-    p.set_defaults(func=cmd_export)
+    _command(sub, _explore_arguments, cmd_explore, "explore",
+             help="the split explorer as a web app on this machine (Voilà)")
+    _command(sub, _lab_arguments, cmd_lab, "lab", help="JupyterLab on the book's notebooks, on this machine")
+    _command(sub, _plan_arguments, cmd_plan, "plan",
+             help="rank where to split a teacher's work at a data rate (latency model)")
+    _command(sub, _profile_device_arguments, cmd_profile_device, "profile-device",
+             help="measure this machine's per-layer batch-1 times into a profile")
+    _command(sub, _serve_arguments, cmd_serve, "serve",
+             help="run a student's decoder and tail as a server for edge devices")
+    _command(sub, _tls_cert_arguments, cmd_tls_cert, "tls-cert",
+             help="make a self-signed TLS certificate and key for hnd serve (trials, tests)")
+    _command(sub, _edge_arguments, cmd_edge, "edge",
+             help="classify images by running the encoder here and the rest on a server")
+    _command(sub, _export_arguments, cmd_export, "export", help="write a student's edge encoder or server part as ONNX")
     return parser
 
 

@@ -1,7 +1,7 @@
 """Training configurations: the official presets of the original code, and overrides.
 
 A :class:`TrainConfig` holds every setting of a training run. :func:`preset` returns the
-original's official configuration for a (model, method) pair (original-hnd.md §3.5);
+original's official configuration for a (model, method) pair (tests/reference/original-hnd-facts.md §3);
 :func:`resolve_config` applies a YAML file and ``key=value`` overrides on top of it, checking
 every key and value. The resolved config is saved with the run (``config.yaml``).
 """
@@ -157,7 +157,7 @@ def check_model_for_method(spec: ModelSpec, method: str) -> None:
         raise HndError(f"method {method} trains a student, but {spec} is a teacher; give a student name "
                        f"such as {student_spec(spec, 3)}")
     if method not in STUDENT_METHODS and spec.is_student:
-        raise HndError(f"method {method} trains on the teacher {spec.teacher_spec()}; give the teacher's name, "
+        raise HndError(f"method {method} trains on the teacher {spec.as_teacher()}; give the teacher's name, "
                        f"not the student {spec}")
 
 
@@ -278,11 +278,23 @@ def validate(config: TrainConfig) -> None:
         raise HndError(f"resize_size ({resize}) must be at least the input size ({size})")
 
 
+def layered_overrides(config_file: str | os.PathLike | None, assignments: list[str] = ()) -> dict:
+    """The keys of a YAML config file, then ``key=value`` pairs over them."""
+    overrides = read_config_file(config_file) if config_file else {}
+    overrides.update(parse_assignments(list(assignments)))
+    return overrides
+
+
+def check_saved_run(doc: dict, spec: ModelSpec, method: str, where: str) -> None:
+    """A one-line error unless the saved config ``doc`` is a ``method`` run of ``spec``."""
+    if (doc.get("model"), doc.get("method")) != (str(spec), method):
+        raise HndError(f"{where} holds a {doc.get('method')} run of {doc.get('model')}, not {method} of {spec}")
+
+
 def resolve_config(model: str | ModelSpec, method: str, config_file: str | os.PathLike | None = None,
                    assignments: list[str] = ()) -> TrainConfig:
     """Official preset of (model, method), then the YAML file, then ``key=value`` pairs."""
-    overrides = read_config_file(config_file) if config_file else {}
-    overrides.update(parse_assignments(list(assignments)))
+    overrides = layered_overrides(config_file, assignments)
     spec = resolve(model)
     for key, value in (("model", spec), ("method", method)):
         if key in overrides and str(overrides.pop(key)) not in (str(value), str(model)):

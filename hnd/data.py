@@ -3,7 +3,7 @@
 Datasets are folders in the standard layout ``ROOT/train/<class>/*.JPEG`` and
 ``ROOT/val/<class>/*.JPEG`` (ImageNet prepared by ``hnd data imagenet``, the generated set
 of ``hnd data synth``, or any other). Training transforms are the original's by default
-(original-hnd.md §3.6) or torchvision's reference recipe. Images are decoded by Pillow
+or torchvision's reference recipe. Images are decoded by Pillow
 (``pil``, the default) or by torchvision.io (``torchvision``: uint8 tensors through the same
 transforms of ``transforms.v2``, more JPEGs per loader worker: ``bench/input_pipeline.py``).
 Random augmentation is seeded per (seed, epoch, image), so a batch is the same whatever the
@@ -76,6 +76,15 @@ def eval_transform(model: str | ModelSpec, input_size: int | None = None,
     ops = _ops(decoder)
     return ops.Compose([ops.Resize(resize, interpolation=interpolation), ops.CenterCrop(size),
                         *_normalize(decoder)])
+
+
+def eval_transform_parts(model: str | ModelSpec, input_size: int | None = None,
+                         resize_size: int | None = None) -> tuple[transforms.Compose, transforms.Compose]:
+    """``eval_transform`` cut in two: (geometry: resize + centre crop, PIL -> PIL; to-tensor +
+    normalize, PIL -> [3, S, S]). Composing them is ``eval_transform`` itself."""
+    steps = eval_transform(model, input_size, resize_size).transforms
+    cut = next(i for i, step in enumerate(steps) if isinstance(step, transforms.ToTensor))
+    return transforms.Compose(steps[:cut]), transforms.Compose(steps[cut:])
 
 
 def train_transform(model: str | ModelSpec, kind: str = "original", input_size: int | None = None,

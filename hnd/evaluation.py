@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from hnd.checkpoints import checkpoint_spec, read_checkpoint
 from hnd.codec import coded_roundtrip
-from hnd.config import TrainConfig, check_method, config_from_dict, method_spec, preset
+from hnd.config import TrainConfig, check_method, check_saved_run, config_from_dict, method_spec, preset
 from hnd.data import ImageDataset, ShardSampler, check_layout, collate, eval_transform
 from hnd.distributed import Dist, all_reduce_sum, pick_device
 from hnd.errors import HndError
@@ -91,10 +91,7 @@ def _checkpoint_config(model: str | ModelSpec | None, method: str, ckpt) -> Trai
     if "config" in ckpt.meta:
         doc = ckpt.meta["config"]
         spec = checkpoint_spec(ckpt, None if model is None else method_spec(resolve(model), method))
-        if doc.get("model") != str(spec):
-            raise HndError(f"{ckpt.path} was trained for {doc.get('model')}, not {spec}")
-        if doc.get("method") != method:
-            raise HndError(f"{ckpt.path} was trained with --method {doc.get('method')}, not {method}")
+        check_saved_run(doc, spec, method, str(ckpt.path))
         return config_from_dict(doc, spec)
     if model is None:
         raise HndError(f"{ckpt.path} ({ckpt.format}) does not record its model; give the model name")

@@ -1,4 +1,4 @@
-"""The training losses of the three methods and the autoencoder baseline (original-hnd.md §3)."""
+"""The training losses of the three methods and the autoencoder baseline (tests/reference/original-hnd-facts.md §3)."""
 
 from __future__ import annotations
 

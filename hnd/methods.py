@@ -39,7 +39,7 @@ def build_reference_teacher(config: TrainConfig, num_classes: int) -> nn.Module:
     """The teacher a run starts from, in eval mode: a teacher checkpoint trained with this
     library, the teacher's pretrained weights (classifier replaced if the dataset has another
     class count and the method may train it), or random weights (``pretrained=false``)."""
-    spec = config.model_spec.teacher_spec()
+    spec = config.model_spec.as_teacher()
     teacher_input = spec.teacher.family in ("inception", "googlenet")
     transform_input = config.inception_transform_input if spec.teacher.name == "inception_v3" else None
     if config.teacher_checkpoint:

@@ -23,12 +23,11 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from torchvision import transforms
 
 from hnd import tracing
 from hnd.codec import (ENTROPY_FORMAT, TENSOR_FORMATS, check_image_codec, check_quality, check_tensor_format,
                        coded_roundtrip, decode_image, encode_image, tensor_roundtrip)
-from hnd.data import ImageDataset, eval_transform, load_image
+from hnd.data import ImageDataset, eval_transform, eval_transform_parts, load_image
 from hnd.distributed import pick_device
 from hnd.evaluation import eval_loader
 from hnd.errors import HndError
@@ -95,15 +94,6 @@ def select_samples(samples: Sequence[tuple[str, int]], max_images: int | None) -
         rank[label] = rank.get(label, 0) + 1
     chosen = sorted(index for _, index in sorted(order)[:max_images])
     return [samples[i] for i in chosen]
-
-
-def eval_transform_parts(model: str | ModelSpec, input_size: int | None = None,
-                         resize_size: int | None = None) -> tuple[transforms.Compose, transforms.Compose]:
-    """``eval_transform`` cut in two: (geometry: resize + centre crop, PIL -> PIL; to-tensor +
-    normalize, PIL -> [3, S, S]). Composing them is ``eval_transform`` itself."""
-    steps = eval_transform(model, input_size, resize_size).transforms
-    cut = next(i for i, step in enumerate(steps) if isinstance(step, transforms.ToTensor))
-    return transforms.Compose(steps[:cut]), transforms.Compose(steps[cut:])
 
 
 def _prepare(model: nn.Module, device: str | torch.device) -> tuple[nn.Module, torch.device]:

@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from hnd.errors import HndError
-from hnd.students import (GENERIC_DESIGN, GENERIC_DESIGNS, OFFICIAL_CHANNELS, OFFICIAL_DESIGNS, GenericHead, Student,
-                          StudentHead, check_channels, head_version)
+from hnd.students import (OFFICIAL_CHANNELS, OFFICIAL_DESIGNS, GenericHead, Student, StudentHead, check_channels,
+                          head_version)
 from hnd.teachers import (PAPER_TEACHERS, TEACHERS, TeacherSpec, build_teacher, canonical_split_point,
                           default_split_point, meta_teacher,
                           split_teacher, teacher_spec, torchvision_classifiers)
@@ -49,8 +49,8 @@ class ModelSpec:
     """Everything a model name means: its teacher, split point, bottleneck and sizes.
 
     Resolve a name once with :func:`resolve`; pass the spec on. ``design`` is ``None`` for a
-    teacher, ``"ver2b"``/``"ver1b"`` for the original's students, ``"generic2"`` (or the
-    wider ``"generic"`` of students saved before it) for :class:`hnd.students.GenericHead` students.
+    teacher, ``"ver2b"``/``"ver1b"`` for the original's students, ``"generic"`` for
+    :class:`hnd.students.GenericHead` students.
     """
 
     teacher: TeacherSpec
@@ -103,7 +103,7 @@ class ModelSpec:
     def name(self) -> str:
         return str(self)
 
-    def teacher_spec(self) -> ModelSpec:
+    def as_teacher(self) -> ModelSpec:
         """The spec of this model's teacher at the same split point and input size."""
         return dataclasses.replace(self, channels=None, design=None, entropy=False)
 
@@ -121,7 +121,7 @@ class ModelSpec:
 
     def as_saved(self, doc: dict | None) -> ModelSpec:
         """This model as a file saved it (``doc``: :meth:`to_dict` of the same name): at its
-        input size and with its head design (a generic student saved before ``generic2``)."""
+        input size and with its head design."""
         if not isinstance(doc, dict) or doc.get("name") != str(self):
             return self
         design = doc.get("design") if self.is_student and doc.get("design") else self.design
@@ -163,7 +163,7 @@ def student_from_teacher(spec: ModelSpec, teacher: nn.Module) -> Student:
         head = StudentHead(spec.teacher.family, spec.channels, entropy=spec.entropy)
     else:
         head = GenericHead(spec.channels, spec.head_output_shape, spec.input_size, stem_channels=spec.stem[0],
-                           stem_kernel=spec.stem[1], entropy=spec.entropy, design=spec.design)
+                           stem_kernel=spec.stem[1], entropy=spec.entropy)
     return Student(spec, head, tail)
 
 
@@ -202,10 +202,10 @@ def _spec(teacher: TeacherSpec, point: str | None, channels: int | None, design:
         channels = check_channels(channels)
         if design is None:
             design = (f"ver{head_version(teacher.family)}" if teacher.staged and point == teacher.split_point
-                      else GENERIC_DESIGN)
-    generic = design in GENERIC_DESIGNS
+                      else "generic")
+    generic = design == "generic"
     if design is not None and not generic and design not in ("ver2b", "ver1b"):
-        raise HndError(f"unknown student design {design!r}; designs are ver2b, ver1b, {', '.join(GENERIC_DESIGNS)}")
+        raise HndError(f"unknown student design {design!r}; designs are ver2b, ver1b, generic")
     shape, stem = _head_facts(teacher, point, size, _head_transform_input(teacher, design))
     if generic and len(shape) != 3:
         raise HndError(f"a student of {teacher.name} at {point!r} would have to produce a "

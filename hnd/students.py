@@ -3,7 +3,7 @@ output; the student is that head followed by the teacher's unchanged tail.
 
 Two designs:
 
-- the original's ImageNet heads (original-hnd.md §2.2–2.4) for the papers' families at their
+- the original's ImageNet heads (tests/reference/original-hnd-facts.md §1) for the papers' families at their
   official split: DenseNet and ResNet "ver2b", Inception-v3 "ver1b" (:class:`StudentHead`);
 - a generic head for any teacher and split point (:class:`GenericHead`), documented there.
 
@@ -25,13 +25,6 @@ from hnd.entropy import FactorizedPrior
 from hnd.errors import HndError
 
 OFFICIAL_CHANNELS = (3, 6, 9, 12)
-
-# Generic head layouts by design name -> decoder width as a multiple of the teacher head's output
-# channels C_out (then capped to [64, 512]). "generic2" follows ResNet-152's ver2b decoder (512 wide
-# for a 512-channel head output), the default; "generic" follows DenseNet's (512 for 256), 2-3x the
-# decoder MACs, and is kept so that students saved with it load.
-GENERIC_DESIGNS = {"generic2": 1, "generic": 2}
-GENERIC_DESIGN = "generic2"
 
 # family -> (head version name, stem conv/max-pool padding, decoder convs as (out_channels, padding),
 #            stride of the final average pool). All decoder convs are 2x2, stride 1.
@@ -134,15 +127,13 @@ class GenericHead(BottleneckHead):
     stride 4), BN, ReLU, and the bottleneck conv to ``C`` channels: 2x2 stride 2 when the
     teacher head's output stride is about 8 or more (S >= 6·H; z is C x (S/8+1)^2, as in the
     papers), else 3x3 stride 1. Decoder: BN, ReLU, four 2x2 convs (padding 1, 1, 0, 0; width
-    ``min(512, max(64, k·C_out))`` with k from :data:`GENERIC_DESIGNS`, the last two to
-    ``C_out``) with BN+ReLU between them, and an adaptive average pool to the teacher head's
-    [C_out, H, W] at the spec's input size, which is at most a 2x2 stride-1 average where the
-    strides agree.
+    ``min(512, max(64, 2·C_out))`` as DenseNet's ver2b, the last two to ``C_out``) with BN+ReLU
+    between them, and an adaptive average pool to the teacher head's [C_out, H, W] at the spec's
+    input size, which is at most a 2x2 stride-1 average where the strides agree.
     """
 
     def __init__(self, bottleneck_channels: int, output_shape: tuple[int, int, int], input_size: int, *,
-                 stem_channels: int = 64, stem_kernel: int = 7, entropy: bool = False,
-                 design: str = GENERIC_DESIGN):
+                 stem_channels: int = 64, stem_kernel: int = 7, entropy: bool = False):
         super().__init__()
         bc = check_channels(bottleneck_channels)
         c_out, h, w = output_shape
@@ -155,7 +146,7 @@ class GenericHead(BottleneckHead):
             nn.BatchNorm2d(stem_channels), nn.ReLU(inplace=True),
             _conv(stem_channels, bc, 2, 2, 1) if downsample else _conv(stem_channels, bc, 3, 1, 1),  # z: S/8+1 or S/4
         )
-        width = min(512, max(64, GENERIC_DESIGNS[design] * c_out))
+        width = min(512, max(64, 2 * c_out))
         convs = [(width, 1), (width, 1), (c_out, 0), (c_out, 0)]
         self.decoder = _decoder(bc, convs, nn.AdaptiveAvgPool2d((h, w)))  # [C_out, H, W]
         init_head(self)

@@ -49,7 +49,7 @@ class TeacherSpec:
     input_size: int  # side of the square network input
     resize_size: int  # evaluation: shorter side resized to this, then centre crop
     interpolation: str = "bilinear"  # evaluation resize
-    split_point: str | None = None  # staged teachers: the official split (original-hnd.md §2)
+    split_point: str | None = None  # staged teachers: the official split (tests/reference/original-hnd-facts.md §1)
     staged: bool = False  # one of the seven hand-written stage lists
     user: bool = False  # registered with register_teacher, not a torchvision builder
     num_classes: int = 1000  # classes of the pretrained weights (a user module's own)

@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 import hnd
 from hnd.checkpoints import read_file, save_checkpoint
-from hnd.config import TrainConfig, apply_overrides, config_from_dict, dump_config, method_spec, parse_assignments, \
-    read_config_file
+from hnd.config import (TrainConfig, apply_overrides, check_saved_run, config_from_dict, dump_config, layered_overrides,
+                        method_spec, read_config_file)
 from hnd.data import (ImageDataset, check_layout, collate, eval_transform, holdout_split, train_transform,
                       worth_keeping)
 from hnd.distributed import Dist, all_reduce_sum, barrier, broadcast_flag, setup, sync_batchnorm, teardown
@@ -67,16 +67,11 @@ def resume_config(out: str | os.PathLike, model: str | ModelSpec, method: str,
                   config_file: str | os.PathLike | None = None, assignments: list[str] = ()) -> TrainConfig:
     """The config of the run in ``out``, with overrides that do not change the computation
     (``epochs`` to extend a run, ``num_workers``, ``device``); anything else is an error."""
-    last = _last_checkpoint(Path(out))
-    doc = last["config"]
     spec = method_spec(resolve(model), method)
-    spec = spec.as_saved({**(last.get("spec") or {}), "input_size": spec.input_size})  # its head design
-    if (doc.get("model"), doc.get("method")) != (str(spec), method):
-        raise HndError(f"{out} holds a {doc.get('method')} run of {doc.get('model')}, not {method} of {spec}")
+    doc = _last_checkpoint(Path(out))["config"]
+    check_saved_run(doc, spec, method, str(out))
     saved = config_from_dict(doc, spec)
-    overrides = read_config_file(config_file) if config_file else {}
-    overrides.update(parse_assignments(list(assignments)))
-    overrides = {k: v for k, v in overrides.items() if k not in ("model", "method")}
+    overrides = {k: v for k, v in layered_overrides(config_file, assignments).items() if k not in ("model", "method")}
     config = apply_overrides(saved, overrides)
     changed = [k for k, v in config.to_dict().items() if v != saved.to_dict()[k] and k not in RESUMABLE_CHANGES]
     if changed:

@@ -1,4 +1,4 @@
-"""Builds state_dicts in the original code's key layout (original-hnd.md §2.6-2.7), from
+"""Builds state_dicts in the original code's key layout (tests/reference/original-hnd-facts.md §1-2), from
 our modules, walking them in the order the original's decomposition flattened them."""
 
 from __future__ import annotations

@@ -1,6 +1,9 @@
-"""Analysis: per-layer rows and summaries against the original's measured numbers (§9)."""
+"""Analysis: per-layer rows and summaries against the original's measured numbers
+(tests/reference/original-hnd-facts.md §4)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,51 +15,62 @@ from hnd.teachers import TEACHERS, build_teacher, meta_teacher, teacher_spec
 
 from conftest import OFFICIAL_STUDENTS
 
-# original-hnd.md §9, per official student: bottleneck (C,H,W), head out, head params, enc params,
-# enc MACs, head MACs, teacher-head params, teacher-head MACs, mimic params, teacher params,
-# mimic MACs, teacher MACs.
-REFERENCE = {
-    "densenet169": [((3, 29, 29), (256, 14, 14), 2116806, 10432, 118659840, 2029714176, 1429632, 2076884992, 14836654, 14149480, 3312672512, 3359843328),
-                    ((6, 29, 29), (256, 14, 14), 2123724, 11200, 119305728, 2035889664, 1429632, 2076884992, 14843572, 14149480, 3318848000, 3359843328),
-                    ((9, 29, 29), (256, 14, 14), 2130642, 11968, 119951616, 2042065152, 1429632, 2076884992, 14850490, 14149480, 3325023488, 3359843328),
-                    ((12, 29, 29), (256, 14, 14), 2137560, 12736, 120597504, 2048240640, 1429632, 2076884992, 14857408, 14149480, 3331198976, 3359843328)],
-    "densenet201": [((3, 29, 29), (256, 14, 14), 2116806, 10432, 118659840, 2029714176, 1429632, 2076884992, 20701102, 20013928, 4244195072, 4291365888),
-                    ((6, 29, 29), (256, 14, 14), 2123724, 11200, 119305728, 2035889664, 1429632, 2076884992, 20708020, 20013928, 4250370560, 4291365888),
-                    ((9, 29, 29), (256, 14, 14), 2130642, 11968, 119951616, 2042065152, 1429632, 2076884992, 20714938, 20013928, 4256546048, 4291365888),
-                    ((12, 29, 29), (256, 14, 14), 2137560, 12736, 120597504, 2048240640, 1429632, 2076884992, 20721856, 20013928, 4262721536, 4291365888)],
-    "resnet152": [((3, 29, 29), (512, 28, 28), 3165382, 10432, 118659840, 2957441792, 2565184, 2687025152, 60793006, 60192808, 11784043264, 11513626624),
-                  ((6, 29, 29), (512, 28, 28), 3172300, 11200, 119305728, 2963617280, 2565184, 2687025152, 60799924, 60192808, 11790218752, 11513626624),
-                  ((9, 29, 29), (512, 28, 28), 3179218, 11968, 119951616, 2969792768, 2565184, 2687025152, 60806842, 60192808, 11796394240, 11513626624),
-                  ((12, 29, 29), (512, 28, 28), 3186136, 12736, 120597504, 2975968256, 2565184, 2687025152, 60813760, 60192808, 11802569728, 11513626624)],
-    "inception_v3": [((3, 37, 37), (192, 35, 35), 473286, 10432, 204348864, 822463936, 172672, 1340779616, 24135182, 23834568, 5194900416, 5713216096),
-                     ((6, 37, 37), (192, 35, 35), 477132, 11200, 205400256, 827951296, 172672, 1340779616, 24139028, 23834568, 5200387776, 5713216096),
-                     ((9, 37, 37), (192, 35, 35), 480978, 11968, 206451648, 833438656, 172672, 1340779616, 24142874, 23834568, 5205875136, 5713216096),
-                     ((12, 37, 37), (192, 35, 35), 484824, 12736, 207503040, 838926016, 172672, 1340779616, 24146720, 23834568, 5211362496, 5713216096)],
-}
-# §9: % of input, fp32 KiB and uint8 KiB of the bottleneck, by teacher family input size and bc.
-PERCENT = {224: {3: 1.676, 6: 3.352, 9: 5.028, 12: 6.704}, 299: {3: 1.531, 6: 3.063, 9: 4.594, 12: 6.125}}
-TAIL_PARAMS = {"densenet169": 12719848, "densenet201": 18584296, "resnet152": 57627624, "inception_v3": 23661896}
+FACTS = Path(__file__).parent / "reference" / "original-hnd-facts.md"
+
+
+def _table(first_columns: str) -> list[dict[str, str]]:
+    """The rows of the fact sheet's Markdown table whose header starts with ``first_columns``."""
+    lines = [line for line in FACTS.read_text().splitlines() if line.startswith("|")]
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_columns} |"))
+    names = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2:]:  # after the |---| line
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) != len(names) or set(line) <= set("|-"):
+            break
+        rows.append(dict(zip(names, cells)))
+    return rows
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(","))
+
+
+def _int(text: str) -> int:
+    return int(text.replace(",", ""))
+
+
+REFERENCE = {(r["teacher"], int(r["bc"])): r for r in _table("teacher | bc")}
+TAIL_PARAMS = {r["teacher"]: _int(r["tail params"]) for r in _table("teacher | tail params")}
+
+
+def test_the_fact_sheet_has_every_official_student():
+    paper = ("densenet169", "densenet201", "resnet152", "inception_v3")
+    assert sorted(REFERENCE) == sorted((t, c) for t in paper for c in (3, 6, 9, 12))
+    assert sorted(TAIL_PARAMS) == sorted(paper)
 
 
 @pytest.mark.parametrize("name", OFFICIAL_STUDENTS)
 def test_official_students_match_reference(name):
     teacher = name.split("_head_mimic")[0]
     bc = int(name.rsplit("-", 1)[1][:-2])
-    (bottleneck, head_out, head_params, enc_params, enc_macs, head_macs, t_head_params, t_head_macs,
-     params, t_params, macs, t_macs) = REFERENCE[teacher][(3, 6, 9, 12).index(bc)]
+    ref = REFERENCE[(teacher, bc)]
+    bottleneck, head_out = _shape(ref["bottleneck (C,H,W)"]), _shape(ref["head out"])
     s = analyze(name).summary
     assert s.bottleneck_shape == bottleneck
     assert s.head_output_shape == head_out
-    assert (s.head_params, s.encoder_params, s.encoder_macs, s.head_macs) == (head_params, enc_params, enc_macs, head_macs)
-    assert (s.params, s.macs, s.tail_params) == (params, macs, TAIL_PARAMS[teacher])
-    size = teacher_spec(teacher).input_size
-    assert round(s.bottleneck_pct_of_input, 3) == PERCENT[size][bc]
+    assert (s.head_params, s.encoder_params, s.encoder_macs, s.head_macs) == tuple(
+        _int(ref[k]) for k in ("head params", "enc params", "enc MACs", "head MACs"))
+    assert (s.params, s.macs, s.tail_params) == (_int(ref["mimic params"]), _int(ref["mimic MACs"]),
+                                                 TAIL_PARAMS[teacher])
+    assert f"{s.bottleneck_pct_of_input:.3f}" == ref["% of input"]
+    assert f"{4 * s.bottleneck_bytes['int8'] / 1024:.3f}" == ref["fp32 KiB"]
     values = bottleneck[0] * bottleneck[1] * bottleneck[2]
     assert s.bottleneck_bytes == {"fp32": 4 * values, "fp16": 2 * values, "int8": values}
     t = analyze(teacher).summary
-    assert (t.head_params, t.head_macs, t.macs) == (t_head_params, t_head_macs, t_macs)
+    assert (t.head_params, t.head_macs, t.macs, t.params) == tuple(
+        _int(ref[k]) for k in ("teacher-head params", "teacher-head MACs", "teacher MACs", "teacher params"))
     assert t.head_output_shape == head_out == t.bottleneck_shape
-    assert t.params == t_params
 
 
 @pytest.mark.parametrize("name", (TEACHERS))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,11 +15,12 @@ from hnd.errors import HndError
 from hnd.registry import build_student, resolve
 
 from conftest import PAPER_TEACHERS, randomize
+from hnd.teachers import on_meta
 from original_layout import (hnd_checkpoint, kd_checkpoint, naive_checkpoint, original_head_state,
                              original_model_state)
 
 STUDENT = {t: f"{t}_head_mimic-ver{'1b' if t == 'inception_v3' else '2b'}-3ch" for t in PAPER_TEACHERS}
-# original-hnd.md §2.7: whole-model key counts.
+# Whole-model key counts of the original code's checkpoints (tests/reference/original-checkpoint-keys/).
 ORIGINAL_KEYS = {"densenet169": 823, "densenet201": 1015, "resnet152": 752, "inception_v3": 566}
 
 
@@ -250,3 +253,32 @@ def test_original_head_keys_convert_one_to_one(students):
     student = students["densenet169"]
     assert convert_original_head(original_head_state(student)).keys() == student.head.state_dict().keys()
     assert convert_original_model(original_model_state(student)).keys() == student.state_dict().keys()
+
+
+REFERENCE_KEYS = Path(__file__).parent / "reference" / "original-checkpoint-keys"
+MAKERS = {"naive": naive_checkpoint, "kd": kd_checkpoint, "hnd": hnd_checkpoint}
+
+
+def _reference(path: Path) -> tuple[list[str], dict[str, tuple[int, ...]]]:
+    """(top-level keys, {weight key: shape}) of one file the original code's checkpoint was listed in."""
+    first, *lines = path.read_text().splitlines()
+    top = ast.literal_eval(first.removeprefix("# top-level keys: "))
+    keys = {}
+    for line in lines:
+        key, shape = line.split("\t")
+        keys[key] = tuple(ast.literal_eval(shape))
+    return top, keys
+
+
+@pytest.mark.parametrize("path", sorted(REFERENCE_KEYS.glob("*.txt")), ids=lambda p: p.stem)
+def test_original_layout_has_the_keys_and_shapes_the_original_code_writes(path):
+    """The checkpoints these tests load as "original" match, key for key and shape for shape,
+    what the original code itself wrote for the same student and format."""
+    name, fmt = path.stem.split("__")
+    top, keys = _reference(path)
+    student = on_meta(lambda: build_student(name, pretrained=False))
+    made = MAKERS[fmt](student)
+    assert list(made) == top
+    assert {k: tuple(v.shape) for k, v in made["model"].items()} == keys
+    if fmt != "hnd":
+        assert len(keys) == ORIGINAL_KEYS[student.spec.teacher.name]

@@ -21,8 +21,8 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 import fake_slurm
 from conftest import error
-from hnd.book.cluster import JobOptions, cell_state, grid_status, make_executor, parse_time, sbatch_flags, \
-    status_table
+from hnd.book.cells import JOB_OPTIONS, JobOptions, parse_time, sbatch_flags
+from hnd.book.cluster import cell_state, grid_status, make_executor, status_table
 from hnd.book.grid import load_profile, plan_cells, run_grid
 from hnd.files import read_json
 from hnd.cli import main
@@ -263,3 +263,9 @@ def test_slurm_jobs_through_sbatch_and_sacct(project, tmp_path, monkeypatch, cap
     out = capsys.readouterr().out
     assert re.search(r"02_train/x-1 +failed .*submission failed: .*QOSMaxSubmitJobPerUserLimit", out), out
     assert re.search(r"02_train/wide_x-2 +done \(cached\)", out), out
+
+
+def test_every_job_flag_of_the_command_is_a_job_option():
+    import hnd.cli
+
+    assert set(hnd.cli._JOB_FLAGS) == set(JOB_OPTIONS) - {"setup", "requeues"}  # those two: profiles only

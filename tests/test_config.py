@@ -1,4 +1,4 @@
-"""Training configs: the official presets (original-hnd.md §3.5), overrides, checked errors."""
+"""Training configs: the official presets (tests/reference/original-hnd-facts.md §3), overrides, checked errors."""
 
 from __future__ import annotations
 

@@ -140,6 +140,7 @@ def test_every_command_parses_once_reads_once_and_builds_through_create_model(st
         assert main(argv) == 0, command
         capsys.readouterr()
         assert counts["parse"] == 1, command
-        assert counts["create"] >= 1, command
         assert counts["loads"] == ({_key(checkpoint): 1} if checkpoint else {}), command
+        if checkpoint:  # (inspect and plan build on the meta device, through analyses cached per process)
+            assert counts["create"] == 1, command
     assert served[0].spec.input_size == SIZE and served[0].prior.has_tables

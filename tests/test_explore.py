@@ -13,8 +13,8 @@ import hnd.book.explore as explore
 from hnd.book.explore import BEST_SPLIT, DEVICE, ENTROPY, RATE_READOUT, SplitExplorer, _options, \
     accuracy_from_runs, app_explorer, known_teachers, offered, shortlist, stage_ends, zlib_ratios_from_runs
 from hnd.book.plots import format_rate, plot_delay_breakdown
-from hnd.latency import _rows, coded_student, crossovers, list_device_profiles, load_device_profile, plan, \
-    save_device_profile
+from hnd.devices import list_device_profiles, load_device_profile, rows_of, save_device_profile
+from hnd.latency import coded_student, crossovers, plan
 from hnd.registry import resolve
 
 PROFILES = list_device_profiles()
@@ -157,7 +157,7 @@ def test_a_measured_profile_file_becomes_the_device(tmp_path):
     assert ("my-board (board.yaml)", str(tmp_path / "board.yaml")) in explorer.server.options
     assert "Loaded device profile" in explorer.message.value
     local = next(o for o in explorer.shown if o.kind == "local")
-    assert local.device_s == pytest.approx(sum(slow.seconds("resnet18", list(_rows(resolve("resnet18"))))))
+    assert local.device_s == pytest.approx(sum(slow.seconds("resnet18", list(rows_of(resolve("resnet18"))))))
     explorer.device.value = "this-machine"  # the built-in ones stay
     assert explorer.device.label == "this-machine"
 

@@ -10,8 +10,9 @@ from conftest import PAPER_TEACHERS, error
 from hnd.analysis import LayerRow, analyze
 from hnd.cli import main
 from hnd.codec import tensor_bytes
-from hnd.latency import (DeviceProfile, Option, coded_student, crossovers, list_device_profiles, load_device_profile,
-                         measure_device_profile, measure_input_codec, options, plan, save_device_profile)
+from hnd.devices import (DeviceProfile, list_device_profiles, load_device_profile, measure_device_profile,
+                         save_device_profile)
+from hnd.latency import Option, coded_student, crossovers, measure_input_codec, options, plan
 from hnd.registry import student_spec
 
 
@@ -306,7 +307,7 @@ def test_entropic_students_are_planned_with_their_measured_bytes(tmp_path):
     large = coded_student(_entropic_run(tmp_path / "large", coded=900.0, beta=0.5))
     assert (small.bytes, small.beta, small.top1, small.spec.input_size) == (60.0, 8.0, 61.5, 64)
     device, server = load_device_profile("raspberry-pi4"), load_device_profile("gpu-server")
-    teacher = student_spec("resnet18", 3).teacher_spec().at_input_size(64)
+    teacher = student_spec("resnet18", 3).as_teacher().at_input_size(64)
     opts = options(teacher, device, server, channels=(3,), formats=("int8",), coded=[small, large])
     by = {o.label: o for o in opts}
     hnd_int8, coded_small = by["HND student 3ch int8"], by["entropic student 3ch β=8"]

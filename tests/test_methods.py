@@ -1,4 +1,4 @@
-"""Losses and training methods (original-hnd.md §3): what each method trains, what stays frozen."""
+"""Losses and training methods (tests/reference/original-hnd-facts.md §3): what each method trains, what stays frozen."""
 
 from __future__ import annotations
 
@@ -121,7 +121,7 @@ def teachers():
 
 
 def expected_loss(task, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
-    """The HND/AE loss written out by hand from the task's modules (original-hnd.md §3.4-3.5);
+    """The HND/AE loss written out by hand from the task's modules (tests/reference/original-hnd-facts.md §3);
     None for naive/KD, whose expected loss needs the logits of the same forward."""
     with torch.no_grad():
         if task.method in ("naive", "kd"):

@@ -14,7 +14,8 @@ from hnd.autoencoder import build_ae_model
 from hnd.codec import TENSOR_FORMATS
 from hnd.data import ImageDataset, check_layout, eval_transform, load_image
 from hnd.evaluation import evaluate, eval_loader
-from hnd.rate import (RatePoint, bottleneck_rate, eval_transform_parts, input_rate, select_samples, split_stages,
+from hnd.data import eval_transform_parts
+from hnd.rate import (RatePoint, bottleneck_rate, input_rate, select_samples, split_stages,
                       teacher_split_rate)
 from hnd.registry import resolve, student_from_teacher
 from hnd.synth import write_synthetic_dataset

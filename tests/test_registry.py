@@ -13,7 +13,7 @@ from torch import nn
 import hnd.registry
 from hnd.checkpoints import load_model, read_checkpoint, save_checkpoint
 from hnd.cli import main
-from hnd.config import experiment_config, resolve_config
+from hnd.config import resolve_config
 from hnd.errors import HndError
 from hnd.evaluation import evaluate_checkpoint
 from hnd.methods import build_task
@@ -21,7 +21,6 @@ from hnd.registry import ModelSpec, resolve, spec_from_dict, student_spec
 from hnd.students import GenericHead, StudentHead
 from hnd.synth import write_synthetic_dataset
 from hnd.teachers import on_meta, register_teacher, split_teacher
-from hnd.training import fit, read_metrics, resume_config
 
 from conftest import randomize
 
@@ -87,9 +86,9 @@ def test_official_and_at_forms_are_the_same_student():
                                                                                              "transition2", 6)
     assert resolve("resnet18-3ch") == resolve("resnet18@layer2-3ch")
     generic = resolve("resnet18-3ch")
-    assert (generic.design, generic.official, generic.teacher.name, generic.channels) == ("generic2", False,
+    assert (generic.design, generic.official, generic.teacher.name, generic.channels) == ("generic", False,
                                                                                           "resnet18", 3)
-    assert generic.teacher_spec() == resolve("resnet18") and official.teacher_spec() == resolve("densenet169")
+    assert generic.as_teacher() == resolve("resnet18") and official.as_teacher() == resolve("densenet169")
     assert student_spec("resnet18", 3) == generic and student_spec("densenet169", 6) == official
     assert student_spec(resolve("resnet18@layer3"), 4) == resolve("resnet18@layer3-4ch")
     assert resolve("resnet18@layer3-3ch") != generic
@@ -168,7 +167,7 @@ def test_user_module_as_teacher(tinynet):
 
 def test_user_module_as_student(tinynet, tmp_path):
     spec = resolve("tinynet_registry_test-2ch")
-    assert str(spec) == "tinynet_registry_test@7-2ch" and spec.design == "generic2"
+    assert str(spec) == "tinynet_registry_test@7-2ch" and spec.design == "generic"
     torch.manual_seed(0)
     student = spec.build()
     x = torch.randn(2, 3, 64, 64)
@@ -206,38 +205,11 @@ def _decoder_widths(student) -> list[int]:
     return [m.out_channels for m in student.head.decoder if isinstance(m, torch.nn.Conv2d)]
 
 
-def test_generic_designs_differ_only_in_decoder_width():
-    """generic2 (the default) decodes at the head output's width; generic at twice it."""
+def test_generic_heads_decode_at_twice_the_head_outputs_width_and_designs_are_checked():
     spec = resolve("resnet18@layer1-3ch")  # head output 64x56x56
-    assert spec.design == "generic2"
-    assert _decoder_widths(spec.build(pretrained=False)) == [64, 64, 64, 64]
-    wide = spec_from_dict({**spec.to_dict(), "design": "generic"})
-    assert wide.design == "generic" and str(wide) == str(spec) and wide != spec
-    assert _decoder_widths(wide.build(pretrained=False)) == [128, 128, 64, 64]
+    assert _decoder_widths(spec.build(pretrained=False)) == [128, 128, 64, 64]
     message = str(pytest.raises(HndError, spec_from_dict, {**spec.to_dict(), "design": "generic3"}).value)
-    assert message == "unknown student design 'generic3'; designs are ver2b, ver1b, generic2, generic"
-
-
-def test_a_student_saved_with_the_wider_design_loads_by_name_and_resumes(tmp_path):
-    """Files of the earlier ``generic`` layout keep their layout whether the name is given or not."""
-    wide = spec_from_dict({**resolve("resnet18@layer2-3ch").at_input_size(64).to_dict(), "design": "generic"})
-    student = wide.build(pretrained=False)
-    randomize(student, 5)
-    save_checkpoint(tmp_path / "wide.pt", wide, student)
-    for name in (None, "resnet18@layer2-3ch"):
-        loaded = load_model(name, tmp_path / "wide.pt")
-        assert loaded.spec == wide and _decoder_widths(loaded) == _decoder_widths(student)
-    run = tmp_path / "run"
-    config = experiment_config("resnet18@layer2", "naive", 3, {"pretrained": False, "input_size": 64, "epochs": 1,
-                                                               "num_workers": 0, "holdout_per_class": 2})
-    config.spec = spec_from_dict({**config.spec.to_dict(), "design": "generic"})
-    data = write_synthetic_dataset(tmp_path / "synth", classes=2, train_per_class=4, val_per_class=2,
-                                   image_size=72)["root"]
-    fit(config, data, run, progress=False)
-    resumed = resume_config(run, "resnet18@layer2-3ch", "naive", assignments=["epochs=2"])
-    assert resumed.model_spec.design == "generic"
-    fit(resumed, data, run, resume=True, progress=False)
-    assert [m["epoch"] for m in read_metrics(run)] == [1, 2]
+    assert message == "unknown student design 'generic3'; designs are ver2b, ver1b, generic"
 
 
 # ---------------------------------------------------------------- one parse and one read per call
@@ -386,7 +358,7 @@ def test_entropic_students_carry_an_entropy_model():
     plain, coded = resolve("resnet18-3ch"), resolve("resnet18-3ch-entropic")
     assert (plain.entropy, coded.entropy) == (False, True)
     assert coded.with_entropy(False) == plain and plain.with_entropy() == coded
-    assert coded.teacher_spec() == plain.teacher_spec() and not coded.teacher_spec().entropy
+    assert coded.as_teacher() == plain.as_teacher() and not coded.as_teacher().entropy
     assert coded.at_input_size(64).entropy and str(coded.at_input_size(64)) == str(coded)
     model = coded.build(pretrained=False)
     prior_keys = [k for k in model.state_dict() if k.startswith("head.prior.")]

@@ -1,4 +1,4 @@
-"""Student heads (original-hnd.md §2.2-2.5), names, encoder/decoder split."""
+"""Student heads (tests/reference/original-hnd-facts.md §1), names, encoder/decoder split."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hnd.teachers import TEACHERS, teacher_spec
 
 from conftest import OFFICIAL_STUDENTS
 
-# Original head state_dict key counts and decoder conv shapes (original-hnd.md §2.7), bc = 3.
+# Original head state_dict key counts and decoder conv shapes (tests/reference/original-hnd-facts.md §1), bc = 3.
 ORIGINAL_HEAD = {
     "densenet": (42, [[512, 3, 2, 2], [512, 512, 2, 2], [256, 512, 2, 2], [256, 256, 2, 2], [256, 256, 2, 2]]),
     "resnet": (36, [[512, 3, 2, 2], [512, 512, 2, 2], [512, 512, 2, 2], [512, 512, 2, 2]]),

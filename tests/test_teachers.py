@@ -13,7 +13,7 @@ from hnd.teachers import (TEACHERS, build_teacher, default_split_point, split_te
 
 from conftest import PAPER_TEACHERS
 
-# Official cut (original-hnd.md §2.2-2.4): head output per image.
+# Official cut (tests/reference/original-hnd-facts.md §1): head output per image.
 HEAD_OUTPUT = {"densenet": (256, 14, 14), "resnet": (512, 28, 28), "inception": (192, 35, 35)}
 
 

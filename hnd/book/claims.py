@@ -216,9 +216,9 @@ def head_difference(teacher: str, channels: int, input_size: int | None) -> str:
     from hnd.registry import resolve, student_spec
 
     spec = student_spec(teacher, channels).at_input_size(input_size)
-    mine = compare_heads(analyze(spec.teacher_spec()), analyze(spec))["macs_reduction_pct"]
+    mine = compare_heads(analyze(spec.as_teacher()), analyze(spec))["macs_reduction_pct"]
     paper = resolve(PAPER_STUDENT)
-    papers = compare_heads(analyze(paper.teacher_spec()), analyze(paper))["macs_reduction_pct"]
+    papers = compare_heads(analyze(paper.as_teacher()), analyze(paper))["macs_reduction_pct"]
     return (f"The student's encoder does {mine:.0f}% fewer multiply-adds than the teacher head it replaces (the "
             f"papers' DenseNet-169: {papers:.0f}%).")
 

@@ -2,7 +2,7 @@
 
 Every cell not finished before becomes one job: a Slurm job, or a process of submitit's local
 executor, which runs the same path on this machine. The job runs the cell's notebook exactly
-as ``hnd book run`` does without an executor (:class:`hnd.book.grid.CellRun`) and writes the
+as ``hnd book run`` does without an executor (:class:`hnd.book.cells.CellRun`) and writes the
 cell's ``results.json`` itself, so the command that submitted the jobs may stop at any time:
 run it again and it follows the jobs still queued or running (each cell folder's ``job.json``
 names its job), skips finished cells and resubmits failed or killed ones, whose training
@@ -21,119 +21,21 @@ limits a cell may reach before it fails; preemptions do not count).
 from __future__ import annotations
 
 import os
-import re
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from hnd.book.grid import JOB_FILE, Cell, CellRun, _log_tail, _now, _Runner, machine_facts
+from hnd.book.cells import (JOB_FILE, Cell, CellRun, CellRunner, JobOptions, check_executor, log_tail, now,
+                            plain_table)
 from hnd.book.results import GRID_FILE, RESULTS_FILE, write_json
-from hnd.files import read_json_if_any
 from hnd.errors import HndError
+from hnd.files import read_json_if_any
+from hnd.machine import machine_facts
 
-EXECUTORS = ("local", "slurm")
 JOBS_DIR = "jobs"  # submitit's pickles and logs, in each cell's folder
-_KINDS = {"partition": (str,), "gpus": (int,), "cpus": (int,), "time": (int, str), "account": (str,),
-          "mem": (str,), "sbatch": (list,), "setup": (list,), "requeues": (int,)}
-JOB_OPTIONS = tuple(_KINDS)
 # Slurm job states (sacct) of a job that may still run the cell; the first group has not started.
 _WAITING = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "SUSPENDED", "RESV_DEL_HOLD"}
 _ALIVE = _WAITING | {"RUNNING", "COMPLETING", "RESIZING", "STAGE_OUT", "SIGNALING", "UNKNOWN", "READY"}
-
-
-def parse_time(value: int | str, where: str = "time") -> int:
-    """A time limit as Slurm writes it (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS)
-    in whole minutes, rounded up."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        minutes = value
-    else:
-        match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", str(value).strip())
-        if not match:
-            raise HndError(f"{where}: {value!r} is not a time limit; valid: minutes, HH:MM:SS or D-HH:MM:SS")
-        days, parts = match.group(1), [int(p) for p in match.groups()[1:] if p is not None]
-        if days is None and len(parts) < 3:  # MM or MM:SS: no hours
-            parts = [0, *parts]
-        hours, mins, secs = (parts + [0, 0])[:3]  # D-HH[:MM[:SS]] or HH:MM:SS
-        minutes = -(-(int(days or 0) * 86400 + hours * 3600 + mins * 60 + secs) // 60)
-    if minutes < 1:
-        raise HndError(f"{where}: the time limit must be at least a minute, got {value!r}")
-    return minutes
-
-
-def sbatch_flags(flags: list, where: str = "sbatch") -> dict:
-    """``["--qos=high", "--exclusive"]`` as submitit's additional sbatch parameters."""
-    out = {}
-    for flag in flags:
-        match = re.fullmatch(r"-{0,2}([A-Za-z][A-Za-z0-9_-]*)(?:=(.+))?", str(flag).strip())
-        if not isinstance(flag, str) or not match:
-            raise HndError(f"{where}: {flag!r} is not an sbatch flag; write it as --name=value or --name")
-        out[match.group(1).replace("-", "_")] = match.group(2) if match.group(2) is not None else True
-    return out
-
-
-@dataclass(frozen=True)
-class JobOptions:
-    """What one cell's job asks the cluster for."""
-
-    partition: str | None = None
-    gpus: int = 0  # per job; more than one: the cell trains under torchrun, one process per GPU
-    cpus: int | None = None  # per job (Slurm's cpus-per-task); also the job's torch threads
-    time: int = 1440  # minutes
-    account: str | None = None
-    mem: str | None = None  # e.g. 64G
-    sbatch: dict = field(default_factory=dict)
-    setup: tuple[str, ...] = ()
-    requeues: int = 3
-
-    @classmethod
-    def from_layers(cls, *layers: dict, where: str = "slurm") -> "JobOptions":
-        """Options from mappings, later ones over earlier ones (profile, step, command line)."""
-        merged = {}
-        for layer in layers:
-            check_job_options(layer, where)
-            merged.update({k: v for k, v in layer.items() if v is not None})
-        if "time" in merged:
-            merged["time"] = parse_time(merged["time"], f"{where}: time")
-        if "sbatch" in merged:
-            merged["sbatch"] = sbatch_flags(merged["sbatch"], f"{where}: sbatch")
-        if "setup" in merged:
-            merged["setup"] = tuple(merged["setup"])
-        return cls(**merged)
-
-
-def check_job_options(doc: dict, where: str) -> None:
-    """Raise a one-line error for an unknown job option or a value of the wrong kind."""
-    if not isinstance(doc, dict):
-        raise HndError(f"{where} must be a mapping of job options ({', '.join(JOB_OPTIONS)})")
-    for key, value in doc.items():
-        if key not in _KINDS:
-            raise HndError(f"{where}: unknown job option {key!r}; valid: {', '.join(JOB_OPTIONS)}")
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, _KINDS[key]):
-            kinds = " or ".join("a number" if k is int else "text" if k is str else "a list" for k in _KINDS[key])
-            raise HndError(f"{where}: {key} must be {kinds}, got {value!r}")
-        if key in ("gpus", "requeues") and value < 0 or key == "cpus" and value < 1:
-            raise HndError(f"{where}: {key} must be at least {1 if key == 'cpus' else 0}, got {value}")
-        if key == "time":
-            parse_time(value, f"{where}: time")
-        if key == "sbatch":
-            sbatch_flags(value, f"{where}: sbatch")
-        if key == "setup" and not all(isinstance(line, str) for line in value):
-            raise HndError(f"{where}: setup must be a list of shell lines")
-
-
-def check_executor(kind: str) -> None:
-    """A one-line error for an unknown executor, or for Slurm on a machine without it."""
-    import shutil
-
-    if kind not in EXECUTORS:
-        raise HndError(f"unknown executor {kind!r}; valid: {', '.join(EXECUTORS)}")
-    missing = [tool for tool in ("sbatch", "srun", "sacct") if kind == "slurm" and shutil.which(tool) is None]
-    if missing:
-        raise HndError(f"--executor slurm needs Slurm's {', '.join(missing)} on PATH; on a machine without Slurm "
-                       "run the grid with --executor local (or without --executor)")
 
 
 def make_executor(kind: str, folder: Path, options: JobOptions, name: str, visible_gpus: list[int] = ()):
@@ -201,7 +103,7 @@ class CellJob:
         if self.finished:  # a signal after the notebook ended: nothing to resume, keep the result
             return None
         self.run.stop()
-        self.run.record.update(requeued=_now(), requeues=self.run.record.get("requeues", 0) + 1)
+        self.run.record.update(requeued=now(), requeues=self.run.record.get("requeues", 0) + 1)
         write_json(Path(self.run.folder) / RESULTS_FILE, {**self.run.record, "status": "queued"})
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)  # the record travels with it
 
@@ -275,7 +177,7 @@ def cell_state(folder: Path, held=None, states: dict | None = None) -> dict:
         record = read_json_if_any(folder / RESULTS_FILE) or record  # it may have finished since the first read
         status = record.get("status")
         if status in ("queued", "running"):
-            last = _slurm_message(folder, job) or _log_tail(folder / "log.txt", 1)
+            last = _slurm_message(folder, job) or log_tail(folder / "log.txt", 1)
             return {"status": "failed", "job": job_name, "seconds": None,
                     "error": f"{job_name} ended before the notebook finished (killed, time limit or node "
                              f"failure); log: {last or 'empty'}"}
@@ -297,7 +199,7 @@ def _slurm_ids(runs: Path, cell_ids) -> list[str]:
 class JobRunner:
     """Submits the cells of each phase as jobs and follows them until they end."""
 
-    def __init__(self, runner: _Runner, kind: str, options: dict, cap: int | None, poll: float | None = None):
+    def __init__(self, runner: CellRunner, kind: str, options: dict, cap: int | None, poll: float | None = None):
         check_executor(kind)
         self.runner, self.kind, self.options, self.cap = runner, kind, options, cap
         self.poll = poll if poll is not None else (30.0 if kind == "slurm" else 1.0)
@@ -329,7 +231,7 @@ class JobRunner:
             write_json(folder / RESULTS_FILE, {**run.record, "status": "failed", "error": error})
             self.runner.log(f"{position} {cell.id}: {error}")
             return {**entry, "status": "failed", "error": error}
-        write_json(folder / JOB_FILE, {"executor": self.kind, "id": str(job.job_id), "submitted": _now(),
+        write_json(folder / JOB_FILE, {"executor": self.kind, "id": str(job.job_id), "submitted": now(),
                                        "slot": slot, "options": {**options.__dict__, "setup": list(options.setup)}})
         self.runner.set_status(cell.id, "queued")
         self.runner.log(f"{position} {cell.id}: submitted as {self.kind} job {job.job_id}")
@@ -401,7 +303,7 @@ def grid_status(runs: Path) -> list[dict]:
         state = cell_state(folder, states=states)
         if state["status"] in ("queued", "running"):
             state["error"] = None
-            state["last"] = _log_tail(folder / "log.txt", 1)
+            state["last"] = log_tail(folder / "log.txt", 1)
         rows.append({"id": cell["id"], **state})
     return rows
 
@@ -413,9 +315,7 @@ def status_table(rows: list[dict]) -> str:
         seconds = f"{row['seconds']:.1f}" if isinstance(row.get("seconds"), (int, float)) else "-"
         table.append((row["id"], row["status"], row.get("job") or "-", seconds,
                       row.get("error") or row.get("last") or ""))
-    widths = [max(len(r[i]) for r in table) for i in range(4)]
-    lines = [f"{r[0]:{widths[0]}}  {r[1]:{widths[1]}}  {r[2]:{widths[2]}}  {r[3]:>{widths[3]}}  {r[4]}".rstrip()
-             for r in table]
+    lines = plain_table(table, right=(3,))
     counts = {}
     for row in rows:
         counts[row["status"]] = counts.get(row["status"], 0) + 1

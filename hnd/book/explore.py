@@ -25,8 +25,8 @@ import traitlets
 from IPython.display import Image
 
 from hnd.errors import HndError
-from hnd.latency import CodedStudent, Option, coded_student, crossovers, list_device_profiles, load_device_profile, \
-    options, plan
+from hnd.devices import list_device_profiles, load_device_profile
+from hnd.latency import CodedStudent, Option, coded_student, crossovers, options, plan
 from hnd.book.plots import format_rate, plot_delay_breakdown
 from hnd.registry import list_models, resolve
 from hnd.students import OFFICIAL_CHANNELS

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from hnd.codec import encode_image
-from hnd.rate import eval_transform_parts
+from hnd.data import eval_transform_parts
 from hnd.registry import ModelSpec
 
 # scikit-image's sample photographs of scenes, objects and surfaces (not its drawings, text,

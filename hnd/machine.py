@@ -1,0 +1,39 @@
+"""Facts about this machine for run records and device profiles, read once per process."""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+from pathlib import Path
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else what :mod:`platform` knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_facts() -> dict:
+    """CPU model, core count, memory and GPUs of this machine, for run records (a copy)."""
+    return dict(_facts())
+
+
+@functools.lru_cache(maxsize=None)
+def _facts() -> dict:
+    import torch
+
+    try:
+        memory_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        memory_gib = None
+    gpus = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            if torch.cuda.is_available() else [])
+    return {"platform": platform.platform(), "cpu": cpu_model(), "cpus": os.cpu_count(), "memory_gib": memory_gib,
+            "gpus": gpus}
