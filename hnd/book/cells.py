@@ -49,7 +49,7 @@ class Profile:
     data: dict  # {"synth": {...}} (generated into <runs>/data), {"imagenet": true} (--data) or {}
     steps: list[dict]
     jobs: int = 1  # cells run at once when `--jobs` is not given
-    slurm: dict = field(default_factory=dict)  # job options of every cell (hnd.book.cluster.JOB_OPTIONS)
+    slurm: dict = field(default_factory=dict)  # job options of every cell (JOB_OPTIONS)
 
 
 @dataclass
@@ -62,13 +62,17 @@ class Cell:
     phase: int = 0  # cells of one phase run together; a phase starts when the one before has finished
     slurm: dict = field(default_factory=dict)  # the step's job options over the profile's
 
+
 def notebook_path(root: Path, stem: str) -> Path:
+    """The notebook of a cell, by its stem (e.g. ``02_train``)."""
     return root / NOTEBOOKS_DIR / f"{stem}.ipynb"
+
 
 def notebook_relative(path: Path, cwd: Path | None) -> str:
     """``path`` as a notebook running in ``cwd`` is given it: relative there, so that no
     machine's folder names appear in the executed notebooks (absolute without ``cwd``)."""
     return os.path.relpath(path, cwd) if cwd is not None else str(path)
+
 
 def _versions() -> dict:
     out = {"python": platform.python_version(), "hnd": hnd.__version__}
@@ -200,6 +204,7 @@ class CellRun:
         for process in alive:
             process.kill()
 
+
 class CellRunner:
     """Prepares and runs cells and keeps ``grid.json`` current (threads share it under a lock)."""
 
@@ -296,6 +301,7 @@ class CellRunner:
         with ThreadPoolExecutor(max_workers=self.jobs) as pool:
             futures = {c.id: pool.submit(self.run, c, declared[c.notebook], positions[c.id], parallel) for c in cells}
             return {cell_id: future.result() for cell_id, future in futures.items()}
+
 
 def parse_time(value: int | str, where: str = "time") -> int:
     """A time limit as Slurm writes it (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS)
