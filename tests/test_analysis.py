@@ -161,12 +161,12 @@ def test_split_point_rows_of_a_staged_teacher():
     assert stages["transition2"].output_shape == (256, 14, 14)
     assert round(stages["transition2"].pct_of_input / 100, 3) == 0.333
     assert round(stages["transition1"].pct_of_input / 100, 3) == 0.667
-    # Table §9: the teacher head up to transition2.
-    assert stages["transition2"].cum_macs == REFERENCE["densenet169"][0][7]
+    # the fact sheet's §4: the teacher head up to transition2
+    assert stages["transition2"].cum_macs == _int(REFERENCE[("densenet169", 3)]["teacher-head MACs"])
 
 
 def test_generic_student_is_analysed():
-    """resnet18@layer2-3ch with ResNet's stem: the encoder is the ver2b one (§9: 10,432 params,
+    """resnet18@layer2-3ch with ResNet's stem: the encoder is the ver2b one (fact sheet §4: 10,432 params,
     118,659,840 MACs at bc=3), the head reproduces layer2's 128x28x28."""
     s = analyze("resnet18-3ch").summary
     assert (s.model, s.kind, s.teacher, s.split_point) == ("resnet18@layer2-3ch", "student", "resnet18", "bottleneck")

@@ -192,7 +192,9 @@ def test_local_jobs_survive_preemption_kills_and_a_stopped_command(project):
     killed_job = _job_id(runs, "x-2")
     with open(project / "second.log", "w") as output:
         second = _book(project, *command, output=output)
+    # the command has logged the submission: it ignores Ctrl-C only while it starts a local job
     _wait(lambda: (runs / "02_train" / "x-2" / "job.json").is_file() and _job_id(runs, "x-2") != killed_job
+          and "x-2: submitted as local job" in (project / "second.log").read_text()
           and read_json(runs / "02_train" / "x-2" / "results.json")["status"] == "running", "the resubmitted job")
     os.killpg(second.pid, signal.SIGINT)
     assert second.wait(timeout=60) == 130

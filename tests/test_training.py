@@ -131,7 +131,7 @@ def test_evaluate_cli_reports_model_and_teacher(synth, teacher_ckpt, tmp_path, c
     assert main(["evaluate", STUDENT, "--method", "hnd", "--checkpoint", str(out / "best.pt"), "--data",
                  str(synth)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "trained with --method kd" in err, err
+    assert err.count("\n") == 1 and "holds a kd run of resnet18@layer2-3ch, not hnd of" in err, err
 
 
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(synth, teacher_ckpt, tmp_path):
