@@ -75,7 +75,7 @@ class TrainConfig:
     augment_views: int = 0
     teacher_cache: str | None = None  # folder of cached teacher outputs (needs augment_views > 0)
     test_every_epoch: bool = False  # also test every epoch on val, for a curve (never used to select)
-    test_first_epochs: int = 0  # also test after each of the first N epochs (a curve's start, for less)
+    test_first_epochs: int = 0  # also test after each of the first N epochs only (cheaper than every epoch)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "none"  # none | bf16 | fp16 (CUDA only)
     channels_last: bool = False  # channels-last tensors: faster convolutions on CUDA and on CPU (oneDNN)

@@ -143,9 +143,11 @@ def _job_id(runs: Path, cell: str) -> str:
 
 
 def _book(project: Path, *args: str, output=subprocess.PIPE) -> subprocess.Popen:
-    """``hnd book ARGS`` in a process group of its own, as a terminal runs a command."""
+    """``hnd book ARGS`` in a process group of its own, as a terminal runs a command: Ctrl-C
+    acts (a test run started in the background by a shell inherits SIGINT ignored)."""
     return subprocess.Popen([sys.executable, "-m", "hnd", "book", *args], cwd=project, stdout=output,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_local_jobs_survive_preemption_kills_and_a_stopped_command(project):
