@@ -21,7 +21,7 @@ import itertools
 import os
 from pathlib import Path
 
-from hnd.book.cells import (NOTEBOOKS_DIR, Cell, CellRunner, Profile, check_executor, check_job_options,
+from hnd.book.cells import (NOTEBOOKS_DIR, Cell, CellRunner, JobOptions, Profile, check_executor, check_job_options,
                             notebook_path, notebook_relative, plain_table)
 from hnd.errors import HndError
 from hnd.files import read_mapping
@@ -116,7 +116,8 @@ def plan_cells(profile: Profile, runs: Path, data: Path | None, cwd: Path | None
                 raise HndError(f"{profile.path}: two cells are called {cell_id}; give one step a name")
             seen.add(cell_id)
             places = {"out": notebook_relative(runs, cwd), "data": notebook_relative(data, cwd) if data else "",
-                      "cell": notebook_relative(runs / cell_id, cwd), "project": notebook_relative(project.resolve(), cwd)}
+                      "cell": notebook_relative(runs / cell_id, cwd),
+                      "project": notebook_relative(project.resolve(), cwd)}
             where = f"profile {profile.name}, cell {cell_id}"
             parameters = _fill({**(step.get("parameters") or {}), **combo}, places, where)
             label = ", ".join(f"{k}={v}" for k, v in combo.items()) or step.get("name") or step["notebook"]
@@ -225,8 +226,6 @@ def run_grid(profile_name: str, *, root: str | os.PathLike = ".", runs: str | os
         raise HndError(f"profile {profile.name} is full scale ({profile.description.splitlines()[0]}); "
                        "add --full to start it")
     if executor is not None:
-        from hnd.book.cluster import JobOptions
-
         check_executor(executor)
         JobOptions.from_layers(profile.slurm, job_options or {}, where="job options")  # checked before anything runs
     runs = Path(runs).resolve() if runs else default_runs(root, profile.name)
