@@ -30,16 +30,23 @@ book() {
     return "$status"
 }
 
-chromium_check() {
-    # The browser test opens the built book in headless Chromium (Debian's `chromium`).
-    command -v "${HND_CHROMIUM:-chromium}" >/dev/null && return
+apt_install() {
+    # apt_install WHAT PACKAGES...: Debian packages a test runs against, when root can install them.
+    local what="$1"; shift
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        echo "run.sh: installing chromium for the browser test"
-        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
-            || echo "run.sh: could not install chromium; the browser test will fail" >&2
+        echo "run.sh: installing $* for $what"
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@") \
+            >/dev/null 2>&1 || echo "run.sh: could not install $*; $what will fail or skip" >&2
     else
-        echo "run.sh: chromium not found; install it (apt-get install -y chromium) or the browser test fails" >&2
+        echo "run.sh: $* not found; install them (apt-get install -y $*) or $what will fail or skip" >&2
     fi
+}
+
+test_tools() {
+    # The browser test opens the built book in headless Chromium (Debian's `chromium`); the cluster
+    # tests start a single-node Slurm (Debian's slurm-wlm and munge) on this machine.
+    command -v "${HND_CHROMIUM:-chromium}" >/dev/null || apt_install "the browser test" chromium
+    { command -v slurmctld || [ -x /usr/sbin/slurmctld ]; } >/dev/null || apt_install "the Slurm tests" slurm-wlm munge
 }
 
 case "${1:-}" in
@@ -47,6 +54,6 @@ case "${1:-}" in
     explore) shift; setup book,live; exec "$PY" -m hnd explore "$@" ;;
     lab) shift; setup book,live; exec "$PY" -m hnd lab "$@" ;;
     # One test process per core (at most 8), each with one thread: the suite's models are small.
-    test) shift; setup book,live,test,deploy; chromium_check; "$PY" -m pytest -q -n auto --maxprocesses 8 --dist worksteal tests "$@" ;;
+    test) shift; setup book,live,test,deploy; test_tools; "$PY" -m pytest -q -n auto --maxprocesses 8 --dist worksteal tests "$@" ;;
     *) echo "usage: ./run.sh book [smoke|cpu|paper] | explore | lab | test" >&2; exit 2 ;;
 esac

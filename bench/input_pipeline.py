@@ -41,7 +41,8 @@ from torchvision import io as tvio
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/train_step.py
 
 from hnd.book.photographs import reference_photographs  # noqa: E402
-from hnd.data import input_sizes, read_image, train_transform  # noqa: E402
+from hnd.data import read_image, train_transform  # noqa: E402
+from hnd.registry import resolve  # noqa: E402
 from hnd.distributed import pick_device  # noqa: E402
 from hnd.errors import HndError  # noqa: E402
 
@@ -84,7 +85,8 @@ def main() -> None:
     args = parser.parse_args()
     try:
         device = pick_device(args.device)
-        size, resize = input_sizes(args.model)
+        spec = resolve(args.model)
+        size, resize = spec.input_size, spec.resize_size
     except HndError as exc:
         parser.error(str(exc))
     torch.set_num_threads(1)  # one loader worker: one process, one thread
@@ -92,10 +94,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_jpegs(Path(tmp), args.images)
         for decoder in ("pil", "torchvision"):  # hnd.data's two decoders, as a loader worker runs them
-            transform = train_transform(args.model, "original", decoder=decoder)
+            transform = train_transform(spec, "original", decoder=decoder)
             rates[decoder] = per_worker(paths, lambda p: transform(read_image(p, decoder)), args.rounds)
         if device.type == "cuda":
-            gpu_transform = train_transform(args.model, "original", decoder="torchvision")  # runs where its input is
+            gpu_transform = train_transform(spec, "original", decoder="torchvision")  # runs where its input is
             datas = [tvio.read_file(str(p)) for p in paths]
             for _ in range(2):  # warm up the decoder
                 tvio.decode_jpeg(datas[:8], device=device)

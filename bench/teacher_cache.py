@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from hnd.config import experiment_config
+from hnd.registry import resolve
 from hnd.synth import ensure_synthetic_dataset
 from hnd.training import fit, read_metrics
 
@@ -34,7 +35,7 @@ def epoch_seconds(method: str, data: Path, teacher: Path, epochs: int, cache: Pa
     overrides = {**STUDENT, "epochs": epochs, "teacher_checkpoint": str(teacher)}
     if cache is not None:
         overrides["teacher_cache"] = str(cache)
-    config = experiment_config("shufflenet_v2_x1_0", method, 3, overrides)
+    config = experiment_config(resolve("shufflenet_v2_x1_0"), method, 3, overrides)
     start = time.perf_counter()
     fit(config, data, out, progress=False)
     lines = read_metrics(out)

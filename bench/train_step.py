@@ -87,11 +87,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def student_name(teacher: str, channels: int) -> str:
-    """The canonical name of ``teacher``'s student with ``channels`` bottleneck channels."""
-    return str(student_spec(teacher, channels))
-
-
 def _mib(n_bytes: float) -> float:
     return n_bytes / 2**20
 
@@ -118,7 +113,7 @@ def _sync(device: torch.device) -> None:
 
 def _build(case: dict, device: torch.device):
     """The method's task (random weights) on ``device``, its optimizer and grad scaler."""
-    config = apply_overrides(preset(student_name(case["model"], case["channels"]), case["method"]),
+    config = apply_overrides(preset(student_spec(case["model"], case["channels"]), case["method"]),
                              {"pretrained": False, "batch_size": case["batch"], "amp": case["amp"] or "none",
                               "channels_last": case["channels_last"],
                               "input_size": case["input_size"]})  # generic heads are built for it
@@ -193,7 +188,7 @@ def run_case(case: dict) -> dict:
 
 def step_macs(teacher: str, channels: int) -> dict[str, int]:
     """MACs per image of one training step of each method (see LEGEND), from ``hnd.analysis``."""
-    s, t = analyze(student_name(teacher, channels)).summary, analyze(teacher).summary
+    s, t = analyze(student_spec(teacher, channels)).summary, analyze(resolve(teacher)).summary
     return {"naive": 3 * s.macs, "kd": t.macs + 3 * s.macs, "hnd": t.head_macs + 3 * s.head_macs}
 
 

@@ -8,16 +8,16 @@ spec or a checkpoint.
 """
 
 from hnd.analysis import Analysis, analyze, analyze_model, split_point_rows
-from hnd.checkpoints import load_model, read_checkpoint, save_checkpoint
+from hnd.checkpoints import read_checkpoint, save_checkpoint
 from hnd.errors import HndError
-from hnd.models import create_model
-from hnd.registry import ModelSpec, build_model, build_student, list_models, resolve, student_spec
+from hnd.models import create_model, create_student
+from hnd.registry import ModelSpec, list_models, resolve, student_spec
 from hnd.students import Student
 from hnd.teachers import TEACHERS, build_teacher, register_teacher, split_teacher
 
 __version__ = "0.1.0"
 
 __all__ = ["TEACHERS", "Analysis", "HndError", "ModelSpec", "Student", "__version__", "analyze", "analyze_model",
-           "build_model", "build_student", "build_teacher", "create_model", "list_models", "load_model",
+           "build_teacher", "create_model", "create_student", "list_models",
            "read_checkpoint", "register_teacher", "resolve", "save_checkpoint", "split_point_rows", "split_teacher",
            "student_spec"]

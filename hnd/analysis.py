@@ -22,7 +22,7 @@ from torchvision.models.densenet import _DenseBlock
 
 from hnd import tracing
 from hnd.models import create_model
-from hnd.registry import ModelSpec, resolve
+from hnd.registry import ModelSpec
 from hnd.students import Student
 from hnd.teachers import on_meta, split_teacher, teacher_stages
 
@@ -201,10 +201,9 @@ def _totals(rows: list[LayerRow], parts: set[str]) -> tuple[int, int]:
     return sum(r.params for r in chosen), sum(r.macs for r in chosen)
 
 
-def analyze_model(spec: ModelSpec | str, model: nn.Module, split_point: str | None = None) -> Analysis:
+def analyze_model(spec: ModelSpec, model: nn.Module, split_point: str | None = None) -> Analysis:
     """Analyse an already built model (a teacher cut at ``split_point``, default the spec's,
     or a :class:`Student`) on the device its parameters live on."""
-    spec = resolve(spec)
     size = spec.input_size
     x = torch.zeros(1, 3, size, size, device=_device_of(model))
     if spec.is_student:
@@ -237,11 +236,11 @@ def analyze_model(spec: ModelSpec | str, model: nn.Module, split_point: str | No
     return Analysis(summary, rows)
 
 
-def analyze(model: ModelSpec | str, split_point: str | None = None) -> Analysis:
-    """Analyse ``model`` without weights (built on the meta device). The result depends on the
+def analyze(spec: ModelSpec, split_point: str | None = None) -> Analysis:
+    """Analyse the model ``spec`` without weights (built on the meta device). The result depends on the
     architecture only, so it is computed once per model and split point (the planner and the
     explorer ask for the same ones on every change)."""
-    return _analyze(resolve(model), split_point)
+    return _analyze(spec, split_point)
 
 
 @functools.lru_cache(maxsize=256)
@@ -270,10 +269,9 @@ class SplitPointRow:
         return d
 
 
-def split_point_rows(model: ModelSpec | str) -> list[SplitPointRow]:
+def split_point_rows(spec: ModelSpec) -> list[SplitPointRow]:
     """Every valid split point of ``model``'s teacher, in order: a paper family's stages
     first, then every point of the traced graph (any of these names is a valid ``@POINT``)."""
-    spec = resolve(model)
     teacher = on_meta(lambda: create_model(spec.as_teacher(), pretrained=False))
     size = spec.input_size
     x = torch.zeros(1, 3, size, size, device=_device_of(teacher))

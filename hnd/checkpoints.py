@@ -249,7 +249,7 @@ def _load_into(module: nn.Module, ckpt: Checkpoint, spec: ModelSpec) -> None:
     module.load_state_dict(ckpt.state_dict)
 
 
-def checkpoint_spec(ckpt: Checkpoint, model: str | ModelSpec | None = None) -> ModelSpec:
+def checkpoint_spec(ckpt: Checkpoint, model: ModelSpec | None = None) -> ModelSpec:
     """The spec of the model in ``ckpt``: ``model`` if given, else the one the file records;
     a recorded input size (a run at another resolution) and head design are kept."""
     saved = ckpt.meta.get("spec")
@@ -259,10 +259,10 @@ def checkpoint_spec(ckpt: Checkpoint, model: str | ModelSpec | None = None) -> M
         if ckpt.model is None:
             raise HndError(f"{ckpt.path} ({ckpt.format}) does not record its model; give the model name")
         return resolve(ckpt.model)
-    return resolve(model).as_saved(saved)
+    return model.as_saved(saved)
 
 
-def load_model(model: str | ModelSpec | None, checkpoint: str | os.PathLike | Checkpoint) -> nn.Module:
+def load_model(model: ModelSpec | None, checkpoint: str | os.PathLike | Checkpoint) -> nn.Module:
     """Build ``model`` with the weights of ``checkpoint`` (a path, or a :class:`Checkpoint`
     already read: no file is read twice), eval mode; any supported format.
 
@@ -306,13 +306,12 @@ def atomic_save(obj: object, path: str | os.PathLike) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def save_checkpoint(path: str | os.PathLike, model_spec: str | ModelSpec, model: nn.Module, *,
+def save_checkpoint(path: str | os.PathLike, spec: ModelSpec, model: nn.Module, *,
                     part: str = "student", **extra: object) -> None:
     """Save ``model`` as an hnd checkpoint with its spec. part: ``student`` (whole), ``head``
     (student head only; the tail is the pretrained teacher's), ``teacher`` or ``ae`` (an
     :class:`~hnd.autoencoder.AutoencoderModel` on the teacher's split point). ``extra`` holds
     plain data."""
-    spec = resolve(model_spec)
     if part not in (("student", "head") if spec.is_student else ("teacher", "ae")):
         raise HndError(f"part {part!r} does not apply to {spec}")
     if spec.is_student and not isinstance(model, Student):

@@ -131,7 +131,7 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from hnd.data import eval_transform, load_image
+    from hnd.data import load_image
     from hnd.inference import predict
     from hnd.models import create_model
     from hnd.registry import resolve
@@ -144,7 +144,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
         raise HndError(f"{spec} is a student: give its weights with --checkpoint FILE "
                        "(an original naive/KD/HND checkpoint or an hnd checkpoint)")
     model = create_model(spec, checkpoint=args.checkpoint)
-    x = eval_transform(model.spec)(image).unsqueeze(0)  # the checkpoint's input size, if it records one
+    x = model.spec.transforms()(image).unsqueeze(0)  # [1, 3, S, S] at the checkpoint's input size, if it records one
     pred = predict(model, x, args.topk)
     if args.json:
         doc = {"model": str(spec), "topk": [{"index": i, "prob": p} for i, p in pred.topk]}
@@ -162,11 +162,13 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 def _resolved_config(args: argparse.Namespace):
     from hnd.config import resolve_config
+    from hnd.registry import resolve
     from hnd.training import resume_config
 
+    spec = resolve(args.name)
     if getattr(args, "resume", False):
-        return resume_config(args.out or _default_out(args), args.name, args.method, args.config, args.overrides)
-    return resolve_config(args.name, args.method, args.config, args.overrides)
+        return resume_config(args.out or _default_out(args), spec, args.method, args.config, args.overrides)
+    return resolve_config(spec, args.method, args.config, args.overrides)
 
 
 def _default_out(args: argparse.Namespace) -> str:
@@ -220,9 +222,11 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from hnd.evaluation import evaluate_checkpoint
+    from hnd.registry import resolve
 
-    result = evaluate_checkpoint(args.name, args.method, args.checkpoint, args.data, student_only=args.student_only,
-                                 batch_size=args.batch_size, num_workers=args.workers, device=args.device,
+    result = evaluate_checkpoint(resolve(args.name), args.method, args.checkpoint, args.data,
+                                 student_only=args.student_only, batch_size=args.batch_size,
+                                 num_workers=args.workers, device=args.device,
                                  progress=not args.no_progress and not args.json)
     if args.json:
         _print_json(result)
@@ -596,7 +600,12 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback --host without TLS and tokens (a trusted network only)")
     p.add_argument("--max-connections", type=int, default=256,
-                   help="open connections at most; more get a busy error (default 256)")
+                   help="open connections at most (with tokens: authorized ones); more get a busy error "
+                        "(default 256)")
+    p.add_argument("--max-pending", type=int, default=64,
+                   help="with tokens: connections still owing their hello at most (default 64)")
+    p.add_argument("--hello-timeout", type=float, default=5.0,
+                   help="with tokens: seconds for the whole hello frame to arrive (default 5)")
     p.add_argument("--max-queue", type=int, help="requests waiting at most; more get a busy error "
                                                  "(default 4 x --max-batch)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT/metrics")
@@ -615,11 +624,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     serve_options = {"device": args.device, "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
                      "topk": args.topk, "input_size": args.input_size, "max_connections": args.max_connections,
-                     "max_queue": args.max_queue}
+                     "max_queue": args.max_queue, "max_pending": args.max_pending,
+                     "hello_timeout_s": args.hello_timeout}
     if args.max_frame_bytes:
         serve_options["max_frame_bytes"] = args.max_frame_bytes
     serve_options.update(_serve_security(args))
-    serve(spec, model=model, host=args.host, port=args.port, ready=lambda line: print(line, flush=True),
+    serve(model, host=args.host, port=args.port, ready=lambda line: print(line, flush=True),
           metrics_port=args.metrics_port, drain_timeout_s=args.drain_timeout, **serve_options)
 
 
@@ -684,7 +694,7 @@ def cmd_edge(args: argparse.Namespace) -> None:
         from hnd.access import read_token
 
         security["token"] = read_token(args.token_file)
-    with EdgeClient(spec, model, args.server, fmt, args.rate_limit, retries=args.retries, **security) as client:
+    with EdgeClient(model, args.server, fmt, args.rate_limit, retries=args.retries, **security) as client:
         for path, x in zip(args.images, images):
             results.append({"image": path, **client.classify(x)})
     if args.json:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from hnd.data import DECODERS, input_sizes
+from hnd.preprocessing import DECODERS
 from hnd.errors import HndError
 from hnd.files import read_mapping
 from hnd.registry import ModelSpec, resolve, student_spec
@@ -80,18 +80,19 @@ class TrainConfig:
     amp: str = "none"  # none | bf16 | fp16 (CUDA only)
     channels_last: bool = False  # channels-last tensors: faster convolutions on CUDA and on CPU (oneDNN)
     sync_bn: bool = False  # distributed runs: BatchNorm statistics over all processes' batches
-    # The resolved model (not saved; resolved from ``model`` when not given). ``model`` becomes
-    # its canonical name.
+    # The model that trains, at this run's input size (not saved: resolved from ``model`` when
+    # not given). ``model`` becomes its canonical name.
     spec: ModelSpec | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self.spec = method_spec(self.spec if self.spec is not None else resolve(self.model), self.method)
+        base = method_spec(self.spec if self.spec is not None else resolve(self.model), self.method)
+        self.spec = base.at_input_size(self.input_size or base.teacher.input_size)
         self.model = str(self.spec)
 
-    @property
-    def model_spec(self) -> ModelSpec:
-        """The model at this run's input size."""
-        return self.spec.at_input_size(self.input_size)
+    def eval_transform(self):
+        """The evaluation transform of this run: its model's, at its input and resize sizes, for
+        its decoder."""
+        return self.spec.transforms(self.decoder, resize_size=self.resize_size)
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "spec"}
@@ -161,9 +162,8 @@ def check_model_for_method(spec: ModelSpec, method: str) -> None:
                        f"not the student {spec}")
 
 
-def preset(model: str | ModelSpec, method: str) -> TrainConfig:
+def preset(spec: ModelSpec, method: str) -> TrainConfig:
     """The official configuration of (model, method), as the original's YAML files have it."""
-    spec = resolve(model)
     check_model_for_method(spec, check_method(method))
     spec = method_spec(spec, method)
     fields = dict(_METHOD_PRESETS[method])
@@ -273,9 +273,8 @@ def validate(config: TrainConfig) -> None:
         value = getattr(config, key)
         if value is not None and value < 32:
             raise HndError(f"{key} must be at least 32, got {value}")
-    size, resize = input_sizes(config.spec, config.input_size, config.resize_size)
-    if resize < size:
-        raise HndError(f"resize_size ({resize}) must be at least the input size ({size})")
+    if config.resize_size is not None and config.resize_size < config.spec.input_size:
+        raise HndError(f"resize_size ({config.resize_size}) must be at least the input size ({config.spec.input_size})")
 
 
 def layered_overrides(config_file: str | os.PathLike | None, assignments: list[str] = ()) -> dict:
@@ -291,13 +290,13 @@ def check_saved_run(doc: dict, spec: ModelSpec, method: str, where: str) -> None
         raise HndError(f"{where} holds a {doc.get('method')} run of {doc.get('model')}, not {method} of {spec}")
 
 
-def resolve_config(model: str | ModelSpec, method: str, config_file: str | os.PathLike | None = None,
+def resolve_config(spec: ModelSpec, method: str, config_file: str | os.PathLike | None = None,
                    assignments: list[str] = ()) -> TrainConfig:
     """Official preset of (model, method), then the YAML file, then ``key=value`` pairs."""
     overrides = layered_overrides(config_file, assignments)
-    spec = resolve(model)
     for key, value in (("model", spec), ("method", method)):
-        if key in overrides and str(overrides.pop(key)) not in (str(value), str(model)):
+        given = str(overrides.pop(key, value))
+        if given != str(value) and (key == "method" or resolve(given) != spec):
             raise HndError(f"the config sets {key} to something else than the command line ({value!r}); "
                            f"give {key} on the command line only")
     return apply_overrides(preset(spec, method), overrides)
@@ -325,23 +324,22 @@ def dump_config(config: TrainConfig, relative_to: str | os.PathLike | None = Non
     return yaml.safe_dump(doc, sort_keys=False)
 
 
-def experiment_config(teacher: str | ModelSpec, method: str, channels: int,
+def experiment_config(teacher: ModelSpec, method: str, channels: int,
                       overrides: dict | None = None) -> TrainConfig:
-    """The config of one cell of the book's grid: ``teacher`` backbone (any teacher name,
+    """The config of one cell of the book's grid: ``teacher`` backbone (any teacher's spec,
     ``@POINT`` included), ``method``, bottleneck ``channels`` (the student's, or the
     autoencoder's for ``ae``; ignored for ``teacher``), official preset of the model that
     trains, then ``overrides``."""
     check_method(method)
-    spec = resolve(teacher)
-    if spec.is_student:
-        raise HndError(f"teacher must be a backbone name such as resnet152, got the student {spec}")
+    if teacher.is_student:
+        raise HndError(f"teacher must be a backbone name such as resnet152, got the student {teacher}")
     overrides = dict(overrides or {})
     fixed = [k for k in ("model", "method", "ae_channels") if k in overrides]
     if fixed:
         raise HndError(f"overrides cannot set {', '.join(fixed)}: they follow from teacher, method and channels")
     if method in STUDENT_METHODS:
-        return apply_overrides(preset(student_spec(spec, channels), method), overrides)
+        return apply_overrides(preset(student_spec(teacher, channels), method), overrides)
     channels = check_channels(channels)
     if method == "ae":
         overrides["ae_channels"] = channels
-    return apply_overrides(preset(spec, method), overrides)
+    return apply_overrides(preset(teacher, method), overrides)

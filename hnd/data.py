@@ -1,4 +1,6 @@
-"""Images in, tensors out: transforms, image folders in the ImageNet layout, and loaders.
+"""Images in, tensors out: training augmentation, image folders in the ImageNet layout, and
+loaders (the evaluation transform is the model's own: ``spec.transforms()``,
+:mod:`hnd.preprocessing`).
 
 Datasets are folders in the standard layout ``ROOT/train/<class>/*.JPEG`` and
 ``ROOT/val/<class>/*.JPEG`` (ImageNet prepared by ``hnd data imagenet``, the generated set
@@ -29,73 +31,22 @@ from torchvision.transforms import v2
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from hnd.errors import HndError
-from hnd.registry import ModelSpec, resolve
+from hnd.preprocessing import DECODERS, normalize_steps, transform_ops
+from hnd.registry import ModelSpec
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 SPLITS = ("train", "val")
-DECODERS = ("pil", "torchvision")  # who turns files into pixels: Pillow, or torchvision.io (uint8 tensors)
 _WNID = re.compile(r"^n\d{8}$")
 _BILINEAR = transforms.InterpolationMode.BILINEAR
 
 
-def input_sizes(model: str | ModelSpec, input_size: int | None = None,
-                resize_size: int | None = None) -> tuple[int, int]:
-    """(network input side, evaluation resize side) for ``model``; defaults are the spec's
-    (224/256, Inception-v3 299/327, torchvision's for other teachers), and a custom input side
-    keeps the teacher's ratio."""
-    spec = resolve(model).at_input_size(input_size)
-    return spec.input_size, resize_size or spec.resize_size
-
-
-def _ops(decoder: str):
-    """The transforms module for what :func:`read_image` returns: torchvision's classic
-    transforms on PIL images (the default, unchanged), ``transforms.v2`` on uint8 tensors
-    (its uint8 resize is the fast path). Both draw the same random numbers for a crop or flip."""
-    if decoder not in DECODERS:
-        raise HndError(f"unknown decoder {decoder!r}; valid: {', '.join(DECODERS)}")
-    return transforms if decoder == "pil" else v2
-
-
-def _normalize(decoder: str) -> list:
-    """Pixels -> normalized float [3, H, W]."""
-    ops = _ops(decoder)
-    to_float = transforms.ToTensor() if decoder == "pil" else v2.ToDtype(torch.float32, scale=True)
-    return [to_float, ops.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-
-
-def eval_transform(model: str | ModelSpec, input_size: int | None = None,
-                   resize_size: int | None = None, decoder: str = "pil") -> transforms.Compose:
-    """The evaluation transform for ``model``: shorter side to the resize side (256, 327 for
-    Inception-v3; the original's, bilinear; torchvision's sizes and interpolation for other
-    teachers), centre crop to the input side, ImageNet mean/std normalization. ``decoder``:
-    what :func:`read_image` hands it (the geometry is the same for both)."""
-    spec = resolve(model)
-    size, resize = input_sizes(spec, input_size, resize_size)
-    interpolation = transforms.InterpolationMode(spec.teacher.interpolation)
-    ops = _ops(decoder)
-    return ops.Compose([ops.Resize(resize, interpolation=interpolation), ops.CenterCrop(size),
-                        *_normalize(decoder)])
-
-
-def eval_transform_parts(model: str | ModelSpec, input_size: int | None = None,
-                         resize_size: int | None = None) -> tuple[transforms.Compose, transforms.Compose]:
-    """``eval_transform`` cut in two: (geometry: resize + centre crop, PIL -> PIL; to-tensor +
-    normalize, PIL -> [3, S, S]). Composing them is ``eval_transform`` itself."""
-    steps = eval_transform(model, input_size, resize_size).transforms
-    cut = next(i for i, step in enumerate(steps) if isinstance(step, transforms.ToTensor))
-    return transforms.Compose(steps[:cut]), transforms.Compose(steps[cut:])
-
-
-def train_transform(model: str | ModelSpec, kind: str = "original", input_size: int | None = None,
-                    resize_size: int | None = None, decoder: str = "pil", *,
-                    normalize: bool = True) -> transforms.Compose:
-    """Training augmentation. ``original``: warp the image to the input size, resize to the
-    resize side, random crop, horizontal flip (what the original did). ``torchvision``: the
-    reference recipe, RandomResizedCrop + flip. ``normalize=False`` stops before the pixels
-    become normalized floats (see :func:`normalize_pixels`)."""
-    size, resize = input_sizes(model, input_size, resize_size)
-    ops = _ops(decoder)
+def train_transform(spec: ModelSpec, kind: str = "original", resize_size: int | None = None, decoder: str = "pil",
+                    *, normalize: bool = True) -> transforms.Compose:
+    """Training augmentation at ``spec``'s input size. ``original``: warp the image to the input
+    size, resize to the resize side, random crop, horizontal flip (what the original did).
+    ``torchvision``: the reference recipe, RandomResizedCrop + flip. ``normalize=False`` stops
+    before the pixels become normalized floats (see :func:`normalize_pixels`)."""
+    size, resize = spec.input_size, resize_size or spec.resize_size
+    ops = transform_ops(decoder)
     if kind == "original":
         steps = [ops.Resize((size, size), interpolation=_BILINEAR), ops.Resize(resize, interpolation=_BILINEAR),
                  ops.RandomCrop(size)]
@@ -103,7 +54,7 @@ def train_transform(model: str | ModelSpec, kind: str = "original", input_size: 
         steps = [ops.RandomResizedCrop(size, interpolation=_BILINEAR)]
     else:
         raise HndError(f"unknown transforms {kind!r}; valid: original, torchvision")
-    return ops.Compose([*steps, ops.RandomHorizontalFlip(), *(_normalize(decoder) if normalize else [])])
+    return ops.Compose([*steps, ops.RandomHorizontalFlip(), *(normalize_steps(decoder) if normalize else [])])
 
 
 def pixels_uint8(image: Image.Image | torch.Tensor) -> torch.Tensor:
@@ -115,8 +66,8 @@ def normalize_pixels(pixels: torch.Tensor, decoder: str = "pil") -> torch.Tensor
     """uint8 [3, H, W] -> the normalized float tensor that the training transform gives for the
     same pixels, bit for bit: the transform's own last steps."""
     if decoder == "pil":  # ToTensor takes an H x W x C array, as it does a PIL image
-        return transforms.Compose(_normalize(decoder))(pixels.permute(1, 2, 0).numpy())
-    return v2.Compose(_normalize(decoder))(pixels)
+        return transforms.Compose(normalize_steps(decoder))(pixels.permute(1, 2, 0).numpy())
+    return v2.Compose(normalize_steps(decoder))(pixels)
 
 
 def read_image(path: str | os.PathLike, decoder: str = "pil") -> Image.Image | torch.Tensor:
@@ -146,9 +97,9 @@ def load_image(path: str | os.PathLike) -> Image.Image:
                        "use a file Pillow can open (JPEG, PNG, ...)") from None
 
 
-def image_tensor(model: str | ModelSpec, path: str | os.PathLike) -> torch.Tensor:
-    """Image file -> normalized batch of one, [1, 3, S, S], for ``model``."""
-    return eval_transform(model)(load_image(path)).unsqueeze(0)
+def image_tensor(spec: ModelSpec, path: str | os.PathLike) -> torch.Tensor:
+    """Image file -> normalized batch of one, [1, 3, S, S], at ``spec``'s input size."""
+    return spec.transforms()(load_image(path)).unsqueeze(0)
 
 
 @dataclass

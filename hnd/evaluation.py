@@ -15,10 +15,10 @@ from tqdm import tqdm
 from hnd.checkpoints import checkpoint_spec, read_checkpoint
 from hnd.codec import coded_roundtrip
 from hnd.config import TrainConfig, check_method, check_saved_run, config_from_dict, method_spec, preset
-from hnd.data import ImageDataset, ShardSampler, check_layout, collate, eval_transform
+from hnd.data import ImageDataset, ShardSampler, check_layout, collate
 from hnd.distributed import Dist, all_reduce_sum, pick_device
 from hnd.errors import HndError
-from hnd.registry import ModelSpec, resolve
+from hnd.registry import ModelSpec
 from hnd.methods import build_reference_teacher
 from hnd.models import create_model
 from hnd.teachers import classifier_classes
@@ -85,36 +85,34 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, *, amp_
     return Accuracy(100 * top1 / n, 100 * top5 / n, loss / n, int(n), coded_bytes / n if coded else None)
 
 
-def _checkpoint_config(model: str | ModelSpec | None, method: str, ckpt) -> TrainConfig:
+def _checkpoint_config(spec: ModelSpec | None, method: str, ckpt) -> TrainConfig:
     """The run's config (hnd checkpoints record it) or the official preset (original files);
-    the model name is resolved once, here."""
+    ``spec=None``: the model the file records."""
     if "config" in ckpt.meta:
         doc = ckpt.meta["config"]
-        spec = checkpoint_spec(ckpt, None if model is None else method_spec(resolve(model), method))
+        spec = checkpoint_spec(ckpt, None if spec is None else method_spec(spec, method))
         check_saved_run(doc, spec, method, str(ckpt.path))
         return config_from_dict(doc, spec)
-    if model is None:
+    if spec is None:
         raise HndError(f"{ckpt.path} ({ckpt.format}) does not record its model; give the model name")
-    return preset(model, method)
+    return preset(spec, method)
 
 
-def evaluate_checkpoint(name: str | ModelSpec | None, method: str, checkpoint: str | os.PathLike, data: str | os.PathLike, *,
+def evaluate_checkpoint(spec: ModelSpec | None, method: str, checkpoint: str | os.PathLike, data: str | os.PathLike, *,
                         student_only: bool = False, batch_size: int = 50, num_workers: int = -1,
                         device: str = "auto", progress: bool = False) -> dict:
     """Top-1/top-5 on ``data``/val of the model in ``checkpoint`` (any supported format) and,
     unless ``student_only``, of the teacher it was trained from."""
     check_method(method)
     ckpt = read_checkpoint(checkpoint)
-    config = _checkpoint_config(name, method, ckpt)
-    model = create_model(config.model_spec, checkpoint=ckpt)
+    config = _checkpoint_config(spec, method, ckpt)
+    model = create_model(config.spec, checkpoint=ckpt)
     layout = check_layout(data, splits=("val",))
     classes = classifier_classes(model.state_dict())
     if classes != len(layout.classes):
         raise HndError(f"{checkpoint} classifies {classes} classes but {layout.root}/val has {len(layout.classes)}")
     dev = pick_device(device)
-    dataset = ImageDataset(layout.samples["val"], eval_transform(config.spec, config.input_size, config.resize_size,
-                                                                 config.decoder), decoder=config.decoder)
-    loader = eval_loader(dataset, batch_size, num_workers, pin_memory=dev.type == "cuda")
+    loader = _val_loader(config, layout, batch_size, num_workers, dev)
     result = {"model": config.model, "method": method, "checkpoint": str(checkpoint), "format": ckpt.format,
               "data": str(layout.root / "val"), "student": None, "teacher": None}
     result["student"] = evaluate(model.to(dev), loader, dev, progress=progress, desc="model").to_dict()
@@ -130,10 +128,14 @@ def evaluate_teacher(config: TrainConfig, data: str | os.PathLike, *, batch_size
     A finished run has tested itself (``result.json``), so this is all its record still needs."""
     layout = check_layout(data, splits=("val",))
     dev = pick_device(device)
-    dataset = ImageDataset(layout.samples["val"], eval_transform(config.spec, config.input_size, config.resize_size,
-                                                                 config.decoder), decoder=config.decoder)
-    loader = eval_loader(dataset, batch_size, num_workers, pin_memory=dev.type == "cuda")
+    loader = _val_loader(config, layout, batch_size, num_workers, dev)
     return _teacher_accuracy(config, len(layout.classes), loader, dev, progress)
+
+
+def _val_loader(config: TrainConfig, layout, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
+    """The val split of ``layout`` as ``config``'s run evaluates it."""
+    dataset = ImageDataset(layout.samples["val"], config.eval_transform(), decoder=config.decoder)
+    return eval_loader(dataset, batch_size, num_workers, pin_memory=device.type == "cuda")
 
 
 def _teacher_accuracy(config: TrainConfig, classes: int, loader: DataLoader, device: torch.device,

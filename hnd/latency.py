@@ -94,14 +94,13 @@ class InputCodec:
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
-def measure_input_codec(teacher: str | ModelSpec, images: str | os.PathLike, codec: str = "jpeg", quality: int = 75, *,
+def measure_input_codec(teacher: ModelSpec, images: str | os.PathLike, codec: str = "jpeg", quality: int = 75, *,
                         max_images: int = 50) -> InputCodec:
     """Encode up to ``max_images`` images found under ``images`` (any folder, searched
     recursively, in name order), each resized and center-cropped to ``teacher``'s input as for
     evaluation, and return the mean payload and encoding time."""
     from hnd.codec import check_image_codec, check_quality, encode_image
     from hnd.data import load_image
-    from hnd.data import eval_transform_parts
 
     check_image_codec(codec)
     quality = check_quality(quality)
@@ -111,7 +110,7 @@ def measure_input_codec(teacher: str | ModelSpec, images: str | os.PathLike, cod
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)[:max_images]
     if not files:
         raise HndError(f"no images ({', '.join(_IMAGE_SUFFIXES)}) under {root}")
-    crop = eval_transform_parts(resolve(teacher))[0]
+    crop = teacher.preprocessing().geometry()
     sizes, seconds = [], []
     for path in files:
         image = crop(load_image(path))
@@ -155,13 +154,13 @@ def coded_student(run: str | os.PathLike) -> CodedStudent:
                         config.get("input_size"))
 
 
-def options(teacher: str | ModelSpec, device: DeviceProfile, server: DeviceProfile, *, channels=(3, 6, 9, 12),
+def options(teacher: ModelSpec, device: DeviceProfile, server: DeviceProfile, *, channels=(3, 6, 9, 12),
             formats=("fp32", "fp16", "int8"), lossless_ratio: float | None = None,
             input_bytes: float | None = None, split_format: str = "int8", small_model: bool = True,
             input_codec: InputCodec | None = None, coded: Sequence[CodedStudent] = ()) -> list[Option]:
     """Every way to serve one image of ``teacher``'s task with ``device`` and ``server``.
 
-    ``teacher``: any teacher name or spec; its split point (``resnet18@layer3``) is where its
+    ``teacher``: any teacher's spec; its split point (``resnet18@layer3``) is where its
     students replace the head. The teacher itself is offered cut after every layer where one
     tensor crosses (``row.cut``: not inside a residual block of a traced teacher).
     Bytes of tensors follow from their shapes (:func:`hnd.codec.tensor_bytes`). With
@@ -180,7 +179,7 @@ def options(teacher: str | ModelSpec, device: DeviceProfile, server: DeviceProfi
     """
     from hnd.students import check_channels
 
-    spec = resolve(teacher)
+    spec = teacher
     if spec.is_student:
         raise HndError(f"options take a teacher (its students are planned with it), not the student {spec}; "
                        f"e.g. {spec.as_teacher()}")

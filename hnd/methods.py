@@ -39,7 +39,7 @@ def build_reference_teacher(config: TrainConfig, num_classes: int) -> nn.Module:
     """The teacher a run starts from, in eval mode: a teacher checkpoint trained with this
     library, the teacher's pretrained weights (classifier replaced if the dataset has another
     class count and the method may train it), or random weights (``pretrained=false``)."""
-    spec = config.model_spec.as_teacher()
+    spec = config.spec.as_teacher()
     teacher_input = spec.teacher.family in ("inception", "googlenet")
     transform_input = config.inception_transform_input if spec.teacher.name == "inception_v3" else None
     if config.teacher_checkpoint:
@@ -221,7 +221,7 @@ def build_task(config: TrainConfig, num_classes: int) -> Task:
     """Build the modules of ``config.method`` (fresh student head / autoencoder from the
     current RNG state: seed before calling)."""
     teacher = build_reference_teacher(config, num_classes)
-    spec = config.model_spec
+    spec = config.spec
     kd = {"kd_temperature": config.kd_temperature, "kd_alpha": config.kd_alpha}
     if config.method == "teacher":
         return Task("teacher", teacher, teacher, None, "teacher", **kd)

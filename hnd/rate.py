@@ -27,11 +27,11 @@ from torch.utils.data import Dataset
 from hnd import tracing
 from hnd.codec import (ENTROPY_FORMAT, TENSOR_FORMATS, check_image_codec, check_quality, check_tensor_format,
                        coded_roundtrip, decode_image, encode_image, tensor_roundtrip)
-from hnd.data import ImageDataset, eval_transform, eval_transform_parts, load_image
+from hnd.data import ImageDataset, load_image
 from hnd.distributed import pick_device
 from hnd.evaluation import eval_loader
 from hnd.errors import HndError
-from hnd.registry import ModelSpec, resolve
+from hnd.registry import ModelSpec
 from hnd.teachers import teacher_stages, traced_facts
 
 KINDS = ("bottleneck", "input", "teacher_split")
@@ -102,20 +102,20 @@ def _prepare(model: nn.Module, device: str | torch.device) -> tuple[nn.Module, t
 
 
 @torch.no_grad()
-def bottleneck_rate(model: nn.Module, name: str | ModelSpec, samples: Sequence[tuple[str, int]],
-                    formats: Sequence[str] = TENSOR_FORMATS, *, input_size: int | None = None,
-                    resize_size: int | None = None, label: str | None = None, device: str | torch.device = "auto",
-                    batch_size: int = 32, num_workers: int = -1, max_images: int | None = None) -> list[RatePoint]:
+def bottleneck_rate(model: nn.Module, spec: ModelSpec, samples: Sequence[tuple[str, int]],
+                    formats: Sequence[str] = TENSOR_FORMATS, *, resize_size: int | None = None,
+                    label: str | None = None, device: str | torch.device = "auto", batch_size: int = 32,
+                    num_workers: int = -1, max_images: int | None = None) -> list[RatePoint]:
     """Accuracy and bytes of ``model``'s bottleneck sent in each of ``formats``.
 
     model: anything with ``encode(x) -> z`` and ``decode(z) -> logits`` (a Student, an
-    AutoencoderModel). name: the model's name or spec, which picks the evaluation transform.
+    AutoencoderModel). spec: the model's (or its teacher's) spec: its evaluation transform,
+    at its input size, feeds the model.
     The encoder runs once per batch; ``decode(roundtrip(z))`` runs once per format. label:
     defaults to the model's canonical name. max_images: see :func:`select_samples`.
     ``entropy`` (an entropic student's range coder, one image at a time) needs a model with
     coding tables (``model.prior``).
     """
-    spec = resolve(name)
     prior = getattr(model, "prior", None)
     formats = list(dict.fromkeys(f if f == ENTROPY_FORMAT else check_tensor_format(f) for f in formats))
     if not formats:
@@ -124,7 +124,7 @@ def bottleneck_rate(model: nn.Module, name: str | ModelSpec, samples: Sequence[t
         raise HndError(f"{spec} has no entropy coding tables; format {ENTROPY_FORMAT} needs an entropic student "
                        "(trained with --method entropic)")
     model, device = _prepare(model, device)
-    dataset = ImageDataset(select_samples(samples, max_images), eval_transform(spec, input_size, resize_size))
+    dataset = ImageDataset(select_samples(samples, max_images), spec.transforms(resize_size=resize_size))
     tallies = {fmt: _Tally() for fmt in formats}
     for x, y in eval_loader(dataset, batch_size, num_workers, pin_memory=device.type == "cuda"):
         x, y = x.to(device), y.to(device)
@@ -160,21 +160,20 @@ class _CodedImages(Dataset):
 
 
 @torch.no_grad()
-def input_rate(teacher: nn.Module, teacher_name: str | ModelSpec, samples: Sequence[tuple[str, int]], codec: str,
-               qualities: Sequence[int], *, input_size: int | None = None, resize_size: int | None = None,
+def input_rate(teacher: nn.Module, spec: ModelSpec, samples: Sequence[tuple[str, int]], codec: str,
+               qualities: Sequence[int], *, resize_size: int | None = None,
                device: str | torch.device = "auto", batch_size: int = 32, num_workers: int = -1,
                max_images: int | None = None) -> list[RatePoint]:
     """Accuracy of ``teacher`` on images sent with ``codec`` at each of ``qualities``.
 
-    Each image is resized and centre-cropped as ``eval_transform`` does, then compressed,
+    Each image is resized and centre-cropped as ``spec.transforms()`` does, then compressed,
     decompressed, normalized and classified; bytes are the compressed crop's size. The first
     point is the reference: the uncompressed RGB crop (S*S*3 bytes, setting ``raw``, label
     ``"<teacher> raw"``), whose accuracy is plain evaluation. PNG is lossless, so it gives
     one point (setting ``lossless``) whatever ``qualities`` holds; jpeg/webp points have
-    settings ``q<quality>``. teacher_name: a teacher's (or model's) name or spec; labels name
-    the teacher. max_images: see :func:`select_samples`.
+    settings ``q<quality>``. spec: the teacher's (or a model's) spec; labels name the
+    teacher. max_images: see :func:`select_samples`.
     """
-    spec = resolve(teacher_name)
     label = spec.teacher.name
     check_image_codec(codec)
     if codec == "png":
@@ -185,7 +184,8 @@ def input_rate(teacher: nn.Module, teacher_name: str | ModelSpec, samples: Seque
             raise HndError(f"no quality given for {codec}; give integers from 1 to 100")
         settings = [f"q{q}" for q in sent]
     teacher, device = _prepare(teacher, device)
-    geometry, to_tensor = eval_transform_parts(spec, input_size, resize_size)
+    preprocessing = spec.preprocessing(resize_size)
+    geometry, to_tensor = preprocessing.geometry(), preprocessing.to_tensor()
     dataset = _CodedImages(select_samples(samples, max_images), geometry, to_tensor, codec, sent)
     tallies = [_Tally() for _ in range(1 + len(sent))]
     for x, sizes, y in eval_loader(dataset, batch_size, num_workers, pin_memory=device.type == "cuda"):
@@ -197,12 +197,11 @@ def input_rate(teacher: nn.Module, teacher_name: str | ModelSpec, samples: Seque
     return points
 
 
-def split_stages(teacher_name: str | ModelSpec, teacher: nn.Module) -> list[str]:
+def split_stages(spec: ModelSpec, teacher: nn.Module) -> list[str]:
     """Where ``teacher`` can be split for transmission. A paper family's staged teacher: its
     stages before the flatten that feeds the classifier. Any other teacher: the split points
     of its traced graph whose output is a tensor (:func:`hnd.tracing.split_points`, display
     names; ``hnd inspect TEACHER --split-points``)."""
-    spec = resolve(teacher_name)
     if spec.teacher.staged:
         names = [n for n, _ in teacher_stages(spec.teacher, teacher)]
         return names[:names.index("flatten")]
@@ -211,9 +210,9 @@ def split_stages(teacher_name: str | ModelSpec, teacher: nn.Module) -> list[str]
 
 
 @torch.no_grad()
-def teacher_split_rate(teacher: nn.Module, teacher_name: str | ModelSpec, samples: Sequence[tuple[str, int]],
+def teacher_split_rate(teacher: nn.Module, spec: ModelSpec, samples: Sequence[tuple[str, int]],
                        fmt: str = "int8+zlib", *, stages: Sequence[str] | None = None,
-                       input_size: int | None = None, resize_size: int | None = None,
+                       resize_size: int | None = None,
                        device: str | torch.device = "auto", batch_size: int = 32, num_workers: int = -1,
                        max_images: int | None = None) -> list[RatePoint]:
     """Accuracy and bytes of the unmodified teacher split after each of ``stages`` (default:
@@ -226,7 +225,6 @@ def teacher_split_rate(teacher: nn.Module, teacher_name: str | ModelSpec, sample
     point. max_images: see :func:`select_samples`.
     """
     check_tensor_format(fmt)
-    spec = resolve(teacher_name)
     name = spec.teacher.name
     teacher, device = _prepare(teacher, device)
     valid = split_stages(spec, teacher)
@@ -238,7 +236,7 @@ def teacher_split_rate(teacher: nn.Module, teacher_name: str | ModelSpec, sample
     chosen = [s for s in valid if s in wanted]  # the teacher's order
     walk = _stage_walk(spec, teacher, chosen) if spec.teacher.staged else _traced_walk(teacher, chosen)
     tallies = {s: _Tally() for s in chosen}
-    dataset = ImageDataset(select_samples(samples, max_images), eval_transform(spec, input_size, resize_size))
+    dataset = ImageDataset(select_samples(samples, max_images), spec.transforms(resize_size=resize_size))
     for x, y in eval_loader(dataset, batch_size, num_workers, pin_memory=device.type == "cuda"):
         y = y.to(device)
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from hnd.errors import HndError
+from hnd.preprocessing import Preprocessing
 from hnd.students import (OFFICIAL_CHANNELS, OFFICIAL_DESIGNS, GenericHead, Student, StudentHead, check_channels,
                           head_version)
 from hnd.teachers import (PAPER_TEACHERS, TEACHERS, TeacherSpec, build_teacher, canonical_split_point,
@@ -85,6 +86,15 @@ class ModelSpec:
         t = self.teacher
         return t.resize_size if self.input_size == t.input_size else round(self.input_size * t.resize_size
                                                                             / t.input_size)
+
+    def preprocessing(self, resize_size: int | None = None) -> Preprocessing:
+        """The evaluation preprocessing at this spec's input size (``resize_size``: another
+        resize side than the teacher's ratio gives)."""
+        return Preprocessing(self.input_size, resize_size or self.resize_size, self.teacher.interpolation)
+
+    def transforms(self, decoder: str = "pil", *, resize_size: int | None = None):
+        """The evaluation transform: an image as ``decoder`` reads it -> normalized [3, S, S]."""
+        return self.preprocessing(resize_size).transform(decoder)
 
     @property
     def teacher_name(self) -> str:
@@ -271,19 +281,6 @@ def spec_from_dict(doc: dict) -> ModelSpec:
                      bool(doc.get("entropy", False)))
     except (KeyError, TypeError):
         raise HndError(f"damaged model spec {doc!r}") from None
-
-
-def build_model(model: str | ModelSpec, *, pretrained: bool = True, num_classes: int | None = None) -> nn.Module:
-    """Build the teacher or student ``model`` (eval mode)."""
-    return resolve(model).build(pretrained=pretrained, num_classes=num_classes)
-
-
-def build_student(model: str | ModelSpec, *, pretrained: bool = True, num_classes: int | None = None) -> Student:
-    """Build a student: a freshly initialised head and the teacher's tail."""
-    spec = resolve(model)
-    if not spec.is_student:
-        raise HndError(f"{spec} is a teacher; students are named like {spec.teacher.name}@POINT-3ch")
-    return spec.build(pretrained=pretrained, num_classes=num_classes)
 
 
 def list_models(all_teachers: bool = False) -> list[dict]:

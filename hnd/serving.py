@@ -27,7 +27,6 @@ from hnd.protocol import (BUSY, DEFAULT_MAX_FRAME_BYTES, MAX_TOKEN_BYTES, UNAUTH
                           check_wire_format, decode_request, decode_response, encode_error, encode_hello,
                           encode_request, encode_result, header_bytes, hello_token, read_frame, read_frame_async,
                           request_header)
-from hnd.registry import ModelSpec, resolve
 from hnd.students import Student
 
 log = logging.getLogger("hnd.serving")
@@ -41,10 +40,11 @@ def parse_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def check_student(name: str | ModelSpec, model: object) -> Student:
+def check_student(model: object) -> Student:
     """``model`` if it is a student (the only models with an encoder/decoder split)."""
     if not isinstance(model, Student):
-        raise HndError(f"{name} is not a student: only students split into an encoder and a decoder")
+        raise HndError(f"{getattr(model, 'spec', type(model).__name__)} is not a student: only students split "
+                       "into an encoder and a decoder")
     return model
 
 
@@ -59,7 +59,8 @@ def bottleneck_shape(model: Student, input_size: int) -> tuple[int, ...]:
 class ServerMetrics:
     """The server's Prometheus metrics, in a registry of their own (``registry``; serve it with
     ``prometheus_client.start_http_server(port, registry=...)``): requests by outcome
-    (answered, refused, busy, unauthorized, failed), bytes received in requests, and
+    (answered, refused, busy, unauthorized, failed, broken: framing that ends the connection),
+    requests in flight, bytes received in requests, and
     histograms of batch size, queue seconds and compute seconds."""
 
     def __init__(self):
@@ -77,7 +78,9 @@ class ServerMetrics:
                                     registry=self.registry, buckets=times)
         self.compute = prom.Histogram("hnd_compute_seconds", "Seconds of decoder + tail per batch",
                                       registry=self.registry, buckets=times)
-        for outcome in ("answered", "refused", "busy", "unauthorized", "failed"):
+        self.in_flight = prom.Gauge("hnd_requests_in_flight", "Requests read and not yet answered",
+                                    registry=self.registry)
+        for outcome in ("answered", "refused", "busy", "unauthorized", "failed", "broken"):
             self.requests.labels(outcome)  # every series exists from the start
 
     def count(self, outcome: str, nbytes: int = 0) -> None:
@@ -118,33 +121,42 @@ class SplitServer:
 
     Facing a network: ``ssl_context`` (:func:`hnd.tls.server_context`) serves TLS 1.3 only;
     ``tokens`` (:class:`hnd.access.TokenFile`) makes a hello frame with a known token the first
-    frame of every connection, read with a limit of its own size, so a connection without one
-    is refused before any other read or model work. Admission: past ``max_connections`` open
-    connections a new one gets a "busy" error and is closed; past ``max_queue`` waiting
-    requests a request gets a "busy" error at once (clients retry with backoff). A connection
-    has at most one request in flight: its next frame is read after the answer is written, so
-    what a client pipelines waits in the TCP window, not in this process.
+    frame of every connection, read with a limit of its own size and within ``hello_timeout_s``
+    in all, so a connection without one is refused before any other read or model work. A token
+    removed from the file closes its connections at their next request; a second hello on an
+    authorized connection is an error frame. Admission: connections still owing their hello
+    count against ``max_pending``, authorized (or, without tokens, all) ones against
+    ``max_connections``, so slow clients cannot take the slots of authorized ones; past either
+    a new connection gets a "busy" error and is closed; past ``max_queue`` waiting requests a
+    request gets a "busy" error at once (clients retry with backoff). A connection has at most
+    one request in flight: its next frame is read after the answer is written, so what a client
+    pipelines waits in the TCP window, not in this process. :meth:`close` aborts every
+    connection still open (after :meth:`drain`), so stopping never waits for idle clients.
     """
 
-    def __init__(self, model_name: str | ModelSpec, model: Student, *, host: str = "127.0.0.1", port: int = 0,
+    def __init__(self, model: Student, *, host: str = "127.0.0.1", port: int = 0,
                  device: str = "cpu", max_batch: int = 8, max_wait_ms: float = 5.0,
                  max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, read_timeout_s: float = 10.0,
                  idle_timeout_s: float = 300.0, topk: int = 5, input_size: int | None = None,
-                 max_queue: int | None = None, max_connections: int = 256, ssl_context=None, tokens=None,
-                 metrics: bool = False):
-        if max_batch < 1 or max_wait_ms < 0 or topk < 1 or max_frame_bytes < 64 or max_connections < 1:
-            raise HndError("max_batch, max_connections and topk must be >= 1, max_wait_ms >= 0 and "
-                           "max_frame_bytes >= 64")
+                 max_queue: int | None = None, max_connections: int = 256, max_pending: int = 64,
+                 hello_timeout_s: float = 5.0, ssl_context=None, tokens=None, metrics: bool = False):
+        if (max_batch < 1 or max_wait_ms < 0 or topk < 1 or max_frame_bytes < 64 or max_connections < 1
+                or max_pending < 1 or not hello_timeout_s > 0):
+            raise HndError("max_batch, max_connections, max_pending and topk must be >= 1, max_wait_ms >= 0, "
+                           "hello_timeout_s > 0 and max_frame_bytes >= 64")
         if max_queue is not None and max_queue < 1:
             raise HndError(f"max_queue must be >= 1, got {max_queue}")
         self.ssl_context, self.tokens, self.max_connections = ssl_context, tokens, max_connections
-        self._open = 0  # connections being served
+        self.max_pending, self.hello_timeout_s = max_pending, hello_timeout_s
+        self._open = 0  # connections being served (with tokens: authorized ones)
+        self._pending = 0  # connections still owing their hello
+        self._connections: dict[asyncio.Task, asyncio.StreamWriter] = {}  # open, for close()
         self._inflight = 0  # requests read and not yet answered
         self.metrics = ServerMetrics() if metrics else None
-        self.name = str(model_name)
+        self.name = str(check_student(model).spec)
         self.device = _check_device(device)
-        self.model = check_student(model_name, model).to(self.device).eval()
-        self.input_size = input_size or model_spec(model_name, self.model).input_size
+        self.model = model.to(self.device).eval()
+        self.input_size = input_size or model.spec.input_size  # the checkpoint's, if it records one
 
         self.host, self.port = host, port
         self.max_batch, self.max_wait_s, self.topk = max_batch, max_wait_ms / 1e3, topk
@@ -190,27 +202,48 @@ class SplitServer:
         return self._inflight
 
     async def close(self) -> None:
+        """Stop listening, abort every connection still open (an idle client, a TLS client
+        whose shutdown handshake would take asyncio's 30 s) and stop the decoder: bounded."""
         if self._server is not None:
             self._server.close()
-            await self._server.wait_closed()
+        for task, writer in list(self._connections.items()):
+            writer.transport.abort()
+            task.cancel()
+        if self._connections:
+            await asyncio.wait(list(self._connections), timeout=1.0)
+        if self._server is not None:  # Python 3.12+ also waits here for the connections aborted above
+            try:
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+            except asyncio.TimeoutError:
+                log.warning("closing: connections still open after 1 s")
         if self._worker is not None:
             self._worker.cancel()
         self._executor.shutdown(wait=False)
 
     # --- connections ---------------------------------------------------------------------------
 
+    def _in_flight(self, change: int) -> None:
+        self._inflight += change
+        if self.metrics is not None:
+            self.metrics.in_flight.set(self._inflight)
+
     def _count(self, outcome: str, nbytes: int = 0) -> None:
         if self.metrics is not None:
             self.metrics.count(outcome, nbytes)
 
-    async def _greet(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        """With tokens: read the hello (nothing larger), answer it; False if refused."""
+    async def _greet(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str | None:
+        """With tokens: read the hello (nothing larger, all of it within ``hello_timeout_s``),
+        answer it; the accepted token, or None if refused."""
         refusal = ("this server needs a hello frame with a client token first (protocol version 3: "
                    "hnd edge --token-file FILE)")
         try:
-            frame = await read_frame_async(reader, header_bytes(0) + MAX_TOKEN_BYTES,
-                                           first_timeout=self.read_timeout_s, timeout=self.read_timeout_s)
+            frame = await asyncio.wait_for(read_frame_async(reader, header_bytes(0) + MAX_TOKEN_BYTES,
+                                                            first_timeout=self.read_timeout_s,
+                                                            timeout=self.read_timeout_s), self.hello_timeout_s)
             token = hello_token(frame) if frame is not None else None
+        except asyncio.TimeoutError:
+            log.warning("%s: refused: no hello within %g s", peer, self.hello_timeout_s)
+            refusal, token = f"no hello within {self.hello_timeout_s:g} s", None
         except FrameError as exc:
             log.warning("%s: refused: %s", peer, exc)
             token = None
@@ -218,53 +251,92 @@ class SplitServer:
             log.warning("%s: refused: %s", peer, "no hello" if token is None else "unknown token")
             self._count("unauthorized")
             writer.write(encode_error(refusal if token is None else "unknown client token", UNAUTHORIZED))
-            await writer.drain()
-            return False
+            return None
         writer.write(encode_hello())
         await writer.drain()
-        return True
+        return token
+
+    async def _busy(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, why: str) -> None:
+        """Refuse a connection past a limit: a busy error, then close (what the client sent is
+        read first, 64 KiB at most: closing on unread data would reset)."""
+        log.warning("%s: busy: %s", peer, why)
+        self._count("busy")
+        writer.write(encode_error(f"busy: {why}; retry later", BUSY))
+        try:
+            await asyncio.wait_for(reader.read(1 << 16), self.read_timeout_s)
+        except (asyncio.TimeoutError, ConnectionError, OSError):
+            pass
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = "%s:%s" % writer.get_extra_info("peername")[:2]
-        if self._open >= self.max_connections:
-            log.warning("%s: busy: %d connections open", peer, self._open)
-            self._count("busy")
-            writer.write(encode_error(f"busy: {self.max_connections} connections open; retry later", BUSY))
-            try:  # read (64 KiB at most) what the client sent: closing on unread data would reset
-                await asyncio.wait_for(reader.read(1 << 16), self.read_timeout_s)
-            except (asyncio.TimeoutError, ConnectionError, OSError):
-                pass
-            await _close(writer)
-            return
-        self._open += 1
+        task = asyncio.current_task()
+        self._connections[task] = writer
         try:
-            if self.tokens is not None and not await self._greet(peer, reader, writer):
-                return
-            while True:
-                try:
-                    frame = await read_frame_async(reader, self.max_frame_bytes, first_timeout=self.idle_timeout_s,
-                                                   timeout=self.read_timeout_s)
-                except FrameError as exc:
-                    log.warning("%s: closing: %s", peer, exc)
-                    writer.write(encode_error(str(exc)))
-                    await writer.drain()
-                    return
-                if frame is None:
-                    return
-                self._inflight += 1
-                try:
-                    if hello_token(frame) is not None:  # a hello to a server without tokens: welcome
-                        writer.write(encode_hello())
-                    else:
-                        writer.write(await self._answer(peer, frame))
-                    await writer.drain()
-                finally:
-                    self._inflight -= 1
+            await self._admit(peer, reader, writer)
         except (ConnectionError, OSError) as exc:
             log.info("%s: connection lost: %s", peer, exc)
+        except asyncio.CancelledError:  # close(): the server stops
+            pass
+        finally:
+            del self._connections[task]
+            await _close(writer)
+
+    async def _admit(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """The hello within its own budget of slots, then a slot among the authorized, then requests."""
+        token = None
+        if self.tokens is not None:
+            if self._pending >= self.max_pending:
+                return await self._busy(peer, reader, writer, f"{self.max_pending} connections still owe their hello")
+            self._pending += 1
+            try:
+                token = await self._greet(peer, reader, writer)
+            finally:
+                self._pending -= 1
+            if token is None:
+                return
+        if self._open >= self.max_connections:
+            return await self._busy(peer, reader, writer, f"{self.max_connections} connections open")
+        self._open += 1
+        try:
+            await self._requests(peer, reader, writer, token)
         finally:
             self._open -= 1
-            await _close(writer)
+
+    async def _requests(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                        token: str | None) -> None:
+        """Answer one request frame at a time until the client closes, idles or breaks framing."""
+        while True:
+            try:
+                frame = await read_frame_async(reader, self.max_frame_bytes, first_timeout=self.idle_timeout_s,
+                                               timeout=self.read_timeout_s)
+            except FrameError as exc:
+                log.warning("%s: closing: %s", peer, exc)
+                self._count("broken")
+                writer.write(encode_error(str(exc)))
+                return
+            if frame is None:
+                return
+            if token is not None and not self.tokens.accepts(token):
+                log.warning("%s: closing: its token was removed", peer)
+                self._count("unauthorized", len(frame))
+                writer.write(encode_error("this client token is no longer accepted", UNAUTHORIZED))
+                return
+            self._in_flight(+1)
+            try:
+                writer.write(await self._reply(peer, frame, token))
+                await writer.drain()
+            finally:
+                self._in_flight(-1)
+
+    async def _reply(self, peer: str, frame: bytes, token: str | None) -> bytes:
+        """The answer to one frame: a request's result or error; to a hello, a welcome where no
+        token is needed (a client configured with one), else an error (it was said once)."""
+        if hello_token(frame) is None:
+            return await self._answer(peer, frame)
+        if token is None:
+            return encode_hello()
+        self._count("refused", len(frame))
+        return encode_error("this connection said hello already; send requests")
 
     async def _answer(self, peer: str, frame: bytes) -> bytes:
         """Response frame for one complete request frame; user mistakes become error frames."""
@@ -343,12 +415,13 @@ class SplitServer:
 
 
 async def _close(writer: asyncio.StreamWriter) -> None:
+    """Flush and close, 1 s at most (a TLS shutdown with a silent peer would take 30 s), then abort."""
     try:
-        await writer.drain()
+        await asyncio.wait_for(writer.drain(), 1.0)
         writer.close()
-        await writer.wait_closed()
-    except (ConnectionError, OSError):
-        pass
+        await asyncio.wait_for(writer.wait_closed(), 1.0)
+    except (ConnectionError, OSError, asyncio.TimeoutError):
+        writer.transport.abort()
 
 
 def _check_device(device: str) -> torch.device:
@@ -361,25 +434,14 @@ def _check_device(device: str) -> torch.device:
     return dev
 
 
-def model_spec(name: str | ModelSpec, model: Student) -> ModelSpec:
-    """The spec a student was built with (``model.spec``, which knows a run's input size),
-    else ``name`` resolved."""
-    spec = getattr(model, "spec", None)
-    return spec if isinstance(spec, ModelSpec) else resolve(name)
-
-
-def serve(name: str | ModelSpec, checkpoint: str | None = None, *, host: str = "127.0.0.1", port: int = 8765,
-          pretrained: bool = True, random_seed: int | None = None, model: Student | None = None, ready=print,
+def serve(model: Student, *, host: str = "127.0.0.1", port: int = 8765, ready=print,
           metrics_port: int | None = None, drain_timeout_s: float = 30.0, **options) -> None:
-    """Load student ``name`` (or take ``model``) and serve it until SIGTERM or SIGINT, then drain:
-    stop accepting, answer the requests already read (at most ``drain_timeout_s``) and return.
-    ``ready`` gets one line with the address once the server listens; ``metrics_port`` serves
-    Prometheus metrics on 127.0.0.1. ``options`` go to :class:`SplitServer`."""
-    if model is None:
-        from hnd.models import create_student
-
-        model = create_student(name, checkpoint=checkpoint, pretrained=pretrained, random_seed=random_seed)
-    server = SplitServer(name, model, host=host, port=port, metrics=metrics_port is not None, **options)
+    """Serve the student ``model`` (:func:`hnd.models.create_student`) until SIGTERM or SIGINT,
+    then drain: stop accepting, answer the requests already read (at most ``drain_timeout_s``)
+    and return. ``ready`` gets one line with the address once the server listens;
+    ``metrics_port`` serves Prometheus metrics on 127.0.0.1. ``options`` go to
+    :class:`SplitServer`."""
+    server = SplitServer(model, host=host, port=port, metrics=metrics_port is not None, **options)
     if metrics_port is not None:
         server.metrics.serve(metrics_port)
 
@@ -391,7 +453,7 @@ def serve(name: str | ModelSpec, checkpoint: str | None = None, *, host: str = "
             loop.add_signal_handler(sig, stop.set)
         secure = ", TLS" if server.ssl_context else ""
         secure += ", client tokens" if server.tokens else ""
-        ready(f"hnd serve: {name} on {bound_host}:{bound_port} (bottleneck "
+        ready(f"hnd serve: {server.name} on {bound_host}:{bound_port} (bottleneck "
               f"{'x'.join(map(str, server.shape))}, device {server.device}, max batch {server.max_batch}{secure})")
         try:
             await stop.wait()
@@ -419,12 +481,12 @@ class EdgeClient:
     answer is retried ``retries`` times, after 50 ms, 100 ms, 200 ms, ... (capped at 2 s).
     """
 
-    def __init__(self, name: str | ModelSpec, model: Student, server: str = "127.0.0.1:8765", fmt: str = "int8",
+    def __init__(self, model: Student, server: str = "127.0.0.1:8765", fmt: str = "int8",
                  rate_limit_mbps: float | None = None, timeout_s: float = 60.0,
                  max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, *, ssl_context=None, token: str | None = None,
                  retries: int = 5):
-        self.name = str(name)
-        self.model = check_student(name, model).eval()
+        self.model = check_student(model).eval()
+        self.name = str(model.spec)
         self.fmt = check_wire_format(fmt, self.model.prior)
         if rate_limit_mbps is not None and not rate_limit_mbps > 0:
             raise HndError(f"rate limit must be a positive number of Mbit/s, got {rate_limit_mbps}")
@@ -454,10 +516,11 @@ class EdgeClient:
         try:
             sock.sendall(encode_hello(self.token))
             reply = read_frame(sock, self.max_frame_bytes)
-        except OSError as exc:
+        except (OSError, FrameError) as exc:  # a TLS server drops a plaintext hello unanswered
             sock.close()
+            hint = "" if self.ssl_context is not None else "; if it speaks TLS, add --tls-ca FILE or --tls"
             raise HndError(f"server {server} closed the connection during the hello "
-                           f"({exc.strerror or exc}; TLS expected?)") from None
+                           f"({getattr(exc, 'strerror', None) or exc}{hint})") from None
         except HndError:
             sock.close()
             raise

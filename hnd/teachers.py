@@ -34,8 +34,8 @@ from torchvision.models.inception import Inception3
 
 from hnd import tracing
 from hnd.errors import HndError, describe_mismatch
+from hnd.preprocessing import INTERPOLATIONS
 
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 
 @dataclass(frozen=True)

@@ -30,12 +30,12 @@ import hnd
 from hnd.checkpoints import read_file, save_checkpoint
 from hnd.config import (TrainConfig, apply_overrides, check_saved_run, config_from_dict, dump_config, layered_overrides,
                         method_spec, read_config_file)
-from hnd.data import (ImageDataset, check_layout, collate, eval_transform, holdout_split, train_transform,
+from hnd.data import (ImageDataset, check_layout, collate, holdout_split, train_transform,
                       worth_keeping)
 from hnd.distributed import Dist, all_reduce_sum, barrier, broadcast_flag, setup, sync_batchnorm, teardown
 from hnd.errors import HndError
 from hnd.files import read_json, write_text
-from hnd.registry import ModelSpec, resolve
+from hnd.registry import ModelSpec
 from hnd.evaluation import Accuracy, default_workers, eval_loader, evaluate, evaluate_checkpoint
 from hnd.methods import Task, build_task, check_input_size, make_optimizer, stage_of
 from hnd.teacher_outputs import CachedViews, TeacherOutputs, cached_teacher_outputs, compute_teacher_outputs, \
@@ -63,11 +63,11 @@ def _last_checkpoint(out: Path) -> dict:
     return ckpt
 
 
-def resume_config(out: str | os.PathLike, model: str | ModelSpec, method: str,
+def resume_config(out: str | os.PathLike, spec: ModelSpec, method: str,
                   config_file: str | os.PathLike | None = None, assignments: list[str] = ()) -> TrainConfig:
     """The config of the run in ``out``, with overrides that do not change the computation
     (``epochs`` to extend a run, ``num_workers``, ``device``); anything else is an error."""
-    spec = method_spec(resolve(model), method)
+    spec = method_spec(spec, method)
     doc = _last_checkpoint(Path(out))["config"]
     check_saved_run(doc, spec, method, str(out))
     saved = config_from_dict(doc, spec)
@@ -213,7 +213,7 @@ def _torchrun(config: TrainConfig, data: str | os.PathLike, out: Path, resume: b
     launch = out / "launch.yaml"  # the whole config: the workers resolve exactly this one
     write_text(launch, dump_config(config))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
-               "-m", "hnd", "train", str(config.model_spec), "--method", config.method, "--config", str(launch),
+               "-m", "hnd", "train", str(config.spec), "--method", config.method, "--config", str(launch),
                "--data", str(data), "--out", str(out), "--no-progress"] + (["--resume"] if resume else [])
     log = out / "torchrun.log"  # the workers' output, kept across resumptions
     with open(log, "a") as f:
@@ -249,7 +249,7 @@ def _fit(config: TrainConfig, data: Path, out: Path, resume: bool, progress: boo
         train_samples, select_samples = layout.samples["train"], layout.samples["val"]
     torch.manual_seed(config.seed)  # fresh heads, autoencoders and replaced classifiers
     task = build_task(config, len(layout.classes))
-    check_input_size(task, config.model_spec.input_size)
+    check_input_size(task, config.spec.input_size)
     saved = _prepare_run_folder(out, config, resume, dist)
     task.model.to(device)
     if task.reference is not None:
@@ -277,8 +277,8 @@ def _fit(config: TrainConfig, data: Path, out: Path, resume: bool, progress: boo
         scheduler.load_state_dict(saved["scheduler"])
     forward = _wrap(task, dist, device)
     workers = default_workers(config.num_workers)
-    train_set = ImageDataset(train_samples, train_transform(config.spec, config.transforms, config.input_size,
-                                                            config.resize_size, config.decoder),
+    train_set = ImageDataset(train_samples, train_transform(config.spec, config.transforms, config.resize_size,
+                                                            config.decoder),
                              augment=True, seed=config.seed, skip_bad_images=config.skip_bad_images,
                              decoder=config.decoder, views=config.augment_views)
     task.cache = _teacher_cache(config, task, train_set, workers, device)
@@ -290,7 +290,7 @@ def _fit(config: TrainConfig, data: Path, out: Path, resume: bool, progress: boo
     pin = device.type == "cuda"
     train_loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler, num_workers=workers,
                               collate_fn=collate, pin_memory=pin)
-    evaluation = eval_transform(config.spec, config.input_size, config.resize_size, config.decoder)
+    evaluation = config.eval_transform()
     select_loader = eval_loader(_eval_set(config, select_samples, evaluation), config.eval_batch_size, workers, dist,
                                 pin)
     test_loader = eval_loader(_eval_set(config, layout.samples["val"], evaluation), config.eval_batch_size, workers,
@@ -336,12 +336,12 @@ def _fit(config: TrainConfig, data: Path, out: Path, resume: bool, progress: boo
                      "scaler": scaler.state_dict(), **extra}
             if improved:  # the weights to evaluate and deploy; resuming needs only last.pt
                 model_state = {k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "scaler")}
-                save_checkpoint(out / "best.pt", config.model_spec, task.model, part=task.part, **model_state)
+                save_checkpoint(out / "best.pt", config.spec, task.model, part=task.part, **model_state)
             with open(out / "metrics.jsonl", "a") as f:  # before last.pt, so that no line is ever lost
                 f.write(json.dumps(line) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
-            save_checkpoint(out / "last.pt", config.model_spec, task.model, part=task.part, **state)
+            save_checkpoint(out / "last.pt", config.spec, task.model, part=task.part, **state)
         epochs.set_postfix(select_top1=f"{select.top1:.2f}")
         barrier()
 
@@ -360,7 +360,7 @@ def patience_spent(config: TrainConfig, epoch: int, best_epoch: int) -> bool:
 def _eval_set(config: TrainConfig, samples: list, evaluation) -> ImageDataset:
     """An evaluation split, decoded once and kept in memory when small (it is read every epoch)."""
     return ImageDataset(samples, evaluation, skip_bad_images=config.skip_bad_images, decoder=config.decoder,
-                        keep=worth_keeping(len(samples), config.model_spec.input_size))
+                        keep=worth_keeping(len(samples), config.spec.input_size))
 
 
 def _teacher_cache(config: TrainConfig, task: Task, train_set: ImageDataset, workers: int,
@@ -369,7 +369,7 @@ def _teacher_cache(config: TrainConfig, task: Task, train_set: ImageDataset, wor
     (computed there by the first run that needs them); None without a cache or a teacher."""
     if not config.teacher_cache or task.teacher is None:
         return None
-    spec = config.model_spec
+    spec = config.spec
     teacher = teacher_identity(config.teacher_checkpoint, spec.teacher.name, config.pretrained, config.seed)
     key = fingerprint(teacher, train_set.samples, train_set.transform, config.augment_views,
                       f"{spec.split_point}/{spec.head_transform_input}")
@@ -377,8 +377,7 @@ def _teacher_cache(config: TrainConfig, task: Task, train_set: ImageDataset, wor
     def compute() -> TeacherOutputs:
         head, _ = split_teacher(spec.teacher, task.teacher, spec.split_point,
                                 transform_input=spec.head_transform_input)
-        pixels = train_transform(config.spec, config.transforms, config.input_size, config.resize_size,
-                                 config.decoder, normalize=False)
+        pixels = train_transform(spec, config.transforms, config.resize_size, config.decoder, normalize=False)
         views = ImageDataset(train_set.samples, pixels, augment=True, decoder=config.decoder,
                              views=config.augment_views)
         return compute_teacher_outputs(head, task.teacher, views, config.eval_batch_size, workers, device)

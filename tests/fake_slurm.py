@@ -1,4 +1,6 @@
-"""A stand-in for Slurm's sbatch, srun and sacct on one machine, for tests of the slurm executor.
+"""A stand-in for Slurm's sbatch, srun, sacct and squeue on one machine, for what a real single
+CPU node (``slurm_cluster.py``) cannot produce in a test's time: GPUs in the batch file, ``sbatch``
+refusing at a submit limit and a job ended by its time limit.
 
 ``sbatch FILE`` refuses while ``<state>/refuse`` exists, else numbers the job, keeps the batch file as ``<state>/<id>.sbatch`` and runs it
 in the background as a Slurm node would (SLURM_* variables set); ``srun --output PATTERN CMD``
@@ -69,12 +71,17 @@ for job in jobs:
     print(f"{job}|{status}" if "-n" in sys.argv else f"{job}|{status}|fakenode")
 '''
 
+SQUEUE = r'''
+# The stand-in's sacct lists every job it ran, so squeue is asked only whether the controller
+# answers: it does, with no job of its own.
+'''
+
 
 def install(folder: Path) -> tuple[Path, Path]:
-    """Write the three commands into ``folder/bin``; returns (bin folder, state folder)."""
+    """Write the four commands into ``folder/bin``; returns (bin folder, state folder)."""
     bin_dir, state = folder / "bin", folder / "state"
     bin_dir.mkdir(parents=True)
-    for name, code in (("sbatch", SBATCH), ("srun", SRUN), ("sacct", SACCT)):
+    for name, code in (("sbatch", SBATCH), ("srun", SRUN), ("sacct", SACCT), ("squeue", SQUEUE)):
         path = bin_dir / name
         path.write_text(f"#!{sys.executable}\n{code}")
         path.chmod(0o755)

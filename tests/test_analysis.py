@@ -10,7 +10,8 @@ import torch
 
 from hnd import tracing
 from hnd.analysis import analyze, analyze_model, sequential_layers, split_point_rows
-from hnd.registry import build_student, resolve
+from hnd.models import create_student
+from hnd.registry import resolve
 from hnd.teachers import TEACHERS, build_teacher, meta_teacher, teacher_spec
 
 from conftest import OFFICIAL_STUDENTS
@@ -56,7 +57,7 @@ def test_official_students_match_reference(name):
     bc = int(name.rsplit("-", 1)[1][:-2])
     ref = REFERENCE[(teacher, bc)]
     bottleneck, head_out = _shape(ref["bottleneck (C,H,W)"]), _shape(ref["head out"])
-    s = analyze(name).summary
+    s = analyze(resolve(name)).summary
     assert s.bottleneck_shape == bottleneck
     assert s.head_output_shape == head_out
     assert (s.head_params, s.encoder_params, s.encoder_macs, s.head_macs) == tuple(
@@ -67,7 +68,7 @@ def test_official_students_match_reference(name):
     assert f"{4 * s.bottleneck_bytes['int8'] / 1024:.3f}" == ref["fp32 KiB"]
     values = bottleneck[0] * bottleneck[1] * bottleneck[2]
     assert s.bottleneck_bytes == {"fp32": 4 * values, "fp16": 2 * values, "int8": values}
-    t = analyze(teacher).summary
+    t = analyze(resolve(teacher)).summary
     assert (t.head_params, t.head_macs, t.macs, t.params) == tuple(
         _int(ref[k]) for k in ("teacher-head params", "teacher-head MACs", "teacher MACs", "teacher params"))
     assert t.head_output_shape == head_out == t.bottleneck_shape
@@ -75,7 +76,7 @@ def test_official_students_match_reference(name):
 
 @pytest.mark.parametrize("name", (TEACHERS))
 def test_rows_are_sequential_and_add_up(name):
-    a = analyze(name)
+    a = analyze(resolve(name))
     assert a.rows[-1].output_shape == (1000,)
     assert sum(r.params for r in a.rows) == a.summary.params
     assert [r.cum_macs for r in a.rows] == list(torch.tensor([r.macs for r in a.rows]).cumsum(0).tolist())
@@ -96,21 +97,21 @@ def test_rows_recompute_the_teacher_exactly():
 
 
 def test_densenet_rows_open_blocks_into_dense_layers():
-    rows = analyze("densenet169").rows
+    rows = analyze(resolve("densenet169")).rows
     assert len(rows) == 103  # original decomposition: 102 modules, plus our explicit flatten
     assert rows[4].name == "head.denseblock1.denselayer1" and rows[4].output_shape == (96, 56, 56)
     assert rows[3].output_shape == (64, 56, 56) and rows[0].output_shape == (64, 112, 112)
 
 
 def test_other_split_point_moves_the_head():
-    s = analyze("resnet152", split_point="layer1").summary
+    s = analyze(resolve("resnet152"), split_point="layer1").summary
     assert s.head_output_shape == (256, 56, 56) and s.split_point == "layer1"
-    assert s.head_macs < analyze("resnet152").summary.head_macs
+    assert s.head_macs < analyze(resolve("resnet152")).summary.head_macs
 
 
 def test_real_model_is_analysed_on_its_device():
-    student = build_student("resnet50_head_mimic-ver2b-3ch", pretrained=False)
-    a = analyze_model("resnet50_head_mimic-ver2b-3ch", student)
+    student = create_student("resnet50_head_mimic-ver2b-3ch", pretrained=False)
+    a = analyze_model(resolve("resnet50_head_mimic-ver2b-3ch"), student)
     assert a.summary.encoder_macs == 118659840 and next(student.parameters()).device.type == "cpu"
     assert a.to_dict()["summary"]["bottleneck_shape"] == [3, 29, 29]
 
@@ -118,14 +119,14 @@ def test_real_model_is_analysed_on_its_device():
 def test_candidate_split_points_and_head_comparison():
     from hnd.analysis import compare_heads
 
-    teacher = analyze("densenet169")
+    teacher = analyze(resolve("densenet169"))
     candidates = teacher.smaller_than_input()
     assert all(r.numel < 3 * 224 * 224 for r in candidates)
     # Original notebook: transition1's output is 0.667 of the input, transition2's 0.333.
     by_name = {r.name: r.numel / (3 * 224 * 224) for r in candidates}
     assert round(by_name["head.transition1.pool"], 3) == 0.667 and round(by_name["head.transition2.pool"], 3) == 0.333
     assert "head.conv0" not in by_name
-    row = compare_heads(teacher, analyze("densenet169_head_mimic-ver2b-3ch"))
+    row = compare_heads(teacher, analyze(resolve("densenet169_head_mimic-ver2b-3ch")))
     assert row["encoder_macs"] == 118659840 and row["teacher_head_macs"] == 2076884992
     assert row["macs_reduction_pct"] == pytest.approx(100 * (1 - 118659840 / 2076884992))
     assert (row["bytes_int8"], row["bottleneck_shape"]) == (2523, "3x29x29")
@@ -134,7 +135,7 @@ def test_candidate_split_points_and_head_comparison():
 def test_split_point_rows_of_a_traced_teacher():
     """resnet18: every traced split point with a tensor output, in graph order; each name is a
     valid ``@POINT``; sizes and cost shares follow from the architecture."""
-    rows = split_point_rows("resnet18")
+    rows = split_point_rows(resolve("resnet18"))
     points = tracing.split_points(tracing.trace(meta_teacher(teacher_spec("resnet18"))))
     assert [r.name for r in rows] == [p.name for p in points]  # all of ResNet-18's points are tensors
     assert all(r.kind == "traced" for r in rows)
@@ -153,7 +154,7 @@ def test_split_point_rows_of_a_traced_teacher():
 def test_split_point_rows_of_a_staged_teacher():
     """densenet169: the stage list first (the original's split names), then the traced points;
     transition2's output is a third of the input (the original's notebook)."""
-    rows = split_point_rows("densenet169")
+    rows = split_point_rows(resolve("densenet169"))
     kinds = [r.kind for r in rows]
     assert kinds == sorted(kinds, key=lambda k: k != "stage") and {"stage", "traced"} == set(kinds)
     stages = {r.name: r for r in rows if r.kind == "stage"}
@@ -168,11 +169,11 @@ def test_split_point_rows_of_a_staged_teacher():
 def test_generic_student_is_analysed():
     """resnet18@layer2-3ch with ResNet's stem: the encoder is the ver2b one (fact sheet §4: 10,432 params,
     118,659,840 MACs at bc=3), the head reproduces layer2's 128x28x28."""
-    s = analyze("resnet18-3ch").summary
+    s = analyze(resolve("resnet18-3ch")).summary
     assert (s.model, s.kind, s.teacher, s.split_point) == ("resnet18@layer2-3ch", "student", "resnet18", "bottleneck")
     assert s.bottleneck_shape == (3, 29, 29) and s.head_output_shape == (128, 28, 28)
     assert (s.encoder_params, s.encoder_macs) == (10432, 118659840)
-    t = analyze("resnet18").summary
+    t = analyze(resolve("resnet18")).summary
     assert s.tail_params == t.tail_params and s.tail_macs == t.tail_macs  # the teacher's own tail
     assert t.head_output_shape == t.bottleneck_shape == (128, 28, 28)
     assert s.bottleneck_bytes["int8"] == 3 * 29 * 29

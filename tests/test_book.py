@@ -19,6 +19,7 @@ from hnd.book.build import build_book
 from hnd.book.grid import check_cells, load_profile, plan_cells, profile_names, run_grid, summary_table
 from hnd.cli import main
 from hnd.config import experiment_config
+from hnd.registry import resolve
 from hnd.errors import HndError
 from hnd.book.results import finished_runs, grid_cells, train_overrides, training_runs, unfinished_cells
 from hnd.files import read_json
@@ -43,7 +44,7 @@ def test_every_profile_cell_fits_its_notebook(name, tmp_path):
     assert methods >= {"naive", "kd", "hnd", "ae", "entropic"}
     # Entropic cells set a rate weight and run both stages; only they set one.
     for cell in train:
-        config = experiment_config(cell.parameters["teacher"], cell.parameters["method"],
+        config = experiment_config(resolve(cell.parameters["teacher"]), cell.parameters["method"],
                                    cell.parameters.get("channels", 3),
                                    train_overrides(cell.parameters["method"], cell.parameters.get("overrides"),
                                                    beta=cell.parameters.get("beta", 0.0)))
@@ -91,7 +92,7 @@ def test_paper_profile_is_the_papers_grid(tmp_path):
     # Entropic students: 12 channels, the preset beta times 1/4, 1 and 4 for every backbone.
     entropic = [p for p in train if p["method"] == "entropic"]
     for t in teachers:
-        preset = experiment_config(t, "entropic", 12).beta
+        preset = experiment_config(resolve(t), "entropic", 12).beta
         betas = sorted(p["beta"] for p in entropic if p["teacher"] == t)
         assert betas == pytest.approx([preset / 4, preset, preset * 4]), t
     assert {p["channels"] for p in entropic} == {12} and len(entropic) == 3 * len(teachers)

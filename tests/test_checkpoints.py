@@ -12,7 +12,8 @@ import torch.serialization as ser
 
 from hnd.checkpoints import FORMAT_VERSION, atomic_save, load_model, read_checkpoint, save_checkpoint
 from hnd.errors import HndError
-from hnd.registry import build_student, resolve
+from hnd.models import create_student
+from hnd.registry import resolve
 
 from conftest import PAPER_TEACHERS, randomize
 from hnd.teachers import on_meta
@@ -29,7 +30,7 @@ def students():
     """One randomized student per paper teacher (built once)."""
     made = {}
     for i, (teacher, name) in enumerate(STUDENT.items()):
-        s = build_student(name, pretrained=False)
+        s = create_student(name, pretrained=False)
         randomize(s, seed=i)
         made[teacher] = s
     return made
@@ -51,7 +52,7 @@ def test_original_whole_model_formats(teacher, fmt, maker, students, tmp_path):
     path = tmp_path / "model.pt"
     torch.save(ckpt, path)
     assert read_checkpoint(path).format == fmt
-    loaded = load_model(STUDENT[teacher], path)
+    loaded = load_model(resolve(STUDENT[teacher]), path)
     assert_same_weights(loaded, student)
     x = torch.randn(1, 3, 299 if teacher == "inception_v3" else 224, 299 if teacher == "inception_v3" else 224)
     with torch.no_grad():
@@ -64,10 +65,10 @@ def test_original_hnd_head_takes_pretrained_tail(teacher, students, pretrained, 
     student = students[teacher]
     path = tmp_path / "head.pt"
     torch.save(hnd_checkpoint(student), path)
-    loaded = load_model(STUDENT[teacher], path)
+    loaded = load_model(resolve(STUDENT[teacher]), path)
     assert read_checkpoint(path).format == "original-hnd"
     assert_same_weights(loaded.head, student.head)
-    reference = build_student(STUDENT[teacher])  # pretrained tail
+    reference = create_student(STUDENT[teacher])  # pretrained tail
     assert_same_weights(loaded.tail, reference.tail)
 
 
@@ -86,18 +87,18 @@ def test_legacy_serialization_and_gpu_saved_tensors(students, tmp_path):
         path = tmp_path / f"gpu{legacy}.pt"
         with pytest.raises(RuntimeError, match="CUDA"):
             torch.load(path, weights_only=True)  # proves the file really names a CUDA device
-        assert_same_weights(load_model(STUDENT["densenet169"], path), student)
+        assert_same_weights(load_model(resolve(STUDENT["densenet169"]), path), student)
 
 
 def test_own_format_round_trip_student_and_head(students, pretrained, tmp_path):
     pretrained("resnet152")
     student = students["resnet152"]
-    save_checkpoint(tmp_path / "s.pt", STUDENT["resnet152"], student, epoch=3)
+    save_checkpoint(tmp_path / "s.pt", resolve(STUDENT["resnet152"]), student, epoch=3)
     ckpt = read_checkpoint(tmp_path / "s.pt")
     assert (ckpt.format, ckpt.part, ckpt.model, ckpt.meta["epoch"]) == ("hnd", "student", STUDENT["resnet152"], 3)
-    assert_same_weights(load_model(STUDENT["resnet152"], tmp_path / "s.pt"), student)
-    save_checkpoint(tmp_path / "h.pt", STUDENT["resnet152"], student, part="head")
-    loaded = load_model(STUDENT["resnet152"], tmp_path / "h.pt")
+    assert_same_weights(load_model(resolve(STUDENT["resnet152"]), tmp_path / "s.pt"), student)
+    save_checkpoint(tmp_path / "h.pt", resolve(STUDENT["resnet152"]), student, part="head")
+    loaded = load_model(resolve(STUDENT["resnet152"]), tmp_path / "h.pt")
     assert_same_weights(loaded.head, student.head)
     assert not torch.equal(loaded.tail.fc.weight, student.tail.fc.weight)  # tail: pretrained teacher
 
@@ -107,7 +108,7 @@ def test_own_format_rebuilds_from_the_file_alone(students, tmp_path):
     :class:`Checkpoint` already read loads the same (no second read)."""
     student = students["inception_v3"]
     name = STUDENT["inception_v3"]
-    save_checkpoint(tmp_path / "s.pt", name, student, epoch=1)
+    save_checkpoint(tmp_path / "s.pt", resolve(name), student, epoch=1)
     ckpt = read_checkpoint(tmp_path / "s.pt")
     assert ckpt.meta["spec"]["name"] == name and ckpt.meta["spec"]["design"] == "ver1b"
     for loaded in (load_model(None, tmp_path / "s.pt"), load_model(None, ckpt), load_model(resolve(name), ckpt)):
@@ -125,7 +126,7 @@ def test_own_format_before_specs_still_loads(students, tmp_path):
     name = STUDENT["densenet169"]
     torch.save({"format": "hnd", "version": FORMAT_VERSION, "model": name, "part": "student",
                 "state_dict": student.state_dict(), "epoch": 4}, tmp_path / "old.pt")
-    for model in (name, None):
+    for model in (resolve(name), None):
         loaded = load_model(model, tmp_path / "old.pt")
         assert str(loaded.spec) == name
         assert_same_weights(loaded, student)
@@ -138,7 +139,7 @@ def test_recorded_input_size_is_kept(tmp_path):
     student = spec.build(pretrained=False)
     randomize(student, 7)
     save_checkpoint(tmp_path / "small.pt", spec, student)
-    for model in (None, "resnet18@layer2-3ch"):
+    for model in (None, resolve("resnet18@layer2-3ch")):
         loaded = load_model(model, tmp_path / "small.pt")
         assert loaded.spec == spec and loaded.spec.input_size == 64 and spec.head_output_shape == (128, 8, 8)
         assert_same_weights(loaded, student)
@@ -152,32 +153,32 @@ def test_teacher_checkpoint_plain_or_wrapped(tmp_path):
     torch.save(teacher.state_dict(), tmp_path / "raw.pt")
     torch.save({"type": "resnet50", "model": teacher.state_dict(), "acc": 76.0, "epoch": 1}, tmp_path / "org.pt")
     for f in ("raw.pt", "org.pt"):
-        assert_same_weights(load_model("resnet50", tmp_path / f), teacher)
+        assert_same_weights(load_model(resolve("resnet50"), tmp_path / f), teacher)
     with pytest.raises(HndError, match="looks like resnet50"):
-        load_model("resnet101", tmp_path / "raw.pt")
+        load_model(resolve("resnet101"), tmp_path / "raw.pt")
 
 
 def test_other_model_is_named_with_first_mismatching_keys(students, tmp_path):
     torch.save(naive_checkpoint(students["densenet201"]), tmp_path / "d201.pt")
     with pytest.raises(HndError) as err:
-        load_model("densenet169_head_mimic-ver2b-3ch", tmp_path / "d201.pt")
+        load_model(resolve("densenet169_head_mimic-ver2b-3ch"), tmp_path / "d201.pt")
     message = str(err.value)
     assert "looks like densenet201_head_mimic-ver2b-3ch" in message
     assert "tail.transition3.norm.weight [1792] vs model [1280]" in message
     assert "\n" not in message
 
-    big = build_student("densenet169_head_mimic-ver2b-12ch", pretrained=False)
+    big = create_student("densenet169_head_mimic-ver2b-12ch", pretrained=False)
     torch.save(naive_checkpoint(big), tmp_path / "d169_12.pt")
     with pytest.raises(HndError, match=r"looks like densenet169_head_mimic-ver2b-12ch.*head.encoder.6.weight \[12, 64, 2, 2\] vs model \[3, 64, 2, 2\]"):
-        load_model("densenet169_head_mimic-ver2b-3ch", tmp_path / "d169_12.pt")
+        load_model(resolve("densenet169_head_mimic-ver2b-3ch"), tmp_path / "d169_12.pt")
 
     torch.save(hnd_checkpoint(students["inception_v3"]), tmp_path / "inc_head.pt")
     with pytest.raises(HndError, match="looks like inception_v3_head_mimic-ver1b-3ch"):
-        load_model("resnet152_head_mimic-ver2b-3ch", tmp_path / "inc_head.pt")
+        load_model(resolve("resnet152_head_mimic-ver2b-3ch"), tmp_path / "inc_head.pt")
 
-    save_checkpoint(tmp_path / "own.pt", STUDENT["resnet152"], students["resnet152"])
+    save_checkpoint(tmp_path / "own.pt", resolve(STUDENT["resnet152"]), students["resnet152"])
     with pytest.raises(HndError, match="does not fit densenet169"):
-        load_model("densenet169_head_mimic-ver2b-3ch", tmp_path / "own.pt")
+        load_model(resolve("densenet169_head_mimic-ver2b-3ch"), tmp_path / "own.pt")
 
 
 def test_code_running_pickle_is_refused(tmp_path):
@@ -276,7 +277,7 @@ def test_original_layout_has_the_keys_and_shapes_the_original_code_writes(path):
     what the original code itself wrote for the same student and format."""
     name, fmt = path.stem.split("__")
     top, keys = _reference(path)
-    student = on_meta(lambda: build_student(name, pretrained=False))
+    student = on_meta(lambda: create_student(name, pretrained=False))
     made = MAKERS[fmt](student)
     assert list(made) == top
     assert {k: tuple(v.shape) for k, v in made["model"].items()} == keys

@@ -12,7 +12,7 @@ import torch
 
 from hnd.checkpoints import save_checkpoint
 from hnd.cli import main
-from hnd.registry import build_student
+from hnd.models import create_student
 
 from conftest import randomize
 from original_layout import hnd_checkpoint, kd_checkpoint, naive_checkpoint
@@ -63,26 +63,27 @@ def test_predict_teacher_with_cached_weights(capsys, pretrained, image_file):
 def test_predict_student_from_every_checkpoint_format(fmt, capsys, pretrained, image_file, tmp_path):
     pretrained("inception_v3")
     name = "inception_v3_head_mimic-ver1b-3ch"
-    student = build_student(name)  # pretrained tail, as the HND format implies
+    student = create_student(name)  # pretrained tail, as the HND format implies
     randomize(student.head, seed=3)
     path = tmp_path / "ckpt.pt"
     if fmt == "ours":
-        save_checkpoint(path, name, student)
+        save_checkpoint(path, student.spec, student)
     else:
         torch.save({"naive": naive_checkpoint, "kd": kd_checkpoint, "hnd": hnd_checkpoint}[fmt](student), path)
     doc = run_json(capsys, "predict", name, str(image_file), "--checkpoint", str(path), "--logits", "--json")
     from hnd.data import image_tensor
 
     with torch.no_grad():
-        expected = student.eval()(image_tensor(name, image_file))[0]
+        expected = student.eval()(image_tensor(student.spec, image_file))[0]
     assert torch.allclose(torch.tensor(doc["logits"]), expected, atol=1e-5)
 
 
 def test_eval_transform_sizes():
-    from hnd.data import eval_transform
+    from hnd.registry import resolve
 
-    assert "size=327" in repr(eval_transform("inception_v3")) and "size=(299, 299)" in repr(eval_transform("inception_v3"))
-    assert "size=256" in repr(eval_transform("resnet152_head_mimic-ver2b-3ch"))
+    inception = repr(resolve("inception_v3").transforms())
+    assert "size=327" in inception and "size=(299, 299)" in inception
+    assert "size=256" in repr(resolve("resnet152_head_mimic-ver2b-3ch").transforms())
 
 
 @pytest.mark.parametrize("argv, message", [

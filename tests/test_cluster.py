@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -116,7 +117,17 @@ def test_cli_mistakes_about_jobs_are_one_line(project, tmp_path, monkeypatch, ca
                                        "or --executor local\n")
     monkeypatch.setenv("PATH", str(tmp_path))  # no Slurm here
     assert main(["book", "run", "--profile", "toy", "--executor", "slurm"]) == 2
-    assert "--executor slurm needs Slurm's sbatch, srun, sacct on PATH" in capsys.readouterr().err
+    assert "--executor slurm needs Slurm's sbatch, srun, squeue on PATH" in capsys.readouterr().err
+    assert not (project / "runs").exists()
+    squeue = tmp_path / "squeue"  # Slurm's commands, but a controller that does not answer
+    squeue.write_text("#!/bin/sh\necho 'slurm_load_jobs error: Unable to contact slurm controller' >&2\nexit 1\n")
+    for tool in ("sbatch", "srun"):
+        (tmp_path / tool).symlink_to(squeue)
+    squeue.chmod(0o755)
+    assert main(["book", "run", "--profile", "toy", "--executor", "slurm"]) == 2
+    assert capsys.readouterr().err == ("hnd: error: --executor slurm: the Slurm controller does not answer (squeue: "
+                                       "slurm_load_jobs error: Unable to contact slurm controller); check `scontrol "
+                                       "ping` or run the grid with --executor local\n")
     assert not (project / "runs").exists()
     assert main(["book", "status", "--profile", "toy"]) == 2
     assert "no grid in " in capsys.readouterr().err
@@ -240,7 +251,7 @@ def test_slurm_jobs_through_sbatch_and_sacct(project, tmp_path, monkeypatch, cap
     assert read_json(runs / "02_train" / "x-1" / "metrics.json")["processes"] == 1
     assert read_json(runs / "02_train" / "wide_x-2" / "metrics.json")["processes"] == 2
     assert read_json(runs / "02_train" / "x-1" / "results.json")["job"] == \
-        {"executor": "slurm", "id": "1", "host": read_json(runs / "02_train" / "x-1" / "results.json")["job"]["host"]}
+        {"executor": "slurm", "id": "1", "host": socket.gethostname()}
 
     # A job that Slurm ended at its time limit while the notebook ran.
     cell = runs / "02_train" / "x-1"
@@ -273,3 +284,32 @@ def test_every_job_flag_of_the_command_is_a_job_option():
     import hnd.cli
 
     assert set(hnd.cli._JOB_FLAGS) == set(JOB_OPTIONS) - {"setup", "requeues"}  # those two: profiles only
+
+
+GATHER = '''import json, pathlib  # a chapter that reads the training runs, as the results chapter does
+found = sorted(p.parent.name for p in pathlib.Path(runs).glob("02_train/*/metrics.json"))
+pathlib.Path(output_dir, "metrics.json").write_text(json.dumps({"read": found}))'''
+
+
+def test_a_chapter_runs_again_when_a_run_it_reads_finishes_again(project):
+    """A chapter reading the runs folder ({out}) is not skipped as cached once a cell of an
+    earlier phase has finished again (a killed cell resubmitted): it would show stale numbers."""
+    nb = nbformat.read(project / "notebooks" / "02_train.ipynb", as_version=4)
+    params = new_code_cell('runs: str = ""  # the runs folder\noutput_dir: str = ""\nprofile: str = "manual"')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [new_markdown_cell("# Results in miniature"), params, new_code_cell(GATHER)]
+    nbformat.write(nb, project / "notebooks" / "04_results.ipynb")
+    write_profile(project, "toy", {"jobs": 2, "steps": [{"notebook": "02_train", "grid": {"x": [1, 2]}},
+                                                        {"notebook": "04_results", "parameters": {"runs": "{out}"}}]})
+    runs = project / "runs" / "book" / "toy"
+    assert [s["status"] for s in run_grid("toy", root=project, log=lambda line: None)] == ["done"] * 3
+    lines = []
+    assert all(s["skipped"] for s in run_grid("toy", root=project, log=lines.append)), lines
+    cell = runs / "02_train" / "x-2"
+    (cell / "metrics.json").unlink()  # a cell that failed and whose rerun finishes later
+    (cell / "results.json").write_text(json.dumps({**read_json(cell / "results.json"), "status": "failed"}))
+    lines = []
+    summaries = run_grid("toy", root=project, log=lines.append)
+    assert [(s["status"], s["skipped"]) for s in summaries] == [("done", True), ("done", False), ("done", False)]
+    assert any("04_results/default: 02_train/x-2 finished again since it ran" in line for line in lines), lines
+    assert read_json(runs / "04_results" / "default" / "metrics.json")["read"] == ["x-1", "x-2"]

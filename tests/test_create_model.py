@@ -120,13 +120,14 @@ def test_predict_shows_every_class_of_a_small_student_by_default(students, image
 
 
 def test_every_command_parses_once_reads_once_and_builds_through_create_model(students, counts, capsys,
-                                                                              monkeypatch, tmp_path):
+                                                                              monkeypatch, tmp_path, image_file):
     plain, entropic = str(students["plain"]), str(students["entropic"])
     data = write_synthetic_dataset(tmp_path / "data", classes=3, train_per_class=1, val_per_class=2,
                                    image_size=72)["root"]
     served = []
-    monkeypatch.setattr(hnd.serving, "serve", lambda name, model=None, **kwargs: served.append(model))
+    monkeypatch.setattr(hnd.serving, "serve", lambda model, **kwargs: served.append(model))
     commands = {
+        "predict": (["predict", PLAIN, str(image_file), "--checkpoint", plain, "--json"], plain),
         "evaluate": (["evaluate", PLAIN, "--method", "hnd", "--checkpoint", plain, "--data", data,
                       "--student-only", "--workers", "0", "--no-progress"], plain),
         "serve": (["serve", NAME, "--checkpoint", entropic], entropic),
@@ -144,3 +145,43 @@ def test_every_command_parses_once_reads_once_and_builds_through_create_model(st
         if checkpoint:  # (inspect and plan build on the meta device, through analyses cached per process)
             assert counts["create"] == 1, command
     assert served[0].spec.input_size == SIZE and served[0].prior.has_tables
+
+
+# Where a name may still come in: the functions that turn names into specs or models, and the
+# device profiles, whose on-device MobileNetV2 (SMALL_MODEL) and measured keys are names.
+NAME_ENTRY_POINTS = {
+    "hnd.registry.resolve", "hnd.registry.student_spec", "hnd.models.create_model", "hnd.models.create_student",
+    "hnd.devices.DeviceProfile.seconds", "hnd.devices.DeviceProfile._teacher_tables", "hnd.devices.rows_of",
+    "hnd.devices._measured_parts", "hnd.devices.measure_device_profile",
+}
+
+
+def _takes_a_name(annotation: object) -> bool:
+    """An annotation (a string, under ``from __future__ import annotations``) that lets a model
+    come as a name: ``str`` and ``ModelSpec`` in one union."""
+    members = {m.strip() for m in re.split(r"[|\[\],]", str(annotation))}
+    return {"str", "ModelSpec"} <= members
+
+
+def test_inside_the_package_models_travel_as_specs():
+    """A name is resolved once, where it enters; every other function takes a ``ModelSpec``."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import hnd
+
+    found = set()
+    for info in pkgutil.walk_packages(hnd.__path__, "hnd."):
+        if info.name == "hnd.__main__":  # runs the command line
+            continue
+        module = importlib.import_module(info.name)
+        for _, obj in inspect.getmembers(module):
+            if getattr(obj, "__module__", None) != info.name:
+                continue
+            members = [obj] + ([m for _, m in inspect.getmembers(obj, inspect.isfunction)] if inspect.isclass(obj)
+                               else [])
+            for fn in map(inspect.unwrap, members):  # through lru_cache
+                if inspect.isfunction(fn) and any(_takes_a_name(a) for a in fn.__annotations__.values()):
+                    found.add(f"{fn.__module__}.{fn.__qualname__}")
+    assert found == NAME_ENTRY_POINTS

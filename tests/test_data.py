@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from hnd.data import (ImageDataset, ShardSampler, check_layout, collate, eval_transform, holdout_split,
-                      input_sizes, prepare_imagenet, read_image, train_transform)
+from hnd.data import (ImageDataset, ShardSampler, check_layout, collate, holdout_split, prepare_imagenet,
+                      read_image, train_transform)
+from hnd.preprocessing import Preprocessing
 from hnd.book.photographs import reference_photographs
 from hnd.registry import resolve
 from hnd.synth import write_synthetic_dataset
@@ -164,7 +165,7 @@ def images(tmp_path_factory) -> list[tuple[str, int]]:
 
 
 def augmented(images, seed=0, kind="torchvision") -> ImageDataset:
-    return ImageDataset(images, train_transform("resnet50", kind, input_size=32), augment=True, seed=seed)
+    return ImageDataset(images, train_transform(resolve("resnet50").at_input_size(32), kind), augment=True, seed=seed)
 
 
 @pytest.mark.parametrize("kind", ["original", "torchvision"])
@@ -210,7 +211,7 @@ def test_unreadable_image(images, tmp_path):
     bad = tmp_path / "broken.JPEG"
     bad.write_bytes(b"\x00garbage, not a JPEG" * 10)
     samples = [images[0], (str(bad), 1), images[1]]
-    transform = eval_transform("resnet50", 32)
+    transform = resolve("resnet50").at_input_size(32).transforms()
     message = error(ImageDataset(samples, transform).__getitem__, 1)
     assert str(bad) in message and "skip_bad_images" in message
     lenient = ImageDataset(samples, transform, skip_bad_images=True)
@@ -248,20 +249,21 @@ def test_both_decoders_give_the_same_tensors(jpegs, model):
         pixels = torch.from_numpy(np.array(pil)).permute(2, 0, 1)
         assert tensor.shape == pixels.shape == (3, 375, 500), path.name
         assert (tensor.int() - pixels.int()).abs().max() <= 2, path.name
-        a, b = eval_transform(model)(pil), eval_transform(model, decoder="torchvision")(tensor)
+        spec = resolve(model)
+        a, b = spec.transforms()(pil), spec.transforms("torchvision")(tensor)
         assert a.shape == b.shape and (a - b).abs().max() <= 3 * LEVEL and (a - b).abs().mean() <= 0.5 * LEVEL
         for kind in ("original", "torchvision"):  # the same crop and flip from the same seed
             torch.manual_seed(7)
-            a = train_transform(model, kind)(pil)
+            a = train_transform(spec, kind)(pil)
             torch.manual_seed(7)
-            b = train_transform(model, kind, decoder="torchvision")(tensor)
+            b = train_transform(spec, kind, decoder="torchvision")(tensor)
             assert (a - b).abs().max() <= 3 * LEVEL and (a - b).abs().mean() <= 0.5 * LEVEL, (path.name, kind)
     # Through the dataset, as training reads them; mistakes are one line.
     samples = [(str(p), 0) for p in jpegs]
-    dataset = ImageDataset(samples, eval_transform(model, decoder="torchvision"), decoder="torchvision")
+    dataset = ImageDataset(samples, spec.transforms("torchvision"), decoder="torchvision")
     assert torch.stack([x for x, _ in dataset]).shape[0] == len(jpegs)
     assert "unknown decoder 'turbo'; valid: pil, torchvision" in error(read_image, jpegs[0], "turbo")
-    assert "unknown decoder 'turbo'" in error(eval_transform, model, decoder="turbo")
+    assert "unknown decoder 'turbo'" in error(spec.transforms, "turbo")
 
 
 def test_torchvision_decoder_errors_are_one_line(tmp_path):
@@ -273,7 +275,7 @@ def test_torchvision_decoder_errors_are_one_line(tmp_path):
 
 def test_missing_image(tmp_path):
     missing = tmp_path / "gone.JPEG"
-    message = error(ImageDataset([(str(missing), 0)], eval_transform("resnet50")).__getitem__, 0)
+    message = error(ImageDataset([(str(missing), 0)], resolve("resnet50").transforms()).__getitem__, 0)
     assert str(missing) in message
 
 
@@ -284,36 +286,51 @@ def test_train_transform_shape(images, kind, name, size):
     image = Image.open(images[0][0])
     expected = size or (299 if name.startswith("inception") else 224)
     torch.manual_seed(0)
-    assert train_transform(name, kind, input_size=size)(image).shape == (3, expected, expected)
+    assert train_transform(resolve(name).at_input_size(size), kind)(image).shape == (3, expected, expected)
 
 
 def test_unknown_train_transform():
-    assert "autoaugment" in error(train_transform, "resnet50", "autoaugment")
+    assert "autoaugment" in error(train_transform, resolve("resnet50"), "autoaugment")
+
+
+def _sizes(preprocessing: Preprocessing) -> tuple[int, int]:
+    return preprocessing.input_size, preprocessing.resize_size
 
 
 @pytest.mark.parametrize("teacher", PAPER_TEACHERS)
 def test_input_sizes(teacher):
     default = (299, 327) if teacher == "inception_v3" else (224, 256)
-    assert input_sizes(teacher) == default
+    assert _sizes(resolve(teacher).preprocessing()) == default
     student = f"{teacher}_head_mimic-ver{'1b' if teacher == 'inception_v3' else '2b'}-6ch"
-    assert input_sizes(student) == default
-    assert input_sizes(teacher, 64, 70) == (64, 70)
+    assert _sizes(resolve(student).preprocessing()) == default
+    assert _sizes(resolve(teacher).at_input_size(64).preprocessing(70)) == (64, 70)
 
 
 def test_custom_input_sizes():
-    assert input_sizes("resnet50", 64) == (64, 73)
-    assert input_sizes("inception_v3", 96) == (96, 105)
+    assert _sizes(resolve("resnet50").at_input_size(64).preprocessing()) == (64, 73)
+    assert _sizes(resolve("inception_v3").at_input_size(96).preprocessing()) == (96, 105)
 
 
 def test_eval_transform(images):
     image = Image.open(images[3][0])
-    transform = eval_transform("resnet50", 64)
+    transform = resolve("resnet50").at_input_size(64).transforms()
     assert transform.transforms[0].size == 73 and transform.transforms[1].size == (64, 64)
     x = transform(image)
     assert x.shape == (3, 64, 64)
     assert torch.equal(x, transform(image))
-    assert eval_transform("inception_v3").transforms[0].size == 327
-    assert eval_transform("resnet50", 48, 60)(image).shape == (3, 48, 48)
+    assert resolve("inception_v3").transforms().transforms[0].size == 327
+    assert resolve("resnet50").at_input_size(48).transforms(resize_size=60)(image).shape == (3, 48, 48)
+
+
+def test_preprocessing_travels_as_plain_data():
+    """What an exported encoder takes along: read back equal, a damaged record is one line."""
+    preprocessing = resolve("inception_v3").at_input_size(96).preprocessing()
+    doc = preprocessing.to_dict()
+    assert doc == {"input_size": 96, "resize_size": 105, "interpolation": "bilinear",
+                   "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    assert Preprocessing.from_dict(doc) == preprocessing
+    assert "damaged preprocessing record" in error(Preprocessing.from_dict, {**doc, "resize_size": "big"})
+    assert "interpolation is one of" in error(Preprocessing.from_dict, {**doc, "interpolation": "lanczos9"})
 
 
 @pytest.mark.parametrize("length", [0, 1, 7, 10])
@@ -340,7 +357,7 @@ def test_an_evaluation_set_kept_in_memory_is_decoded_once(tmp_path, monkeypatch)
 
     root = write_synthetic_dataset(tmp_path / "d", classes=2, train_per_class=2, val_per_class=3, image_size=40)["root"]
     samples = check_layout(root).samples["val"]
-    transform = eval_transform(resolve("resnet18"), 32)
+    transform = resolve("resnet18").at_input_size(32).transforms()
     reads = []
     original = hnd.data.read_image
     monkeypatch.setattr(hnd.data, "read_image", lambda *a: reads.append(a) or original(*a))

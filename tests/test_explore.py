@@ -87,8 +87,19 @@ def test_unknown_profile_is_a_one_line_error():
 
 
 def test_shortlist_keeps_one_teacher_split(explorer):
-    every = [o for o in explorer.shown]
-    assert shortlist(every, 10.0, 20.0) == every
+    """Of every option, the shortlist keeps all but the plain teacher's splits, and of those the
+    one asked for, else the fastest at this link."""
+    from hnd.devices import load_device_profile
+    from hnd.latency import options
+
+    every = options(resolve("densenet169"), load_device_profile("raspberry-pi4"), load_device_profile("gpu-server"),
+                    channels=(3,), formats=("int8",))
+    splits = [o for o in every if o.kind == "teacher_split"]
+    assert len(splits) > 2
+    fastest = min(splits, key=lambda o: o.delay(10.0, 20.0))
+    assert shortlist(every, 10.0, 20.0) == [o for o in every if o.kind != "teacher_split"] + [fastest]
+    asked = splits[1] if splits[1] is not fastest else splits[2]
+    assert shortlist(every, 10.0, 20.0, split=asked.split)[-1] is asked
 
 
 def test_a_backbone_outside_the_paper_families():

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from conftest import error, randomize
+from hnd.registry import resolve
 from hnd.checkpoints import load_model, save_checkpoint
 from hnd.cli import main
 from hnd.export import PARTS, check_onnx, example_part, export_onnx, run_onnx
-from hnd.models import create_student
-from hnd.registry import build_model
+from hnd.models import create_model, create_student
 
 NAME = "resnet50_head_mimic-ver2b-3ch"
 TOL = 1e-4
@@ -23,10 +23,10 @@ TOL = 1e-4
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A student checkpoint with fixed random weights (BN statistics too, so eval mode matters)."""
-    model = build_model(NAME, pretrained=False)
+    model = create_model(NAME, pretrained=False)
     randomize(model, seed=3)
     path = tmp_path_factory.mktemp("ckpt") / "student.pt"
-    save_checkpoint(path, NAME, model)
+    save_checkpoint(path, resolve(NAME), model)
     return path
 
 
@@ -40,7 +40,7 @@ def exported(checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def student(checkpoint):
-    return load_model(NAME, checkpoint)
+    return load_model(resolve(NAME), checkpoint)
 
 
 def _images(batch: int, seed: int = 5) -> torch.Tensor:
@@ -82,10 +82,10 @@ def test_a_student_of_any_teacher_exports(tmp_path):
     """Both parts of a generic student of a torchvision teacher (MobileNetV3, its tail a traced
     graph) export and match PyTorch; chained, they give the student's logits."""
     name = "mobilenet_v3_large-3ch"
-    model = build_model(name, pretrained=False)
+    model = create_model(name, pretrained=False)
     randomize(model, seed=4)
     path = tmp_path / "student.pt"
-    save_checkpoint(path, name, model)
+    save_checkpoint(path, model.spec, model)
     student = create_student(name, checkpoint=path)
     parts = {part: export_onnx(student, part, tmp_path / f"{part}.onnx").path for part in PARTS}
     encoder, server = student.split()

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hnd.registry import resolve
 from hnd.config import resolve_config
 from hnd.synth import write_synthetic_dataset
 from hnd.training import fit, read_metrics
@@ -33,7 +34,7 @@ def synth(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("amp, channels_last", [("bf16", False), ("fp16", False), ("none", True), ("bf16", True)])
 def test_training_steps_on_cuda(synth, tmp_path, amp, channels_last):
-    config = resolve_config(STUDENT, "naive", None, [*TINY, "epochs=2", f"amp={amp}",
+    config = resolve_config(resolve(STUDENT), "naive", None, [*TINY, "epochs=2", f"amp={amp}",
                                                      f"channels_last={str(channels_last).lower()}"])
     result = fit(config, synth, tmp_path / "run", progress=False)
     lines = read_metrics(tmp_path / "run")
@@ -68,7 +69,7 @@ def test_serve_on_cuda_answers_an_edge_client():
         address = re.search(r" on (\S+:\d+) ", line).group(1)
         model = create_student(STUDENT, random_seed=0)
         x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-        with EdgeClient(STUDENT, model, address, "fp32") as client:
+        with EdgeClient(model, address, "fp32") as client:
             got = client.classify(x)["topk"][0]["index"]
         with torch.no_grad():
             want = int(model(x).argmax())
@@ -87,7 +88,7 @@ def test_onnx_parity_with_the_cuda_provider(tmp_path):
     from hnd.models import create_student
 
     model = create_student(STUDENT, random_seed=0)
-    save_checkpoint(tmp_path / "student.pt", STUDENT, model)
+    save_checkpoint(tmp_path / "student.pt", resolve(STUDENT), model)
     path = export_onnx(create_student(checkpoint=tmp_path / "student.pt"), "encoder", tmp_path / "encoder.onnx").path
     x = torch.randn(2, 3, 224, 224)
     session = ort.InferenceSession(str(path), providers=["CUDAExecutionProvider"])

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from conftest import PAPER_TEACHERS, error
+from hnd.registry import resolve
 from hnd.analysis import LayerRow, analyze
 from hnd.cli import main
 from hnd.codec import tensor_bytes
@@ -98,7 +99,7 @@ def test_every_builtin_profile_loads():
     here, pi = load_device_profile("this-machine"), load_device_profile("raspberry-pi4")
     assert pi.scale == 10 * here.scale and pi.layer_seconds == here.layer_seconds
     assert set(here.layer_seconds) >= set(PAPER_TEACHERS) | {"mobilenet_v2"}
-    rows = analyze("densenet169").rows
+    rows = analyze(resolve("densenet169")).rows
     assert set(here.layer_seconds["densenet169"]) == {r.name for r in rows}
 
 
@@ -154,10 +155,10 @@ def test_unknown_profile_names_the_valid_ones(tmp_path):
 def test_options_cover_every_choice(teacher):
     device = DeviceProfile("d", "", "", 1e10, encode_bytes_per_s=1e8)
     server = DeviceProfile("s", "", "", 1e12)
-    opts = options(teacher, device, server, lossless_ratio=0.5)
+    opts = options(resolve(teacher), device, server, lossless_ratio=0.5)
     kinds = [o.kind for o in opts]
     assert kinds.count("local") == kinds.count("local_small") == kinds.count("offload") == 1
-    rows = analyze(teacher).rows
+    rows = analyze(resolve(teacher)).rows
     splits = [o for o in opts if o.kind == "teacher_split"]
     assert len(splits) == len(rows) - 1
     assert [s.bytes for s in splits] == [tensor_bytes(r.output_shape, "int8") for r in rows[:-1]]
@@ -179,25 +180,25 @@ def test_options_cover_every_choice(teacher):
 def test_options_details_and_errors():
     device = DeviceProfile("d", "", "", 1e10, encode_bytes_per_s=1e6)
     server = DeviceProfile("s", "", "", 1e12)
-    opts = options("resnet152", device, server, channels=(3,), formats=("int8",), input_bytes=20_000,
+    opts = options(resolve("resnet152"), device, server, channels=(3,), formats=("int8",), input_bytes=20_000,
                    small_model=False)
     assert [o.kind for o in opts].count("local_small") == 0
     offload = next(o for o in opts if o.kind == "offload")
     assert offload.bytes == 20_000 and offload.label == "offload image" and offload.accuracy == pytest.approx(78.312)
     student = next(o for o in opts if o.kind == "student")
     assert student.encode_s == pytest.approx(student.bytes / 1e6) and student.accuracy is None
-    assert "lossless_ratio" in error(options, "resnet152", device, server, formats=("int8+zlib",))
-    assert "unknown tensor format" in error(options, "resnet152", device, server, formats=("int4",))
-    assert "unknown teacher" in error(options, "alexnet9", device, server)
-    assert "not the student" in error(options, "resnet18-3ch", device, server)
-    assert "positive integer" in error(options, "resnet152", device, server, channels=(0,))
+    assert "lossless_ratio" in error(options, resolve("resnet152"), device, server, formats=("int8+zlib",))
+    assert "unknown tensor format" in error(options, resolve("resnet152"), device, server, formats=("int4",))
+    assert "unknown teacher" in error(resolve, "alexnet9")
+    assert "not the student" in error(options, resolve("resnet18-3ch"), device, server)
+    assert "positive integer" in error(options, resolve("resnet152"), device, server, channels=(0,))
 
 
 def test_options_of_a_traced_teacher_split_only_where_one_tensor_crosses():
     device = DeviceProfile("d", "", "", 1e10, encode_bytes_per_s=1e8)
     server = DeviceProfile("s", "", "", 1e12)
-    opts = options("resnet18", device, server, channels=(3, 12), formats=("int8",))
-    rows = analyze("resnet18").rows
+    opts = options(resolve("resnet18"), device, server, channels=(3, 12), formats=("int8",))
+    rows = analyze(resolve("resnet18")).rows
     cuts = [r for r in rows[:-1] if r.cut]
     assert len(cuts) < len(rows) - 1  # rows inside ResNet's residual blocks are no split points
     splits = [o for o in opts if o.kind == "teacher_split"]
@@ -217,19 +218,19 @@ def test_options_of_a_traced_teacher_split_only_where_one_tensor_crosses():
         assert o.bytes == tensor_bytes(analyze(spec).summary.bottleneck_shape, "int8") == tensor_bytes((c, 29, 29),
                                                                                                      "int8")
     # at another split point the students move with it
-    deeper = options("resnet18@layer3", device, server, channels=(3,), formats=("fp32",), small_model=False)
+    deeper = options(resolve("resnet18@layer3"), device, server, channels=(3,), formats=("fp32",), small_model=False)
     [s] = [o for o in deeper if o.kind == "student"]
-    srows = analyze("resnet18@layer3-3ch").rows
+    srows = analyze(resolve("resnet18@layer3-3ch")).rows
     assert srows[-len([r for r in srows if r.part == "tail"])].name == "tail.layer4.0.conv1"
-    assert s.bytes == tensor_bytes(analyze("resnet18@layer3-3ch").summary.bottleneck_shape, "fp32")
+    assert s.bytes == tensor_bytes(analyze(resolve("resnet18@layer3-3ch")).summary.bottleneck_shape, "fp32")
     assert s.server_s == pytest.approx(sum(r.macs for r in srows if r.part != "encoder") / 1e12)
 
 
 def test_measured_profile_of_a_traced_teacher_and_its_student():
     p = measure_device_profile(["resnet18", "resnet18-3ch"], repeats=1, warmup=0)
     assert set(p.layer_seconds) == {"resnet18", "resnet18@layer2-3ch"}  # canonical names
-    assert set(p.layer_seconds["resnet18"]) == {r.name for r in analyze("resnet18").rows}
-    student = analyze("resnet18@layer2-3ch").rows
+    assert set(p.layer_seconds["resnet18"]) == {r.name for r in analyze(resolve("resnet18")).rows}
+    student = analyze(resolve("resnet18@layer2-3ch")).rows
     assert set(p.layer_seconds["resnet18@layer2-3ch"]) == {r.name for r in student if r.part != "tail"}
     tail = [r for r in student if r.part == "tail"]
     assert p.seconds("resnet18-3ch", tail) == [p.layer_seconds["resnet18"][r.name] for r in tail]
@@ -248,7 +249,11 @@ def test_cli_plan_table_and_json(capsys):
     delays = [o["delay_s"] for o in doc["options"]]
     assert delays == sorted(delays) and doc["device"] == "raspberry-pi4"
     assert any(o["label"] == "HND student 3ch int8+zlib" for o in doc["options"])
-    assert isinstance(doc["crossovers"], list)
+    rates = [c["rate_mbps"] for c in doc["crossovers"]]
+    assert rates and rates == sorted(rates)  # at 5 Mbps on a Pi the best option changes with the rate
+    assert all(c["from"] != c["to"] for c in doc["crossovers"])
+    labels = [o["label"] for o in doc["options"]]
+    assert doc["crossovers"][0]["from"] in labels and doc["crossovers"][-1]["to"] in labels
 
 
 @pytest.mark.parametrize("argv,expected", [
@@ -276,10 +281,10 @@ def test_offloading_a_measured_jpeg(tmp_path, capsys):
 
     data = write_synthetic_dataset(tmp_path / "images", classes=2, train_per_class=2, val_per_class=2,
                                    image_size=64)["root"]
-    low, high = (measure_input_codec("resnet152", data, "jpeg", q) for q in (10, 90))
+    low, high = (measure_input_codec(resolve("resnet152"), data, "jpeg", q) for q in (10, 90))
     assert low.images == high.images == 8 and 0 < low.bytes < high.bytes and low.seconds > 0
     device = load_device_profile("raspberry-pi4")
-    offload = [o for o in options("resnet152", device, load_device_profile("gpu-server"), channels=(3,),
+    offload = [o for o in options(resolve("resnet152"), device, load_device_profile("gpu-server"), channels=(3,),
                                   input_codec=high) if o.kind == "offload"]
     assert [(o.label, o.bytes, o.encode_s) for o in offload] == [("offload jpeg q90", high.bytes,
                                                                   high.seconds * device.scale)]
@@ -287,8 +292,8 @@ def test_offloading_a_measured_jpeg(tmp_path, capsys):
     labels = [o["label"] for o in json.loads(capsys.readouterr().out)["options"]]
     assert "offload jpeg q40" in labels and "offload raw RGB" not in labels
     (tmp_path / "empty").mkdir()
-    assert error(measure_input_codec, "resnet152", tmp_path / "empty").startswith("no images (.jpg")
-    assert "quality" in error(measure_input_codec, "resnet152", data, "jpeg", 0)
+    assert error(measure_input_codec, resolve("resnet152"), tmp_path / "empty").startswith("no images (.jpg")
+    assert "quality" in error(measure_input_codec, resolve("resnet152"), data, "jpeg", 0)
 
 
 # --- entropic students, with the bytes their runs measured --------------------------------------

@@ -60,10 +60,15 @@ def test_import_hnd_stays_light():
     assert out.strip() == "[]"
 
 
-def test_torchvision_imports():
-    import torchvision.models
+def test_torchvision_runs_its_compiled_operators():
+    """torchvision built for another torch imports, but its C++ operators fail ("operator
+    torchvision::nms does not exist"): the pinned pair must run one."""
+    import torch
+    import torchvision
 
-    assert torchvision.models.densenet169 is not None
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]])
+    kept = torchvision.ops.nms(boxes, torch.tensor([0.9, 0.8, 0.7]), iou_threshold=0.5)
+    assert kept.tolist() == [0, 2]
 
 
 def test_the_live_explorer_files_ship_with_the_package():

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from hnd.synth import fractal_noise, write_synthetic_dataset
+from hnd.registry import resolve
 
 pytest.importorskip("skimage")
 from hnd.book.photographs import (SLOPE_TOLERANCE, TOLERANCE, image_statistics, load_images,  # noqa: E402
@@ -19,14 +20,14 @@ STORED = 110  # its images' shorter side (the evaluation resize side for 96 px)
 
 @pytest.fixture(scope="module")
 def photographs():
-    return image_statistics(reference_photographs().values(), TEACHER, SIDE)
+    return image_statistics(reference_photographs().values(), resolve(TEACHER).at_input_size(SIDE))
 
 
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory):
     root = tmp_path_factory.mktemp("photo") / "data"
     write_synthetic_dataset(root, classes=10, train_per_class=1, val_per_class=5, image_size=STORED)
-    return image_statistics(load_images(sample_paths(root, "val", per_class=5)), TEACHER, SIDE)
+    return image_statistics(load_images(sample_paths(root, "val", per_class=5)), resolve(TEACHER).at_input_size(SIDE))
 
 
 def test_the_reference_is_eleven_real_photographs(photographs):
@@ -53,7 +54,7 @@ def test_flat_drawings_do_not_pass_for_photographs(photographs):
         image = np.zeros((STORED, STORED, 3), np.uint8) + rng.integers(0, 256, 3).astype(np.uint8)
         image[30:80, 30:80] = rng.integers(0, 256, 3)
         drawings.append(Image.fromarray(image))
-    flat = image_statistics(drawings, TEACHER, SIDE)
+    flat = image_statistics(drawings, resolve(TEACHER).at_input_size(SIDE))
     assert flat.jpeg_bytes < photographs.jpeg_bytes / 2 and not flat.matches(photographs)
 
 

@@ -9,12 +9,11 @@ import math
 import pytest
 import torch
 
-from hnd import build_model
+from hnd import create_model
 from hnd.autoencoder import build_ae_model
 from hnd.codec import TENSOR_FORMATS
-from hnd.data import ImageDataset, check_layout, eval_transform, load_image
+from hnd.data import ImageDataset, check_layout, load_image
 from hnd.evaluation import evaluate, eval_loader
-from hnd.data import eval_transform_parts
 from hnd.rate import (RatePoint, bottleneck_rate, input_rate, select_samples, split_stages,
                       teacher_split_rate)
 from hnd.registry import resolve, student_from_teacher
@@ -25,8 +24,13 @@ from conftest import error
 
 TEACHER, STUDENT = "resnet50", "resnet50_head_mimic-ver2b-3ch"
 SIZE, CLASSES = 32, 6  # 6 outputs, so that top-5 is not always a hit
-KW = {"input_size": SIZE, "device": "cpu", "batch_size": 8, "num_workers": 0}
+KW = {"device": "cpu", "batch_size": 8, "num_workers": 0}
 CPU = torch.device("cpu")
+
+
+def sized(name: str, size: int = SIZE):
+    """The spec of ``name`` at input side ``size``: what the measurements read images at."""
+    return resolve(name).at_input_size(size)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +43,7 @@ def val(tmp_path_factory) -> list[tuple[str, int]]:
 @pytest.fixture(scope="module")
 def models() -> tuple[torch.nn.Module, torch.nn.Module]:
     torch.manual_seed(0)
-    teacher = build_model(TEACHER, pretrained=False, num_classes=CLASSES)
+    teacher = create_model(TEACHER, pretrained=False, num_classes=CLASSES)
     return teacher, student_from_teacher(resolve(STUDENT), teacher).eval()
 
 
@@ -47,7 +51,7 @@ def _relabel(model, name: str, samples, size: int = SIZE) -> list[tuple[str, int
     """Give the images labels from ``model``'s own ranking: its 1st, 2nd and last choice in turn.
     Plain evaluation then gives top-1 1/3 and top-5 2/3, and an equal accuracy means equal
     predictions, not chance."""
-    transform = eval_transform(name, size)
+    transform = sized(name, size).transforms()
     x = torch.stack([transform(load_image(path)) for path, _ in samples])  # [N, 3, S, S]
     with torch.no_grad():
         ranks = model.eval()(x).argsort(dim=1, descending=True)  # [N, classes]
@@ -56,7 +60,7 @@ def _relabel(model, name: str, samples, size: int = SIZE) -> list[tuple[str, int
 
 
 def _plain(model, name: str, samples, size: int = SIZE):
-    dataset = ImageDataset(samples, eval_transform(name, size))
+    dataset = ImageDataset(samples, sized(name, size).transforms())
     result = evaluate(model, eval_loader(dataset, KW["batch_size"], 0), CPU)
     assert (result.top1, result.top5) == pytest.approx((100 / 3, 200 / 3))  # the labels work as meant
     return result
@@ -70,7 +74,7 @@ def test_bottleneck_fp32_is_plain_evaluation_and_bytes_follow_the_shape(val, mod
     _, student = models
     samples = _relabel(student, STUDENT, val)
     plain = _plain(student, STUDENT, samples)
-    points = bottleneck_rate(student, STUDENT, samples, **KW)
+    points = bottleneck_rate(student, sized(STUDENT), samples, **KW)
     assert [p.setting for p in points] == list(TENSOR_FORMATS)
     assert {(p.kind, p.label, p.images) for p in points} == {("bottleneck", STUDENT, 6)}
     by = {p.setting: p for p in points}
@@ -87,8 +91,8 @@ def test_bottleneck_of_an_autoencoder_with_fewer_images(val, models):
     teacher, _ = models
     torch.manual_seed(1)
     ae = build_ae_model(resolve(TEACHER), teacher, 2).eval()
-    points = bottleneck_rate(ae, TEACHER, val, ["int8", "fp32"], label="AE 2ch", max_images=3,
-                             **{**KW, "input_size": 64})
+    points = bottleneck_rate(ae, sized(TEACHER, 64), val, ["int8", "fp32"], label="AE 2ch", max_images=3,
+                             **KW)
     assert [(p.label, p.setting, p.images) for p in points] == [("AE 2ch", "int8", 3), ("AE 2ch", "fp32", 3)]
     numel = 2 * 4 * 4  # layer2 output 512 x 8 x 8 at 64 px, minus 4 by the encoder
     assert [p.bytes for p in points] == [numel + 8, 4 * numel]
@@ -98,7 +102,7 @@ def test_input_raw_and_png_are_plain_evaluation(val, models):
     teacher, _ = models
     samples = _relabel(teacher, TEACHER, val)
     plain = _plain(teacher, TEACHER, samples)
-    points = input_rate(teacher, TEACHER, samples, "jpeg", [10, 60, 95], **KW)
+    points = input_rate(teacher, sized(TEACHER), samples, "jpeg", [10, 60, 95], **KW)
     assert [(p.kind, p.label, p.setting) for p in points] == [
         ("input", "resnet50 raw", "raw"), ("input", "resnet50 jpeg", "q10"),
         ("input", "resnet50 jpeg", "q60"), ("input", "resnet50 jpeg", "q95")]
@@ -106,26 +110,27 @@ def test_input_raw_and_png_are_plain_evaluation(val, models):
     assert raw.bytes == SIZE * SIZE * 3 and _same_accuracy(raw, plain)
     assert jpeg[0].bytes < jpeg[1].bytes < jpeg[2].bytes < raw.bytes
     assert all(p.images == 6 for p in points)
-    png = input_rate(teacher, TEACHER, samples, "png", [], **KW)
+    png = input_rate(teacher, sized(TEACHER), samples, "png", [], **KW)
     assert [p.setting for p in png] == ["raw", "lossless"]
     assert _same_accuracy(png[1], plain) and 0 < png[1].bytes
 
 
 def test_transform_parts_compose_to_eval_transform(image_file):
-    geometry, to_tensor = eval_transform_parts(TEACHER, 40)
+    preprocessing = sized(TEACHER, 40).preprocessing()
+    geometry, to_tensor = preprocessing.geometry(), preprocessing.to_tensor()
     image = load_image(image_file)
     crop = geometry(image)
     assert crop.size == (40, 40)
-    assert torch.equal(to_tensor(crop), eval_transform(TEACHER, 40)(image))
+    assert torch.equal(to_tensor(crop), sized(TEACHER, 40).transforms()(image))
 
 
 def test_teacher_split_fp32_is_the_teacher_at_every_stage(val, models):
     teacher, _ = models
     samples = _relabel(teacher, TEACHER, val)
     plain = _plain(teacher, TEACHER, samples)
-    points = teacher_split_rate(teacher, TEACHER, samples, "fp32", **KW)
+    points = teacher_split_rate(teacher, sized(TEACHER), samples, "fp32", **KW)
     stages = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool"]
-    assert split_stages(TEACHER, teacher) == stages
+    assert split_stages(resolve(TEACHER), teacher) == stages
     assert [(p.kind, p.label, p.setting) for p in points] == [("teacher_split", TEACHER, s) for s in stages]
     assert all(_same_accuracy(p, plain) for p in points)
     h, numels = torch.zeros(1, 3, SIZE, SIZE), {}
@@ -138,7 +143,7 @@ def test_teacher_split_fp32_is_the_teacher_at_every_stage(val, models):
 
 def test_teacher_split_chosen_stages_default_format(val, models):
     teacher, _ = models
-    points = teacher_split_rate(teacher, TEACHER, val, stages=["layer4", "layer2"], max_images=3, **KW)
+    points = teacher_split_rate(teacher, sized(TEACHER), val, stages=["layer4", "layer2"], max_images=3, **KW)
     assert [p.setting for p in points] == ["layer2", "layer4"]  # teacher order
     assert points[0].bytes < 512 * 4 * 4 + 8 + 16  # int8 codes, zlib adds at most a few bytes
     assert points[1].bytes < 2048 + 8 + 16
@@ -151,23 +156,24 @@ def test_teacher_split_of_a_traced_teacher(val, monkeypatch):
     import hnd.rate
 
     torch.manual_seed(0)
-    teacher = build_model("resnet18", pretrained=False, num_classes=CLASSES)
-    valid = split_stages("resnet18", teacher)
+    teacher = create_model("resnet18", pretrained=False, num_classes=CLASSES)
+    valid = split_stages(resolve("resnet18"), teacher)
     assert {"maxpool", "layer2.0", "layer2", "layer3.0.add", "avgpool"} <= set(valid)
     assert not {"layer2.0.conv1", "layer2.0.bn2", "fc"} & set(valid)
     samples = _relabel(teacher, "resnet18", val)
     plain = _plain(teacher, "resnet18", samples)
     chosen = ["maxpool", "layer2", "layer3.0", "avgpool"]
-    points = teacher_split_rate(teacher, "resnet18@layer3", samples, "fp32", stages=chosen[::-1], **KW)
+    points = teacher_split_rate(teacher, sized("resnet18@layer3"), samples, "fp32", stages=chosen[::-1], **KW)
     assert [(p.kind, p.label, p.setting) for p in points] == [("teacher_split", "resnet18", s) for s in chosen]
     assert all(_same_accuracy(p, plain) for p in points)
     assert [p.bytes for p in points] == [4 * n for n in (64 * 8 * 8, 128 * 4 * 4, 256 * 2 * 2, 512)]  # at 32 px
-    assert "'layer2.0.conv1'" in error(teacher_split_rate, teacher, "resnet18", val, stages=["layer2.0.conv1"], **KW)
+    assert "'layer2.0.conv1'" in error(teacher_split_rate, teacher, sized("resnet18"), val, stages=["layer2.0.conv1"],
+                                       **KW)
 
     monkeypatch.setattr(hnd.rate, "tensor_roundtrip", lambda z, fmt: (torch.full_like(z, 0.5), [7] * len(z)))
     seen = []
     _record_inputs(teacher.layer3[0].conv1, seen)
-    (point,) = teacher_split_rate(teacher, "resnet18", val, stages=["layer2"], **KW)
+    (point,) = teacher_split_rate(teacher, sized("resnet18"), val, stages=["layer2"], **KW)
     assert point.bytes == 7  # the head stops at layer2: layer3 runs once, in the tail, on what was received
     assert [h.shape for h in seen] == [(6, 128, 4, 4)] and bool((seen[0] == 0.5).all())
 
@@ -183,7 +189,7 @@ def test_server_runs_on_what_was_received(val, monkeypatch):
     from PIL import Image
 
     torch.manual_seed(0)
-    teacher = build_model(TEACHER, pretrained=False, num_classes=CLASSES)
+    teacher = create_model(TEACHER, pretrained=False, num_classes=CLASSES)
     student = student_from_teacher(resolve(STUDENT), teacher).eval()
     monkeypatch.setattr(hnd.rate, "tensor_roundtrip", lambda z, fmt: (torch.full_like(z, 0.5), [7] * len(z)))
     monkeypatch.setattr(hnd.rate, "decode_image", lambda data: Image.new("RGB", (SIZE, SIZE)))
@@ -192,17 +198,17 @@ def test_server_runs_on_what_was_received(val, monkeypatch):
     _record_inputs(teacher.layer2, layer2_in)
     _record_inputs(teacher.conv1, conv1_in)
 
-    (point,) = bottleneck_rate(student, STUDENT, val, ["fp32"], **KW)
+    (point,) = bottleneck_rate(student, sized(STUDENT), val, ["fp32"], **KW)
     assert point.bytes == 7
     assert [z.shape for z in decoder_in] == [(6, 3, 5, 5)] and bool((decoder_in[0] == 0.5).all())
 
     layer2_in.clear()
-    teacher_split_rate(teacher, TEACHER, val, stages=["layer1"], **KW)  # the head stops at layer1
+    teacher_split_rate(teacher, sized(TEACHER), val, stages=["layer1"], **KW)  # the head stops at layer1
     assert [h.shape for h in layer2_in] == [(6, 256, 8, 8)] and bool((layer2_in[0] == 0.5).all())
 
     conv1_in.clear()
-    input_rate(teacher, TEACHER, val, "jpeg", [50], **KW)
-    _, to_tensor = eval_transform_parts(TEACHER, SIZE)
+    input_rate(teacher, sized(TEACHER), val, "jpeg", [50], **KW)
+    to_tensor = sized(TEACHER).preprocessing().to_tensor()
     black = to_tensor(Image.new("RGB", (SIZE, SIZE)))  # [3, S, S]
     raw, sent = conv1_in  # the raw crop first, then what came out of the codec
     assert bool((sent == black).all()) and not (raw == black).all()
@@ -219,13 +225,13 @@ def test_select_samples_is_class_balanced_and_fixed():
 
 def test_errors_are_one_line(val, models):
     teacher, student = models
-    assert "int4" in error(bottleneck_rate, student, STUDENT, val, ["int4"], **KW)
-    assert "gif" in error(input_rate, teacher, TEACHER, val, "gif", [50], **KW)
-    assert "1 to 100" in error(input_rate, teacher, TEACHER, val, "jpeg", [0], **KW)
-    assert "no quality" in error(input_rate, teacher, TEACHER, val, "webp", [], **KW)
-    message = error(teacher_split_rate, teacher, TEACHER, val, stages=["fc"], **KW)
+    assert "int4" in error(bottleneck_rate, student, sized(STUDENT), val, ["int4"], **KW)
+    assert "gif" in error(input_rate, teacher, sized(TEACHER), val, "gif", [50], **KW)
+    assert "1 to 100" in error(input_rate, teacher, sized(TEACHER), val, "jpeg", [0], **KW)
+    assert "no quality" in error(input_rate, teacher, sized(TEACHER), val, "webp", [], **KW)
+    message = error(teacher_split_rate, teacher, sized(TEACHER), val, stages=["fc"], **KW)
     assert "'fc'" in message and "layer2" in message and "flatten" not in message
-    assert "bf16" in error(teacher_split_rate, teacher, TEACHER, val, "bf16", **KW)
+    assert "bf16" in error(teacher_split_rate, teacher, sized(TEACHER), val, "bf16", **KW)
 
 
 def _points() -> list:

@@ -197,7 +197,7 @@ def test_generic_student_checkpoint_rebuilds_from_the_file(tmp_path):
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert torch.equal(loaded(x), student.eval()(x))
-    assert "does not fit resnet18@layer2-4ch" in str(pytest.raises(Exception, load_model, "resnet18-4ch",
+    assert "does not fit resnet18@layer2-4ch" in str(pytest.raises(Exception, load_model, resolve("resnet18-4ch"),
                                                                    tmp_path / "s.pt").value)
 
 
@@ -234,10 +234,11 @@ def test_a_checkpoint_is_read_once(counts, four_class_run):
     load_model(None, path)
     assert counts["loads"].get(key) == 1
     counts["loads"].clear()
-    load_model("resnet18-3ch", path)
+    load_model(resolve("resnet18-3ch"), path)
     assert counts["loads"].get(key) == 1
     counts["loads"].clear()
-    result = evaluate_checkpoint("resnet18-3ch", "hnd", path, data, student_only=True, batch_size=4, num_workers=0)
+    result = evaluate_checkpoint(resolve("resnet18-3ch"), "hnd", path, data, student_only=True, batch_size=4,
+                                 num_workers=0)
     assert result["student"]["images"] == 8 and result["teacher"] is None
     assert counts["loads"].get(key) == 1
 
@@ -286,8 +287,8 @@ def test_predict_uses_the_checkpoints_input_size(capsys, tmp_path, image_file):
 # ---------------------------------------------------------------- one HND step for a generic student
 
 def test_one_hnd_step_for_a_generic_student():
-    config = resolve_config("resnet18-3ch", "hnd", assignments=["pretrained=false", "input_size=64"])
-    assert config.model == "resnet18@layer2-3ch" and config.model_spec.input_size == 64
+    config = resolve_config(resolve("resnet18-3ch"), "hnd", assignments=["pretrained=false", "input_size=64"])
+    assert config.model == "resnet18@layer2-3ch" and config.spec.input_size == 64
     torch.manual_seed(0)
     task = build_task(config, num_classes=1000)
     assert task.trained is task.model.head and isinstance(task.trained, GenericHead)
@@ -325,14 +326,14 @@ def test_every_family_trains_a_step_and_predicts(name, capsys, tmp_path, image_f
     """A generic student of each family: one HND step at 96 px moves its head towards the
     teacher head's output (same shape), and ``hnd predict`` with its checkpoint gives the
     student's own logits."""
-    config = resolve_config(name, "hnd", assignments=["pretrained=false", "input_size=96"])
+    config = resolve_config(resolve(name), "hnd", assignments=["pretrained=false", "input_size=96"])
     torch.manual_seed(0)
     task = build_task(config, num_classes=1000)
     x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(1))
     task.train_mode()
     with torch.no_grad():
         target = task.reference(x)
-    assert task.trained(x).shape == target.shape == (2, *config.model_spec.head_output_shape)
+    assert task.trained(x).shape == target.shape == (2, *config.spec.head_output_shape)
     loss, _ = task.loss(task.trained, x, torch.tensor([0, 1]))
     loss.backward()
     before = {n: p.detach().clone() for n, p in task.trained.named_parameters()}
@@ -341,7 +342,7 @@ def test_every_family_trains_a_step_and_predicts(name, capsys, tmp_path, image_f
     assert any(not torch.equal(before[n], p) for n, p in task.trained.named_parameters())
 
     student = task.model.eval()
-    save_checkpoint(tmp_path / "student.pt", config.model_spec, student)
+    save_checkpoint(tmp_path / "student.pt", config.spec, student)
     assert main(["predict", name, str(image_file), "--checkpoint", str(tmp_path / "student.pt"),
                  "--topk", "3", "--logits", "--json"]) == 0
     import json
@@ -350,7 +351,7 @@ def test_every_family_trains_a_step_and_predicts(name, capsys, tmp_path, image_f
 
     logits = torch.tensor(json.loads(capsys.readouterr().out)["logits"])
     with torch.no_grad():
-        expected = student(image_tensor(config.model_spec, image_file))[0]
+        expected = student(image_tensor(config.spec, image_file))[0]
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import error
+from hnd.registry import resolve
 from hnd.rate import RatePoint
 from hnd.book.results import (RunRecord, beta_setting, best_run, entropic_comparison, entropic_summary,
                               is_entropic_point, matched_input, model_points, rate_label, teacher_reference,
@@ -75,7 +76,7 @@ def test_a_record_missing_a_field_is_a_one_line_error(tmp_path):
 def test_a_record_from_training_keeps_the_checkpoint_inside_the_cell_relative(tmp_path):
     from hnd.config import experiment_config
 
-    config = experiment_config("resnet18", "entropic", 3, {"pretrained": False, "input_size": 64, "beta": 2.0,
+    config = experiment_config(resolve("resnet18"), "entropic", 3, {"pretrained": False, "input_size": 64, "beta": 2.0,
                                                           "epochs": 2, "stage1_epochs": 1})
     result = {"checkpoint": str(tmp_path / "run" / "best.pt"), "best_epoch": 2, "select_top1": 40.0}
     test = {"student": {"top1": 42.0, "top5": 90.0, "bytes_per_image": 33.5}, "teacher": {"top1": 70.0}}
@@ -89,7 +90,8 @@ def test_a_record_from_training_keeps_the_checkpoint_inside_the_cell_relative(tm
     from hnd.files import read_json
 
     assert RunRecord.from_dict(read_json(tmp_path / METRICS_FILE), tmp_path) == record
-    own = RunRecord.from_training("resnet18", experiment_config("resnet18", "teacher", 3, {"pretrained": False}),
+    config = experiment_config(resolve("resnet18"), "teacher", 3, {"pretrained": False})
+    own = RunRecord.from_training("resnet18", config,
                                   result, {"student": {"top1": 70.0, "top5": 99.0}, "teacher": None}, epochs,
                                   tmp_path / "elsewhere")
     assert (own.channels, own.beta, own.teacher_top1) == (None, None, 70.0)
@@ -116,9 +118,9 @@ def test_train_overrides_add_beta_for_entropic_only():
 def test_beta_flows_into_the_entropic_config():
     from hnd.config import default_beta, experiment_config
 
-    config = experiment_config("resnet50", "entropic", 3, train_overrides("entropic", {}, beta=0.25))
+    config = experiment_config(resolve("resnet50"), "entropic", 3, train_overrides("entropic", {}, beta=0.25))
     assert config.beta == 0.25 and config.model.endswith("-entropic")
-    preset = experiment_config("resnet50", "entropic", 3, train_overrides("entropic", {}))
+    preset = experiment_config(resolve("resnet50"), "entropic", 3, train_overrides("entropic", {}))
     assert preset.beta == default_beta(preset.spec) > 0
 
 

@@ -3,6 +3,7 @@ metrics. Loopback only; every wait is bounded."""
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import socket
@@ -18,6 +19,7 @@ import pytest
 import torch
 
 from conftest import error
+from hnd.registry import resolve
 from hnd.access import TokenFile, read_token
 from hnd.cli import main
 from hnd.errors import HndError
@@ -36,7 +38,7 @@ def files(model, tmp_path_factory):
     from hnd.checkpoints import save_checkpoint
 
     root = tmp_path_factory.mktemp("secure")
-    save_checkpoint(root / "student.pt", NAME, model)
+    save_checkpoint(root / "student.pt", resolve(NAME), model)
     cert, key = make_self_signed(root / "tls")
     other, _ = make_self_signed(root / "other")
     (root / "tokens.txt").write_text(f"# edge devices\n{TOKEN}\n\nanother-token-abcdefghij\n")
@@ -149,7 +151,7 @@ def test_token_file_rules_and_rotation(tmp_path):
 
 def test_a_good_client_is_served_over_tls_with_its_token(secure, files, model):
     address, _ = secure
-    with EdgeClient(NAME, model, address, "int8", ssl_context=client_context(files["cert"]), token=TOKEN) as client:
+    with EdgeClient(model, address, "int8", ssl_context=client_context(files["cert"]), token=TOKEN) as client:
         for seed in range(2):
             assert client.classify(_image(seed))["topk"][0]["index"] == _local_top1(model, _image(seed))
 
@@ -159,7 +161,7 @@ def test_refused_clients_get_nothing_served(secure, files, model):
     client is served afterwards."""
     address, metrics_port = secure
     with pytest.raises(ServerError, match="unknown client token") as wrong:
-        EdgeClient(NAME, model, address, ssl_context=client_context(files["cert"]), token="not-a-token-at-all-000")
+        EdgeClient(model, address, ssl_context=client_context(files["cert"]), token="not-a-token-at-all-000")
     assert wrong.value.code == UNAUTHORIZED
     with _tls_socket(address, files["cert"]) as sock:  # TLS, but a request instead of a hello
         sock.sendall(encode_request(torch.zeros(SHAPE), "int8"))
@@ -167,10 +169,10 @@ def test_refused_clients_get_nothing_served(secure, files, model):
             decode_response(read_frame(sock))
         assert none.value.code == UNAUTHORIZED and sock.recv(1) == b""  # and closed
     with pytest.raises(HndError, match="closed the connection during the hello|bad magic|connection closed"):
-        EdgeClient(NAME, model, address, token=TOKEN)  # plaintext against TLS
+        EdgeClient(model, address, token=TOKEN)  # plaintext against TLS
     with pytest.raises(HndError, match="failed the TLS certificate check"):
-        EdgeClient(NAME, model, address, ssl_context=client_context(files["other_ca"]), token=TOKEN)
-    with EdgeClient(NAME, model, address, ssl_context=client_context(files["cert"]), token=TOKEN) as client:
+        EdgeClient(model, address, ssl_context=client_context(files["other_ca"]), token=TOKEN)
+    with EdgeClient(model, address, ssl_context=client_context(files["cert"]), token=TOKEN) as client:
         assert client.classify(_image(3))["topk"][0]["index"] == _local_top1(model, _image(3))
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
         text = reply.read().decode()
@@ -204,9 +206,83 @@ def test_malformed_frames_after_a_good_hello(secure, files, model):
         sock.close()
     with _tls_socket(address, files["cert"]) as sock:  # a hello cut short, then nothing
         sock.sendall(encode_hello(TOKEN)[:10])
-    with EdgeClient(NAME, model, address, "int8+zlib", ssl_context=client_context(files["cert"]),
+    with EdgeClient(model, address, "int8+zlib", ssl_context=client_context(files["cert"]),
                     token=TOKEN) as client:  # and it still serves
         assert client.classify(_image(0))["topk"][0]["index"] == _local_top1(model, _image(0))
+    assert _metric(secure[1], "broken") >= 2  # the bad magic and the length over the limit
+
+
+def _metric(port: int, outcome: str) -> float:
+    """A request count by outcome, or ``in_flight``: requests read and not yet answered."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    series = "hnd_requests_in_flight" if outcome == "in_flight" else rf'hnd_requests_total\{{outcome="{outcome}"\}}'
+    return float(re.search(rf"^{series} (\S+)", text, re.M).group(1))
+
+
+def test_a_second_hello_is_an_error_and_a_removed_token_closes_its_connections(files, model, tmp_path):
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text(f"{TOKEN}\nanother-token-abcdefghij\n")
+    metrics = _free_port()
+    proc, address, lines = _start(files, "--token-file", str(tokens), "--metrics-port", str(metrics))
+    try:
+        with socket.create_connection(parse_address(address), timeout=30) as sock:
+            sock.sendall(encode_hello(TOKEN))
+            assert hello_token(read_frame(sock)) == ""  # welcome
+            sock.sendall(encode_hello(TOKEN))
+            assert "said hello already" in error(decode_response, read_frame(sock))
+            sock.sendall(encode_request(torch.zeros(SHAPE), "int8"))
+            assert len(decode_response(read_frame(sock)).topk) == 5  # the connection stays
+        with EdgeClient(model, address, "int8", token=TOKEN) as edge:
+            assert edge.classify(_image(1))["topk"]
+            tokens.write_text("another-token-abcdefghij\n")  # this device's token withdrawn
+            with pytest.raises(ServerError, match="no longer accepted") as refused:
+                edge.classify(_image(1))
+            assert refused.value.code == UNAUTHORIZED
+        assert _metric(metrics, "refused") >= 1 and _metric(metrics, "unauthorized") >= 1
+    finally:
+        assert _stop(proc) == 0, "".join(lines)
+
+
+def test_slow_hellos_cannot_take_the_slots_of_authorized_clients(files, model):
+    """Two clients trickling their hello fill the slots for connections owing one; a third is
+    told busy at once. The authorized client already connected is served all along, and the
+    slow ones are closed when their hello deadline passes."""
+    proc, address, lines = _start(files, "--token-file", str(files["tokens"]), "--max-connections", "1",
+                                  "--max-pending", "2", "--hello-timeout", "2")
+    try:
+        with EdgeClient(model, address, "int8", token=TOKEN) as edge:
+            slow = [socket.create_connection(parse_address(address), timeout=30) for _ in range(2)]
+            for sock in slow:
+                sock.sendall(encode_hello(TOKEN)[:3])  # and nothing more
+            _wait_for(lambda: "2 connections still owe their hello" in _refusal(address),
+                      "a third connection owing its hello to be refused")
+            assert edge.classify(_image(2))["topk"][0]["index"] == _local_top1(model, _image(2))
+            for sock in slow:  # closed at the deadline, with the reason
+                with sock:
+                    assert "no hello within 2 s" in error(decode_response, read_frame(sock))
+            assert edge.classify(_image(3))["topk"]
+    finally:
+        assert _stop(proc) == 0, "".join(lines)
+
+
+def _refusal(address: str) -> str:
+    """What a new connection that sends nothing is told first ('' if nothing within 1 s)."""
+    with socket.create_connection(parse_address(address), timeout=30) as sock:
+        sock.settimeout(1.0)
+        try:
+            return str(pytest.raises(ServerError, decode_response, read_frame(sock)).value)
+        except (socket.timeout, FrameError):
+            return ""
+
+
+def _wait_for(condition, what: str, timeout: float = 60) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_an_open_port_needs_tls_and_tokens_or_insecure(capsys):
@@ -237,7 +313,7 @@ def test_overload_gets_busy_answers_and_memory_stays_bounded(files, model):
 
         def client() -> None:
             try:
-                with EdgeClient(NAME, model, address, "fp32", retries=0, timeout_s=60) as edge:
+                with EdgeClient(model, address, "fp32", retries=0, timeout_s=60) as edge:
                     for _ in range(3):
                         assert edge.classify(x)["topk"][0]["index"] == want
                         outcomes.append("answered")
@@ -257,19 +333,20 @@ def test_overload_gets_busy_answers_and_memory_stays_bounded(files, model):
         assert all(o in ("busy", "answered") for o in outcomes), outcomes
         grown = _rss_peak_mb(proc.pid) - before
         assert grown < 150, f"server memory grew by {grown:.0f} MB"
-        with EdgeClient(NAME, model, address, "int8") as edge:  # and it still serves
+        with EdgeClient(model, address, "int8") as edge:  # and it still serves
             assert edge.classify(x)["topk"][0]["index"] == want
     finally:
         assert _stop(proc) == 0, "".join(lines)
 
 
 def test_sigterm_answers_the_requests_in_flight_then_exits_0(files, model):
-    proc, address, lines = _start(files, "--max-batch", "8", "--max-wait-ms", "1500")
+    metrics = _free_port()
+    proc, address, lines = _start(files, "--max-batch", "8", "--max-wait-ms", "3000", "--metrics-port", str(metrics))
     try:
         socks = [socket.create_connection(parse_address(address), timeout=30) for _ in range(3)]
-        for sock in socks:  # each waits in the batch for up to 1.5 s
+        for sock in socks:  # each waits in the batch for up to 3 s
             sock.sendall(encode_request(torch.zeros(SHAPE), "int8"))
-        time.sleep(0.3)
+        _wait_for(lambda: _metric(metrics, "in_flight") == 3, "the server to hold the 3 requests")
         proc.send_signal(signal.SIGTERM)
         for sock in socks:
             with sock:
@@ -280,6 +357,25 @@ def test_sigterm_answers_the_requests_in_flight_then_exits_0(files, model):
     finally:
         _stop(proc)
     assert any("stopped, every request answered" in line for line in lines), lines
+
+
+def test_sigterm_with_idle_tls_clients_stops_within_its_drain_time(files):
+    """Idle TLS clients (one authorized, one that never said hello) do not hold the server past
+    --drain-timeout: their connections are aborted, not shut down politely for 30 s, and the
+    command exits 0 without a traceback."""
+    proc, address, lines = _start(files, "--tls-cert", str(files["cert"]), "--tls-key", str(files["key"]),
+                                  "--token-file", str(files["tokens"]), "--drain-timeout", "2")
+    idle = [_tls_socket(address, files["cert"]) for _ in range(2)]
+    try:
+        idle[0].sendall(encode_hello(TOKEN))
+        assert hello_token(read_frame(idle[0])) == ""
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=2 + 10) == 0  # without the abort: 30 s of TLS shutdown, then more
+    finally:
+        for sock in idle:
+            sock.close()
+        _stop(proc)
+    assert not any("Traceback" in line or "CancelledError" in line for line in lines), "".join(lines)
 
 
 def test_tls_cert_command_and_bad_tls_files(tmp_path, capsys):
@@ -295,3 +391,46 @@ def test_tls_cert_command_and_bad_tls_files(tmp_path, capsys):
     assert "cannot read TLS file" in error(server_context, tmp_path / "none.pem", key)
     assert f"cannot use TLS certificate {key}" in error(server_context, key, key)
     assert "cannot read TLS CA file" in error(client_context, tmp_path / "none.pem")
+
+
+def test_the_edge_command_speaks_tls_tokens_and_a_rate_limit(files, image_file, capsys):
+    """`hnd edge` as a user runs it against a TLS server with tokens: its own flags, the same
+    top-k as `hnd predict` on the whole student, and the emulated link's transfer time."""
+    proc, address, lines = _start(files, "--tls-cert", str(files["cert"]), "--tls-key", str(files["key"]),
+                                  "--token-file", str(files["tokens"]))
+    common = [NAME, str(image_file), "--checkpoint", str(files["checkpoint"])]
+    try:
+        assert main(["edge", *common, "--server", address, "--tls-ca", str(files["cert"]), "--token-file",
+                     str(files["tokens"]), "--bits", "32", "--rate-limit", "2", "--json"]) == 0
+        [sent] = json.loads(capsys.readouterr().out)
+        assert main(["edge", *common, "--server", address, "--token-file", str(files["tokens"])]) == 2  # no TLS
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "closed the connection during the hello" in err and "--tls-ca" in err
+    finally:
+        assert _stop(proc) == 0, "".join(lines)
+    assert main(["predict", *common, "--json"]) == 0
+    whole = json.loads(capsys.readouterr().out)
+    assert [t["index"] for t in sent["topk"]] == [t["index"] for t in whole["topk"]]
+    assert sent["bytes"] == 32 + 4 * 3 * 29 * 29 and sent["transfer_s"] >= sent["bytes"] * 8 / 2e6 * 0.9
+
+
+def test_requests_still_waiting_at_the_drain_deadline_are_reported(files):
+    """A request held longer than --drain-timeout (its batch waits a minute to fill): the server
+    stops at the deadline, says how many went unanswered, and the client's connection is closed."""
+    metrics = _free_port()
+    proc, address, lines = _start(files, "--max-batch", "8", "--max-wait-ms", "60000", "--drain-timeout", "1",
+                                  "--metrics-port", str(metrics))
+    try:
+        with socket.create_connection(parse_address(address), timeout=30) as sock:
+            sock.sendall(encode_request(torch.zeros(SHAPE), "int8"))
+            _wait_for(lambda: _metric(metrics, "in_flight") == 1, "the server to hold the request")
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=1 + 10) == 0
+            try:
+                answer = sock.recv(1)
+            except ConnectionResetError:  # aborted
+                answer = b""
+            assert answer == b""  # closed unanswered
+    finally:
+        _stop(proc)
+    assert any("stopped (1 requests unanswered after 1 s)" in line for line in lines), lines

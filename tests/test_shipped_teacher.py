@@ -12,6 +12,7 @@ import pytest
 from hnd.book.grid import check_cells, load_profile, plan_cells
 from hnd.book.results import train_overrides
 from hnd.config import experiment_config
+from hnd.registry import resolve
 from hnd.synth import write_synthetic_dataset
 from hnd.training import finished_run, read_metrics
 
@@ -26,7 +27,8 @@ def _teacher_cell(profile: str, tmp_path: Path):
 
 
 def _config(parameters: dict):
-    return experiment_config(parameters["teacher"], "teacher", 3, train_overrides("teacher", parameters["overrides"]))
+    overrides = train_overrides("teacher", parameters["overrides"])
+    return experiment_config(resolve(parameters["teacher"]), "teacher", 3, overrides)
 
 
 @pytest.fixture(scope="module")

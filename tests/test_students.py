@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from hnd.errors import HndError
-from hnd.registry import build_student, resolve
+from hnd.models import create_student
+from hnd.registry import resolve
 from hnd.students import GenericHead, Student, StudentHead, check_channels
 from hnd.teachers import TEACHERS, teacher_spec
 
@@ -47,7 +48,7 @@ def test_original_weight_init():
 @pytest.mark.parametrize("name", OFFICIAL_STUDENTS)
 def test_official_students_shapes_and_split(name):
     torch.manual_seed(0)
-    student = build_student(name, pretrained=False)
+    student = create_student(name, pretrained=False)
     assert isinstance(student, Student) and isinstance(student.head, StudentHead)
     assert str(student.spec) == name and student.spec == resolve(name) and student.spec.official
     size = teacher_spec(student.spec.teacher.name).input_size
@@ -70,7 +71,7 @@ def test_official_students_shapes_and_split(name):
 
 def test_smaller_family_members_share_the_head():
     for teacher in ("densenet121", "resnet50", "resnet101"):
-        student = build_student(f"{teacher}_head_mimic-ver2b-6ch", pretrained=False)
+        student = create_student(f"{teacher}_head_mimic-ver2b-6ch", pretrained=False)
         assert isinstance(student.head, StudentHead) and student.spec.official
         with torch.no_grad():
             assert student(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
@@ -99,8 +100,9 @@ def test_bad_student_names(bad, message):
 
 
 def test_a_teacher_name_is_not_a_student():
-    with pytest.raises(HndError, match="densenet169 is a teacher; students are named like densenet169@POINT-3ch"):
-        build_student("densenet169", pretrained=False)
+    with pytest.raises(HndError, match="densenet169 is a teacher: split computing here needs a student such as "
+                                       "densenet169-3ch"):
+        create_student("densenet169", pretrained=False)
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, "3.5", True, None])
@@ -156,7 +158,7 @@ def test_generic_head_rejects_no_channels():
 @pytest.mark.parametrize("name", ["resnet50_head_mimic-ver2b-3ch-entropic", "resnet18@layer2-6ch-entropic"])
 def test_entropic_student_rounds_its_bottleneck_and_has_a_rate(name):
     torch.manual_seed(0)
-    student = build_student(name, pretrained=False).eval()
+    student = create_student(name, pretrained=False).eval()
     spec = student.spec
     assert spec.entropy and student.prior is not None and student.prior.channels == spec.channels
     size = spec.input_size
@@ -178,5 +180,5 @@ def test_entropic_student_rounds_its_bottleneck_and_has_a_rate(name):
     student.head.train()  # training: additive uniform noise instead of rounding
     noisy = student.head.prior(z)[0]
     assert not torch.equal(noisy, torch.round(noisy)) and (noisy - z).abs().max() <= 0.5
-    plain = build_student(name.removesuffix("-entropic"), pretrained=False)
+    plain = create_student(name.removesuffix("-entropic"), pretrained=False)
     assert plain.prior is None and "no entropy model" in str(pytest.raises(HndError, plain.head.forward_with_rate, x).value)

@@ -11,6 +11,7 @@ import torch
 
 import hnd.training
 from conftest import error
+from hnd.registry import resolve
 from hnd.config import resolve_config
 from hnd.data import ImageDataset, check_layout, train_transform
 from hnd.teacher_outputs import CachedViews, compute_teacher_outputs
@@ -18,16 +19,17 @@ from hnd.training import finished_run, fit, read_metrics, train_or_resume
 from test_training import STUDENT, TEACHER, TINY, synth, teacher_ckpt  # noqa: F401 - fixtures
 
 VIEWS = ["augment_views=2", "epochs=3"]
+SPEC_64 = resolve(STUDENT).at_input_size(64)
 
 
 def _config(method: str, teacher: Path, *extra: str):
     name = TEACHER if method == "ae" else STUDENT
-    return resolve_config(name, method, None, [*TINY, f"teacher_checkpoint={teacher}", *VIEWS, *extra])
+    return resolve_config(resolve(name), method, None, [*TINY, f"teacher_checkpoint={teacher}", *VIEWS, *extra])
 
 
 def test_views_repeat_every_v_epochs_and_ignore_the_seed(synth):
     samples = check_layout(synth).samples["train"][:3]
-    transform = train_transform(STUDENT, input_size=64)
+    transform = train_transform(SPEC_64)
 
     def item(epoch, seed, index=1):
         dataset = ImageDataset(samples, transform, augment=True, seed=seed, views=2)
@@ -45,9 +47,9 @@ def test_views_repeat_every_v_epochs_and_ignore_the_seed(synth):
 @pytest.mark.parametrize("decoder", ["pil", "torchvision"])
 def test_cached_views_are_the_decoded_ones_bit_for_bit(decoder, synth):
     samples = check_layout(synth).samples["train"][:5]
-    normalized = ImageDataset(samples, train_transform(STUDENT, input_size=64, decoder=decoder), augment=True,
+    normalized = ImageDataset(samples, train_transform(SPEC_64, decoder=decoder), augment=True,
                               decoder=decoder, views=2)
-    pixels = ImageDataset(samples, train_transform(STUDENT, input_size=64, decoder=decoder, normalize=False),
+    pixels = ImageDataset(samples, train_transform(SPEC_64, decoder=decoder, normalize=False),
                           augment=True, decoder=decoder, views=2)
     pool = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())  # a "teacher" with 3 logits
     outputs = compute_teacher_outputs(torch.nn.Identity(), pool, pixels, 2, 0, torch.device("cpu"))
@@ -104,7 +106,7 @@ def test_patience_stops_a_run_that_no_longer_improves(synth, teacher_ckpt, tmp_p
 
 
 def test_entropic_patience_counts_from_stage_two():
-    config = resolve_config(STUDENT, "entropic", None, [*TINY, "epochs=10", "stage1_epochs=4", "patience=2"])
+    config = resolve_config(resolve(STUDENT), "entropic", None, [*TINY, "epochs=10", "stage1_epochs=4", "patience=2"])
     spent = [hnd.training.patience_spent(config, epoch, best_epoch=1) for epoch in range(10)]
     assert spent == [False] * 6 + [True] * 4  # stage 2 starts at epoch index 4; 6 - 4 >= 2
 
@@ -116,11 +118,11 @@ def test_entropic_patience_counts_from_stage_two():
     (["augment_views=-2"], "augment_views must be 0 (off) or a positive number of views per image, got -2"),
 ])
 def test_config_mistakes_are_one_line(extra, message):
-    assert error(resolve_config, STUDENT, "hnd", None, [*TINY, *extra]) == message
+    assert error(resolve_config, resolve(STUDENT), "hnd", None, [*TINY, *extra]) == message
 
 
 def test_a_run_trained_elsewhere_is_tested_again_and_checked(synth, tmp_path):
-    config = resolve_config(TEACHER, "teacher", None, [*TINY, "pretrained=false", "epochs=1"])
+    config = resolve_config(resolve(TEACHER), "teacher", None, [*TINY, "pretrained=false", "epochs=1"])
     fit(config, synth, tmp_path / "trained", progress=False)
     shipped = tmp_path / "shipped"
     shipped.mkdir()
@@ -129,7 +131,7 @@ def test_a_run_trained_elsewhere_is_tested_again_and_checked(synth, tmp_path):
     result = finished_run(config, shipped, synth)
     assert result["test"] == result["trained_test"]  # the same weights on the same images
     assert result["checkpoint"] == str(shipped / "best.pt")
-    other = resolve_config(TEACHER, "teacher", None, [*TINY, "pretrained=false", "epochs=1", "lr=0.5"])
+    other = resolve_config(resolve(TEACHER), "teacher", None, [*TINY, "pretrained=false", "epochs=1", "lr=0.5"])
     assert error(finished_run, other, shipped, synth) == \
         f"the run in {shipped} was trained with other settings (lr) than asked"
     (shipped / "best.pt").unlink()

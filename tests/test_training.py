@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hnd.registry import resolve
 from hnd.checkpoints import load_model, read_file
 from hnd.cli import main
 from conftest import error
@@ -43,14 +44,14 @@ def synth(tmp_path_factory) -> Path:
 def teacher_ckpt(synth, tmp_path_factory) -> Path:
     """A 4-class ResNet-18 teacher trained from scratch for one epoch (the CPU profile's start)."""
     out = tmp_path_factory.mktemp("runs") / "teacher"
-    config = resolve_config(TEACHER, "teacher", None, [*TINY, "pretrained=false", "epochs=1", "lr=0.002"])
+    config = resolve_config(resolve(TEACHER), "teacher", None, [*TINY, "pretrained=false", "epochs=1", "lr=0.002"])
     fit(config, synth, out, progress=False)
     return out / "best.pt"
 
 
 def _config(method: str, teacher_ckpt: Path, *extra: str):
     name = TEACHER if method == "ae" else STUDENT
-    return resolve_config(name, method, None, [*TINY, f"teacher_checkpoint={teacher_ckpt}", *extra])
+    return resolve_config(resolve(name), method, None, [*TINY, f"teacher_checkpoint={teacher_ckpt}", *extra])
 
 
 def _cli(*args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
@@ -121,12 +122,12 @@ def test_evaluate_cli_reports_model_and_teacher(synth, teacher_ckpt, tmp_path, c
                  "--workers", "0", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["format"] == "hnd" and doc["student"]["images"] == 16 and doc["teacher"]["images"] == 16
-    teacher = evaluate_checkpoint(TEACHER, "teacher", teacher_ckpt, synth, num_workers=0)["student"]
+    teacher = evaluate_checkpoint(resolve(TEACHER), "teacher", teacher_ckpt, synth, num_workers=0)["student"]
     assert doc["teacher"] == teacher
     # What the training notebook records next to a finished run: its teacher alone; none for a teacher run.
     config = _config("kd", teacher_ckpt, "epochs=1")
     assert evaluate_teacher(config, synth, num_workers=0) == teacher
-    assert evaluate_teacher(resolve_config(TEACHER, "teacher", None, TINY), synth, num_workers=0) is None
+    assert evaluate_teacher(resolve_config(resolve(TEACHER), "teacher", None, TINY), synth, num_workers=0) is None
 
     assert main(["evaluate", STUDENT, "--method", "hnd", "--checkpoint", str(out / "best.pt"), "--data",
                  str(synth)]) == 2
@@ -171,15 +172,15 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(synth, teacher_ckpt
 def test_resume_rules(synth, teacher_ckpt, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(HndError, match="nothing to resume"):
-        resume_config(out, STUDENT, "hnd")
+        resume_config(out, resolve(STUDENT), "hnd")
     fit(_config("hnd", teacher_ckpt, "epochs=1"), synth, out, progress=False)
     with pytest.raises(HndError, match="already holds a run"):
         fit(_config("hnd", teacher_ckpt, "epochs=1"), synth, out, progress=False)
     with pytest.raises(HndError, match="cannot change lr"):
-        resume_config(out, STUDENT, "hnd", assignments=["lr=0.5"])
+        resume_config(out, resolve(STUDENT), "hnd", assignments=["lr=0.5"])
     with pytest.raises(HndError, match="holds a hnd run"):
-        resume_config(out, STUDENT, "kd")
-    longer = resume_config(out, STUDENT, "hnd", assignments=["epochs=2"])  # extending a run is allowed
+        resume_config(out, resolve(STUDENT), "kd")
+    longer = resume_config(out, resolve(STUDENT), "hnd", assignments=["epochs=2"])  # extending a run is allowed
     fit(longer, synth, out, resume=True, progress=False)
     assert [m["epoch"] for m in read_metrics(out)] == [1, 2]
 

@@ -61,6 +61,7 @@ class Cell:
     parameters: dict = field(default_factory=dict)
     phase: int = 0  # cells of one phase run together; a phase starts when the one before has finished
     slurm: dict = field(default_factory=dict)  # the step's job options over the profile's
+    reads_runs: bool = False  # a parameter names the runs folder ({out}): it reads earlier phases' cells
 
 
 def notebook_path(root: Path, stem: str) -> Path:
@@ -230,9 +231,22 @@ class CellRunner:
         return read_json_if_any(self.runs / cell.id / RESULTS_FILE)
 
     def is_done(self, cell: Cell) -> bool:
+        """Finished with these parameters, and nothing it reads has finished again since."""
         saved = self.saved(cell)
         return bool(saved and saved.get("status") == "done" and saved.get("parameters") == cell.parameters
-                    and (self.runs / cell.id / "notebook.ipynb").is_file())
+                    and (self.runs / cell.id / "notebook.ipynb").is_file() and not self.changed_inputs(cell, saved))
+
+    def inputs(self, cell: Cell) -> dict[str, str | None]:
+        """When each cell that ``cell`` reads last finished: the cells of the phases before it,
+        if it reads the runs folder (a chapter that gathers the training runs)."""
+        if not cell.reads_runs:
+            return {}
+        return {c.id: (self.saved(c) or {}).get("finished") for c in self.cells if c.phase < cell.phase}
+
+    def changed_inputs(self, cell: Cell, saved: dict | None = None) -> list[str]:
+        """The cells ``cell`` reads that finished again after it ran (a resubmitted run)."""
+        before = (saved if saved is not None else self.saved(cell) or {}).get("inputs") or {}
+        return [k for k, stamp in self.inputs(cell).items() if before.get(k) != stamp]
 
     def set_status(self, cell_id: str, status: str, seconds: float | None = None, error: str | None = None) -> None:
         with self.lock:
@@ -269,6 +283,7 @@ class CellRunner:
                    "--no-progress-bar"]
         record = {"profile": self.profile.name, "cell": cell.id, "notebook": cell.notebook, "label": cell.label,
                   "step": cell.step, "parameters": cell.parameters, "injected": parameters, "status": "queued",
+                  "inputs": self.inputs(cell),
                   "command": " ".join(command[1:]).replace(str(self.root) + os.sep, ""), **self.environment}
         write_json(folder / RESULTS_FILE, record)
         return CellRun(cell.id, str(folder), str(self.root), command, record)
@@ -386,15 +401,28 @@ def check_job_options(doc: dict, where: str) -> None:
 
 
 def check_executor(kind: str) -> None:
-    """A one-line error for an unknown executor, or for Slurm on a machine without it."""
+    """A one-line error for an unknown executor, or for Slurm on a machine without it or whose
+    controller does not answer. Accounting (``sacct``) is not needed: job states come from
+    ``squeue`` where it is off."""
     import shutil
+    import subprocess
 
     if kind not in EXECUTORS:
         raise HndError(f"unknown executor {kind!r}; valid: {', '.join(EXECUTORS)}")
-    missing = [tool for tool in ("sbatch", "srun", "sacct") if kind == "slurm" and shutil.which(tool) is None]
+    if kind != "slurm":
+        return
+    missing = [tool for tool in ("sbatch", "srun", "squeue") if shutil.which(tool) is None]
     if missing:
         raise HndError(f"--executor slurm needs Slurm's {', '.join(missing)} on PATH; on a machine without Slurm "
                        "run the grid with --executor local (or without --executor)")
+    try:
+        answer = subprocess.run(["squeue", "-h", "--me", "-o", "%i"], capture_output=True, text=True, timeout=60)
+        said = (answer.stderr.strip().splitlines() or [f"exit status {answer.returncode}"])[-1]
+    except subprocess.TimeoutExpired:
+        answer, said = None, "no answer within 60 s"
+    if answer is None or answer.returncode != 0:
+        raise HndError(f"--executor slurm: the Slurm controller does not answer (squeue: {said}); check "
+                       "`scontrol ping` or run the grid with --executor local")
 
 
 def plain_table(rows: list[tuple[str, ...]], right: tuple[int, ...] = ()) -> list[str]:

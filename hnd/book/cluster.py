@@ -119,19 +119,35 @@ def _slurm_message(folder: Path, job: dict) -> str | None:
 
 
 def slurm_states(ids: list[str]) -> dict[str, str]:
-    """Slurm's state of each job id, from one ``sacct`` call (a job it does not list yet, or a
-    failing sacct, is left out: the caller counts it as unknown, hence alive)."""
-    import subprocess
-
+    """Slurm's state of each job id: from ``sacct`` (accounting), else from ``squeue``, which
+    lists the jobs slurmctld still holds (pending, running and, for ``MinJobAge`` after they end,
+    ended ones), on clusters without accounting or for jobs it has not recorded yet. A job that
+    neither lists while ``squeue`` answers has ended long ago: ``ENDED``. When neither answers
+    (the controller is down), the job is left out: the caller counts it as unknown, hence alive."""
     if not ids:
         return {}
+    states = _slurm_table(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(ids)]) or {}
+    unlisted = [i for i in ids if i not in states]
+    if unlisted:
+        held = _slurm_table(["squeue", "-h", "--me", "--states=all", "-o", "%i|%T"])
+        if held is not None:
+            states.update({i: held.get(i, "ENDED") for i in unlisted})
+    return states
+
+
+def _slurm_table(argv: list[str]) -> dict[str, str] | None:
+    """``JOBID|STATE`` lines of a Slurm command as {job id: state}; None if it does not answer
+    (not installed, failing as sacct does without accounting, or silent for a minute)."""
+    import subprocess
+
     try:
-        done = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(ids)],
-                              capture_output=True, text=True, timeout=60)
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
-        return {}
+        return None
+    if done.returncode != 0:
+        return None
     states = {}
-    for line in done.stdout.splitlines() if done.returncode == 0 else []:
+    for line in done.stdout.splitlines():
         job, _, state = line.partition("|")
         if job.strip() and state.strip():
             states[job.strip()] = state.split()[0].upper()  # "CANCELLED by 123" -> CANCELLED

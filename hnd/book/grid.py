@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 import itertools
+import json
 import os
 from pathlib import Path
 
@@ -121,8 +122,9 @@ def plan_cells(profile: Profile, runs: Path, data: Path | None, cwd: Path | None
             where = f"profile {profile.name}, cell {cell_id}"
             parameters = _fill({**(step.get("parameters") or {}), **combo}, places, where)
             label = ", ".join(f"{k}={v}" for k, v in combo.items()) or step.get("name") or step["notebook"]
+            reads_runs = "{out}" in json.dumps(step.get("parameters") or {})
             cells.append(Cell(cell_id, step["notebook"], number, label, parameters, phase,
-                              {**profile.slurm, **(step.get("slurm") or {})}))
+                              {**profile.slurm, **(step.get("slurm") or {})}, reads_runs))
     return cells
 
 
@@ -250,8 +252,12 @@ def run_grid(profile_name: str, *, root: str | os.PathLike = ".", runs: str | os
             if runner.is_done(cell):
                 log(f"[{next(counter)}/{total}] {cell.id}: done before, skipped")
                 summaries[cell.id] = _summary(cell.id, runner.saved(cell), skipped=True)
-            else:
-                todo.append(cell)
+                continue
+            changed = runner.changed_inputs(cell) if (runner.saved(cell) or {}).get("status") == "done" else []
+            if changed:
+                log(f"{cell.id}: {', '.join(changed[:3])}{' and others' if len(changed) > 3 else ''} finished "
+                    "again since it ran; running it again")
+            todo.append(cell)
         positions = {cell.id: f"[{next(counter)}/{total}]" for cell in todo}
         for cell_id, record in phases.run_phase(todo, declared, positions).items():
             summaries[cell_id] = _summary(cell_id, record, skipped=False)

@@ -20,7 +20,6 @@ import numpy as np
 from PIL import Image
 
 from hnd.codec import encode_image
-from hnd.data import eval_transform_parts
 from hnd.registry import ModelSpec
 
 # scikit-image's sample photographs of scenes, objects and surfaces (not its drawings, text,
@@ -87,15 +86,15 @@ def measure(image: Image.Image) -> tuple[int, int, float]:
             spectral_slope(rgb))
 
 
-def image_statistics(images: Iterable[Image.Image], model: str | ModelSpec, input_size: int) -> ImageStatistics:
-    """The medians of :func:`measure` over ``images``, each in ``model``'s evaluation crop at
-    ``input_size`` (resize, then centre crop, as the network reads it)."""
-    geometry, _ = eval_transform_parts(model, input_size)
+def image_statistics(images: Iterable[Image.Image], spec: ModelSpec) -> ImageStatistics:
+    """The medians of :func:`measure` over ``images``, each in the evaluation crop of the model
+    ``spec`` at its input size (resize, then centre crop, as the network reads it)."""
+    geometry = spec.preprocessing().geometry()
     rows = [measure(geometry(image.convert("RGB"))) for image in images]
     if not rows:
         raise ValueError("no images to measure")
     jpeg, webp, slope = zip(*rows)
-    return ImageStatistics(len(rows), input_size, float(median(jpeg)), float(median(webp)), float(median(slope)))
+    return ImageStatistics(len(rows), spec.input_size, float(median(jpeg)), float(median(webp)), float(median(slope)))
 
 
 def sample_paths(root: str | Path, split: str = "val", per_class: int = 5) -> list[Path]:
@@ -112,10 +111,10 @@ def load_images(paths: Sequence[str | Path]) -> list[Image.Image]:
     return images
 
 
-def codec_bytes(images: Iterable[Image.Image], model: str | ModelSpec, input_size: int | None, codec: str,
+def codec_bytes(images: Iterable[Image.Image], spec: ModelSpec, codec: str,
                 qualities: Sequence[int]) -> dict[int, float]:
-    """Quality -> the median bytes of ``images`` in ``model``'s evaluation crop (``input_size``:
-    None for the model's own) encoded with ``codec`` at that quality."""
-    geometry, _ = eval_transform_parts(model, input_size)
+    """Quality -> the median bytes of ``images`` in the evaluation crop of the model ``spec``,
+    encoded with ``codec`` at that quality."""
+    geometry = spec.preprocessing().geometry()
     crops = [geometry(image.convert("RGB")) for image in images]
     return {q: float(median(len(encode_image(crop, codec, q)) for crop in crops)) for q in qualities}

@@ -119,7 +119,7 @@ class RunRecord:
         teacher's (:func:`hnd.evaluation.evaluate_teacher`) or None}, in the cell folder ``output_dir``."""
         student = test["student"]
         own = config.method == "teacher"
-        channels = None if own else config.ae_channels if config.method == "ae" else config.model_spec.channels
+        channels = None if own else config.ae_channels if config.method == "ae" else config.spec.channels
         checkpoint = Path(result["checkpoint"]).resolve()
         try:
             checkpoint = checkpoint.relative_to(Path(output_dir).resolve())
@@ -242,15 +242,16 @@ def untrained_models(methods: list[str], teacher: str, classes: int, input_size:
     from hnd.autoencoder import build_ae_model
     from hnd.config import experiment_config
     from hnd.methods import build_reference_teacher
-    from hnd.registry import student_from_teacher
+    from hnd.registry import resolve, student_from_teacher
 
+    spec = resolve(teacher)
     torch.manual_seed(seed)
     out = []
     for method in methods:
-        config = experiment_config(teacher, method, 3, {"pretrained": False, "input_size": input_size})
+        config = experiment_config(spec, method, 3, {"pretrained": False, "input_size": input_size})
         reference = build_reference_teacher(config, classes)
-        model = (build_ae_model(config.model_spec, reference, 3) if method == "ae"
-                 else student_from_teacher(config.model_spec, reference))
+        model = (build_ae_model(config.spec, reference, 3) if method == "ae"
+                 else student_from_teacher(config.spec, reference))
         if method == "entropic":  # the untrained prior's coding tables
             model.head.prior.update_tables()
         out.append(MeasuredModel(method, 3, config.beta if method == "entropic" else None, config, model.eval()))
