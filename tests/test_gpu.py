@@ -4,6 +4,7 @@ machine with CUDA; without it each skips, saying why. Everything else in the sui
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -39,7 +40,40 @@ def test_training_steps_on_cuda(synth, tmp_path, amp, channels_last):
     result = fit(config, synth, tmp_path / "run", progress=False)
     lines = read_metrics(tmp_path / "run")
     assert [m["epoch"] for m in lines] == [1, 2] and all(torch.isfinite(torch.tensor(m["train_loss"])) for m in lines)
-    assert 0 <= result["test"]["top1"] <= 100
+    _same_top1_on_the_cpu(result["test"], tmp_path / "run" / "best.pt", synth)
+
+
+def _same_top1_on_the_cpu(tested: dict, checkpoint: Path, data: Path) -> None:
+    """The test top-1 that training measured on the GPU is the CPU's for the same weights, up to
+    one image (reduced-precision ties)."""
+    from hnd.evaluation import evaluate_checkpoint
+
+    on_cpu = evaluate_checkpoint(None, "naive", checkpoint, data, student_only=True, num_workers=0,
+                                 device="cpu")["student"]
+    assert tested["images"] == on_cpu["images"] and abs(tested["top1"] - on_cpu["top1"]) <= 100 / on_cpu["images"]
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_agrees_with_fp32_on_the_same_batch(amp):
+    """One naive step's loss and gradients under autocast against fp32, same weights, same batch."""
+    from hnd.models import create_student
+
+    model = create_student(STUDENT, random_seed=0).cuda().train()
+    x = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(1)).cuda()
+    y = torch.arange(8).remainder(4).cuda()
+
+    def loss_and_grads(dtype):
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        loss.backward()
+        return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    torch.backends.cudnn.deterministic = True
+    loss32, grad32 = loss_and_grads(None)
+    loss16, grad16 = loss_and_grads({"bf16": torch.bfloat16, "fp16": torch.float16}[amp])
+    assert abs(loss16 - loss32) <= 0.02 * abs(loss32)
+    assert torch.nn.functional.cosine_similarity(grad16.float(), grad32, dim=0) > 0.99
 
 
 def test_one_process_nccl_group(synth, tmp_path):
@@ -52,7 +86,8 @@ def test_one_process_nccl_group(synth, tmp_path):
                           env={**os.environ, "NCCL_DEBUG": "INFO"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "NCCL" in proc.stdout + proc.stderr  # the group really was NCCL
-    assert (tmp_path / "ddp" / "result.json").is_file()
+    result = json.loads((tmp_path / "ddp" / "result.json").read_text())
+    _same_top1_on_the_cpu(result["test"], tmp_path / "ddp" / "best.pt", synth)
 
 
 def test_serve_on_cuda_answers_an_edge_client():
