@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from hnd.codec import TENSOR_FORMATS, tensor_bytes
+from hnd.tensor_codec import TENSOR_FORMATS, tensor_bytes
 from hnd.errors import HndError
 from hnd.devices import median_seconds
 from hnd.protocol import decode_response, encode_hello, encode_request, hello_token, read_frame

@@ -5,19 +5,38 @@ the head runs on the edge device, the teacher's tail on the server. Any torchvis
 classifier (or a registered module) can be the teacher; a model name is resolved once into
 a :class:`ModelSpec` (:func:`resolve`); :func:`create_model` builds any model from a name, a
 spec or a checkpoint.
+
+The names below are imported when first used, so that the modules an edge device needs
+(:mod:`hnd.tensor_codec`, :mod:`hnd.errors`) import without torch.
 """
 
-from hnd.analysis import Analysis, analyze, analyze_model, split_point_rows
-from hnd.checkpoints import read_checkpoint, save_checkpoint
-from hnd.errors import HndError
-from hnd.models import create_model, create_student
-from hnd.registry import ModelSpec, list_models, resolve, student_spec
-from hnd.students import Student
-from hnd.teachers import TEACHERS, build_teacher, register_teacher, split_teacher
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = ["TEACHERS", "Analysis", "HndError", "ModelSpec", "Student", "__version__", "analyze", "analyze_model",
-           "build_teacher", "create_model", "create_student", "list_models",
-           "read_checkpoint", "register_teacher", "resolve", "save_checkpoint", "split_point_rows", "split_teacher",
-           "student_spec"]
+_HOMES = {
+    "Analysis": "hnd.analysis", "analyze": "hnd.analysis", "analyze_model": "hnd.analysis",
+    "split_point_rows": "hnd.analysis",
+    "read_checkpoint": "hnd.checkpoints", "save_checkpoint": "hnd.checkpoints",
+    "HndError": "hnd.errors",
+    "create_model": "hnd.models", "create_student": "hnd.models",
+    "ModelSpec": "hnd.registry", "list_models": "hnd.registry", "resolve": "hnd.registry",
+    "student_spec": "hnd.registry",
+    "Student": "hnd.students",
+    "TEACHERS": "hnd.teachers", "build_teacher": "hnd.teachers", "register_teacher": "hnd.teachers",
+    "split_teacher": "hnd.teachers",
+}
+
+__all__ = sorted(_HOMES) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        value = getattr(importlib.import_module(_HOMES[name]), name)
+        globals()[name] = value  # once
+        return value
+    raise AttributeError(f"module 'hnd' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -9,7 +9,7 @@ import json
 import os
 import sys
 
-from hnd.book.cells import EXECUTORS
+from hnd.book import EXECUTORS
 from hnd.errors import HndError
 
 
@@ -537,7 +537,9 @@ def cmd_export(args: argparse.Namespace) -> None:
     model = create_student(args.name, checkpoint=args.checkpoint)
     done = export_onnx(model, args.part, args.out, opset=args.opset)
     print(f"wrote {done.path}: {model.spec} {args.part}, {done.size_bytes / 1e6:.2f} MB; "
-          f"onnxruntime vs PyTorch max abs diff {done.max_abs_diff:.2e} (batch {done.batch})")
+          f"onnxruntime vs PyTorch max abs diff {done.max_abs_diff:.2e} (batch {done.batch})"
+          + (f"; beside it {done.path.with_suffix('.json').name}: what the device needs besides the file"
+             if args.part == "encoder" else ""))
 
 
 _RANDOM_SEED = 0  # --random-weights: the same weights in the server and the edge process
@@ -652,6 +654,8 @@ def _edge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     p.add_argument("--server", required=True, help="HOST:PORT of `hnd serve`")
     p.add_argument("--checkpoint", help="the student's weights (the server's file)")
+    p.add_argument("--onnx", metavar="FILE", help="the encoder exported by `hnd export --part encoder` (with its "
+                                                  "sidecar .json): runs with onnxruntime, without torch")
     p.add_argument("--random-weights", action="store_true", help="the fixed random weights of `serve --random-weights`")
     p.add_argument("--input-size", type=int, help="image side to encode (default the checkpoint's; the server's "
                                                    "--input-size must agree)")
@@ -668,10 +672,6 @@ def _edge_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_edge(args: argparse.Namespace) -> None:
-    from hnd.data import image_tensor
-    from hnd.registry import resolve
-    from hnd.serving import EdgeClient
-
     if args.bits not in (32, 16, 8):
         raise HndError(f"--bits must be 32, 16 or 8, got {args.bits}")
     if args.compress == "zlib" and args.bits != 8:
@@ -680,23 +680,16 @@ def cmd_edge(args: argparse.Namespace) -> None:
         fmt = "entropy"  # the student's own range coder; --bits does not apply
     else:
         fmt = {32: "fp32", 16: "fp16", 8: "int8"}[args.bits] + ("+zlib" if args.compress == "zlib" else "")
-    spec = resolve(args.name)
-    model = _split_student(args, spec)
-    size = args.input_size or model.spec.input_size  # the checkpoint's, as `hnd serve` takes it
-    images = [image_tensor(model.spec.at_input_size(size), path) for path in args.images]
-    results = []
-    security = {}
+    link = {"rate_limit_mbps": args.rate_limit, "retries": args.retries}
     if args.tls_ca or args.tls:
         from hnd.tls import client_context
 
-        security["ssl_context"] = client_context(args.tls_ca)
+        link["ssl_context"] = client_context(args.tls_ca)
     if args.token_file:
         from hnd.access import read_token
 
-        security["token"] = read_token(args.token_file)
-    with EdgeClient(model, args.server, fmt, args.rate_limit, retries=args.retries, **security) as client:
-        for path, x in zip(args.images, images):
-            results.append({"image": path, **client.classify(x)})
+        link["token"] = read_token(args.token_file)
+    results = _edge_onnx(args, fmt, link) if args.onnx else _edge_torch(args, fmt, link)
     if args.json:
         _print_json(results)
         return
@@ -708,6 +701,41 @@ def cmd_edge(args: argparse.Namespace) -> None:
         print("  ms: " + "  ".join(f"{k[:-2].replace('_', ' ')} {r[k] * 1e3:.2f}" for k in
                                    ("encoder_s", "encode_s", "transfer_s", "server_queue_s", "server_compute_s",
                                     "total_s")))
+
+
+def _edge_onnx(args: argparse.Namespace, fmt: str, link: dict) -> list[dict]:
+    """`hnd edge --onnx`: the exported encoder with onnxruntime; torch is never imported."""
+    from PIL import Image, UnidentifiedImageError
+
+    from hnd.edge import OnnxEdge
+
+    if args.checkpoint or args.random_weights or args.input_size:
+        raise HndError("--onnx runs the exported encoder at its recorded size; drop --checkpoint, "
+                       "--random-weights and --input-size")
+    results = []
+    with OnnxEdge(args.onnx, args.server, fmt, **link) as edge:
+        if edge.bundle.model != args.name:
+            raise HndError(f"{args.onnx} holds the encoder of {edge.bundle.model}, not {args.name}")
+        for path in args.images:
+            try:
+                with Image.open(path) as image:
+                    results.append({"image": path, **edge.classify(image)})
+            except (OSError, UnidentifiedImageError):
+                raise HndError(f"cannot read {path} as an image; use a file Pillow can open (JPEG, PNG, ...)") from None
+    return results
+
+
+def _edge_torch(args: argparse.Namespace, fmt: str, link: dict) -> list[dict]:
+    """`hnd edge` with the student in PyTorch, from --checkpoint (its own input size) or random."""
+    from hnd.data import image_tensor
+    from hnd.registry import resolve
+    from hnd.serving import EdgeClient
+
+    model = _split_student(args, resolve(args.name))
+    size = args.input_size or model.spec.input_size  # the checkpoint's, as `hnd serve` takes it
+    images = [image_tensor(model.spec.at_input_size(size), path) for path in args.images]
+    with EdgeClient(model, args.server, fmt, link.pop("rate_limit_mbps"), **link) as client:
+        return [{"image": path, **client.classify(x)} for path, x in zip(args.images, images)]
 
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:

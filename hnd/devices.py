@@ -24,7 +24,8 @@ import yaml
 from torch import nn
 
 from hnd.analysis import LayerRow, analyze, profile_layers, walk_layers
-from hnd.codec import encode_tensor, tensor_bytes
+from hnd.codec import encode_tensor
+from hnd.tensor_codec import tensor_bytes
 from hnd.errors import HndError
 from hnd.files import read_mapping, write_text
 from hnd.machine import cpu_model

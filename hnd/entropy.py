@@ -16,10 +16,11 @@ unit interval, ``c(s + 1/2) - c(s - 1/2)``.
   carries is exactly what the model decodes. The buffers have the same shape before and after
   training (the ``K`` probabilities padded to ``_MAX_SYMBOLS``, ``K`` in a buffer of its own),
   so a freshly built model takes a trained one's state_dict like any other module.
-- :func:`encode_symbols` / :func:`decode_symbols` run ``constriction``'s range coder over
-  those tables: one categorical model per channel. Its Rust coder is exact (integer
-  arithmetic on probabilities quantized the same way on both sides) and installs as a wheel;
-  the usual PyTorch library of the field, compressai, needs ``numpy<2``.
+- :mod:`hnd.range_coder` runs ``constriction``'s range coder over those tables (handed over
+  as numpy arrays, :func:`coding_tables`, so that an edge device codes without torch): one
+  categorical model per channel. Its Rust coder is exact (integer arithmetic on probabilities
+  quantized the same way on both sides) and installs as a wheel; the usual PyTorch library of
+  the field, compressai, needs ``numpy<2``.
 
 The tables are a float32 buffer of the state_dict, so an edge device and a server that load
 the same checkpoint build the same coder; :func:`table_fingerprint` names those tables.
@@ -28,7 +29,6 @@ the same checkpoint build the same coder; :func:`table_fingerprint` names those 
 from __future__ import annotations
 
 import math
-import zlib
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hnd.errors import HndError
+from hnd.range_coder import CodingTables
 
 _FILTERS = (3, 3, 3)  # hidden widths of each channel's density network (Ballé et al.'s default)
 _INIT_SCALE = 10.0
@@ -135,77 +136,25 @@ class FactorizedPrior(nn.Module):
         self.width.fill_(width)
 
 
-def _require_constriction():
-    try:
-        import constriction
-    except ImportError:
-        raise HndError("the entropy coder needs the constriction package: pip install constriction") from None
-    return constriction
+def coding_tables(prior: FactorizedPrior | None) -> CodingTables | None:
+    """``prior``'s coding tables as numpy arrays (what both ends of a link code with), or None
+    for a model without an entropy model or without tables yet."""
+    if prior is None or not prior.has_tables:
+        return None
+    return CodingTables(prior.low.detach().cpu().numpy().astype(np.int64),
+                        prior.pmf.detach().cpu().numpy().astype(np.float32))
 
 
-def _coder_models(prior: FactorizedPrior) -> list:
-    if not prior.has_tables:
+def require_tables(prior: FactorizedPrior | None) -> CodingTables:
+    """:func:`coding_tables`, or a one-line error saying how a model gets them."""
+    tables = coding_tables(prior)
+    if tables is None:
         raise HndError("this model has no entropy-coding tables (train it with --method entropic); it cannot "
                        "be sent with entropy coding")
-    c = _require_constriction()
-    pmf = prior.pmf.detach().cpu().double().numpy()
-    return [c.stream.model.Categorical(row, perfect=False) for row in pmf]
+    return tables
 
 
 def table_fingerprint(prior: FactorizedPrior) -> int:
-    """CRC-32 of the coding tables: two ends with different tables cannot decode each other."""
-    if not prior.has_tables:
-        return 0
-    data = prior.low.cpu().numpy().astype("<i8").tobytes() + prior.pmf.detach().cpu().numpy().astype("<f4").tobytes()
-    return zlib.crc32(data)
-
-
-def to_symbols(prior: FactorizedPrior, z: torch.Tensor) -> np.ndarray:
-    """One image's bottleneck ``z`` [C, H, W] -> symbol indices [C, H*W] (int32) into each
-    channel's table (rounded and clamped as :meth:`FactorizedPrior.quantize`)."""
-    if not prior.has_tables:
-        _coder_models(prior)  # raises the one-line error
-    y_hat = prior.quantize(z.detach().to("cpu", torch.float32)[None])[0]  # [C, H, W]
-    if torch.isnan(y_hat).any():  # inf is clamped into the coded range, nan has no symbol
-        raise HndError("entropy coding needs numbers, but the bottleneck holds nan")
-    symbols = y_hat.to(torch.int64) - prior.low.cpu().view(-1, 1, 1)
-    return symbols.reshape(prior.channels, -1).numpy().astype(np.int32)
-
-
-def encode_symbols(prior: FactorizedPrior, symbols: np.ndarray) -> bytes:
-    """Range-code symbol indices [C, M] with each channel's table (little-endian 32-bit words)."""
-    c = _require_constriction()
-    encoder = c.stream.queue.RangeEncoder()
-    for row, model in zip(symbols, _coder_models(prior)):
-        encoder.encode(np.ascontiguousarray(row), model)
-    return encoder.get_compressed().astype("<u4").tobytes()
-
-
-def decode_symbols(prior: FactorizedPrior, data: bytes, per_channel: int) -> np.ndarray:
-    """Decode exactly ``per_channel`` symbols per channel from what :func:`encode_symbols`
-    wrote -> [C, per_channel] int32. The work is bounded by the symbol count, not by the data;
-    data left over after the last symbol (anything but the exact coding of the decoded
-    symbols) raises :class:`HndError`."""
-    c = _require_constriction()
-    models = _coder_models(prior)
-    if len(data) % 4:
-        raise HndError(f"an entropy-coded payload is whole 32-bit words, got {len(data)} bytes")
-    decoder = c.stream.queue.RangeDecoder(np.frombuffer(data, dtype="<u4").astype(np.uint32))
-    out = np.empty((len(models), per_channel), dtype=np.int32)
-    try:
-        for ch, model in enumerate(models):
-            out[ch] = decoder.decode(model, per_channel)
-    except (ValueError, RuntimeError, AssertionError) as exc:
-        raise HndError(f"damaged entropy-coded payload ({exc})") from None
-    # The coder cannot always tell the end of its data (trailing zero words decode as padding):
-    # accept only the exact coding of the decoded symbols, which is deterministic.
-    if not decoder.maybe_exhausted() or encode_symbols(prior, out) != data:
-        raise HndError(f"damaged entropy-coded payload: its {len(data)} bytes are not the coding of "
-                       f"{per_channel} symbols per channel (truncated, altered or with extra data)")
-    return out
-
-
-def from_symbols(prior: FactorizedPrior, symbols: np.ndarray, shape: tuple[int, int, int]) -> torch.Tensor:
-    """Symbol indices [C, H*W] -> the rounded bottleneck ``y_hat`` [C, H, W] (float32)."""
-    values = torch.from_numpy(symbols.astype(np.int64)).view(shape) + prior.low.cpu().view(-1, 1, 1)
-    return values.to(torch.float32)
+    """CRC-32 of the coding tables (0 without): two ends with different tables cannot decode each other."""
+    tables = coding_tables(prior)
+    return 0 if tables is None else tables.fingerprint

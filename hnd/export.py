@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import importlib
 import io
+import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hnd.encoder_bundle import EncoderBundle, sidecar_path
+from hnd.entropy import coding_tables
 from hnd.errors import HndError
 from hnd.files import atomic_write
 from hnd.students import Student
@@ -137,12 +140,21 @@ class OnnxExport:
 
 def export_onnx(model: Student, part: str, out: str | os.PathLike, *, opset: int | None = None) -> OnnxExport:
     """Write ``part`` (``encoder`` or ``server``) of ``model`` to ``out`` as ONNX (atomically)
-    and check it with onnxruntime against PyTorch."""
+    and check it with onnxruntime against PyTorch. An encoder gets its sidecar beside it
+    (:class:`hnd.encoder_bundle.EncoderBundle`: what the device needs besides the file)."""
     module, x = example_part(model, part)
     data = onnx_bytes(module, x, part, opset=opset)
     out = Path(out)
     atomic_write(out, lambda f: f.write(data))
-    return OnnxExport(out, len(data), check_onnx(out, module, x), x.shape[0])
+    done = OnnxExport(out, len(data), check_onnx(out, module, x), x.shape[0])
+    if part == "encoder":
+        with torch.no_grad():
+            shape = tuple(module(x).shape[1:])  # [C, H', W']
+        bundle = EncoderBundle(out, str(model.spec), model.spec.to_dict(), model.spec.preprocessing(), shape,
+                               coding_tables(model.prior))
+        text = json.dumps(bundle.to_dict(), indent=1) + "\n"
+        atomic_write(sidecar_path(out), lambda f: f.write(text.encode()))
+    return done
 
 
 def run_onnx(path: str | os.PathLike, x: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from hnd.codec import TENSOR_FORMATS, check_tensor_format, tensor_bytes
+from hnd.tensor_codec import TENSOR_FORMATS, check_tensor_format, tensor_bytes
 from hnd.devices import SMALL_MODEL, SMALL_MODEL_TOP1, DeviceProfile, rows_of, split_labels
 from hnd.errors import HndError
 from hnd.files import read_json, read_mapping

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 from hnd.errors import HndError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -63,6 +65,26 @@ class Preprocessing:
         """The whole evaluation transform: an image as ``decoder`` gives it -> [3, S, S]."""
         return transform_ops(decoder).Compose([*self.geometry(decoder).transforms,
                                                *self.to_tensor(decoder).transforms])
+
+    def array(self, image) -> np.ndarray:
+        """The evaluation transform with Pillow and numpy alone (an edge device without torch):
+        a PIL image -> normalized float32 [3, S, S], the ``pil`` decoder's
+        :meth:`transform` up to float rounding (the same resize, crop and arithmetic)."""
+        from PIL import Image
+
+        image = image.convert("RGB")
+        w, h = image.size
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = self.resize_size, int(self.resize_size * long / short)  # torchvision's rule
+        size = (new_short, new_long) if w <= h else (new_long, new_short)
+        resample = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+        image = image.resize(size, resample[self.interpolation])
+        top, left = int(round((size[1] - self.input_size) / 2.0)), int(round((size[0] - self.input_size) / 2.0))
+        image = image.crop((left, top, left + self.input_size, top + self.input_size))
+        pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / np.float32(255)  # [3, S, S]
+        mean = np.asarray(self.mean, dtype=np.float32).reshape(3, 1, 1)
+        std = np.asarray(self.std, dtype=np.float32).reshape(3, 1, 1)
+        return (pixels - mean) / std
 
     def to_dict(self) -> dict:
         return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}

@@ -31,7 +31,7 @@ Format codes (the coding type): 1 ``fp32`` (4 bytes per value), 2 ``fp16`` (2 by
 5 ``entropy``: an entropic student's rounded bottleneck, range-coded with the coding tables of
 its checkpoint (the ``entropy`` format of :mod:`hnd.codec`: a CRC-32 of the symbols, then
 32-bit words). In an ``entropy`` request the two fields at ``8+4·ndim`` are ``u32``: the
-CRC-32 of the sender's coding tables (:func:`hnd.entropy.table_fingerprint`; a server with
+CRC-32 of the sender's coding tables (:attr:`hnd.range_coder.CodingTables.fingerprint`; a server with
 other tables refuses the request) and 0 (reserved). For a [C, H, W] bottleneck the header is
 32 bytes; it never exceeds 52.
 
@@ -70,12 +70,11 @@ import zlib
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
-from hnd.codec import (ENTROPY_FORMAT, TENSOR_FORMATS, check_tensor_format, decode_coded, decode_tensor,
-                       encode_coded, encode_tensor, tensor_bytes)
-from hnd.entropy import FactorizedPrior, table_fingerprint
 from hnd.errors import HndError
+from hnd.range_coder import ENTROPY_FORMAT, CodingTables
+from hnd.tensor_codec import TENSOR_FORMATS, decode_array, encode_array, tensor_bytes
 
 MAGIC = b"HND1"
 VERSION = 3  # the newest; frames are written with the lowest version that carries them
@@ -138,11 +137,11 @@ class Result:
 
 # --- requests ----------------------------------------------------------------------------------
 
-def check_wire_format(fmt: str, prior: FactorizedPrior | None = None) -> str:
-    """``fmt`` if it is one of :data:`WIRE_FORMATS` and, for ``entropy``, ``prior`` has coding
-    tables; else a one-line error."""
+def check_wire_format(fmt: str, tables: CodingTables | None = None) -> str:
+    """``fmt`` if it is one of :data:`WIRE_FORMATS` and, for ``entropy``, the model's coding
+    ``tables`` are given; else a one-line error."""
     if fmt == ENTROPY_FORMAT:
-        if prior is None or not prior.has_tables:
+        if tables is None:
             raise HndError("entropy coding needs an entropic student with coding tables (a checkpoint trained with "
                            "--method entropic); this model has none: use --bits 8/16/32 instead")
         return fmt
@@ -151,22 +150,23 @@ def check_wire_format(fmt: str, prior: FactorizedPrior | None = None) -> str:
     return fmt
 
 
-def encode_request(z: torch.Tensor, fmt: str, prior: FactorizedPrior | None = None) -> bytes:
-    """Frame one image's bottleneck ``z`` [C, H, W] (any 1..8 dims) in tensor format ``fmt``
-    (``entropy``: range-coded with ``prior``'s tables)."""
-    check_wire_format(fmt, prior)
+def encode_request(z: np.ndarray, fmt: str, tables: CodingTables | None = None) -> bytes:
+    """Frame one image's bottleneck ``z`` [C, H, W] (any 1..8 dims; a numpy array or a CPU
+    tensor) in tensor format ``fmt`` (``entropy``: range-coded with the model's ``tables``)."""
+    check_wire_format(fmt, tables)
+    z = np.asarray(z, dtype=np.float32)
     shape = tuple(z.shape)
     if not 1 <= len(shape) <= MAX_NDIM or min(shape) < 1:
         raise HndError(f"a request carries a tensor of 1 to {MAX_NDIM} non-empty dimensions, got shape {list(shape)}")
     qmin = qscale = 0.0
     fields = None
     if fmt == ENTROPY_FORMAT:
-        data = encode_coded(prior, z)
-        fields = _TABLES.pack(table_fingerprint(prior), 0)
+        data = tables.encode(z)
+        fields = _TABLES.pack(tables.fingerprint, 0)
     elif fmt in ("fp32", "fp16"):
-        data = encode_tensor(z, fmt)
+        data = encode_array(z, fmt)
     else:
-        data = encode_tensor(z, "int8")
+        data = encode_array(z, "int8")
         qmin, qscale = _QUANT.unpack_from(data)
         data = data[_QUANT.size:]
         if fmt == "int8+zlib":
@@ -195,9 +195,9 @@ def request_header(frame: bytes) -> RequestHeader:
     return RequestHeader(fmt, tuple(shape), qmin, qscale, payload, tables)
 
 
-def decode_request(frame: bytes, prior: FactorizedPrior | None = None) -> tuple[torch.Tensor, str]:
-    """(float32 tensor, format) of a complete request frame; damaged payloads raise HndError.
-    ``prior``: the receiving model's entropy model, needed for ``entropy`` requests."""
+def decode_request(frame: bytes, tables: CodingTables | None = None) -> tuple[np.ndarray, str]:
+    """(float32 array, format) of a complete request frame; damaged payloads raise HndError.
+    ``tables``: the receiving model's coding tables, needed for ``entropy`` requests."""
     head = request_header(frame)
     if head.fmt is None:
         _, version, _, code, _ = _PREFIX.unpack_from(frame)
@@ -206,22 +206,22 @@ def decode_request(frame: bytes, prior: FactorizedPrior | None = None) -> tuple[
     numel = math.prod(head.shape)
     data = bytes(head.payload)
     if head.fmt == ENTROPY_FORMAT:
-        if prior is None or not prior.has_tables:
+        if tables is None:
             raise HndError("this server's model has no entropy coding tables; send fp32, fp16, int8 or int8+zlib")
-        if head.tables != table_fingerprint(prior):
+        if head.tables != tables.fingerprint:
             raise HndError("the request was entropy-coded with other coding tables than this server's model "
                            "(edge and server must load the same checkpoint)")
         if len(head.shape) != 3:
             raise HndError(f"an entropy-coded request carries a [C, H, W] bottleneck, got shape {list(head.shape)}")
-        return decode_coded(prior, data, head.shape), head.fmt
+        return tables.decode(data, head.shape), head.fmt
     if head.fmt in ("int8", "int8+zlib"):
         if head.fmt == "int8+zlib":
             data = _inflate(data, numel)
         if not (math.isfinite(head.qmin) and math.isfinite(head.qscale)):
             raise HndError("int8 request has a non-finite quantization min or scale")
         data = _QUANT.pack(head.qmin, head.qscale) + data
-        return decode_tensor(data, "int8", head.shape), head.fmt
-    return decode_tensor(data, head.fmt, head.shape), head.fmt
+        return decode_array(data, "int8", head.shape), head.fmt
+    return decode_array(data, head.fmt, head.shape), head.fmt
 
 
 def _inflate(data: bytes, numel: int) -> bytes:

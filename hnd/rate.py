@@ -25,8 +25,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from hnd import tracing
-from hnd.codec import (ENTROPY_FORMAT, TENSOR_FORMATS, check_image_codec, check_quality, check_tensor_format,
-                       coded_roundtrip, decode_image, encode_image, tensor_roundtrip)
+from hnd.codec import check_image_codec, check_quality, coded_roundtrip, decode_image, encode_image, tensor_roundtrip
+from hnd.range_coder import ENTROPY_FORMAT
+from hnd.tensor_codec import TENSOR_FORMATS, check_tensor_format
 from hnd.data import ImageDataset, load_image
 from hnd.distributed import pick_device
 from hnd.evaluation import eval_loader

@@ -14,30 +14,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import socket
-import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
+from hnd.edge import EdgeLink, answer
+from hnd.entropy import coding_tables
 from hnd.errors import HndError
-from hnd.protocol import (BUSY, DEFAULT_MAX_FRAME_BYTES, MAX_TOKEN_BYTES, UNAUTHORIZED, FrameError, ServerError,
-                          check_wire_format, decode_request, decode_response, encode_error, encode_hello,
-                          encode_request, encode_result, header_bytes, hello_token, read_frame, read_frame_async,
-                          request_header)
+from hnd.protocol import (BUSY, DEFAULT_MAX_FRAME_BYTES, MAX_TOKEN_BYTES, UNAUTHORIZED, FrameError, check_wire_format,
+                          decode_request, encode_error, encode_hello, encode_request, encode_result, header_bytes,
+                          hello_token, read_frame_async, request_header)
 from hnd.students import Student
 
 log = logging.getLogger("hnd.serving")
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    """``"host:port"`` -> (host, port), with a one-line error for anything else."""
-    host, sep, port = str(address).rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise HndError(f"server address must be HOST:PORT with a port from 1 to 65535, got {address!r}")
-    return host.strip("[]"), int(port)
 
 
 def check_student(model: object) -> Student:
@@ -157,6 +148,7 @@ class SplitServer:
         self.device = _check_device(device)
         self.model = model.to(self.device).eval()
         self.input_size = input_size or model.spec.input_size  # the checkpoint's, if it records one
+        self._tables = coding_tables(model.prior)  # entropic students: what requests are coded with
 
         self.host, self.port = host, port
         self.max_batch, self.max_wait_s, self.topk = max_batch, max_wait_ms / 1e3, topk
@@ -345,7 +337,8 @@ class SplitServer:
             if head.fmt is not None and head.shape != self.shape:
                 raise HndError(f"{self.name} takes a bottleneck of shape {list(self.shape)} (input "
                                f"{self.input_size}px), got {list(head.shape)}")
-            z, fmt = decode_request(frame, self.model.prior)  # entropy: bounded by the checked shape
+            z, fmt = decode_request(frame, self._tables)  # entropy: bounded by the checked shape
+            z = torch.from_numpy(z)
         except HndError as exc:
             log.warning("%s: rejected %d-byte request: %s", peer, len(frame), exc)
             self._count("refused", len(frame))
@@ -471,14 +464,10 @@ def serve(model: Student, *, host: str = "127.0.0.1", port: int = 8765, ready=pr
 
 
 class EdgeClient:
-    """The edge device's side: encoder locally, bottleneck over one TCP connection.
-
-    ``fmt`` is one of :data:`hnd.protocol.WIRE_FORMATS` (``entropy`` needs an entropic student
-    with coding tables); ``rate_limit_mbps`` emulates a slower link
-    by making each send take at least ``bytes * 8 / rate`` seconds. ``ssl_context``
-    (:func:`hnd.tls.client_context`) speaks TLS and checks the server's certificate for the
-    host name of ``server``; ``token`` is sent in a hello frame before any request. A "busy"
-    answer is retried ``retries`` times, after 50 ms, 100 ms, 200 ms, ... (capped at 2 s).
+    """The edge device's side with the student in PyTorch: encoder locally, bottleneck over one
+    :class:`hnd.edge.EdgeLink` (TLS, token, busy retries, rate limit: see there). ``fmt`` is one
+    of :data:`hnd.protocol.WIRE_FORMATS` (``entropy`` needs an entropic student with coding
+    tables). A device without torch runs the exported encoder instead (:class:`hnd.edge.OnnxEdge`).
     """
 
     def __init__(self, model: Student, server: str = "127.0.0.1:8765", fmt: str = "int8",
@@ -487,51 +476,13 @@ class EdgeClient:
                  retries: int = 5):
         self.model = check_student(model).eval()
         self.name = str(model.spec)
-        self.fmt = check_wire_format(fmt, self.model.prior)
-        if rate_limit_mbps is not None and not rate_limit_mbps > 0:
-            raise HndError(f"rate limit must be a positive number of Mbit/s, got {rate_limit_mbps}")
-        self.rate_limit_mbps = rate_limit_mbps
-        self.address = parse_address(server)
-        self.server = server
-        self.max_frame_bytes = max_frame_bytes
-        self.retries, self.timeout_s, self.ssl_context, self.token = retries, timeout_s, ssl_context, token
-        self.sock = self._connect()
-
-    def _connect(self) -> socket.socket:
-        """A connection to the server: TCP, then TLS when asked, then the hello with the token."""
-        server = self.server
-        try:
-            sock = socket.create_connection(self.address, timeout=self.timeout_s)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self.ssl_context is not None:
-                sock = self.ssl_context.wrap_socket(sock, server_hostname=self.address[0])
-        except ssl.SSLCertVerificationError as exc:
-            raise HndError(f"server {server} failed the TLS certificate check: {exc.verify_message}") from None
-        except ssl.SSLError as exc:
-            raise HndError(f"TLS with server {server} failed: {exc.reason or exc}") from None
-        except OSError as exc:
-            raise HndError(f"cannot connect to server {server} ({exc.strerror or exc})") from None
-        if self.token is None:
-            return sock
-        try:
-            sock.sendall(encode_hello(self.token))
-            reply = read_frame(sock, self.max_frame_bytes)
-        except (OSError, FrameError) as exc:  # a TLS server drops a plaintext hello unanswered
-            sock.close()
-            hint = "" if self.ssl_context is not None else "; if it speaks TLS, add --tls-ca FILE or --tls"
-            raise HndError(f"server {server} closed the connection during the hello "
-                           f"({getattr(exc, 'strerror', None) or exc}{hint})") from None
-        except HndError:
-            sock.close()
-            raise
-        if hello_token(reply) is None:
-            sock.close()
-            decode_response(reply)  # an error frame: raise the server's message
-            raise FrameError("the server answered the hello with a result frame")
-        return sock
+        self._tables = coding_tables(model.prior)
+        self.fmt = check_wire_format(fmt, self._tables)
+        self.link = EdgeLink(server, rate_limit_mbps=rate_limit_mbps, timeout_s=timeout_s,
+                             max_frame_bytes=max_frame_bytes, ssl_context=ssl_context, token=token, retries=retries)
 
     def close(self) -> None:
-        self.sock.close()
+        self.link.close()
 
     def __enter__(self) -> EdgeClient:
         return self
@@ -550,39 +501,5 @@ class EdgeClient:
         with torch.no_grad():
             z = self.model.encode(image)[0]  # [C, H', W']
         encoded = time.perf_counter()
-        frame = encode_request(z, self.fmt, self.model.prior)
-        framed = time.perf_counter()
-        for attempt in range(self.retries + 1):
-            try:
-                if self.rate_limit_mbps:  # the frame is on a slow link before the server can see it
-                    time.sleep(len(frame) * 8 / (self.rate_limit_mbps * 1e6))
-                self.sock.sendall(frame)
-                reply = read_frame(self.sock, self.max_frame_bytes)
-            except socket.timeout:
-                raise HndError(f"server {self.address[0]}:{self.address[1]} did not answer in time") from None
-            except OSError as exc:
-                raise HndError(f"connection to the server failed ({exc.strerror or exc})") from None
-            received = time.perf_counter()
-            try:
-                result = decode_response(reply)
-                break
-            except ServerError as exc:
-                if "takes a bottleneck of shape" in str(exc):  # name this side's size too
-                    raise ServerError(f"{exc}; this device encoded a {image.shape[-1]}px image (set the same "
-                                      "--input-size on both sides)", exc.code) from None
-                if exc.code != BUSY or attempt == self.retries:
-                    raise
-                time.sleep(min(2.0, 0.05 * 2 ** attempt))
-                self.sock.close()  # a server at its connection limit has closed this one
-                self.sock = self._connect()
-        done = time.perf_counter()
-        server_s = result.queue_s + result.compute_s
-        return {"topk": [{"index": i, "prob": p} for i, p in result.topk], "format": self.fmt,
-                "bytes": len(frame), "payload_bytes": _payload_len(frame),
-                "batch": result.batch, "encoder_s": encoded - start, "encode_s": framed - encoded,
-                "transfer_s": max(0.0, received - framed - server_s), "server_queue_s": result.queue_s,
-                "server_compute_s": result.compute_s, "total_s": done - start}
-
-
-def _payload_len(frame: bytes) -> int:
-    return len(request_header(frame).payload)
+        frame = encode_request(z.cpu().numpy(), self.fmt, self._tables)
+        return answer(self.link.send(frame, image.shape[-1]), frame, self.fmt, start, encoded)

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from hnd.codec import (IMAGE_CODECS, TENSOR_FORMATS, decode_image, decode_tensor, encode_image, encode_tensor,
-                       tensor_bytes, tensor_roundtrip)
+from hnd.codec import IMAGE_CODECS, decode_image, decode_tensor, encode_image, encode_tensor, tensor_roundtrip
+from hnd.tensor_codec import TENSOR_FORMATS, tensor_bytes
 
 from conftest import error
 
@@ -151,3 +151,40 @@ def test_image_errors():
 def test_missing_webp_is_explained(monkeypatch):
     monkeypatch.setattr(PIL.features, "check", lambda feature: False)
     assert "WebP" in error(encode_image, _photo(16), "webp", 50)
+
+
+def test_the_device_side_formats_import_without_torch():
+    """What an edge device needs to frame its bottleneck (every wire format, the range coder with
+    the model's tables) and to read its preprocessing imports with torch unavailable, and its
+    request frames are the torch side's, byte for byte."""
+    import json
+    import subprocess
+    import sys
+
+    from hnd.codec import encode_coded
+    from hnd.entropy import FactorizedPrior, coding_tables
+    from hnd.protocol import WIRE_FORMATS, encode_request
+
+    torch.manual_seed(0)
+    prior = FactorizedPrior(3).eval()
+    prior.update_tables()
+    tables = coding_tables(prior)
+    z = torch.randn(3, 29, 29, generator=torch.Generator().manual_seed(1)) * 3
+    code = ("import json, sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None\n"
+            "import numpy as np, hnd, hnd.preprocessing as p, hnd.protocol as w\n"
+            "from hnd.range_coder import CodingTables\n"
+            "doc = json.load(sys.stdin)\n"
+            "tables = CodingTables.from_dict(doc['tables'])\n"
+            "z = np.asarray(doc['z'], dtype=np.float32)\n"
+            "print(json.dumps({f: w.encode_request(z, f, tables).hex() for f in w.WIRE_FORMATS}))\n"
+            "print(p.Preprocessing(224, 256).to_dict()['resize_size'], sys.modules['torch'])")
+    done = subprocess.run([sys.executable, "-c", code], input=json.dumps({"tables": tables.to_dict(),
+                                                                           "z": z.tolist()}),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    frames, last = done.stdout.splitlines()
+    assert json.loads(frames) == {f: encode_request(z.numpy(), f, tables).hex() for f in WIRE_FORMATS}
+    raw = encode_tensor(z, "fp32")
+    assert bytes.fromhex(json.loads(frames)["fp32"])[-len(raw):] == raw
+    assert bytes.fromhex(json.loads(frames)["entropy"]).endswith(encode_coded(prior, z))  # tables through JSON
+    assert last == "256 None"  # torch was never imported

@@ -369,3 +369,22 @@ def test_an_evaluation_set_kept_in_memory_is_decoded_once(tmp_path, monkeypatch)
     assert len(reads) == len(samples) + 3 * len(samples)  # kept: once; plain: every epoch
     assert hnd.data.worth_keeping(500, 80) and not hnd.data.worth_keeping(50_000, 224)
     assert "evaluation set" in error(ImageDataset, samples, transform, augment=True, keep=True)
+
+
+@pytest.mark.parametrize("name, size", [("densenet169", None), ("inception_v3", None), ("resnet18", 80),
+                                        ("efficientnet_b0", None)])
+def test_the_device_preprocessing_is_torchvisions_on_photographs(name, size):
+    """Pillow and numpy alone (what an edge device without torch runs) give the evaluation
+    transform's tensor bit for bit, on real photographs of every aspect (bilinear and bicubic)."""
+    pytest.importorskip("skimage")
+    from matplotlib import cbook
+
+    from hnd.book.photographs import reference_photographs
+
+    spec = resolve(name).at_input_size(size)
+    photos = list(reference_photographs().values())
+    with Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)) as hopper:
+        photos.append(hopper.convert("RGB"))
+    assert len({p.size for p in photos}) > 2  # landscape, portrait and square
+    for photo in photos:
+        assert np.array_equal(spec.preprocessing().array(photo), spec.transforms()(photo).numpy())

@@ -22,14 +22,16 @@ import torch
 from conftest import error
 from hnd.checkpoints import load_model, read_file, save_checkpoint
 from hnd.cli import main
-from hnd.codec import TENSOR_FORMATS, decode_coded, encode_coded, encode_tensor
+from hnd.codec import decode_coded, encode_coded, encode_tensor
+from hnd.tensor_codec import TENSOR_FORMATS
 from hnd.config import resolve_config
-from hnd.entropy import FactorizedPrior, table_fingerprint
+from hnd.entropy import FactorizedPrior, coding_tables, table_fingerprint
 from hnd.protocol import (FORMAT_CODES, MAGIC, decode_request, decode_response, check_wire_format, encode_request,
                           read_frame)
 from hnd.models import create_student
 from hnd.registry import resolve
-from hnd.serving import EdgeClient, parse_address
+from hnd.edge import parse_address
+from hnd.serving import EdgeClient
 from hnd.synth import write_synthetic_dataset
 from hnd.training import fit, read_metrics, resume_config
 
@@ -203,10 +205,10 @@ def test_a_prior_without_tables_is_a_one_line_error():
     prior = FactorizedPrior(3).eval()
     assert not prior.has_tables
     assert "no entropy-coding tables" in error(encode_coded, prior, torch.zeros(SHAPE))
-    assert "entropic" in error(check_wire_format, "entropy", prior)
+    assert "entropic" in error(check_wire_format, "entropy", coding_tables(prior))
     assert "entropic" in error(check_wire_format, "entropy", None)
     assert "entropic" in error(encode_request, torch.zeros(SHAPE), "entropy")
-    assert check_wire_format("int8", prior) == "int8"
+    assert check_wire_format("int8", coding_tables(prior)) == "int8"
 
 
 def test_tables_survive_a_checkpoint(tmp_path):
@@ -231,43 +233,43 @@ def _entropy_frame(shape, data: bytes, tables: int, *, version: int = 2, code: i
 def test_entropy_requests_are_version_2_and_others_version_1(priors):
     prior = priors["fitted", 3]
     z = _latents(SHAPE, seed=2)
-    frame = encode_request(z, "entropy", prior)
+    frame = encode_request(z, "entropy", coding_tables(prior))
     assert frame[4] == 2 and frame[6] == FORMAT_CODES["entropy"] == 5
     data = encode_coded(prior, z)
     assert frame == _entropy_frame(SHAPE, data, table_fingerprint(prior))
-    decoded, fmt = decode_request(frame, prior)
-    assert fmt == "entropy" and torch.equal(decoded, prior.quantize(z[None])[0])
+    decoded, fmt = decode_request(frame, coding_tables(prior))
+    assert fmt == "entropy" and torch.equal(torch.from_numpy(decoded), prior.quantize(z[None])[0])
     for fmt in TENSOR_FORMATS:
-        assert encode_request(z, fmt, prior)[4] == 1, fmt
+        assert encode_request(z, fmt, coding_tables(prior))[4] == 1, fmt
 
 
 def test_version_1_frames(priors):
     prior = priors["fitted", 3]
     z = _latents(SHAPE, seed=4)
-    frame = bytearray(encode_request(z, "entropy", prior))
+    frame = bytearray(encode_request(z, "entropy", coding_tables(prior)))
     frame[4] = 1  # format code 5 did not exist in version 1
-    message = error(decode_request, bytes(frame), prior)
+    message = error(decode_request, bytes(frame), coding_tables(prior))
     assert "code 5" in message and "version-1" in message
     assert "1 fp32, 2 fp16, 3 int8, 4 int8+zlib" in message and "entropy" not in message
     # Version-1 frames written by hand (as a version-1 peer would) still parse.
     raw = encode_tensor(z, "fp32")
     v1 = MAGIC + bytes([1, 1, 1, 3]) + struct.pack("<3I", *SHAPE) + struct.pack("<ffI", 0, 0, len(raw)) + raw
-    decoded, fmt = decode_request(v1, prior)
-    assert fmt == "fp32" and torch.equal(decoded, z)
+    decoded, fmt = decode_request(v1, coding_tables(prior))
+    assert fmt == "fp32" and torch.equal(torch.from_numpy(decoded), z)
     q = encode_tensor(z, "int8")
     v1 = MAGIC + bytes([1, 1, 3, 3]) + struct.pack("<3I", *SHAPE) + q[:8] + struct.pack("<I", len(q) - 8) + q[8:]
     decoded, fmt = decode_request(v1, None)
-    assert fmt == "int8" and (decoded - z).abs().max() <= (z.max() - z.min()) / 255 / 2 + 1e-5
+    assert fmt == "int8" and (torch.from_numpy(decoded) - z).abs().max() <= (z.max() - z.min()) / 255 / 2 + 1e-5
 
 
 def test_entropy_requests_need_the_same_tables(priors):
     prior, other = priors["fitted", 3], priors["untrained", 3]
-    frame = encode_request(_latents(SHAPE, seed=6), "entropy", prior)
-    assert "other coding tables" in error(decode_request, frame, other)
+    frame = encode_request(_latents(SHAPE, seed=6), "entropy", coding_tables(prior))
+    assert "other coding tables" in error(decode_request, frame, coding_tables(other))
     assert "no entropy coding tables" in error(decode_request, frame, None)
-    assert "no entropy coding tables" in error(decode_request, frame, FactorizedPrior(3))
+    assert "no entropy coding tables" in error(decode_request, frame, coding_tables(FactorizedPrior(3)))
     flat = _entropy_frame((3, 841), encode_coded(prior, torch.zeros(SHAPE)), table_fingerprint(prior))
-    assert "[C, H, W]" in error(decode_request, flat, prior)
+    assert "[C, H, W]" in error(decode_request, flat, coding_tables(prior))
 
 
 # --- split inference over TCP ----------------------------------------------------------------------
@@ -390,7 +392,7 @@ def test_corrupted_entropy_frames_get_errors_and_the_connection_keeps_working(se
         z = model.encode(x)[0]
     data = encode_coded(prior, z)
     crc = table_fingerprint(prior)
-    good = encode_request(z, "entropy", prior)
+    good = encode_request(z, "entropy", coding_tables(prior))
     v1 = bytearray(good)
     v1[4] = 1
     bad = {

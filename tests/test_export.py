@@ -125,3 +125,60 @@ def test_cli_export(checkpoint, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["export", NAME, "--part", "encoder", "--format", "tflite", "--out", str(tmp_path / "x")])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_the_encoder_travels_with_a_sidecar_the_device_reads_without_torch(tmp_path):
+    """`hnd export --part encoder` writes encoder.json beside encoder.onnx: model, preprocessing,
+    bottleneck shape and, for an entropic student, its coding tables. A process without torch
+    reads it, preprocesses a photograph and runs the encoder with onnxruntime: the same
+    bottleneck as PyTorch's. A sidecar of another encoder, a missing or damaged one, or tables
+    that fail their fingerprint are one-line errors."""
+    import json
+    import subprocess
+    import sys
+
+    from matplotlib import cbook
+    from PIL import Image
+
+    from hnd.codec import encode_coded
+    from hnd.encoder_bundle import EncoderBundle
+    from hnd.entropy import table_fingerprint
+
+    model = create_student("resnet18@layer2-3ch-entropic", pretrained=False, num_classes=4, input_size=64)
+    randomize(model, seed=2)
+    model.head.prior.update_tables()
+    path = export_onnx(model, "encoder", tmp_path / "encoder.onnx").path
+    bundle = EncoderBundle.read(path)
+    assert bundle.model == "resnet18@layer2-3ch-entropic" and bundle.preprocessing == model.spec.preprocessing()
+    assert bundle.bottleneck_shape == (3, 9, 9) and bundle.tables.fingerprint == table_fingerprint(model.prior)
+    assert bundle.wire_formats[-1] == "entropy"
+
+    photo = cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None\n"
+            "import json, numpy as np, onnxruntime as ort\nfrom PIL import Image\n"
+            "from hnd.encoder_bundle import EncoderBundle\n"
+            f"bundle = EncoderBundle.read({str(path)!r})\n"
+            f"x = bundle.preprocessing.array(Image.open({photo!r}))[None]\n"
+            "session = ort.InferenceSession(str(bundle.onnx), providers=['CPUExecutionProvider'])\n"
+            "z = session.run(None, {session.get_inputs()[0].name: x})[0][0]\n"
+            "print(bundle.tables.encode(z).hex())\nprint(json.dumps(z.ravel().tolist()))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    coded, values = done.stdout.splitlines()
+    with Image.open(photo) as image, torch.no_grad():
+        z = model.encode(model.spec.transforms()(image.convert("RGB"))[None])[0]
+    assert torch.allclose(torch.tensor(json.loads(values)).view_as(z), z, atol=1e-4)
+    assert bytes.fromhex(coded) == encode_coded(model.prior, z)  # the same bytes on the wire
+
+    side = tmp_path / "encoder.json"
+    doc = json.loads(side.read_text())
+    other = export_onnx(create_student("resnet18@layer2-3ch", pretrained=False, input_size=64), "encoder",
+                        tmp_path / "other.onnx").path
+    (tmp_path / "other.json").write_text(side.read_text())  # the wrong sidecar beside it
+    assert "describes another encoder" in error(EncoderBundle.read, other)
+    side.write_text(json.dumps({**doc, "entropy": {**doc["entropy"], "fingerprint": 1}}))
+    assert "does not match the recorded 1" in error(EncoderBundle.read, path)
+    side.write_text("{not json")
+    assert "is not JSON" in error(EncoderBundle.read, path)
+    side.unlink()
+    assert "encoder.json is missing" in error(EncoderBundle.read, path)

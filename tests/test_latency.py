@@ -10,7 +10,7 @@ from conftest import PAPER_TEACHERS, error
 from hnd.registry import resolve
 from hnd.analysis import LayerRow, analyze
 from hnd.cli import main
-from hnd.codec import tensor_bytes
+from hnd.tensor_codec import tensor_bytes
 from hnd.devices import (DeviceProfile, list_device_profiles, load_device_profile, measure_device_profile,
                          save_device_profile)
 from hnd.latency import Option, coded_student, crossovers, measure_input_codec, options, plan

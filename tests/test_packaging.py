@@ -24,12 +24,24 @@ def _name(requirement: str) -> str:
 def test_environment_yml_matches_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    declared = project["dependencies"] + [r for extra in extras.values() for r in extra]
+    declared = {r for r in project["dependencies"] + [r for extra in extras.values() for r in extra]
+                if _name(r) != "hnd"}  # hnd[torch]: one extra taking another
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     listed = [r for r in pip if not r.startswith("-e")]
-    assert sorted(listed) == sorted(declared)
+    assert sorted(listed) == sorted(declared) and len(listed) == len(set(listed))
     assert "-e ." in pip
+
+
+def test_the_edge_extra_is_all_a_device_installs():
+    """`pip install "hnd[edge]"`: numpy, Pillow, the range coder and ONNX Runtime; torch is in
+    the `torch` extra, which the book's and the server's extras take."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    device = {_name(r) for r in project["dependencies"] + extras["edge"]}
+    assert device == {"numpy", "pillow", "constriction", "onnxruntime"}
+    assert {"torch", "torchvision"} <= {_name(r) for r in extras["torch"]}
+    assert all("hnd[torch]" in extras[name] for name in ("book", "deploy"))
 
 
 def test_constraints_pin_torch_and_torchvision_together():
@@ -41,7 +53,7 @@ def test_constraints_pin_torch_and_torchvision_together():
     assert torch.__version__.split("+")[0] == pins["torch"]
     assert torchvision.__version__.split("+")[0] == pins["torchvision"]
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    names = {_name(r) for r in project["dependencies"] + sum(project["optional-dependencies"].values(), [])}
+    names = {_name(r) for r in project["dependencies"] + sum(project["optional-dependencies"].values(), [])} - {"hnd"}
     assert names <= {_name(p) for p in pins}, "every dependency has a tested version"
 
 

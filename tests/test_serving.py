@@ -20,11 +20,12 @@ import torch
 from conftest import error
 from hnd.registry import resolve
 from hnd.cli import main
-from hnd.codec import TENSOR_FORMATS
+from hnd.tensor_codec import TENSOR_FORMATS
 from hnd.errors import HndError
 from hnd.protocol import (FORMAT_CODES, MAGIC, FrameError, decode_request, decode_response, encode_error,
                           encode_request, encode_result, header_bytes, read_frame, request_bytes)
-from hnd.serving import EdgeClient, parse_address
+from hnd.edge import parse_address
+from hnd.serving import EdgeClient
 from hnd.models import create_student
 
 NAME = "resnet50_head_mimic-ver2b-3ch"
@@ -38,6 +39,7 @@ def test_request_round_trip_and_overhead(fmt):
     z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
     frame = encode_request(z, fmt)
     decoded, got_fmt = decode_request(frame)
+    decoded = torch.from_numpy(decoded)
     assert got_fmt == fmt and decoded.shape == SHAPE
     tolerance = {"fp32": 0, "fp16": 2e-3}.get(fmt, (z.max() - z.min()).item() / 255 / 2 + 1e-6)
     assert (decoded - z).abs().max().item() <= tolerance

@@ -25,7 +25,8 @@ from hnd.cli import main
 from hnd.errors import HndError
 from hnd.protocol import (BUSY, UNAUTHORIZED, FrameError, ServerError, decode_response, encode_error,
                           encode_hello, encode_request, hello_token, read_frame)
-from hnd.serving import EdgeClient, parse_address
+from hnd.edge import parse_address
+from hnd.serving import EdgeClient
 from hnd.tls import client_context, make_self_signed
 from test_serving import NAME, SHAPE, model  # noqa: F401 - the served student, a module fixture
 

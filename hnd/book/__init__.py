@@ -8,3 +8,5 @@ tables shown whole and as CSV files (:mod:`.tables`), the split explorer's widge
 Nothing here is imported by ``import hnd``; each module is imported on its own, so reading
 results does not start matplotlib and plotting does not import papermill.
 """
+
+EXECUTORS = ("local", "slurm")  # how `hnd book run` may run cells as jobs (cells.py); the CLI names them

@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 import hnd
+from hnd.book import EXECUTORS
 from hnd.book.results import GRID_FILE, METRICS_FILE, RESULTS_FILE, write_json
 from hnd.errors import HndError
 from hnd.files import read_json, read_json_if_any, write_text
@@ -34,7 +35,6 @@ JOB_FILE = "job.json"  # a cell's cluster job (hnd.book.cluster); a new run of t
 # Parameters the runner sets when a notebook declares them and the profile leaves them out.
 # ``processes``: training processes of a cell given several GPUs by a cluster executor.
 RUNNER_PARAMETERS = ("output_dir", "profile", "data", "processes")
-EXECUTORS = ("local", "slurm")
 _KINDS = {"partition": (str,), "gpus": (int,), "cpus": (int,), "time": (int, str), "account": (str,),
           "mem": (str,), "sbatch": (list,), "setup": (list,), "requeues": (int,)}
 JOB_OPTIONS = tuple(_KINDS)

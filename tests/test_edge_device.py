@@ -1,0 +1,121 @@
+"""An edge device without torch: `hnd edge --onnx` runs the exported encoder with ONNX Runtime
+in a process where torch cannot be imported, sends real photographs to `hnd serve` in every wire
+format, entropy coding included, and gets the answers the PyTorch edge gets."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import randomize
+from hnd.checkpoints import save_checkpoint
+from hnd.cli import main
+from hnd.encoder_bundle import file_sha256
+from hnd.export import export_onnx
+from hnd.models import create_student
+
+NAME = "resnet18@layer2-3ch-entropic"
+FORMATS = {"fp32": ["--bits", "32"], "fp16": ["--bits", "16"], "int8": [], "int8+zlib": ["--compress", "zlib"],
+           "entropy": ["--compress", "entropy"]}
+WITHOUT_TORCH = ("import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None\n"
+                 "from hnd.cli import main\nsys.exit(main(sys.argv[1:]))")
+
+
+@pytest.fixture(scope="module")
+def device(tmp_path_factory):
+    """A saved entropic student at 64 px, its exported encoder, three photographs as files and
+    `hnd serve` with the checkpoint; yields (address, checkpoint, encoder, photographs)."""
+    pytest.importorskip("skimage")
+    from hnd.book.photographs import reference_photographs
+
+    folder = tmp_path_factory.mktemp("edge-device")
+    model = create_student(NAME, pretrained=False, num_classes=6, input_size=64)
+    randomize(model, seed=11)
+    model.head.prior.update_tables()
+    save_checkpoint(folder / "student.pt", model.spec, model)
+    encoder = export_onnx(model, "encoder", folder / "encoder.onnx").path
+    photos = []
+    for name, image in list(reference_photographs().items())[:3]:
+        photos.append(str(folder / f"{name}.png"))
+        image.save(photos[-1])
+    server = subprocess.Popen([sys.executable, "-m", "hnd", "serve", NAME, "--checkpoint", str(folder / "student.pt"),
+                               "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(server.stdout), daemon=True).start()
+    try:
+        deadline = time.monotonic() + 120
+        while not any(line.startswith("hnd serve:") for line in lines):
+            assert server.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.05)
+        address = re.search(r" on (\S+:\d+) ", "".join(lines)).group(1)
+        yield address, folder / "student.pt", encoder, photos
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_the_onnx_edge_without_torch_answers_as_the_torch_edge(device, fmt, capsys):
+    address, checkpoint, encoder, photos = device
+    done = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, "edge", NAME, *photos, "--server", address,
+                           "--onnx", str(encoder), *FORMATS[fmt], "--json"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    onnx = json.loads(done.stdout)
+    assert main(["edge", NAME, *photos, "--server", address, "--checkpoint", str(checkpoint), *FORMATS[fmt],
+                 "--json"]) == 0
+    torch_side = json.loads(capsys.readouterr().out)
+    for a, b in zip(onnx, torch_side):
+        assert a["format"] == b["format"] == fmt
+        assert a["topk"][0]["index"] == b["topk"][0]["index"], a["image"]
+        assert [t["prob"] for t in a["topk"]] == pytest.approx([t["prob"] for t in b["topk"]], abs=2e-3)
+        if fmt != "int8+zlib":  # the same shape and format: the same frame size; entropy: the same symbols
+            assert a["bytes"] == b["bytes"], a["image"]
+
+
+def test_onnx_edge_mistakes_are_one_line(device, tmp_path, capsys):
+    address, checkpoint, encoder, photos = device
+    assert main(["edge", "resnet18@layer2-3ch", photos[0], "--server", address, "--onnx", str(encoder)]) == 2
+    assert "holds the encoder of resnet18@layer2-3ch-entropic, not resnet18@layer2-3ch" in capsys.readouterr().err
+    assert main(["edge", NAME, photos[0], "--server", address, "--onnx", str(encoder), "--checkpoint",
+                 str(checkpoint)]) == 2
+    assert "drop --checkpoint" in capsys.readouterr().err
+    bad = tmp_path / "encoder.onnx"  # a damaged file whose sidecar names it
+    bad.write_bytes(b"not an onnx model")
+    sidecar = json.loads(encoder.with_suffix(".json").read_text())
+    (tmp_path / "encoder.json").write_text(json.dumps({**sidecar, "onnx_sha256": file_sha256(bad)}))
+    assert main(["edge", NAME, photos[0], "--server", address, "--onnx", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot load" in err and "onnxruntime" in err
+
+
+def test_the_edge_extra_installs_into_a_virtualenv_without_torch(device, tmp_path):
+    """`pip install "hnd[edge]"` in a fresh virtualenv: torch cannot be imported there, and its
+    `hnd edge --onnx` gets the answer the PyTorch edge gets, entropy-coded."""
+    address, checkpoint, encoder, photos = device
+    root = Path(__file__).resolve().parents[1]
+    venv = tmp_path / "edge"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = str(venv / "bin" / "python")
+    install = subprocess.run([python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-c",
+                              str(root / "constraints.txt"), "-e", f"{root}[edge]"],
+                             capture_output=True, text=True, timeout=900)
+    assert install.returncode == 0, install.stderr[-2000:]
+    probe = subprocess.run([python, "-c", "import torch"], capture_output=True, text=True, timeout=60)
+    assert probe.returncode == 1 and "No module named 'torch'" in probe.stderr
+    done = subprocess.run([str(venv / "bin" / "hnd"), "edge", NAME, photos[0], "--server", address, "--onnx",
+                           str(encoder), "--compress", "entropy", "--json"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    [sent] = json.loads(done.stdout)
+    torch_edge = subprocess.run([sys.executable, "-m", "hnd", "edge", NAME, photos[0], "--server", address,
+                                 "--checkpoint", str(checkpoint), "--compress", "entropy", "--json"],
+                                capture_output=True, text=True, timeout=300)
+    [want] = json.loads(torch_edge.stdout)
+    assert sent["bytes"] == want["bytes"] and sent["topk"][0]["index"] == want["topk"][0]["index"]
