@@ -119,3 +119,16 @@ def test_the_edge_extra_installs_into_a_virtualenv_without_torch(device, tmp_pat
                                 capture_output=True, text=True, timeout=300)
     [want] = json.loads(torch_edge.stdout)
     assert sent["bytes"] == want["bytes"] and sent["topk"][0]["index"] == want["topk"][0]["index"]
+
+
+def test_an_encoder_with_other_coding_tables_is_refused_in_one_line(device, tmp_path, capsys):
+    """The same student name with other weights: its coding tables' fingerprint is not the
+    server's, and the server's refusal reaches the user as one line."""
+    address, _, _, photos = device
+    other = create_student(NAME, pretrained=False, num_classes=6, input_size=64)
+    randomize(other, seed=12)
+    other.head.prior.update_tables()
+    encoder = export_onnx(other, "encoder", tmp_path / "other.onnx").path
+    assert main(["edge", NAME, photos[0], "--server", address, "--onnx", str(encoder), "--compress", "entropy"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "other coding tables than this server's model" in err
