@@ -359,3 +359,15 @@ def test_smoke_book_builds_and_every_page_works_in_a_browser(tmp_path):
         assert str(root) not in text and "PosixPath(" not in text, page
     problems = {page: found for page, found in check_pages(html, pages).items() if found}
     assert not problems, problems
+
+
+def test_book_run_flags_as_a_user_gives_them(toy, monkeypatch, capsys):
+    """`hnd book run --only --jobs --out`: one cell, into another runs folder; a bad --jobs is one line."""
+    monkeypatch.chdir(toy)
+    out = toy / "elsewhere"
+    assert main(["book", "run", "--profile", "toy", "--only", "x-2", "--jobs", "1", "--out", str(out)]) == 0
+    assert "1 of 1 cells finished" in capsys.readouterr().out
+    assert read_json(out / "02_train" / "x-2" / "results.json")["status"] == "done"
+    assert not (toy / "runs").exists() and not (out / "02_train" / "x-3").exists()
+    assert main(["book", "run", "--profile", "toy", "--jobs", "0"]) == 2
+    assert capsys.readouterr().err == "hnd: error: --jobs must be at least 1, got 0\n"
