@@ -4,6 +4,7 @@ format, entropy coding included, and gets the answers the PyTorch edge gets."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -45,8 +46,15 @@ def device(tmp_path_factory):
     for name, image in list(reference_photographs().items())[:3]:
         photos.append(str(folder / f"{name}.png"))
         image.save(photos[-1])
-    server = subprocess.Popen([sys.executable, "-m", "hnd", "serve", NAME, "--checkpoint", str(folder / "student.pt"),
-                               "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with _serving(folder / "student.pt") as address:
+        yield address, folder / "student.pt", encoder, photos
+
+
+@contextlib.contextmanager
+def _serving(checkpoint: Path, extra: list[str] = ()):
+    """`hnd serve` of the student in ``checkpoint`` on a free port; yields its address."""
+    server = subprocess.Popen([sys.executable, "-m", "hnd", "serve", NAME, "--checkpoint", str(checkpoint),
+                               "--port", "0", *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(server.stdout), daemon=True).start()
     try:
@@ -54,8 +62,7 @@ def device(tmp_path_factory):
         while not any(line.startswith("hnd serve:") for line in lines):
             assert server.poll() is None and time.monotonic() < deadline, "".join(lines)
             time.sleep(0.05)
-        address = re.search(r" on (\S+:\d+) ", "".join(lines)).group(1)
-        yield address, folder / "student.pt", encoder, photos
+        yield re.search(r" on (\S+:\d+) ", "".join(lines)).group(1)
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -98,8 +105,11 @@ def test_onnx_edge_mistakes_are_one_line(device, tmp_path, capsys):
 
 def test_the_edge_extra_installs_into_a_virtualenv_without_torch(device, tmp_path):
     """`pip install "hnd[edge]"` in a fresh virtualenv: torch cannot be imported there, and its
-    `hnd edge --onnx` gets the answer the PyTorch edge gets, entropy-coded."""
-    address, checkpoint, encoder, photos = device
+    `hnd edge --onnx`, over TLS with a client token, gets the answers the PyTorch edge gets in
+    every wire format, with the same bytes where the format fixes them."""
+    from hnd.tls import make_self_signed
+
+    _, checkpoint, encoder, photos = device
     root = Path(__file__).resolve().parents[1]
     venv = tmp_path / "edge"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
@@ -110,15 +120,23 @@ def test_the_edge_extra_installs_into_a_virtualenv_without_torch(device, tmp_pat
     assert install.returncode == 0, install.stderr[-2000:]
     probe = subprocess.run([python, "-c", "import torch"], capture_output=True, text=True, timeout=60)
     assert probe.returncode == 1 and "No module named 'torch'" in probe.stderr
-    done = subprocess.run([str(venv / "bin" / "hnd"), "edge", NAME, photos[0], "--server", address, "--onnx",
-                           str(encoder), "--compress", "entropy", "--json"], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    [sent] = json.loads(done.stdout)
-    torch_edge = subprocess.run([sys.executable, "-m", "hnd", "edge", NAME, photos[0], "--server", address,
-                                 "--checkpoint", str(checkpoint), "--compress", "entropy", "--json"],
-                                capture_output=True, text=True, timeout=300)
-    [want] = json.loads(torch_edge.stdout)
-    assert sent["bytes"] == want["bytes"] and sent["topk"][0]["index"] == want["topk"][0]["index"]
+
+    cert, key = make_self_signed(tmp_path / "tls")
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("a-device-token-0123456789abcdef\n")
+    secure = ["--tls-cert", str(cert), "--tls-key", str(key), "--token-file", str(tokens)]
+    with _serving(checkpoint, secure) as address:
+        client = ["--server", address, "--tls-ca", str(cert), "--token-file", str(tokens), "--json"]
+        for fmt, flags in FORMATS.items():
+            done = subprocess.run([str(venv / "bin" / "hnd"), "edge", NAME, *photos[:2], "--onnx", str(encoder),
+                                   *flags, *client], capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stderr
+            want = subprocess.run([sys.executable, "-m", "hnd", "edge", NAME, *photos[:2], "--checkpoint",
+                                   str(checkpoint), *flags, *client], capture_output=True, text=True, timeout=300)
+            for a, b in zip(json.loads(done.stdout), json.loads(want.stdout), strict=True):
+                assert a["topk"][0]["index"] == b["topk"][0]["index"], (fmt, a["image"])
+                assert [t["prob"] for t in a["topk"]] == pytest.approx([t["prob"] for t in b["topk"]], abs=2e-3)
+                assert fmt == "int8+zlib" or a["bytes"] == b["bytes"], (fmt, a["image"])
 
 
 def test_an_encoder_with_other_coding_tables_is_refused_in_one_line(device, tmp_path, capsys):
