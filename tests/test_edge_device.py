@@ -14,9 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from PIL import Image
 
 from conftest import randomize
 from hnd.checkpoints import save_checkpoint
+from hnd.codec import encode_coded
 from hnd.cli import main
 from hnd.encoder_bundle import file_sha256
 from hnd.export import export_onnx
@@ -120,6 +123,20 @@ def test_the_edge_extra_installs_into_a_virtualenv_without_torch(device, tmp_pat
     assert install.returncode == 0, install.stderr[-2000:]
     probe = subprocess.run([python, "-c", "import torch"], capture_output=True, text=True, timeout=60)
     assert probe.returncode == 1 and "No module named 'torch'" in probe.stderr
+
+    # The entropy payload the virtualenv codes from the encoder's output is the PyTorch side's.
+    code = ("import sys\nimport onnxruntime as ort\nfrom PIL import Image\n"
+            "from hnd.encoder_bundle import EncoderBundle\n"
+            "bundle = EncoderBundle.read(sys.argv[1])\n"
+            "x = bundle.preprocessing.array(Image.open(sys.argv[2]))[None]\n"
+            "session = ort.InferenceSession(str(bundle.onnx), providers=['CPUExecutionProvider'])\n"
+            "print(bundle.tables.encode(session.run(None, {session.get_inputs()[0].name: x})[0][0]).hex())")
+    coded = subprocess.run([python, "-c", code, str(encoder), photos[0]], capture_output=True, text=True, timeout=120)
+    assert coded.returncode == 0, coded.stderr
+    model = create_student(checkpoint=checkpoint)
+    with Image.open(photos[0]) as image, torch.no_grad():
+        z = model.encode(model.spec.transforms()(image.convert("RGB"))[None])[0]
+    assert bytes.fromhex(coded.stdout.strip()) == encode_coded(model.prior, z)
 
     cert, key = make_self_signed(tmp_path / "tls")
     tokens = tmp_path / "tokens.txt"
