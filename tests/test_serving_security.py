@@ -28,6 +28,7 @@ from hnd.protocol import (BUSY, UNAUTHORIZED, FrameError, ServerError, decode_re
 from hnd.edge import parse_address
 from hnd.serving import EdgeClient
 from hnd.tls import client_context, make_self_signed
+from test_cluster import _wait
 from test_serving import NAME, SHAPE, model  # noqa: F401 - the served student, a module fixture
 
 TOKEN = "edge-device-token-0123456789"
@@ -256,7 +257,7 @@ def test_slow_hellos_cannot_take_the_slots_of_authorized_clients(files, model):
             slow = [socket.create_connection(parse_address(address), timeout=30) for _ in range(2)]
             for sock in slow:
                 sock.sendall(encode_hello(TOKEN)[:3])  # and nothing more
-            _wait_for(lambda: "2 connections still owe their hello" in _refusal(address),
+            _wait(lambda: "2 connections still owe their hello" in _refusal(address),
                       "a third connection owing its hello to be refused")
             assert edge.classify(_image(2))["topk"][0]["index"] == _local_top1(model, _image(2))
             for sock in slow:  # closed at the deadline, with the reason
@@ -277,13 +278,6 @@ def _refusal(address: str) -> str:
             return ""
 
 
-def _wait_for(condition, what: str, timeout: float = 60) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_an_open_port_needs_tls_and_tokens_or_insecure(capsys):
@@ -347,7 +341,7 @@ def test_sigterm_answers_the_requests_in_flight_then_exits_0(files, model):
         socks = [socket.create_connection(parse_address(address), timeout=30) for _ in range(3)]
         for sock in socks:  # each waits in the batch for up to 3 s
             sock.sendall(encode_request(torch.zeros(SHAPE), "int8"))
-        _wait_for(lambda: _metric(metrics, "in_flight") == 3, "the server to hold the 3 requests")
+        _wait(lambda: _metric(metrics, "in_flight") == 3, "the server to hold the 3 requests")
         proc.send_signal(signal.SIGTERM)
         for sock in socks:
             with sock:
@@ -424,7 +418,7 @@ def test_requests_still_waiting_at_the_drain_deadline_are_reported(files):
     try:
         with socket.create_connection(parse_address(address), timeout=30) as sock:
             sock.sendall(encode_request(torch.zeros(SHAPE), "int8"))
-            _wait_for(lambda: _metric(metrics, "in_flight") == 1, "the server to hold the request")
+            _wait(lambda: _metric(metrics, "in_flight") == 1, "the server to hold the request")
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=1 + 10) == 0
             try:
