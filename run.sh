@@ -54,6 +54,6 @@ case "${1:-}" in
     explore) shift; setup book,live; exec "$PY" -m hnd explore "$@" ;;
     lab) shift; setup book,live; exec "$PY" -m hnd lab "$@" ;;
     # One test process per core (at most 8), each with one thread: the suite's models are small.
-    test) shift; setup book,live,test,deploy,edge; test_tools; "$PY" -m pytest -q -n auto --maxprocesses 8 --dist worksteal tests "$@" ;;
+    test) shift; setup book,live,test,deploy,edge,timm; test_tools; "$PY" -m pytest -q -n auto --maxprocesses 8 --dist worksteal tests "$@" ;;
     *) echo "usage: ./run.sh book [smoke|cpu|paper] | explore | lab | test" >&2; exit 2 ;;
 esac

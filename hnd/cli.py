@@ -21,6 +21,9 @@ def _print_json(doc: object) -> None:
 MODELS_HELP = """model names (resolved once into a spec; `str(spec)` is the canonical name):
   TEACHER               any torchvision image classifier, cut at its default split point:
                         resnet152, densenet169, mobilenet_v3_large, efficientnet_b0, ... (--all)
+  timm/NAME[.TAG]       a timm model as the teacher (hnd[timm]; --timm lists them): timm/resnet50.a1_in1k;
+                        without .TAG timm's default tag; every form below applies to it:
+                        timm/convnext_atto@stages.1-3ch
   TEACHER@POINT         the teacher cut after another split point: resnet18@layer3
                         (`hnd inspect TEACHER --split-points` lists them)
   TEACHER@POINT-<C>ch   a student: a generic bottleneck head with C channels replaces the teacher
@@ -43,13 +46,19 @@ teacher in Python with hnd.register_teacher(name, module, input_size=...).
 
 def _models_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--all", action="store_true", help="also every torchvision image classifier (all are teachers)")
+    p.add_argument("--timm", action="store_true",
+                   help="also every timm model with pretrained weights, as timm/NAME (needs hnd[timm])")
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
 def cmd_models(args: argparse.Namespace) -> None:
     from hnd.registry import list_models
 
-    rows = list_models(all_teachers=args.all)
+    if args.timm:
+        from hnd.timm_teachers import installed
+        if not installed():
+            raise HndError('hnd models --timm needs timm, an optional extra: pip install "hnd[timm]"')
+    rows = list_models(all_teachers=args.all, timm=args.timm)
     if args.json:
         _print_json(rows)
         return
@@ -59,6 +68,8 @@ def cmd_models(args: argparse.Namespace) -> None:
     print("students of any teacher: TEACHER@POINT-<C>ch, e.g. resnet18@layer2-3ch (`hnd models --help`)")
     if not args.all:
         print("every torchvision image classifier is a teacher: `hnd models --all`")
+    if not args.timm:
+        print("so is every timm model, named timm/NAME[.TAG]: `hnd models --timm`")
 
 
 def _fmt_shape(shape) -> str:

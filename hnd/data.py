@@ -31,7 +31,7 @@ from torchvision.transforms import v2
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from hnd.errors import HndError
-from hnd.preprocessing import DECODERS, normalize_steps, transform_ops
+from hnd.preprocessing import DECODERS, IMAGENET_MEAN, IMAGENET_STD, normalize_steps, transform_ops
 from hnd.registry import ModelSpec
 
 SPLITS = ("train", "val")
@@ -54,7 +54,8 @@ def train_transform(spec: ModelSpec, kind: str = "original", resize_size: int | 
         steps = [ops.RandomResizedCrop(size, interpolation=_BILINEAR)]
     else:
         raise HndError(f"unknown transforms {kind!r}; valid: original, torchvision")
-    return ops.Compose([*steps, ops.RandomHorizontalFlip(), *(normalize_steps(decoder) if normalize else [])])
+    norm = normalize_steps(decoder, spec.teacher.mean, spec.teacher.std) if normalize else []
+    return ops.Compose([*steps, ops.RandomHorizontalFlip(), *norm])
 
 
 def pixels_uint8(image: Image.Image | torch.Tensor) -> torch.Tensor:
@@ -62,12 +63,12 @@ def pixels_uint8(image: Image.Image | torch.Tensor) -> torch.Tensor:
     return image if isinstance(image, torch.Tensor) else transforms.functional.pil_to_tensor(image)
 
 
-def normalize_pixels(pixels: torch.Tensor, decoder: str = "pil") -> torch.Tensor:
+def normalize_pixels(pixels: torch.Tensor, decoder: str = "pil", mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """uint8 [3, H, W] -> the normalized float tensor that the training transform gives for the
-    same pixels, bit for bit: the transform's own last steps."""
+    same pixels, bit for bit: the transform's own last steps (``mean``/``std``: the teacher's)."""
     if decoder == "pil":  # ToTensor takes an H x W x C array, as it does a PIL image
-        return transforms.Compose(normalize_steps(decoder))(pixels.permute(1, 2, 0).numpy())
-    return v2.Compose(normalize_steps(decoder))(pixels)
+        return transforms.Compose(normalize_steps(decoder, mean, std))(pixels.permute(1, 2, 0).numpy())
+    return v2.Compose(normalize_steps(decoder, mean, std))(pixels)
 
 
 def read_image(path: str | os.PathLike, decoder: str = "pil") -> Image.Image | torch.Tensor:

@@ -13,9 +13,10 @@ Name grammar (``hnd models --help``):
   its bottleneck, trained with ``--method entropic`` and sent range-coded
   (``resnet18@layer2-3ch-entropic``, ``densenet169_head_mimic-ver2b-3ch-entropic``).
 
-``TEACHER`` is any torchvision image classifier or a teacher registered with
-:func:`hnd.teachers.register_teacher`; ``POINT`` is a split point of ``hnd inspect TEACHER
---split-points``. ``str(spec)`` gives the canonical name, and resolving it gives the spec back.
+``TEACHER`` is any torchvision image classifier, a timm model as ``timm/NAME[.TAG]``
+(``timm/resnet50.a1_in1k``; ``timm/resnet50`` takes timm's default tag, and the canonical name
+carries it), or a teacher registered with :func:`hnd.teachers.register_teacher`; ``POINT`` is a
+split point of ``hnd inspect TEACHER --split-points``. ``str(spec)`` gives the canonical name, and resolving it gives the spec back.
 """
 
 from __future__ import annotations
@@ -35,13 +36,14 @@ from hnd.students import (OFFICIAL_CHANNELS, OFFICIAL_DESIGNS, GenericHead, Stud
 from hnd.teachers import (PAPER_TEACHERS, TEACHERS, TeacherSpec, build_teacher, canonical_split_point,
                           default_split_point, meta_teacher,
                           split_teacher, teacher_spec, torchvision_classifiers)
+from hnd.timm_teachers import timm_teachers
 
 _OFFICIAL = re.compile(r"^(?P<teacher>[A-Za-z][\w.]*?)_head_mimic-ver(?P<version>[^-]+)-(?P<channels>.*?)ch"
                        r"(?P<entropic>-entropic)?$")
-_GENERAL = re.compile(r"^(?P<teacher>[A-Za-z][\w.]*?)(?:@(?P<point>[^@\s]*?))?(?:-(?P<channels>.*?)ch"
+_GENERAL = re.compile(r"^(?P<teacher>(?:timm/)?[A-Za-z][\w.]*?)(?:@(?P<point>[^@\s]*?))?(?:-(?P<channels>.*?)ch"
                       r"(?P<entropic>-entropic)?)?$")
 ENTROPIC_SUFFIX = "-entropic"
-GRAMMAR = ("TEACHER | TEACHER@POINT | TEACHER@POINT-<C>ch | TEACHER-<C>ch | "
+GRAMMAR = ("TEACHER (torchvision's or timm/NAME[.TAG]) | TEACHER@POINT | TEACHER@POINT-<C>ch | TEACHER-<C>ch | "
            "<paper teacher>_head_mimic-ver<2b|1b>-<C>ch; a student name + '-entropic': its entropy-coded twin")
 
 
@@ -90,7 +92,8 @@ class ModelSpec:
     def preprocessing(self, resize_size: int | None = None) -> Preprocessing:
         """The evaluation preprocessing at this spec's input size (``resize_size``: another
         resize side than the teacher's ratio gives)."""
-        return Preprocessing(self.input_size, resize_size or self.resize_size, self.teacher.interpolation)
+        t = self.teacher
+        return Preprocessing(self.input_size, resize_size or self.resize_size, t.interpolation, t.mean, t.std)
 
     def transforms(self, decoder: str = "pil", *, resize_size: int | None = None):
         """The evaluation transform: an image as ``decoder`` reads it -> normalized [3, S, S]."""
@@ -283,10 +286,11 @@ def spec_from_dict(doc: dict) -> ModelSpec:
         raise HndError(f"damaged model spec {doc!r}") from None
 
 
-def list_models(all_teachers: bool = False) -> list[dict]:
+def list_models(all_teachers: bool = False, timm: bool = False) -> list[dict]:
     """The paper families' teachers and their official students (``all_teachers``: every
-    torchvision classifier too), as dicts (``name``, ``kind``, ``teacher``,
-    ``bottleneck_channels``, ``official``)."""
+    torchvision classifier too; ``timm``: every timm model with pretrained weights, when timm
+    is installed), as dicts (``name``, ``kind``, ``teacher``, ``bottleneck_channels``,
+    ``official``)."""
     rows = [{"name": t, "kind": "teacher", "teacher": t, "bottleneck_channels": None,
              "official": t in PAPER_TEACHERS} for t in TEACHERS]
     for t, spec in TEACHERS.items():
@@ -296,6 +300,9 @@ def list_models(all_teachers: bool = False) -> list[dict]:
     if all_teachers:
         rows += [{"name": t, "kind": "teacher", "teacher": t, "bottleneck_channels": None, "official": False}
                  for t in torchvision_classifiers() if t not in TEACHERS]
+    if timm:
+        rows += [{"name": t, "kind": "teacher", "teacher": t, "bottleneck_channels": None, "official": False}
+                 for t in timm_teachers()]
     return rows
 
 

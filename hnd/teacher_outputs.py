@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from hnd.checkpoints import atomic_save, read_file
 from hnd.data import ImageDataset, normalize_pixels, pixels_uint8
 from hnd.errors import HndError
+from hnd.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
 FORMAT = 2  # bump when what a cache file holds changes
 
@@ -71,7 +72,8 @@ def teacher_identity(checkpoint: str | None, name: str, pretrained: bool, seed: 
 
 @torch.no_grad()
 def compute_teacher_outputs(head: nn.Module, teacher: nn.Module, views: ImageDataset, batch_size: int,
-                            num_workers: int, device: torch.device) -> TeacherOutputs:
+                            num_workers: int, device: torch.device, *, mean=IMAGENET_MEAN,
+                            std=IMAGENET_STD) -> TeacherOutputs:
     """Run the frozen ``head`` and whole ``teacher`` over every view of every image; ``views``
     gives the augmented images before normalization (``train_transform(normalize=False)``)."""
     count, n = views.views, len(views)
@@ -81,7 +83,7 @@ def compute_teacher_outputs(head: nn.Module, teacher: nn.Module, views: ImageDat
         views.set_epoch(view)
         loader = DataLoader(views, batch_size=batch_size, num_workers=num_workers, collate_fn=_pixels)
         for pixels, keys in loader:
-            x = torch.stack([normalize_pixels(p, views.decoder) for p in pixels]).to(device)  # [B, 3, S, S]
+            x = torch.stack([normalize_pixels(p, views.decoder, mean, std) for p in pixels]).to(device)  # [B, 3, S, S]
             rows.append((keys, pixels, head(x).half().cpu(), teacher(x).float().cpu()))
     keys = torch.cat([r[0] for r in rows])
     order = torch.empty_like(keys)
@@ -99,8 +101,10 @@ class CachedViews(Dataset):
     """The training views of a cache as a dataset: (normalized image, label, key) for epoch
     ``e``'s view ``e mod V``, the same tensors :class:`hnd.data.ImageDataset` would decode."""
 
-    def __init__(self, cache: TeacherOutputs, labels: list[int], views: int, decoder: str):
+    def __init__(self, cache: TeacherOutputs, labels: list[int], views: int, decoder: str, *, mean=IMAGENET_MEAN,
+                 std=IMAGENET_STD):
         self.cache, self.labels, self.views, self.decoder = cache, labels, views, decoder
+        self.mean, self.std = mean, std  # the teacher's normalization
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -111,7 +115,7 @@ class CachedViews(Dataset):
 
     def __getitem__(self, index: int):
         key = index * self.views + self.epoch % self.views
-        return normalize_pixels(self.cache.pixels[key], self.decoder), self.labels[index], key
+        return normalize_pixels(self.cache.pixels[key], self.decoder, self.mean, self.std), self.labels[index], key
 
 
 @contextlib.contextmanager

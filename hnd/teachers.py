@@ -1,4 +1,4 @@
-"""Teachers: any torchvision image classifier (or a user's own), its weights, and its split.
+"""Teachers: any torchvision image classifier (or timm's, or a user's own), its weights, and its split.
 
 A teacher is resolved once into a :class:`TeacherSpec` that carries its facts: builder,
 weights enum, input and resize sizes, interpolation, family. Seven teachers of the papers'
@@ -32,39 +32,10 @@ import torchvision.models as tvm
 from torch import nn
 from torchvision.models.inception import Inception3
 
-from hnd import tracing
+from hnd import timm_teachers, tracing
 from hnd.errors import HndError, describe_mismatch
 from hnd.preprocessing import INTERPOLATIONS
-
-
-
-@dataclass(frozen=True)
-class TeacherSpec:
-    """Facts about one teacher, resolved once from its name."""
-
-    name: str
-    family: str  # torchvision's module of the builder: densenet, resnet, inception, mobilenetv3, ...
-    builder: object  # callable(weights=None, **kwargs) -> nn.Module (compared by identity)
-    weights: tvm.WeightsEnum | None  # pretrained weights (None: a user's module carries its own)
-    input_size: int  # side of the square network input
-    resize_size: int  # evaluation: shorter side resized to this, then centre crop
-    interpolation: str = "bilinear"  # evaluation resize
-    split_point: str | None = None  # staged teachers: the official split (tests/reference/original-hnd-facts.md §1)
-    staged: bool = False  # one of the seven hand-written stage lists
-    user: bool = False  # registered with register_teacher, not a torchvision builder
-    num_classes: int = 1000  # classes of the pretrained weights (a user module's own)
-
-    @property
-    def top1(self) -> float | None:
-        """ImageNet top-1 of the pretrained weights, as torchvision quotes it."""
-        try:
-            return float(self.weights.meta["_metrics"]["ImageNet-1K"]["acc@1"])
-        except (AttributeError, KeyError, TypeError):
-            return None
-
-    @property
-    def categories(self) -> list[str] | None:
-        return self.weights.meta.get("categories") if self.weights is not None else None
+from hnd.teacher_spec import TeacherSpec
 
 
 def _staged(name: str, weights: tvm.WeightsEnum, size: int, resize: int, split_point: str) -> TeacherSpec:
@@ -131,9 +102,12 @@ def _other_tasks() -> dict[str, str]:
 
 def teacher_spec(name: str) -> TeacherSpec:
     """The spec of teacher ``name``: a paper family's staged teacher, any torchvision
-    classifier, or a registered user module. Unknown names raise a one-line error."""
+    classifier, a timm model (``timm/NAME[.TAG]``), or a registered user module. Unknown names
+    raise a one-line error."""
     if name in TEACHERS:
         return TEACHERS[name]
+    if name.startswith(timm_teachers.PREFIX):
+        return timm_teachers.timm_spec(name)
     if name in _USER_TEACHERS:
         return _USER_TEACHERS[name]
     if name in torchvision_classifiers():
@@ -170,13 +144,16 @@ def register_teacher(name: str, model: nn.Module, *, input_size: int = 224, resi
     if classes is None:
         raise HndError(f"{name} has no Linear or Conv2d classifier")
     spec = TeacherSpec(name, "user", builder, None, input_size, resize_size or round(input_size * 256 / 224),
-                       interpolation, user=True, num_classes=classes)
+                       interpolation, source="user", num_classes=classes)
     _USER_TEACHERS[name] = spec
     return spec
 
 
 def weights_path(spec: TeacherSpec) -> Path:
-    """Where torchvision's weights API caches ``spec``'s pretrained file."""
+    """Where torchvision's weights API caches ``spec``'s pretrained file (a timm teacher's:
+    :func:`hnd.timm_teachers.weights_path`)."""
+    if spec.source == "timm":
+        return timm_teachers.weights_path(spec)
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(spec.weights.url)
 
 
@@ -268,6 +245,9 @@ def build_teacher(spec: TeacherSpec | str, *, pretrained: bool = True, num_class
         return model.eval()
     if pretrained and num_classes != spec.num_classes:
         raise HndError(f"pretrained {spec.name} has {spec.num_classes} classes, got num_classes={num_classes}")
+    if spec.source == "timm":
+        return timm_teachers.build_timm(spec, pretrained=pretrained, num_classes=num_classes,
+                                        input_size=input_size or spec.input_size)
     model = spec.builder(**_build_kwargs(spec, pretrained, num_classes, transform_input,
                                          input_size or spec.input_size))
     if pretrained:

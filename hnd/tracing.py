@@ -2,8 +2,9 @@
 
 A teacher is traced in eval mode with torchvision's ``NodePathTracer`` (the tracer of
 ``torchvision.models.feature_extraction``, with its defaults: ``math`` and
-``torchvision.ops`` functions wrapped, ``torchvision.ops`` modules kept whole), so every
-node carries a qualified name such as ``layer2.1.relu_1`` or ``features.3``.
+``torchvision.ops`` functions wrapped, ``torchvision.ops`` modules kept whole; for timm's
+models also the modules and functions that timm registers for its own FX feature
+extraction), so every node carries a qualified name such as ``layer2.1.relu_1`` or ``features.3``.
 
 A *split point* is a node after which exactly one value crosses from head to tail: that
 node's output, a tensor rather than a tuple (parameters and buffers do not count; they stay
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import math
 import operator
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,16 +36,27 @@ NAME_KEY = "hnd_name"  # node.meta key holding the node's qualified name
 
 
 def _leaf_modules() -> list[type]:
-    """``torchvision.ops`` modules stay single nodes, as torchvision's feature extraction has it."""
+    """``torchvision.ops`` modules stay single nodes, as torchvision's feature extraction has it;
+    so do the modules timm registers as not traceable, once timm is loaded."""
     return [obj for obj in vars(torchvision.ops).values()
-            if isinstance(obj, type) and issubclass(obj, nn.Module)]
+            if isinstance(obj, type) and issubclass(obj, nn.Module)] + list(_timm_notrace()[0])
+
+
+def _timm_notrace() -> tuple[list, list]:
+    """(modules, functions) that timm's own FX feature extraction keeps whole, when timm is
+    loaded (a timm teacher was built); nothing otherwise, without importing timm."""
+    layers = sys.modules.get("timm.layers")
+    if layers is None:
+        return [], []
+    return list(layers.get_notrace_modules()), list(layers.get_notrace_functions())
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
     """The eval-mode graph of ``model``; each node's qualified name is in ``node.meta[NAME_KEY]``.
     The GraphModule shares ``model``'s modules (no copies)."""
     was_training = model.training
-    tracer = NodePathTracer(autowrap_modules=(math, torchvision.ops), leaf_modules=_leaf_modules())
+    tracer = NodePathTracer(autowrap_modules=(math, torchvision.ops), leaf_modules=_leaf_modules(),
+                            autowrap_functions=tuple(_timm_notrace()[1]))
     try:
         graph = tracer.trace(model.eval())
     except Exception as exc:  # fx raises many types for untraceable Python

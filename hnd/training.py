@@ -284,7 +284,7 @@ def _fit(config: TrainConfig, data: Path, out: Path, resume: bool, progress: boo
     task.cache = _teacher_cache(config, task, train_set, workers, device)
     if task.cache is not None:  # the views' pixels come from the cache too: no image is decoded again
         train_set = CachedViews(task.cache, [label for _, label in train_samples], config.augment_views,
-                                config.decoder)
+                                config.decoder, mean=config.spec.teacher.mean, std=config.spec.teacher.std)
     sampler = DistributedSampler(train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
                                  seed=config.seed)
     pin = device.type == "cuda"
@@ -380,7 +380,8 @@ def _teacher_cache(config: TrainConfig, task: Task, train_set: ImageDataset, wor
         pixels = train_transform(spec, config.transforms, config.resize_size, config.decoder, normalize=False)
         views = ImageDataset(train_set.samples, pixels, augment=True, decoder=config.decoder,
                              views=config.augment_views)
-        return compute_teacher_outputs(head, task.teacher, views, config.eval_batch_size, workers, device)
+        return compute_teacher_outputs(head, task.teacher, views, config.eval_batch_size, workers, device,
+                                       mean=spec.teacher.mean, std=spec.teacher.std)
 
     return cached_teacher_outputs(config.teacher_cache, key, compute)
 

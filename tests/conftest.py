@@ -29,10 +29,12 @@ OFFICIAL_STUDENTS = [
 
 @pytest.fixture(scope="session", autouse=True)
 def torch_home(tmp_path_factory) -> Path:
-    """Every test sees an empty torch cache of its own and never downloads."""
+    """Every test sees an empty torch cache (and Hugging Face cache, where timm's weights go)
+    of its own and never downloads."""
     home = tmp_path_factory.mktemp("torch_home")
-    old = {k: os.environ.get(k) for k in ("TORCH_HOME", "HND_OFFLINE")}
+    old = {k: os.environ.get(k) for k in ("TORCH_HOME", "HF_HUB_CACHE", "HND_OFFLINE")}
     os.environ["TORCH_HOME"] = str(home)
+    os.environ["HF_HUB_CACHE"] = str(home / "huggingface")
     os.environ["HND_OFFLINE"] = "1"
     yield home
     for k, v in old.items():
@@ -171,6 +173,41 @@ def pretrained(torch_home):
             torch.save(state, path)
             written[name] = state
         return written[name]
+
+    return make
+
+
+def put_in_hub_cache(hub_id: str, state: dict[str, torch.Tensor], revision: str = "0" * 40) -> Path:
+    """Write ``state`` as ``model.safetensors`` of Hugging Face repository ``hub_id`` in the
+    hub cache, laid out as a download leaves it (``refs/main`` naming a snapshot): where timm
+    looks for its pretrained weights."""
+    from safetensors.torch import save_file
+
+    from hnd.timm_teachers import hub_cache
+
+    repo = hub_cache() / f"models--{hub_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    path = repo / "snapshots" / revision / "model.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def timm_pretrained(torch_home):
+    """Call ``timm_pretrained(name)`` (``timm/NAME[.TAG]``) to put random weights for that timm
+    teacher in the Hugging Face cache; returns the state_dict written."""
+    written: dict[str, dict] = {}
+
+    def make(name: str) -> dict:
+        spec = teacher_spec(name)
+        if spec.name not in written:
+            torch.manual_seed(0)
+            state = spec.builder().state_dict()
+            put_in_hub_cache(spec.name, state)  # timm's hub ids are the canonical names: timm/NAME.TAG
+            written[spec.name] = state
+        return written[spec.name]
 
     return make
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 import selectors
 import socket
@@ -211,26 +212,32 @@ def _eight_devices_at_once(address: str, log_path, model) -> None:
     assert re.search(r"batch 8 ", log_path.read_text())
 
 
-def test_a_student_of_any_teacher_serves_like_one_process():
+@pytest.mark.parametrize("given, name", [("resnet18-3ch", "resnet18@layer2-3ch"),
+                                         ("timm/regnetx_002-3ch", "timm/regnetx_002.pycls_in1k@s2-3ch")])
+def test_a_student_of_any_teacher_serves_like_one_process(given, name):
     """``hnd serve`` with --random-weights for a generic student (ResNet-18 cut after layer2,
-    its tail a traced graph): an edge client holding the same fixed weights gets exactly the
-    single-process top-k, and the server takes the bottleneck of the spec's input size."""
+    and a timm RegNet's: tails that are traced graphs): an edge client holding the same fixed
+    weights gets exactly the single-process top-k, and the server takes the bottleneck of the
+    spec's input size."""
     from hnd.models import create_student
 
-    name = "resnet18@layer2-3ch"
+    if given.startswith("timm/"):
+        pytest.importorskip("timm")
     model = create_student(name, random_seed=0)  # the weights of --random-weights
-    proc = subprocess.Popen([sys.executable, "-m", "hnd", "serve", "resnet18-3ch", "--random-weights", "--port", "0"],
+    with torch.no_grad():
+        shape = tuple(model.encode(torch.zeros(1, 3, 224, 224)).shape[1:])  # [3, H, W]
+    proc = subprocess.Popen([sys.executable, "-m", "hnd", "serve", given, "--random-weights", "--port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         line = _ready_line(proc, timeout=120)
-        assert f"{name} on " in line and "bottleneck 3x29x29" in line
+        assert f"{name} on " in line and f"bottleneck {'x'.join(map(str, shape))}" in line
         address = re.search(r" on (\S+:\d+) ", line).group(1)
         with EdgeClient(model, address, "fp32") as client:
             for seed in range(2):
                 x = _image(seed)
                 got = client.classify(x)
                 assert [(t["index"], t["prob"]) for t in got["topk"]] == _local_topk(model, x)
-                assert got["payload_bytes"] == 4 * 3 * 29 * 29
+                assert got["payload_bytes"] == 4 * math.prod(shape)
     finally:
         proc.kill()
         proc.wait(10)

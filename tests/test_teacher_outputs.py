@@ -69,11 +69,12 @@ def test_cached_run_trains_as_the_uncached_one(method, synth, teacher_ckpt, tmp_
     calls = []
     compute = hnd.training.compute_teacher_outputs
     monkeypatch.setattr(hnd.training, "compute_teacher_outputs", lambda *a, **k: calls.append(1) or compute(*a, **k))
-    plain = fit(_config(method, teacher_ckpt), synth, tmp_path / "plain", progress=False)
+    plain = fit(_config(method, teacher_ckpt, "epochs=2"), synth, tmp_path / "plain", progress=False)
     cache = tmp_path / "cache"
-    cached = fit(_config(method, teacher_ckpt, f"teacher_cache={cache}"), synth, tmp_path / "cached", progress=False)
-    again = fit(_config(method, teacher_ckpt, f"teacher_cache={cache}", "seed=1"), synth, tmp_path / "again",
-                progress=False)
+    cached = fit(_config(method, teacher_ckpt, f"teacher_cache={cache}", "epochs=2"), synth, tmp_path / "cached",
+                 progress=False)
+    again = fit(_config(method, teacher_ckpt, f"teacher_cache={cache}", "seed=1", "epochs=1"), synth,
+                tmp_path / "again", progress=False)
     assert calls == [1]  # the second cached run (another seed) read the file
     assert len(list(cache.glob("*.pt"))) == 1
     losses = [[m["train_loss"] for m in read_metrics(tmp_path / run)] for run in ("plain", "cached")]

@@ -99,8 +99,8 @@ def shortlist(choices: list[Option], rate_mbps: float, rtt_ms: float, split: str
 
 def known_teachers() -> list[str]:
     """Every teacher hnd knows: the papers' first, then the other registered ones, then every
-    torchvision classifier."""
-    names = [r["name"] for r in list_models(all_teachers=True) if r["kind"] == "teacher"]
+    torchvision classifier, then timm's models with pretrained weights (when timm is installed)."""
+    names = [r["name"] for r in list_models(all_teachers=True, timm=True) if r["kind"] == "teacher"]
     return list(PAPER_TEACHERS) + [n for n in names if n not in PAPER_TEACHERS]
 
 
