@@ -350,14 +350,13 @@ def test_split_inference_matches_one_process(server, model):
     assert not _problems(log_path)
 
 
-def test_cli_edge_entropy_json(server, model, checkpoints, image_file):
+def test_cli_edge_entropy_json(server, model, checkpoints, image_file, capsys):
     from hnd.data import image_tensor
 
     address, log_path = server
-    done = _cli("edge", NAME, str(image_file), str(image_file), "--server", address, "--checkpoint",
-                str(checkpoints["entropic"]), "--compress", "entropy", "--json")
-    assert done.returncode == 0, done.stderr
-    rows = json.loads(done.stdout)
+    assert main(["edge", NAME, str(image_file), str(image_file), "--server", address, "--checkpoint",
+                 str(checkpoints["entropic"]), "--compress", "entropy", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 2 and all(r["format"] == "entropy" for r in rows)
     x = image_tensor(resolve(NAME), image_file)
     for row in rows:
@@ -367,17 +366,17 @@ def test_cli_edge_entropy_json(server, model, checkpoints, image_file):
     assert not _problems(log_path)
 
 
-def test_entropy_needs_an_entropic_student(checkpoints, server, image_file):
+def test_entropy_needs_an_entropic_student(checkpoints, server, image_file, capsys):
     torch.manual_seed(1)
     plain = create_student(PLAIN, pretrained=False, num_classes=10)
     assert "entropic" in error(EdgeClient, plain, server[0], "entropy")
     untrained = create_student(NAME, pretrained=False, num_classes=10)  # no tables yet
     assert "entropic" in error(EdgeClient, untrained, server[0], "entropy")
-    done = _cli("edge", PLAIN, str(image_file), "--server", server[0], "--checkpoint", str(checkpoints["plain"]),
-                "--compress", "entropy")
-    assert done.returncode == 2 and done.stdout == ""
-    assert done.stderr.startswith("hnd: error: ") and done.stderr.count("\n") == 1, done.stderr
-    assert "entropic" in done.stderr and "Traceback" not in done.stderr
+    assert main(["edge", PLAIN, str(image_file), "--server", server[0], "--checkpoint", str(checkpoints["plain"]),
+                 "--compress", "entropy"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("hnd: error: ") and err.count("\n") == 1, err
+    assert "entropic" in err and "Traceback" not in err
 
 
 def _raw(address: str) -> socket.socket:
@@ -542,13 +541,13 @@ def test_entropic_resume_matches_uninterrupted(runs):
     assert runs["resumed"]["test"] == runs["whole"]["test"]
 
 
-def test_evaluate_cli_prints_bytes_per_image(runs, synth):
+def test_evaluate_cli_prints_bytes_per_image(runs, synth, capsys):
     best = runs["root"] / "whole" / "best.pt"
-    done = _cli("evaluate", NAME, "--method", "entropic", "--checkpoint", str(best), "--data", str(synth),
-                "--workers", "0", "--student-only", "--no-progress")
-    assert done.returncode == 0, done.stderr
-    found = re.search(r"([\d.]+) bytes per image range-coded", done.stdout)
-    assert found, done.stdout
+    assert main(["evaluate", NAME, "--method", "entropic", "--checkpoint", str(best), "--data", str(synth),
+                 "--workers", "0", "--student-only", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    found = re.search(r"([\d.]+) bytes per image range-coded", out)
+    assert found, out
     assert float(found.group(1)) == pytest.approx(runs["whole"]["test"]["bytes_per_image"], abs=0.05)
 
 

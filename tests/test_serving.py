@@ -12,7 +12,6 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 import zlib
 
 import pytest
@@ -286,17 +285,12 @@ def test_malformed_requests_get_errors_and_the_server_keeps_serving(server, mode
         assert client.classify(_image(0))["topk"][0]["index"] == _local_topk(model, _image(0))[0][0]
 
 
-def _hnd(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hnd", *args], capture_output=True, text=True, timeout=timeout)
-
-
-def test_cli_edge_json(server, model, checkpoint, image_file):
+def test_cli_edge_json(server, model, checkpoint, image_file, capsys):
     from hnd.data import image_tensor
 
-    done = _hnd("edge", NAME, str(image_file), str(image_file), "--server", server[0], "--checkpoint",
-                str(checkpoint), "--bits", "32", "--json")
-    assert done.returncode == 0, done.stderr
-    rows = json.loads(done.stdout)
+    assert main(["edge", NAME, str(image_file), str(image_file), "--server", server[0], "--checkpoint",
+                 str(checkpoint), "--bits", "32", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
     local = _local_topk(model, image_tensor(resolve(NAME), image_file))
     assert len(rows) == 2 and rows[0]["image"] == str(image_file)
     assert [(t["index"], t["prob"]) for t in rows[0]["topk"]] == local

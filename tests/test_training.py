@@ -140,8 +140,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(synth, teacher_ckpt
     weights and metrics of a run that was never interrupted."""
     common = ["train", STUDENT, "--method", "naive", "--data", str(synth), *TINY, "epochs=3",
               f"teacher_checkpoint={teacher_ckpt}", "--no-progress"]
-    whole = _cli(*common, "--out", str(tmp_path / "whole"))
-    assert whole.returncode == 0, whole.stderr
+    fit(_config("naive", teacher_ckpt, "epochs=3"), synth, tmp_path / "whole", progress=False)  # never interrupted
 
     run = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "hnd", *common, "--out", str(run)], cwd=ROOT,
@@ -191,12 +190,11 @@ def test_torchrun_two_processes_agree_with_one_process(synth, teacher_ckpt, tmp_
     missing gradient scaling of the summed loss (or a wrong data split) would show."""
     common = [STUDENT, "--method", "hnd", "--data", str(synth), *TINY, "epochs=1", "optimizer=sgd", "lr=1e-8",
               "holdout_per_class=12", "sync_bn=true", f"teacher_checkpoint={teacher_ckpt}", "--no-progress"]
-    one = _cli("train", *common, "--out", str(tmp_path / "one"), "batch_size=16")
-    assert one.returncode == 0, one.stderr
+    settings = ["epochs=1", "optimizer=sgd", "lr=1e-8", "holdout_per_class=12", "sync_bn=true"]
+    fit(_config("hnd", teacher_ckpt, *settings, "batch_size=16"), synth, tmp_path / "one", progress=False)
     # Two processes, as in a grid cell given two GPUs: torchrun --standalone, launched by
     # train_or_resume (the 02_train notebook's call) with the whole config.
-    config = _config("hnd", teacher_ckpt, "epochs=1", "optimizer=sgd", "lr=1e-8", "holdout_per_class=12",
-                     "sync_bn=true", "batch_size=8")
+    config = _config("hnd", teacher_ckpt, *settings, "batch_size=8")
     two = train_or_resume(config, synth, tmp_path / "two", processes=2)
     assert two == json.loads((tmp_path / "two" / "result.json").read_text())
     assert train_or_resume(config, synth, tmp_path / "two", processes=2) == two  # done: read back, not rerun
