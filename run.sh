@@ -44,9 +44,12 @@ apt_install() {
 
 test_tools() {
     # The browser test opens the built book in headless Chromium (Debian's `chromium`); the cluster
-    # tests start a single-node Slurm (Debian's slurm-wlm and munge) on this machine.
+    # tests start a single-node Slurm (Debian's slurm-wlm and munge) on this machine, once with
+    # accounting (slurmdbd on MariaDB).
     command -v "${HND_CHROMIUM:-chromium}" >/dev/null || apt_install "the browser test" chromium
     { command -v slurmctld || [ -x /usr/sbin/slurmctld ]; } >/dev/null || apt_install "the Slurm tests" slurm-wlm munge
+    { { command -v slurmdbd || [ -x /usr/sbin/slurmdbd ]; } && { command -v mariadbd || [ -x /usr/sbin/mariadbd ]; }; } \
+        >/dev/null || apt_install "the Slurm accounting test" slurmdbd mariadb-server
 }
 
 case "${1:-}" in

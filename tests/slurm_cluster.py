@@ -1,9 +1,11 @@
 """A real single-node Slurm for the cluster tests: Debian's slurm-wlm (22.05) and munge on this
-machine, configured in a folder of its own (no cgroups, no accounting daemon, as on many small
-clusters) and stopped at the end.
+machine, configured in a folder of its own (no cgroups) and stopped at the end; without an
+accounting daemon, as on many small clusters, or with one (slurmdbd on a MariaDB server of its
+own, in the same folder).
 
-``start(folder)`` writes ``slurm.conf``, starts munged (if none runs), slurmctld and slurmd on
-free ports, waits until the node takes jobs and returns a :class:`Cluster` whose ``env`` points
+``start(folder, accounting=...)`` writes ``slurm.conf``, starts munged (if none runs), with
+accounting MariaDB and slurmdbd (registering the cluster), then slurmctld and slurmd on free
+ports, waits until the node takes jobs and returns a :class:`Cluster` whose ``env`` points
 Slurm's commands (and submitit, which calls them) at it. It needs root and the packages:
 ``./run.sh test`` installs them as it installs Chromium.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -20,14 +23,16 @@ from pathlib import Path
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "squeue", "scontrol", "scancel", "sacct", "srun")
+ACCOUNTING = ("slurmdbd", "sacctmgr", "mariadbd", "mariadb-install-db", "mariadb")
 
 
-def missing() -> str | None:
-    """Why a real Slurm cannot start here, or None."""
-    absent = [tool for tool in (*DAEMONS, *CLIENTS) if shutil.which(tool) is None and
-              not Path(f"/usr/sbin/{tool}").exists()]
+def missing(accounting: bool = False) -> str | None:
+    """Why a real Slurm (``accounting``: with slurmdbd on MariaDB) cannot start here, or None."""
+    tools = (*DAEMONS, *CLIENTS, *(ACCOUNTING if accounting else ()))
+    absent = [tool for tool in tools if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists()]
     if absent:
-        return f"Slurm is not installed (no {', '.join(absent)}; apt-get install slurm-wlm munge)"
+        packages = "slurm-wlm munge" + (" slurmdbd mariadb-server" if accounting else "")
+        return f"Slurm is not installed (no {', '.join(absent)}; apt-get install {packages})"
     if os.geteuid() != 0:
         return "a Slurm test cluster is started as root"
     return None
@@ -63,17 +68,44 @@ class Cluster:
         return fields.get("JobState")
 
     def stop(self) -> None:
-        """Shut the daemons down (munged stays: it may serve others), killing what lingers."""
+        """End every job, shut the daemons down (munged stays: it may serve others) and kill
+        what lingers: a job step whose slurmd went first would outlive the test."""
+        self.run("scancel", "--me", check=False)
+        deadline = time.monotonic() + 30
+        while self.run("squeue", "-h", check=False).stdout.strip() and time.monotonic() < deadline:
+            time.sleep(0.5)
         self.run("scontrol", "shutdown", check=False)
-        for process in self.processes:
+        for process in reversed(self.processes):  # slurmd, slurmctld, then slurmdbd and MariaDB
+            if process.poll() is None:
+                process.terminate()  # slurmdbd and MariaDB; the Slurm daemons are shut down already
             try:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout=10)
+        for pid in _steps_of(self.env["SLURM_CONF"]):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
-def _config(folder: Path, node: str, cpus: int, memory_mb: int) -> str:
+def _steps_of(conf: str) -> list[int]:
+    """The slurmstepd processes of the cluster configured by ``conf`` (their environment names it)."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if (proc / "comm").read_text().strip() == "slurmstepd" and \
+                    f"SLURM_CONF={conf}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def _config(folder: Path, node: str, cpus: int, memory_mb: int, dbd_port: int | None) -> str:
+    storage = (f"accounting_storage/slurmdbd\nAccountingStorageHost=127.0.0.1\nAccountingStoragePort={dbd_port}"
+               if dbd_port else "accounting_storage/none")
     return f"""\
 ClusterName=hndtest
 SlurmctldHost={node}(127.0.0.1)
@@ -91,7 +123,7 @@ SlurmdLogFile={folder}/slurmd.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
+AccountingStorageType={storage}
 SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
@@ -107,7 +139,42 @@ def _munged_running() -> bool:
     return subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode == 0
 
 
-def start(folder: str | Path, timeout_s: float = 120.0) -> Cluster:
+def _until(check, what: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the test Slurm: {what} did not come up within {timeout_s:.0f} s")
+        time.sleep(0.25)
+
+
+def _start_accounting(cluster: Cluster, env: dict, db_port: int, dbd_port: int) -> None:
+    """MariaDB with a database user for slurmdbd, then slurmdbd, then the cluster registered."""
+    folder = cluster.folder
+    subprocess.run(["mariadb-install-db", "--no-defaults", f"--datadir={folder}/db", "--user=root",
+                    "--auth-root-authentication-method=normal", "--skip-test-db"], check=True, timeout=120,
+                   capture_output=True)
+    sock = f"{folder}/db.sock"
+    cluster.processes.append(subprocess.Popen(
+        [_daemon("mariadbd"), "--no-defaults", f"--datadir={folder}/db", f"--socket={sock}", f"--port={db_port}",
+         "--bind-address=127.0.0.1", "--user=root", f"--log-error={folder}/mariadb.log"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+    sql = ["mariadb", "--no-defaults", "-S", sock, "-u", "root"]
+    _until(lambda: subprocess.run([*sql, "-e", "select 1"], capture_output=True).returncode == 0, "MariaDB")
+    subprocess.run([*sql, "-e", "CREATE USER 'slurm'@'127.0.0.1' IDENTIFIED BY 'slurm'; "
+                                "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';"], check=True, timeout=30)
+    dbd = folder / "slurmdbd.conf"  # slurmdbd reads it beside slurm.conf
+    dbd.write_text(f"AuthType=auth/munge\nDbdHost=localhost\nDbdAddr=127.0.0.1\nDbdPort={dbd_port}\n"
+                   f"SlurmUser=root\nLogFile={folder}/slurmdbd.log\nPidFile={folder}/slurmdbd.pid\n"
+                   f"StorageType=accounting_storage/mysql\nStorageHost=127.0.0.1\nStoragePort={db_port}\n"
+                   "StorageUser=slurm\nStoragePass=slurm\nStorageLoc=slurm_acct_db\n")
+    dbd.chmod(0o600)
+    cluster.processes.append(subprocess.Popen([_daemon("slurmdbd"), "-D"], env=env, stdout=subprocess.DEVNULL,
+                                              stderr=subprocess.DEVNULL, start_new_session=True))
+    _until(lambda: cluster.run("sacctmgr", "-n", "list", "cluster", check=False).returncode == 0, "slurmdbd")
+    cluster.run("sacctmgr", "-i", "add", "cluster", "hndtest")
+
+
+def start(folder: str | Path, *, accounting: bool = False, timeout_s: float = 120.0) -> Cluster:
     """Start the single-node cluster configured in ``folder`` (see the module docstring)."""
     folder = Path(folder)
     for sub in ("state", "spool"):
@@ -116,7 +183,8 @@ def start(folder: str | Path, timeout_s: float = 120.0) -> Cluster:
     cpus = os.cpu_count() or 1
     memory_mb = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20 * 0.9)
     conf = folder / "slurm.conf"
-    conf.write_text(_config(folder, node, cpus, memory_mb))
+    db_port, dbd_port = (_free_port(), _free_port()) if accounting else (None, None)
+    conf.write_text(_config(folder, node, cpus, memory_mb, dbd_port))
     cluster = Cluster(folder, node, {"SLURM_CONF": str(conf)})
     begin = time.monotonic()
     if not _munged_running():
@@ -124,6 +192,8 @@ def start(folder: str | Path, timeout_s: float = 120.0) -> Cluster:
         shutil.chown("/run/munge", "munge", "munge")
         subprocess.run(["runuser", "-u", "munge", "--", _daemon("munged")], check=True, timeout=30)
     env = {**os.environ, **cluster.env}
+    if accounting:
+        _start_accounting(cluster, env, db_port, dbd_port)
     for daemon in ("slurmctld", "slurmd"):
         cluster.processes.append(subprocess.Popen([_daemon(daemon), "-D", "-f", str(conf)], env=env,
                                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -3,11 +3,13 @@ without accounting (``slurm_cluster.py``), as many small clusters run. A grid ru
 job cancelled mid-cell (as an admin, a node failure or an out-of-memory kill ends it) is noticed
 through ``squeue`` when ``sacct`` has no answer, and the next run resumes the cell from its last
 checkpoint; a job requeued by ``scontrol requeue`` runs the cell again, resumed, to the end.
+Then once with accounting (slurmdbd on MariaDB): the cancelled job's state comes from ``sacct``.
 
-What still uses the stand-in of ``fake_slurm.py`` (``test_cluster.py``), because one CPU node
-cannot produce it in a test's time: GPUs in the batch file (``--gpus-per-node``), ``sbatch``
-refusing at a QOS submit limit (QOS limits need the accounting daemon) and a time limit (Slurm's
-shortest is a minute; submitit's signal-and-requeue path runs in the local-executor test)."""
+What still uses the stand-in of ``fake_slurm.py`` (``test_cluster.py``): GPUs in the batch file
+(``--gpus-per-node``: a CPU node has none), ``sbatch`` refusing at a QOS submit limit (the
+accounting cluster could hold one, with ``AccountingStorageEnforce=limits`` and a QOS; not set
+up, to keep the suite's time) and a time limit (Slurm's shortest is a minute; submitit's
+signal-and-requeue path runs in the local-executor test)."""
 
 from __future__ import annotations
 
@@ -134,3 +136,41 @@ def test_status_tells_planned_queued_running_failed_and_done_apart(project, slur
             os.killpg(command.pid, 9)  # stop following; then end every job of the test
             command.wait(timeout=60)
             slurm_env.run("scancel", "--me", check=False)
+
+
+@pytest.fixture(scope="module")
+def accounting_cluster(tmp_path_factory):
+    """The same single node with accounting: slurmdbd on a MariaDB server of its own."""
+    reason = slurm_cluster.missing(accounting=True)
+    if reason:
+        pytest.skip(reason)
+    started = slurm_cluster.start(tmp_path_factory.mktemp("slurm-accounting"), accounting=True)
+    print(f"\na single-node Slurm with slurmdbd and MariaDB started in {started.started_s:.1f} s")
+    yield started
+    started.stop()
+
+
+def test_with_accounting_sacct_tells_the_cancelled_job_and_the_cell_resumes(project, accounting_cluster,
+                                                                             monkeypatch):
+    """Where accounting answers, sacct is where the job states come from: the cancelled job
+    is CANCELLED there, the command notices it, and the next run resumes the cell."""
+    for key, value in accounting_cluster.env.items():
+        monkeypatch.setenv(key, value)
+    runs = _grid(project, epochs=16, pause=0.5)
+    with open(project / "first.log", "w") as log:
+        first = _book(project, *RUN, output=log)
+        _wait(lambda: _epoch(runs, "x-1") >= 2, "the cell to train on the node", timeout=180)
+        job = _job_id(runs, "x-1")
+        accounting_cluster.run("scancel", job)
+        assert first.wait(timeout=120) == 1
+    assert f"slurm {job} ended before the notebook finished" in (project / "first.log").read_text()
+    accounted = accounting_cluster.run("sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", job).stdout
+    assert accounted.startswith(f"{job}|CANCELLED") and slurm_states([job]) == {job: "CANCELLED"}
+
+    with open(project / "second.log", "w") as log:
+        assert _book(project, *RUN, output=log).wait(timeout=300) == 0
+    record = read_json(runs / "02_train" / "x-1" / "results.json")
+    assert record["status"] == "done" and record["metrics"]["resumed_at"] >= 2
+    second = _job_id(runs, "x-1")
+    assert accounting_cluster.run("sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", second).stdout \
+        .startswith(f"{second}|COMPLETED")
