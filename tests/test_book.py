@@ -371,3 +371,32 @@ def test_book_run_flags_as_a_user_gives_them(toy, monkeypatch, capsys):
     assert not (toy / "runs").exists() and not (out / "02_train" / "x-3").exists()
     assert main(["book", "run", "--profile", "toy", "--jobs", "0"]) == 2
     assert capsys.readouterr().err == "hnd: error: --jobs must be at least 1, got 0\n"
+
+
+def test_a_full_scale_profile_from_the_command_line_then_hnd_book_build(toy, monkeypatch, capsys, tmp_path):
+    """`hnd book run --full --data DIR` as a cluster user starts a GPU-scale profile on their
+    dataset (each refusal one line before anything runs); `hnd book build` renders its runs."""
+    from hnd.synth import write_synthetic_dataset
+
+    write_profile(toy, "big", {"description": "a full-scale toy", "full_scale": True, "data": {"imagenet": True},
+                               "steps": [{"notebook": "02_train", "parameters": {"x": 5}}]})
+    monkeypatch.chdir(toy)
+    refusals = {(): "add --full to start it", ("--full",): "runs on ImageNet; give its folder with --data",
+                ("--full", "--data", str(tmp_path / "nowhere")): str(tmp_path / "nowhere")}
+    for flags, said in refusals.items():
+        assert main(["book", "run", "--profile", "big", *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert err.startswith("hnd: error: ") and err.count("\n") == 1 and said in err, (flags, err)
+    assert not (toy / "runs").exists()
+    data = write_synthetic_dataset(tmp_path / "imagenet", classes=2, train_per_class=1, val_per_class=1,
+                                   image_size=32)["root"]
+    assert main(["book", "run", "--profile", "big", "--full", "--data", data]) == 0
+    runs = toy / "runs" / "book" / "big"
+    assert read_json(runs / "02_train" / "default" / "results.json")["status"] == "done"
+    assert read_json(runs / "grid.json")["data"] == str(Path(data).resolve())  # the dataset the grid ran on
+    capsys.readouterr()
+    assert main(["book", "build", "--profile", "big"]) == 0
+    page = toy / "_build" / "html" / "_executed" / "02_train" / "default.html"
+    assert "squared 25" in page.read_text()
+    assert main(["book", "build", "--profile", "nosuch"]) == 2
+    assert "nosuch" in capsys.readouterr().err
