@@ -63,7 +63,8 @@ def pixels_uint8(image: Image.Image | torch.Tensor) -> torch.Tensor:
     return image if isinstance(image, torch.Tensor) else transforms.functional.pil_to_tensor(image)
 
 
-def normalize_pixels(pixels: torch.Tensor, decoder: str = "pil", mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+def normalize_pixels(pixels: torch.Tensor, decoder: str = "pil", mean=IMAGENET_MEAN,
+                     std=IMAGENET_STD) -> torch.Tensor:
     """uint8 [3, H, W] -> the normalized float tensor that the training transform gives for the
     same pixels, bit for bit: the transform's own last steps (``mean``/``std``: the teacher's)."""
     if decoder == "pil":  # ToTensor takes an H x W x C array, as it does a PIL image

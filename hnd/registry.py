@@ -16,7 +16,8 @@ Name grammar (``hnd models --help``):
 ``TEACHER`` is any torchvision image classifier, a timm model as ``timm/NAME[.TAG]``
 (``timm/resnet50.a1_in1k``; ``timm/resnet50`` takes timm's default tag, and the canonical name
 carries it), or a teacher registered with :func:`hnd.teachers.register_teacher`; ``POINT`` is a
-split point of ``hnd inspect TEACHER --split-points``. ``str(spec)`` gives the canonical name, and resolving it gives the spec back.
+split point of ``hnd inspect TEACHER --split-points``. ``str(spec)`` gives the canonical name,
+and resolving it gives the spec back.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ from hnd.timm_teachers import timm_teachers
 
 _OFFICIAL = re.compile(r"^(?P<teacher>[A-Za-z][\w.]*?)_head_mimic-ver(?P<version>[^-]+)-(?P<channels>.*?)ch"
                        r"(?P<entropic>-entropic)?$")
-_GENERAL = re.compile(r"^(?P<teacher>(?:timm/)?[A-Za-z][\w.]*?)(?:@(?P<point>[^@\s]*?))?(?:-(?P<channels>.*?)ch"
-                      r"(?P<entropic>-entropic)?)?$")
+_GENERAL = re.compile(r"^(?P<teacher>(?:timm/)?[A-Za-z][\w.]*?)(?:@(?P<point>[^@\s]*?))?"
+                      r"(?:-(?P<channels>.*?)ch(?P<entropic>-entropic)?)?$")
 ENTROPIC_SUFFIX = "-entropic"
 GRAMMAR = ("TEACHER (torchvision's or timm/NAME[.TAG]) | TEACHER@POINT | TEACHER@POINT-<C>ch | TEACHER-<C>ch | "
            "<paper teacher>_head_mimic-ver<2b|1b>-<C>ch; a student name + '-entropic': its entropy-coded twin")

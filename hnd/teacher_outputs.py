@@ -83,7 +83,8 @@ def compute_teacher_outputs(head: nn.Module, teacher: nn.Module, views: ImageDat
         views.set_epoch(view)
         loader = DataLoader(views, batch_size=batch_size, num_workers=num_workers, collate_fn=_pixels)
         for pixels, keys in loader:
-            x = torch.stack([normalize_pixels(p, views.decoder, mean, std) for p in pixels]).to(device)  # [B, 3, S, S]
+            x = torch.stack([normalize_pixels(p, views.decoder, mean, std) for p in pixels])  # [B, 3, S, S]
+            x = x.to(device)
             rows.append((keys, pixels, head(x).half().cpu(), teacher(x).float().cpu()))
     keys = torch.cat([r[0] for r in rows])
     order = torch.empty_like(keys)

@@ -4,7 +4,8 @@ A teacher is traced in eval mode with torchvision's ``NodePathTracer`` (the trac
 ``torchvision.models.feature_extraction``, with its defaults: ``math`` and
 ``torchvision.ops`` functions wrapped, ``torchvision.ops`` modules kept whole; for timm's
 models also the modules and functions that timm registers for its own FX feature
-extraction), so every node carries a qualified name such as ``layer2.1.relu_1`` or ``features.3``.
+extraction), so every node carries a qualified name such as ``layer2.1.relu_1`` or
+``features.3``.
 
 A *split point* is a node after which exactly one value crosses from head to tail: that
 node's output, a tensor rather than a tuple (parameters and buffers do not count; they stay
@@ -36,10 +37,9 @@ NAME_KEY = "hnd_name"  # node.meta key holding the node's qualified name
 
 
 def _leaf_modules() -> list[type]:
-    """``torchvision.ops`` modules stay single nodes, as torchvision's feature extraction has it;
-    so do the modules timm registers as not traceable, once timm is loaded."""
+    """``torchvision.ops`` modules stay single nodes, as torchvision's feature extraction has it."""
     return [obj for obj in vars(torchvision.ops).values()
-            if isinstance(obj, type) and issubclass(obj, nn.Module)] + list(_timm_notrace()[0])
+            if isinstance(obj, type) and issubclass(obj, nn.Module)]
 
 
 def _timm_notrace() -> tuple[list, list]:
@@ -55,8 +55,9 @@ def trace(model: nn.Module) -> fx.GraphModule:
     """The eval-mode graph of ``model``; each node's qualified name is in ``node.meta[NAME_KEY]``.
     The GraphModule shares ``model``'s modules (no copies)."""
     was_training = model.training
-    tracer = NodePathTracer(autowrap_modules=(math, torchvision.ops), leaf_modules=_leaf_modules(),
-                            autowrap_functions=tuple(_timm_notrace()[1]))
+    timm_modules, timm_functions = _timm_notrace()
+    tracer = NodePathTracer(autowrap_modules=(math, torchvision.ops), leaf_modules=_leaf_modules() + timm_modules,
+                            autowrap_functions=tuple(timm_functions))
     try:
         graph = tracer.trace(model.eval())
     except Exception as exc:  # fx raises many types for untraceable Python
