@@ -188,9 +188,9 @@ def test_torchrun_two_processes_agree_with_one_process(synth, teacher_ckpt, tmp_
     """One optimizer step: 2 gloo processes with batch 8 each (BatchNorm synchronised) vs one
     process with batch 16 give the same update, up to float rounding. HND with SGD, so that a
     missing gradient scaling of the summed loss (or a wrong data split) would show."""
-    common = [STUDENT, "--method", "hnd", "--data", str(synth), *TINY, "epochs=1", "optimizer=sgd", "lr=1e-8",
-              "holdout_per_class=12", "sync_bn=true", f"teacher_checkpoint={teacher_ckpt}", "--no-progress"]
     settings = ["epochs=1", "optimizer=sgd", "lr=1e-8", "holdout_per_class=12", "sync_bn=true"]
+    common = [STUDENT, "--method", "hnd", "--data", str(synth), *TINY, *settings, f"teacher_checkpoint={teacher_ckpt}",
+              "--no-progress"]
     fit(_config("hnd", teacher_ckpt, *settings, "batch_size=16"), synth, tmp_path / "one", progress=False)
     # Two processes, as in a grid cell given two GPUs: torchrun --standalone, launched by
     # train_or_resume (the 02_train notebook's call) with the whole config.
