@@ -106,7 +106,7 @@ def teacher_spec(name: str) -> TeacherSpec:
     raise a one-line error."""
     if name in TEACHERS:
         return TEACHERS[name]
-    if name.startswith(timm_teachers.PREFIX):
+    if timm_teachers.is_timm_name(name):
         return timm_teachers.timm_spec(name)
     if name in _USER_TEACHERS:
         return _USER_TEACHERS[name]

@@ -42,10 +42,15 @@ def is_timm_name(name: str) -> bool:
     return name.startswith(PREFIX)
 
 
+def _timm_name(name: str) -> str:
+    """The name timm knows: ``timm/resnet18.a1_in1k`` -> ``resnet18.a1_in1k``."""
+    return name[len(PREFIX):]
+
+
 def timm_spec(name: str) -> TeacherSpec:
     """The spec of ``timm/NAME[.TAG]``; unknown models and tags are one-line errors."""
     timm = _timm()
-    full = name[len(PREFIX):]
+    full = _timm_name(name)
     arch, tag = timm.models.split_model_name_tag(full)
     if not timm.is_model(arch):
         close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
@@ -110,7 +115,7 @@ def hub_cache() -> Path:
 def weights_path(spec: TeacherSpec) -> Path:
     """Where a weights file put by hand is read: ``<torch hub>/checkpoints/timm/NAME.TAG.safetensors``."""
     import torch
-    return Path(torch.hub.get_dir()) / "checkpoints" / "timm" / f"{spec.name[len(PREFIX):]}.safetensors"
+    return Path(torch.hub.get_dir()) / "checkpoints" / "timm" / f"{_timm_name(spec.name)}.safetensors"
 
 
 def cached_weights(spec: TeacherSpec) -> Path | None:
@@ -118,7 +123,7 @@ def cached_weights(spec: TeacherSpec) -> Path | None:
     :func:`weights_path`; ``None`` when neither is there."""
     from huggingface_hub import try_to_load_from_cache
 
-    hub_id = _timm().models.get_pretrained_cfg(spec.name[len(PREFIX):]).hf_hub_id
+    hub_id = _timm().models.get_pretrained_cfg(_timm_name(spec.name)).hf_hub_id
     for filename in _WEIGHT_FILES if hub_id else ():
         found = try_to_load_from_cache(hub_id, filename, cache_dir=hub_cache())
         if isinstance(found, str):
@@ -132,7 +137,7 @@ def build_timm(spec: TeacherSpec, *, pretrained: bool, num_classes: int, input_s
     file, else downloads it unless ``HND_OFFLINE=1``; models built for one input side
     (``fixed_input_size``) are built for ``input_size``."""
     timm = _timm()
-    tagged = spec.name[len(PREFIX):]
+    tagged = _timm_name(spec.name)
     kwargs: dict = {"num_classes": num_classes}
     if spec.fixed_input_size and input_size != spec.input_size:
         kwargs["img_size"] = input_size
