@@ -33,7 +33,7 @@ from hnd.errors import HndError, describe_mismatch
 from hnd.files import atomic_write
 from hnd.registry import ModelSpec, resolve, spec_from_dict
 from hnd.students import Student, head_version
-from hnd.teachers import build_teacher, classifier_classes
+from hnd.teachers import build_teacher, classifier_classes, no_initial_values
 
 FORMAT_VERSION = 1
 PARTS = ("student", "head", "teacher", "ae")  # what an hnd checkpoint's state_dict holds
@@ -278,15 +278,18 @@ def load_model(model: ModelSpec | None, checkpoint: str | os.PathLike | Checkpoi
         if spec.is_student:
             raise HndError(f"{ckpt.path} holds an autoencoder baseline; give its teacher's name, not {spec}")
         channels = ckpt.state_dict["ae.encoder.9.weight"].shape[0]
-        teacher = build_teacher(spec.teacher, pretrained=False, num_classes=num_classes, input_size=spec.input_size)
-        model = build_ae_model(spec, teacher, channels)
+        with no_initial_values():  # every value comes from the file (_load_into is strict)
+            teacher = build_teacher(spec.teacher, pretrained=False, num_classes=num_classes,
+                                    input_size=spec.input_size)
+            model = build_ae_model(spec, teacher, channels)
         _load_into(model, ckpt, spec)
         return model.eval()
     if not spec.is_student:
         if ckpt.part != "teacher":
             raise HndError(f"{ckpt.path} holds a {ckpt.part} ({identify(ckpt.state_dict, ckpt.part)}); "
                            f"{spec} is a teacher: give a student name or a teacher checkpoint")
-        model = spec.build(pretrained=False, num_classes=num_classes)
+        with no_initial_values():
+            model = spec.build(pretrained=False, num_classes=num_classes)
         _load_into(model, ckpt, spec)
         return model.eval()
     if ckpt.part == "teacher":
@@ -296,7 +299,8 @@ def load_model(model: ModelSpec | None, checkpoint: str | os.PathLike | Checkpoi
         model = spec.build(pretrained=True)
         _load_into(model.head, ckpt, spec)
     else:
-        model = spec.build(pretrained=False, num_classes=num_classes)
+        with no_initial_values():
+            model = spec.build(pretrained=False, num_classes=num_classes)
         _load_into(model, ckpt, spec)
     return model.eval()
 

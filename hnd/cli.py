@@ -142,7 +142,7 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from hnd.data import load_image
+    from hnd.image_folders import load_image
     from hnd.inference import predict
     from hnd.models import create_model
     from hnd.registry import resolve
@@ -283,7 +283,7 @@ def _data_check_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_data_check(args: argparse.Namespace) -> None:
-    from hnd.data import check_layout, load_image
+    from hnd.image_folders import check_layout, load_image
 
     layout = check_layout(args.root)
     bad = []

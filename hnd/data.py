@@ -2,9 +2,9 @@
 loaders (the evaluation transform is the model's own: ``spec.transforms()``,
 :mod:`hnd.preprocessing`).
 
-Datasets are folders in the standard layout ``ROOT/train/<class>/*.JPEG`` and
-``ROOT/val/<class>/*.JPEG`` (ImageNet prepared by ``hnd data imagenet``, the generated set
-of ``hnd data synth``, or any other). Training transforms are the original's by default
+Datasets are image folders in the ImageNet layout, checked by :mod:`hnd.image_folders`
+(ImageNet prepared by ``hnd data imagenet``, the generated set of ``hnd data synth``, or any
+other). Training transforms are the original's by default
 or torchvision's reference recipe. Images are decoded by Pillow
 (``pil``, the default) or by torchvision.io (``torchvision``: uint8 tensors through the same
 transforms of ``transforms.v2``, more JPEGs per loader worker: ``bench/input_pipeline.py``).
@@ -16,26 +16,22 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset, Sampler
 from torchvision import io as tvio
 from torchvision import transforms
 from torchvision.transforms import v2
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from hnd.errors import HndError
+from hnd.image_folders import SPLITS, Layout, check_layout, load_image
 from hnd.preprocessing import DECODERS, IMAGENET_MEAN, IMAGENET_STD, normalize_steps, transform_ops
 from hnd.registry import ModelSpec
 
-SPLITS = ("train", "val")
-_WNID = re.compile(r"^n\d{8}$")
 _BILINEAR = transforms.InterpolationMode.BILINEAR
 
 
@@ -86,74 +82,9 @@ def read_image(path: str | os.PathLike, decoder: str = "pil") -> Image.Image | t
         return transforms.functional.pil_to_tensor(load_image(path))
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open an image file as RGB; a missing or unreadable file raises a one-line error."""
-    path = Path(path)
-    if not path.is_file():
-        raise HndError(f"image not found: {path}" if not path.exists() else f"image is not a file: {path}")
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise HndError(f"cannot read {path} as an image ({type(exc).__name__}); "
-                       "use a file Pillow can open (JPEG, PNG, ...)") from None
-
-
 def image_tensor(spec: ModelSpec, path: str | os.PathLike) -> torch.Tensor:
     """Image file -> normalized batch of one, [1, 3, S, S], at ``spec``'s input size."""
     return spec.transforms()(load_image(path)).unsqueeze(0)
-
-
-@dataclass
-class Layout:
-    """A checked image folder: its root, class names (sorted = label order) and per-split files."""
-
-    root: Path
-    classes: list[str]
-    samples: dict[str, list[tuple[str, int]]]  # split -> [(path, label)]
-
-    def counts(self) -> dict[str, int]:
-        return {split: len(items) for split, items in self.samples.items()}
-
-
-def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMG_EXTENSIONS)
-
-
-def check_layout(root: str | os.PathLike, splits: tuple[str, ...] = SPLITS) -> Layout:
-    """Scan ``root`` and check it is an image folder in the ImageNet layout; every problem is
-    a one-line error naming the path: a missing split, no classes, an empty class, classes
-    that differ between splits, or a folder of ImageNet class ids with a count other than 1000."""
-    root = Path(root)
-    hint = f"expected {root}/train/<class>/*.JPEG and {root}/val/<class>/*.JPEG"
-    if not root.is_dir():
-        raise HndError(f"data folder not found: {root}" if not root.exists() else f"not a folder: {root}")
-    classes: list[str] | None = None
-    samples: dict[str, list[tuple[str, int]]] = {}
-    for split in splits:
-        folder = root / split
-        if not folder.is_dir():
-            raise HndError(f"{folder} is missing; {hint} (see `hnd data imagenet`, `hnd data synth`)")
-        names = sorted(e.name for e in os.scandir(folder) if e.is_dir())
-        if not names:
-            raise HndError(f"{folder} has no class folders; {hint}")
-        if classes is None:
-            classes = names
-        elif names != classes:
-            only = sorted(set(names) ^ set(classes))
-            raise HndError(f"{folder} has other classes than {root / splits[0]}: {', '.join(only[:5])}"
-                           f"{' ...' if len(only) > 5 else ''} appear in only one of them")
-        items = []
-        for label, name in enumerate(classes):
-            files = sorted(e.path for e in os.scandir(folder / name) if e.is_file() and _is_image(e.name))
-            if not files:
-                raise HndError(f"class folder {folder / name} holds no images ({', '.join(IMG_EXTENSIONS)})")
-            items += [(path, label) for path in files]
-        samples[split] = items
-    if 2 * sum(bool(_WNID.match(c)) for c in classes) >= len(classes) and len(classes) != 1000:
-        raise HndError(f"{root} looks like ImageNet (class folders are WordNet ids) but has {len(classes)} "
-                       "classes, not 1000; is the extraction incomplete?")
-    return Layout(root, classes, samples)
 
 
 def holdout_split(samples: list[tuple[str, int]], per_class: int, seed: int = 0) -> tuple[list, list]:

@@ -15,7 +15,8 @@ from tqdm import tqdm
 from hnd.checkpoints import checkpoint_spec, read_checkpoint
 from hnd.codec import coded_roundtrip
 from hnd.config import TrainConfig, check_method, check_saved_run, config_from_dict, method_spec, preset
-from hnd.data import ImageDataset, ShardSampler, check_layout, collate
+from hnd.data import ImageDataset, ShardSampler, collate
+from hnd.image_folders import check_layout
 from hnd.distributed import Dist, all_reduce_sum, pick_device
 from hnd.errors import HndError
 from hnd.registry import ModelSpec

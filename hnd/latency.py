@@ -100,7 +100,7 @@ def measure_input_codec(teacher: ModelSpec, images: str | os.PathLike, codec: st
     recursively, in name order), each resized and center-cropped to ``teacher``'s input as for
     evaluation, and return the mean payload and encoding time."""
     from hnd.codec import check_image_codec, check_quality, encode_image
-    from hnd.data import load_image
+    from hnd.image_folders import load_image
 
     check_image_codec(codec)
     quality = check_quality(quality)

@@ -28,7 +28,8 @@ from hnd import tracing
 from hnd.codec import check_image_codec, check_quality, coded_roundtrip, decode_image, encode_image, tensor_roundtrip
 from hnd.range_coder import ENTROPY_FORMAT
 from hnd.tensor_codec import TENSOR_FORMATS, check_tensor_format
-from hnd.data import ImageDataset, load_image
+from hnd.data import ImageDataset
+from hnd.image_folders import load_image
 from hnd.distributed import pick_device
 from hnd.evaluation import eval_loader
 from hnd.errors import HndError

@@ -15,6 +15,7 @@ dimensions.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import functools
@@ -223,6 +224,33 @@ def _build_kwargs(spec: TeacherSpec, pretrained: bool, num_classes: int, transfo
     return kwargs
 
 
+# What draws a tensor's initial values: torch.nn.init's initialisers (those that dispatch to a
+# torch function mode; the others draw through the random fills) and the random fills that modules
+# call themselves (a class token's ``normal_``).
+_INITIALISERS = frozenset(getattr(nn.init, name) for name in dir(nn.init)
+                          if name.endswith("_") and not name.startswith("_"))
+_RANDOM_FILLS = frozenset(getattr(torch.Tensor, name) for name in
+                          ("normal_", "uniform_", "bernoulli_", "exponential_", "geometric_", "log_normal_",
+                           "cauchy_", "random_"))
+
+
+class no_initial_values(torch.overrides.TorchFunctionMode):
+    """Within it, initial values are not drawn (an initialiser leaves its tensor as it is, a
+    random fill gives zeros), for builds whose values are never used: on the meta device there
+    are none (and torch runs each initialiser through its decompositions, most of a meta
+    build's time), and a model that a whole state dict is loaded into strictly next gets every
+    value from it (initialising a ResNet-152 costs more than loading it). A torch function mode
+    holds for this thread only."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _INITIALISERS:
+            return kwargs["tensor"] if "tensor" in kwargs else args[0]
+        if func in _RANDOM_FILLS:  # zeros: an initialiser that draws until its values fit (trunc_normal_) stops
+            return args[0].zero_()
+        return func(*args, **kwargs)
+
+
 def build_teacher(spec: TeacherSpec | str, *, pretrained: bool = True, num_classes: int | None = None,
                   transform_input: bool | None = None, input_size: int | None = None) -> nn.Module:
     """Build the teacher with its builder, in eval mode.
@@ -248,8 +276,9 @@ def build_teacher(spec: TeacherSpec | str, *, pretrained: bool = True, num_class
     if spec.source == "timm":
         return timm_teachers.build_timm(spec, pretrained=pretrained, num_classes=num_classes,
                                         input_size=input_size or spec.input_size)
-    model = spec.builder(**_build_kwargs(spec, pretrained, num_classes, transform_input,
-                                         input_size or spec.input_size))
+    with no_initial_values() if pretrained else contextlib.nullcontext():  # the weights come next
+        model = spec.builder(**_build_kwargs(spec, pretrained, num_classes, transform_input,
+                                             input_size or spec.input_size))
     if pretrained:
         state = load_teacher_state_dict(spec)
         try:
@@ -270,7 +299,7 @@ def on_meta(build):
     """``build()`` on the ``meta`` device (no weights, instant) where the builder allows;
     RegNet's computes its widths with tensors, so it is built on the CPU."""
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), no_initial_values():
             return build()
     except NotImplementedError:
         return build()

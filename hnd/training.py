@@ -30,11 +30,11 @@ import hnd
 from hnd.checkpoints import read_file, save_checkpoint
 from hnd.config import (TrainConfig, apply_overrides, check_saved_run, config_from_dict, dump_config, layered_overrides,
                         method_spec, read_config_file)
-from hnd.data import (ImageDataset, check_layout, collate, holdout_split, train_transform,
-                      worth_keeping)
+from hnd.data import ImageDataset, collate, holdout_split, train_transform, worth_keeping
 from hnd.distributed import Dist, all_reduce_sum, barrier, broadcast_flag, setup, sync_batchnorm, teardown
 from hnd.errors import HndError
 from hnd.files import read_json, write_text
+from hnd.image_folders import check_layout
 from hnd.registry import ModelSpec
 from hnd.evaluation import Accuracy, default_workers, eval_loader, evaluate, evaluate_checkpoint
 from hnd.methods import Task, build_task, check_input_size, make_optimizer, stage_of

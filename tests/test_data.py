@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from hnd.data import (ImageDataset, ShardSampler, check_layout, collate, holdout_split, prepare_imagenet,
-                      read_image, train_transform)
+from hnd.data import ImageDataset, ShardSampler, collate, holdout_split, prepare_imagenet, read_image, train_transform
+from hnd.image_folders import check_layout
 from hnd.preprocessing import Preprocessing
 from hnd.book.photographs import reference_photographs
 from hnd.registry import resolve
@@ -65,6 +65,31 @@ def test_good_layout(folder):
 
 def test_layout_of_one_split(folder):
     assert check_layout(folder, splits=("val",)).counts() == {"val": 5}
+
+
+def test_folders_are_checked_without_torch(folder):
+    """The layout check, and `hnd data check --verify` on it, with torch and torchvision
+    unavailable (the book's runner checks --data this way before any cell starts); the image
+    endings taken are torchvision ImageFolder's."""
+    import json
+    import subprocess
+    import sys
+
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    from hnd import image_folders
+
+    assert image_folders.IMG_EXTENSIONS == IMG_EXTENSIONS
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None\n"
+            "from hnd.cli import main\n"
+            f"code = main(['data', 'check', {str(folder)!r}, '--verify', '--json'])\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))\n"
+            "sys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    *report, imported = done.stdout.strip().splitlines()
+    assert json.loads("\n".join(report))["counts"] == {"train": 12, "val": 5}
+    assert imported == "['torch', 'torchvision']"  # only the blocked entries: nothing imported them
 
 
 def test_missing_root(tmp_path):

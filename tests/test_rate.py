@@ -12,7 +12,8 @@ import torch
 from hnd import create_model
 from hnd.autoencoder import build_ae_model
 from hnd.tensor_codec import TENSOR_FORMATS
-from hnd.data import ImageDataset, check_layout, load_image
+from hnd.data import ImageDataset
+from hnd.image_folders import check_layout, load_image
 from hnd.evaluation import evaluate, eval_loader
 from hnd.rate import (RatePoint, bottleneck_rate, input_rate, select_samples, split_stages,
                       teacher_split_rate)

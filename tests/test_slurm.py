@@ -72,7 +72,7 @@ def test_a_grid_runs_to_the_end_on_a_real_slurm(project, slurm_env):
 
 
 def test_a_cancelled_job_is_noticed_and_its_cell_resumes(project, slurm_env):
-    runs = _grid(project, epochs=30, pause=0.5)
+    runs = _grid(project, epochs=12, pause=0.5)  # 5 s of epochs left when it is cancelled
     with open(project / "first.log", "w") as log:
         first = _book(project, *RUN, output=log)
         _wait(lambda: _epoch(runs, "x-1") >= 2, "the cell to train on the node", timeout=180)
@@ -92,7 +92,7 @@ def test_a_cancelled_job_is_noticed_and_its_cell_resumes(project, slurm_env):
 
 
 def test_a_requeued_job_runs_its_cell_again_resumed(project, slurm_env):
-    runs = _grid(project, epochs=16, pause=0.5)
+    runs = _grid(project, epochs=10, pause=0.5)
     with open(project / "run.log", "w") as log:
         command = _book(project, *RUN, output=log)
         _wait(lambda: _epoch(runs, "x-1") >= 2, "the cell to train on the node", timeout=180)
@@ -106,7 +106,7 @@ def test_a_requeued_job_runs_its_cell_again_resumed(project, slurm_env):
     assert record["status"] == "done" and _job_id(runs, "x-1") == job  # the same job, run again
     assert record["metrics"]["resumed_at"] >= 2
     epochs = (runs / "02_train" / "x-1" / "run" / "epochs.txt").read_text().split()
-    assert sorted(set(map(int, epochs))) == list(range(16))
+    assert sorted(set(map(int, epochs))) == list(range(10))
 
 
 def test_status_tells_planned_queued_running_failed_and_done_apart(project, slurm_env):
@@ -156,7 +156,7 @@ def test_with_accounting_sacct_tells_the_cancelled_job_and_the_cell_resumes(proj
     is CANCELLED there, the command notices it, and the next run resumes the cell."""
     for key, value in accounting_cluster.env.items():
         monkeypatch.setenv(key, value)
-    runs = _grid(project, epochs=16, pause=0.5)
+    runs = _grid(project, epochs=10, pause=0.5)
     with open(project / "first.log", "w") as log:
         first = _book(project, *RUN, output=log)
         _wait(lambda: _epoch(runs, "x-1") >= 2, "the cell to train on the node", timeout=180)

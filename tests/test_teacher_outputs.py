@@ -13,7 +13,8 @@ import hnd.training
 from conftest import error
 from hnd.registry import resolve
 from hnd.config import resolve_config
-from hnd.data import ImageDataset, check_layout, train_transform
+from hnd.data import ImageDataset, train_transform
+from hnd.image_folders import check_layout
 from hnd.teacher_outputs import CachedViews, compute_teacher_outputs
 from hnd.training import finished_run, fit, read_metrics, train_or_resume
 from test_training import STUDENT, TEACHER, TINY, synth, teacher_ckpt  # noqa: F401 - fixtures

@@ -167,3 +167,35 @@ def test_pretrained_needs_a_thousand_classes(pretrained):
     with pytest.raises(HndError, match="1000 classes"):
         build_teacher("resnet18", num_classes=10)
     assert build_teacher("resnet18", pretrained=False, num_classes=10).fc.out_features == 10
+
+
+def test_no_initial_values_skips_initialisers_in_its_thread_only():
+    """Within ``no_initial_values`` initialisers leave a tensor as it is and random fills give
+    zeros (a build whose values come from a file or do not exist); another thread initialises
+    as usual."""
+    import threading
+
+    from torch import nn
+
+    from hnd.teachers import no_initial_values
+
+    other = torch.zeros(1000)
+    layer = nn.Linear(64, 64)
+    before = layer.weight.detach().clone()
+    with no_initial_values():
+        filled = torch.full((8, 8), 7.0)
+        for init in (nn.init.kaiming_uniform_, lambda t: nn.init.uniform_(t, -1, 1), nn.init.normal_):
+            assert init(filled) is filled
+        drawn = torch.full((8, 8), 7.0)
+        for init in (nn.init.kaiming_normal_, nn.init.xavier_uniform_, nn.init.trunc_normal_,
+                     lambda t: t.normal_(), lambda t: t.uniform_()):
+            assert init(drawn) is drawn and not drawn.any()  # the draw gives zeros; a rejection loop ends
+            drawn.fill_(7.0)
+        layer.reset_parameters()
+        thread = threading.Thread(target=lambda: nn.init.normal_(other))
+        thread.start()
+        thread.join()
+    assert torch.equal(filled, torch.full((8, 8), 7.0)) and torch.equal(layer.weight, before)
+    assert other.std() > 0.5  # the other thread's initialiser ran
+    nn.init.zeros_(filled)
+    assert not filled.any()  # and after it, this thread's again

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hnd.book.results import RunRecord, beta_setting, entropic_comparison, matched_input, teacher_reference
-from hnd.data import check_layout
+from hnd.image_folders import check_layout
 from hnd.synth import SUMMARY_FILE
 
 ACCESS_2020 = "Matsubara et al., IEEE Access 2020"

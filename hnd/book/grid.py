@@ -178,7 +178,7 @@ def check_cells(cells: list[Cell], root: Path) -> dict[str, dict]:
 
 def _prepare_data(profile: Profile, runs: Path, data: str | os.PathLike | None, log) -> Path | None:
     """The dataset root of the run: given, generated (synth) or required (imagenet)."""
-    from hnd.data import check_layout
+    from hnd.image_folders import check_layout
 
     if data:
         return check_layout(data).root
