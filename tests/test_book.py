@@ -351,7 +351,8 @@ def test_smoke_book_builds_and_every_page_works_in_a_browser(tmp_path):
     csv = re.search(r'href="([^"]*_downloads/[0-9a-f]+/rate_accuracy.csv)"', rate_page)
     assert csv and (html / "_executed" / "03_rate_accuracy" / csv[1]).read_text().startswith("kind,label,setting,")
     split_page = (html / "_executed" / "01_split_points" / "default.html").read_text()
-    assert "<code class=\"docutils literal notranslate\"><span class=\"pre\">timm/regnetx_002</span></code>" in split_page
+    assert ('<code class="docutils literal notranslate"><span class="pre">timm/regnetx_002</span></code>'
+            in split_page)  # the profile's teachers, as given
     assert "timm/regnetx_002.pycls_in1k" in split_page  # its analysis, under timm's pretrained tag
     results_page = (html / "_executed" / "04_results" / "default.html").read_text()
     assert "(β values trained: 0.5)" in results_page
