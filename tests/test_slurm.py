@@ -67,7 +67,10 @@ def test_a_grid_runs_to_the_end_on_a_real_slurm(project, slurm_env):
         record = read_json(runs / "02_train" / cell / "results.json")
         assert record["status"] == "done" and record["job"]["executor"] == "slurm"
         assert record["job"]["id"] == _job_id(runs, cell) and record["job"]["host"] == slurm_env.node
-        assert slurm_env.job_state(_job_id(runs, cell)) == "COMPLETED"
+        # The cell's result is written before its job's process exits: Slurm may still say RUNNING.
+        job = _job_id(runs, cell)
+        _wait(lambda: slurm_env.job_state(job) not in ("RUNNING", "COMPLETING"), "the job to leave the node", 60)
+        assert slurm_env.job_state(job) == "COMPLETED"
     assert slurm_states([_job_id(runs, "x-1")]) == {_job_id(runs, "x-1"): "COMPLETED"}  # without sacct
 
 
@@ -172,5 +175,6 @@ def test_with_accounting_sacct_tells_the_cancelled_job_and_the_cell_resumes(proj
     record = read_json(runs / "02_train" / "x-1" / "results.json")
     assert record["status"] == "done" and record["metrics"]["resumed_at"] >= 2
     second = _job_id(runs, "x-1")
+    _wait(lambda: slurm_states([second])[second] not in ("RUNNING", "COMPLETING"), "the job to leave the node", 60)
     assert accounting_cluster.run("sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", second).stdout \
         .startswith(f"{second}|COMPLETED")
