@@ -72,6 +72,15 @@ def test_import_hnd_stays_light():
     assert out.strip() == "[]"
 
 
+def test_the_results_chapter_reads_runs_without_torch():
+    """What the results chapter imports (runs, claims, tables, plots) needs no torch: its kernel
+    only reads records, and torch with torchvision is seconds of start-up per kernel."""
+    code = ("import sys; import hnd.book.claims, hnd.book.plots, hnd.book.results, hnd.book.tables; "
+            "print(sorted({'torch', 'torchvision'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_torchvision_runs_its_compiled_operators():
     """torchvision built for another torch imports, but its C++ operators fail ("operator
     torchvision::nms does not exist"): the pinned pair must run one."""

@@ -10,14 +10,17 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from math import prod
+from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, NullFormatter, NullLocator
 
-from hnd.analysis import Analysis
 from hnd.book.results import RunRecord, beta_setting, is_entropic_point
-from hnd.rate import RatePoint
+
+if TYPE_CHECKING:  # torch: only the figures of models need it, not those of runs
+    from hnd.analysis import Analysis
+    from hnd.rate import RatePoint
 
 SIZE_COLOR, MACS_COLOR, SPLIT_COLOR = "tab:blue", "tab:orange", "tab:red"
 _PERCENT = FuncFormatter(lambda v, _: f"{v:g}%")
@@ -42,7 +45,7 @@ def plot_image_rows(rows: dict[str, list[tuple[str, object]]], columns: int = 10
 
 
 def _as_list(analyses: Analysis | Iterable[Analysis]) -> list[Analysis]:
-    return [analyses] if isinstance(analyses, Analysis) else list(analyses)
+    return list(analyses) if isinstance(analyses, Iterable) else [analyses]
 
 
 def _size_ratios(analysis: Analysis) -> list[float]:
