@@ -5,6 +5,9 @@ the frozen teacher head for HND), loss, backward and optimizer step, with each m
 optimizer. Weights are random (``pretrained=False``: nothing is downloaded) and the batch is one
 random tensor reused every step, so data loading is not measured. ms/step is the median of the timed
 steps (each synchronised), which a busy machine disturbs less than the mean; images/s = batch / it.
+GFLOP/s is the step's arithmetic (2 x its MACs, see LEGEND, at the case's input size) per second,
+next to one large fp32 matrix product on the same device and threads ("matmul"): a step near
+100% of it spends its time on arithmetic, which only less arithmetic can shorten.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the process's peak RSS, each
 (model, method) case running in a fresh subprocess. "built" is the memory after building the
@@ -45,12 +48,13 @@ from hnd.methods import build_task, make_optimizer
 from hnd.training import AMP_DTYPES
 
 LEGEND = """\
-MACs per training step, per image, at the official input size (backward ~ 2x forward):
+MACs per training step, per image, at the input size measured (backward ~ 2x forward):
   naive = 3 x student MACs                               (student fwd + bwd)
   kd    = teacher MACs + 3 x student MACs                (frozen teacher fwd + student fwd + bwd)
   hnd   = teacher-head MACs + 3 x student-head MACs      (frozen teacher-head fwd + head fwd + bwd)
 'time' ratios are measured ms/step ratios; '% of MACs' = time ratio / MAC ratio x 100
-(the HND speed-up over KD as % of the MAC ratio; goal >= 90%)."""
+(the HND speed-up over KD as % of the MAC ratio; goal >= 90%).
+'GFLOP/s' = 2 x step MACs x batch / (s/step); '% matmul' = it as % of the matmul's GFLOP/s."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -186,10 +190,26 @@ def run_case(case: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def step_macs(teacher: str, channels: int) -> dict[str, int]:
-    """MACs per image of one training step of each method (see LEGEND), from ``hnd.analysis``."""
-    s, t = analyze(student_spec(teacher, channels)).summary, analyze(resolve(teacher)).summary
+def step_macs(teacher: str, channels: int, input_size: int | None = None) -> dict[str, int]:
+    """MACs per image of one training step of each method (see LEGEND) at ``input_size``, from
+    ``hnd.analysis``."""
+    s = analyze(student_spec(teacher, channels).at_input_size(input_size)).summary
+    t = analyze(resolve(teacher).at_input_size(input_size)).summary
     return {"naive": 3 * s.macs, "kd": t.macs + 3 * s.macs, "hnd": t.head_macs + 3 * s.head_macs}
+
+
+def matmul_gflops(device: str, n: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of an n x n fp32 matrix product on ``device`` with this process's threads (median
+    of ``repeats``): what the hardware gives dense arithmetic, the yardstick of a step's GFLOP/s."""
+    a, b = (torch.randn(n, n, device=device) for _ in range(2))
+    times = []
+    for _ in range(repeats + 1):  # the first one warms up
+        _sync(torch.device(device))
+        start = time.perf_counter()
+        a @ b
+        _sync(torch.device(device))
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times[1:]) / 1e9
 
 
 def ratios(rows: list[dict], teacher: str, macs: dict[str, int]) -> dict:
@@ -208,16 +228,25 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-ROW_FORMAT = "{:<13} {:<6} {:>5} {:>5} {:>9} {:>10} {:>10} {:>10}"
-HEADER = ("model", "method", "batch", "size", "images/s", "ms/step", "built MiB", "peak MiB")
+ROW_FORMAT = "{:<13} {:<6} {:>5} {:>5} {:>9} {:>10} {:>10} {:>10} {:>8} {:>8}"
+HEADER = ("model", "method", "batch", "size", "images/s", "ms/step", "built MiB", "peak MiB", "GFLOP/s", "% matmul")
+
+
+def with_arithmetic(row: dict, macs_per_image: int | None, matmul: float) -> dict:
+    """``row`` with the step's GFLOP/s and that as % of the matmul's (for the methods LEGEND counts)."""
+    if "error" in row or macs_per_image is None:
+        return row
+    gflops = 2 * macs_per_image * row["batch"] / (row["ms_per_step"] / 1000) / 1e9
+    return {**row, "gflops": gflops, "pct_of_matmul": 100 * gflops / matmul}
 
 
 def print_row(row: dict) -> None:
     if "error" in row:
-        values, tail = ["-"] * 4, f"  error: {row['error']}"
+        values, tail = ["-"] * 6, f"  error: {row['error']}"
     else:
         values, tail = [f"{row['images_per_s']:.2f}", f"{row['ms_per_step']:.1f}", f"{row['built_mib']:.0f}",
-                        f"{row['peak_mib']:.0f}"], ""
+                        f"{row['peak_mib']:.0f}", _fmt(row.get("gflops"), ".1f"),
+                        _fmt(row.get("pct_of_matmul"), ".0f")], ""
     print(ROW_FORMAT.format(row["model"], row["method"], row["batch"], row["input_size"], *values) + tail,
           flush=True)
 
@@ -243,20 +272,22 @@ def main(argv: list[str] | None = None) -> None:
            "amp": args.amp or "none", "channels_last": args.channels_last}
     if args.device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
+    env["matmul_gflops"] = round(matmul_gflops(args.device), 1)
     print(" ".join(f"{k}={v}" for k, v in env.items()))
     print(f"students: {args.channels} bottleneck channels; steps={args.steps} after warmup={args.warmup}\n")
     print(ROW_FORMAT.format(*HEADER))
     rows, table = [], []
     for teacher in args.models:
+        size = args.input_size or resolve(teacher).input_size
+        macs = step_macs(teacher, args.channels, size)
         for method in args.methods:
             case = {"model": teacher, "method": method, "channels": args.channels, "device": args.device,
-                    "batch": args.batch_size, "input_size": args.input_size or resolve(teacher).input_size,
-                    "steps": args.steps, "warmup": args.warmup, "amp": args.amp,
-                    "channels_last": args.channels_last}
-            rows.append(run_case(case))
+                    "batch": args.batch_size, "input_size": size, "steps": args.steps, "warmup": args.warmup,
+                    "amp": args.amp, "channels_last": args.channels_last}
+            rows.append(with_arithmetic(run_case(case), macs.get(method), env["matmul_gflops"]))
             print_row(rows[-1])
         if "hnd" in args.methods:
-            table.append(ratios(rows, teacher, step_macs(teacher, args.channels)))
+            table.append(ratios(rows, teacher, macs))
     if table:
         print_ratios(table)
     if args.json:
