@@ -45,7 +45,7 @@ from hnd.errors import HndError
 from hnd.registry import resolve, student_spec
 from hnd.teachers import PAPER_TEACHERS
 from hnd.methods import build_task, make_optimizer
-from hnd.training import AMP_DTYPES
+from hnd.precision import AMP_DTYPES, keep_fp32_layers
 
 LEGEND = """\
 MACs per training step, per image, at the input size measured (backward ~ 2x forward):
@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="timed steps; default: 20 on CUDA, 3 on CPU")
     p.add_argument("--warmup", type=int, help="untimed steps first; default: 5 on CUDA, 1 on CPU")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--amp", choices=("bf16", "fp16"), help="autocast dtype (CUDA only)")
+    p.add_argument("--amp", choices=("bf16", "fp16"), help="autocast dtype (fp16: CUDA only)")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
     p.add_argument("--json", metavar="FILE", help="also write the rows and ratios to FILE")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one case (JSON) and print its row
@@ -83,8 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except HndError as exc:
         p.error(str(exc))
     cuda = args.device.startswith("cuda")
-    if not cuda and args.amp:
-        p.error("--amp needs a CUDA device")
+    if not cuda and args.amp == "fp16":
+        p.error("--amp fp16 needs a CUDA device; bf16 runs on CPUs too")
     args.batch_size = args.batch_size or (32 if cuda else 4)
     args.steps = args.steps or (20 if cuda else 3)
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
@@ -128,6 +128,7 @@ def _build(case: dict, device: torch.device):
             module.to(device)
             if config.channels_last:
                 module.to(memory_format=torch.channels_last)
+            keep_fp32_layers(module, device, config.amp)
     task.train_mode()
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     return task, make_optimizer(config, task.trained)[0], scaler

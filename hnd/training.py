@@ -38,13 +38,13 @@ from hnd.image_folders import check_layout
 from hnd.registry import ModelSpec
 from hnd.evaluation import Accuracy, default_workers, eval_loader, evaluate, evaluate_checkpoint
 from hnd.methods import Task, build_task, check_input_size, make_optimizer, stage_of
+from hnd.precision import AMP_DTYPES, keep_fp32_layers
 from hnd.teacher_outputs import CachedViews, TeacherOutputs, cached_teacher_outputs, compute_teacher_outputs, \
     fingerprint, teacher_identity
 from hnd.teachers import split_teacher
 
 # Keys a resumed run may change: they do not alter what is computed.
 RESUMABLE_CHANGES = ("epochs", "num_workers", "device", "teacher_cache")
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def read_metrics(run: str | os.PathLike) -> list[dict]:
@@ -240,8 +240,8 @@ def fit(config: TrainConfig, data: str | os.PathLike, out: str | os.PathLike, *,
 
 def _fit(config: TrainConfig, data: Path, out: Path, resume: bool, progress: bool, dist: Dist,
          device: torch.device) -> dict:
-    if device.type != "cuda" and config.amp != "none":
-        raise HndError(f"amp={config.amp} needs a CUDA device; use amp=none on {device}")
+    if device.type != "cuda" and config.amp == "fp16":
+        raise HndError(f"amp=fp16 needs a CUDA device; use amp=bf16 or amp=none on {device}")
     layout = check_layout(data)
     if config.selection == "holdout":
         train_samples, select_samples = holdout_split(layout.samples["train"], config.holdout_per_class)
@@ -254,10 +254,11 @@ def _fit(config: TrainConfig, data: Path, out: Path, resume: bool, progress: boo
     task.model.to(device)
     if task.reference is not None:
         task.reference.to(device)
-    if config.channels_last:
-        for module in (task.model, task.reference):
-            if module is not None:
+    for module in (task.model, task.reference):
+        if module is not None:
+            if config.channels_last:
                 module.to(memory_format=torch.channels_last)
+            keep_fp32_layers(module, device, config.amp)
     if config.sync_bn and dist.enabled:
         sync_batchnorm(task.trained if task.method != "entropic" else task.model, device)  # entropic: both stages
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")

@@ -1,0 +1,43 @@
+"""Mixed precision: the autocast dtype of each ``amp`` setting, and the layers kept in fp32.
+
+On CPUs with AMX (Intel Sapphire Rapids and later), oneDNN runs bf16 convolutions several
+times faster than fp32 ones. Its bf16 *strided depthwise* convolution is the exception: forward
+plus backward of a 3x3, stride-2 depthwise conv on [32, 116, 10, 10] takes about 18x longer
+than in fp32 (``bench/train_step.py --amp bf16`` shows the step times). Such layers (ShuffleNet
+V2 and MobileNet downsample with them) hold few MACs, so they run in fp32 under CPU autocast.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _is_strided_depthwise(module: nn.Module) -> bool:
+    return (isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+            and max(module.stride) > 1)
+
+
+def _fp32_forward(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    with torch.autocast("cpu", enabled=False):
+        return conv._conv_forward(x.float(), conv.weight.float(), None if conv.bias is None else conv.bias.float())
+
+
+def keep_fp32_layers(model: nn.Module, device: torch.device, amp: str) -> int:
+    """Run ``model``'s strided depthwise convs in fp32 under bf16 autocast on a CPU (see above).
+
+    Only those instances' ``forward`` changes: parameters, buffers and state-dict keys stay as
+    they are. Returns how many convs were switched."""
+    if device.type != "cpu" or amp != "bf16":
+        return 0
+    switched = 0
+    for module in model.modules():
+        if _is_strided_depthwise(module) and "forward" not in vars(module):
+            module.forward = types.MethodType(_fp32_forward, module)
+            switched += 1
+    return switched
