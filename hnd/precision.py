@@ -1,10 +1,12 @@
 """Mixed precision: the autocast dtype of each ``amp`` setting, and the layers kept in fp32.
 
 On CPUs with AMX (Intel Sapphire Rapids and later), oneDNN runs bf16 convolutions several
-times faster than fp32 ones. Its bf16 *strided depthwise* convolution is the exception: forward
-plus backward of a 3x3, stride-2 depthwise conv on [32, 116, 10, 10] takes about 18x longer
-than in fp32 (``bench/train_step.py --amp bf16`` shows the step times). Such layers (ShuffleNet
-V2 and MobileNet downsample with them) hold few MACs, so they run in fp32 under CPU autocast.
+times faster than fp32 ones. Its bf16 *strided depthwise* convolution is the exception when a
+backward pass follows: forward plus backward of a 3x3, stride-2 depthwise conv on
+[32, 116, 10, 10] took about 18x longer than in fp32 here. Such layers (ShuffleNet V2 and
+MobileNet downsample with them) hold few MACs, so under CPU autocast they run in fp32 whenever
+gradients will flow through them, and in bf16 otherwise (a frozen teacher, evaluation).
+``bench/train_step.py --amp bf16`` shows the step times.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import types
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -23,13 +24,17 @@ def _is_strided_depthwise(module: nn.Module) -> bool:
             and max(module.stride) > 1)
 
 
-def _fp32_forward(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    with torch.autocast("cpu", enabled=False):
-        return conv._conv_forward(x.float(), conv.weight.float(), None if conv.bias is None else conv.bias.float())
+def _forward(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    if torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad):
+        with torch.autocast("cpu", enabled=False):  # a backward pass follows: fp32
+            return conv._conv_forward(x.float(), conv.weight.float(),
+                                      None if conv.bias is None else conv.bias.float())
+    return conv._conv_forward(x, conv.weight, conv.bias)
 
 
 def keep_fp32_layers(model: nn.Module, device: torch.device, amp: str) -> int:
-    """Run ``model``'s strided depthwise convs in fp32 under bf16 autocast on a CPU (see above).
+    """Run ``model``'s strided depthwise convs in fp32 under bf16 autocast on a CPU where a backward
+    pass follows (see above).
 
     Only those instances' ``forward`` changes: parameters, buffers and state-dict keys stay as
     they are. Returns how many convs were switched."""
@@ -38,6 +43,6 @@ def keep_fp32_layers(model: nn.Module, device: torch.device, amp: str) -> int:
     switched = 0
     for module in model.modules():
         if _is_strided_depthwise(module) and "forward" not in vars(module):
-            module.forward = types.MethodType(_fp32_forward, module)
+            module.forward = types.MethodType(_forward, module)
             switched += 1
     return switched

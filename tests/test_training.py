@@ -103,6 +103,18 @@ def test_runs_test_after_the_epochs_asked_and_the_kept_one_at_the_end(synth, tea
         assert "test_top1" not in kept or kept["test_top1"] == result["test"]["top1"]
 
 
+def test_a_student_trains_under_bf16_autocast_on_the_cpu(synth, teacher_ckpt, tmp_path):
+    """bf16 autocast (fp32 weights and checkpoint) trains on the CPU as on a GPU; its test top-1
+    equals an fp32 evaluation of the checkpoint within one image of the 16."""
+    config = _config("kd", teacher_ckpt, "epochs=1", "amp=bf16", "channels_last=true")
+    result = fit(config, synth, tmp_path / "run", progress=False)
+    best = read_file(tmp_path / "run" / "best.pt")
+    assert {v.dtype for v in best["state_dict"].values() if v.is_floating_point()} == {torch.float32}
+    again = evaluate_checkpoint(None, "kd", tmp_path / "run" / "best.pt", synth, student_only=True, num_workers=0)
+    assert result["test"]["images"] == again["student"]["images"] == 16
+    assert abs(result["test"]["top1"] - again["student"]["top1"]) <= 100 / 16 + 1e-9
+
+
 def test_hnd_trains_only_the_head(synth, teacher_ckpt, tmp_path):
     out = tmp_path / "hnd"
     fit(_config("hnd", teacher_ckpt, "epochs=1"), synth, out, progress=False)
@@ -247,6 +259,8 @@ def test_torchrun_two_processes_agree_with_one_process(synth, teacher_ckpt, tmp_
     (["train", TEACHER, "--method", "hnd", "--data", "x"], "trains a student"),
     (["train", STUDENT, "--method", "hnd", "--data", "x", "--out", "/nonexistent/run", "--resume"],
      "nothing to resume"),
+    (["train", STUDENT, "--method", "hnd", "--data", "x", "amp=fp16", "device=cpu"],
+     "amp=fp16 needs a CUDA device; use amp=bf16 or amp=none on cpu"),
 ])
 def test_cli_errors_are_one_line(args, message, capsys):
     assert main(args) == 2

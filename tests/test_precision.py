@@ -1,0 +1,60 @@
+"""Mixed precision on the CPU: bf16 autocast keeps strided depthwise convs in fp32 where a
+backward pass follows."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hnd.precision import keep_fp32_layers
+
+CPU = torch.device("cpu")
+
+
+def _layers() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8, bias=False),  # 0: strided depthwise: fp32
+        nn.Conv2d(8, 8, 3, stride=1, padding=1, groups=8),              # 1: depthwise, stride 1: bf16
+        nn.Conv2d(8, 16, 3, stride=2, padding=1),                       # 2: strided, dense: bf16
+        nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=4),            # 3: strided, grouped: bf16
+        nn.Conv2d(16, 32, 3, stride=(1, 2), padding=1, groups=16),      # 4: depthwise multiplier 2, strided: fp32
+    )
+
+
+def test_only_strided_depthwise_convs_run_in_fp32_when_they_will_be_differentiated():
+    model = _layers()
+    keys = {k: v.clone() for k, v in model.state_dict().items()}
+    assert keep_fp32_layers(model, CPU, "bf16") == 2
+    assert keep_fp32_layers(model, CPU, "bf16") == 0  # switched once only
+    x = torch.randn(2, 8, 16, 16)
+    fp32 = nn.functional.conv2d(x, model[0].weight, stride=2, padding=1, groups=8)
+    dtypes = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for layer in model:
+            y = layer(x)
+            if layer is model[0]:
+                assert torch.equal(y, fp32)  # exactly the fp32 convolution, not a bf16 one
+            dtypes.append(y.dtype)
+            x = y
+    assert dtypes == [torch.float32, torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.float32]
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():  # no backward: bf16 is fast
+        assert model[0](torch.randn(2, 8, 16, 16)).dtype == torch.bfloat16
+    state = model.state_dict()
+    assert state.keys() == keys.keys() and all(torch.equal(state[k], keys[k]) for k in keys)
+
+
+def test_gradients_flow_through_the_fp32_convs():
+    model = _layers()
+    keep_fp32_layers(model, CPU, "bf16")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(2, 8, 16, 16)).float().square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0
+               for p in model.parameters())
+
+
+def test_nothing_changes_without_bf16_on_a_cpu():
+    model = _layers()
+    assert keep_fp32_layers(model, CPU, "none") == 0
+    assert keep_fp32_layers(model, torch.device("cuda"), "bf16") == 0
+    assert not any("forward" in vars(m) for m in model.modules())
