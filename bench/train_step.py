@@ -45,7 +45,7 @@ from hnd.errors import HndError
 from hnd.registry import resolve, student_spec
 from hnd.teachers import PAPER_TEACHERS
 from hnd.methods import build_task, make_optimizer
-from hnd.precision import AMP_DTYPES, keep_fp32_layers
+from hnd.precision import AMP_DTYPES, check_amp, keep_fp32_layers
 
 LEGEND = """\
 MACs per training step, per image, at the input size measured (backward ~ 2x forward):
@@ -83,8 +83,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except HndError as exc:
         p.error(str(exc))
     cuda = args.device.startswith("cuda")
-    if not cuda and args.amp == "fp16":
-        p.error("--amp fp16 needs a CUDA device; bf16 runs on CPUs too")
+    try:
+        check_amp(args.amp or "none", torch.device("cuda" if cuda else "cpu"))
+    except HndError as exc:
+        p.error(str(exc))
     args.batch_size = args.batch_size or (32 if cuda else 4)
     args.steps = args.steps or (20 if cuda else 3)
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)

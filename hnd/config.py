@@ -77,7 +77,7 @@ class TrainConfig:
     test_every_epoch: bool = False  # also test every epoch on val, for a curve (never used to select)
     test_first_epochs: int = 0  # also test after each of the first N epochs only (cheaper than every epoch)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: str = "none"  # none | bf16 | fp16 (CUDA only); bf16 on CPUs with AMX runs convs ~6x faster
+    amp: str = "none"  # none | bf16 | fp16 (CUDA only); bf16 also on CPUs (hnd/precision.py)
     channels_last: bool = False  # channels-last tensors: faster convolutions on CUDA and on CPU (oneDNN)
     sync_bn: bool = False  # distributed runs: BatchNorm statistics over all processes' batches
     # The model that trains, at this run's input size (not saved: resolved from ``model`` when

@@ -20,6 +20,18 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_flags() -> frozenset[str] | None:
+    """The CPU's feature flags (``/proc/cpuinfo`` on Linux); None where they cannot be read."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
 def machine_facts() -> dict:
     """CPU model, core count, memory and GPUs of this machine, for run records (a copy)."""
     return dict(_facts())

@@ -12,11 +12,28 @@ gradients will flow through them, and in bf16 otherwise (a frozen teacher, evalu
 from __future__ import annotations
 
 import types
+import warnings
 
 import torch
 from torch import nn
 
+from hnd.errors import HndError
+from hnd.machine import cpu_flags
+
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs with bf16 arithmetic
+
+
+def check_amp(amp: str, device: torch.device) -> None:
+    """fp16 autocast needs CUDA; bf16 on a CPU without bf16 arithmetic works, slowly: warn."""
+    if device.type == "cuda" or amp == "none":
+        return
+    if amp == "fp16":
+        raise HndError(f"amp=fp16 needs a CUDA device; use amp=bf16 or amp=none on {device}")
+    flags = cpu_flags()
+    if device.type == "cpu" and flags is not None and not flags.intersection(NATIVE_BF16_FLAGS):
+        warnings.warn("amp=bf16 on a CPU without AMX or AVX512-BF16 runs slower than fp32; use amp=none here",
+                      stacklevel=2)
 
 
 def _is_strided_depthwise(module: nn.Module) -> bool:

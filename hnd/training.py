@@ -38,7 +38,7 @@ from hnd.image_folders import check_layout
 from hnd.registry import ModelSpec
 from hnd.evaluation import Accuracy, default_workers, eval_loader, evaluate, evaluate_checkpoint
 from hnd.methods import Task, build_task, check_input_size, make_optimizer, stage_of
-from hnd.precision import AMP_DTYPES, keep_fp32_layers
+from hnd.precision import AMP_DTYPES, check_amp, keep_fp32_layers
 from hnd.teacher_outputs import CachedViews, TeacherOutputs, cached_teacher_outputs, compute_teacher_outputs, \
     fingerprint, teacher_identity
 from hnd.teachers import split_teacher
@@ -240,8 +240,7 @@ def fit(config: TrainConfig, data: str | os.PathLike, out: str | os.PathLike, *,
 
 def _fit(config: TrainConfig, data: Path, out: Path, resume: bool, progress: bool, dist: Dist,
          device: torch.device) -> dict:
-    if device.type != "cuda" and config.amp == "fp16":
-        raise HndError(f"amp=fp16 needs a CUDA device; use amp=bf16 or amp=none on {device}")
+    check_amp(config.amp, device)
     layout = check_layout(data)
     if config.selection == "holdout":
         train_samples, select_samples = holdout_split(layout.samples["train"], config.holdout_per_class)

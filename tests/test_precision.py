@@ -3,10 +3,16 @@ backward pass follows."""
 
 from __future__ import annotations
 
+import warnings
+
+import pytest
 import torch
 from torch import nn
 
-from hnd.precision import keep_fp32_layers
+import hnd.precision
+from hnd.precision import check_amp, keep_fp32_layers
+
+from conftest import error
 
 CPU = torch.device("cpu")
 
@@ -58,3 +64,19 @@ def test_nothing_changes_without_bf16_on_a_cpu():
     assert keep_fp32_layers(model, CPU, "none") == 0
     assert keep_fp32_layers(model, torch.device("cuda"), "bf16") == 0
     assert not any("forward" in vars(m) for m in model.modules())
+
+
+@pytest.mark.parametrize("flags, warns", [({"avx2", "fma"}, True), ({"avx512f", "avx512_bf16"}, False),
+                                          ({"amx_bf16", "amx_tile"}, False), (None, False)])
+def test_bf16_on_a_cpu_without_bf16_arithmetic_warns(flags, warns, monkeypatch):
+    monkeypatch.setattr(hnd.precision, "cpu_flags", lambda: None if flags is None else frozenset(flags))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_amp("bf16", CPU)
+        check_amp("none", CPU)
+    assert [str(w.message) for w in caught] == (
+        ["amp=bf16 on a CPU without AMX or AVX512-BF16 runs slower than fp32; use amp=none here"] if warns else [])
+
+
+def test_fp16_needs_cuda():
+    assert error(check_amp, "fp16", CPU) == "amp=fp16 needs a CUDA device; use amp=bf16 or amp=none on cpu"
