@@ -9,27 +9,29 @@ from pathlib import Path
 
 
 @functools.lru_cache(maxsize=None)
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields in ``/proc/cpuinfo`` (Linux), read once; empty elsewhere."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if not line.strip():  # the first processor ends here
+                break
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return fields
+
+
 def cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo`` on Linux, else what :mod:`platform` knows)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
 
 
-@functools.lru_cache(maxsize=None)
 def cpu_flags() -> frozenset[str] | None:
-    """The CPU's feature flags (``/proc/cpuinfo`` on Linux); None where they cannot be read."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return None
+    """The CPU's feature flags (``/proc/cpuinfo`` on x86 Linux); None where they cannot be read."""
+    flags = _cpuinfo().get("flags")
+    return None if flags is None else frozenset(flags.split())
 
 
 def machine_facts() -> dict:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+import hnd.machine
 import hnd.precision
 from hnd.precision import check_amp, keep_fp32_layers
 
@@ -80,3 +81,18 @@ def test_bf16_on_a_cpu_without_bf16_arithmetic_warns(flags, warns, monkeypatch):
 
 def test_fp16_needs_cuda():
     assert error(check_amp, "fp16", CPU) == "amp=fp16 needs a CUDA device; use amp=bf16 or amp=none on cpu"
+
+
+def test_cpu_model_and_flags_come_from_the_first_processor_of_cpuinfo(tmp_path, monkeypatch):
+    (tmp_path / "cpuinfo").write_text("processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: fpu avx2 amx_bf16\n\n"
+                                      "processor\t: 1\nmodel name\t: Other\nflags\t\t: fpu\n")
+    monkeypatch.setattr(hnd.machine, "Path", lambda _: tmp_path / "cpuinfo")
+    hnd.machine._cpuinfo.cache_clear()
+    try:
+        assert hnd.machine.cpu_model() == "Test CPU 9000"
+        assert hnd.machine.cpu_flags() == frozenset({"fpu", "avx2", "amx_bf16"})
+        (tmp_path / "cpuinfo").write_text("processor\t: 0\nFeatures\t: fp asimd\n")  # an ARM board: no flags line
+        hnd.machine._cpuinfo.cache_clear()
+        assert hnd.machine.cpu_flags() is None and hnd.machine.cpu_model()
+    finally:
+        hnd.machine._cpuinfo.cache_clear()
