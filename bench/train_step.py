@@ -45,7 +45,8 @@ from hnd.errors import HndError
 from hnd.registry import resolve, student_spec
 from hnd.teachers import PAPER_TEACHERS
 from hnd.methods import build_task, make_optimizer
-from hnd.precision import AMP_DTYPES, check_amp, keep_fp32_layers
+from hnd.precision import AMP_DTYPES, check_amp
+from hnd.training import place_task
 
 LEGEND = """\
 MACs per training step, per image, at the input size measured (backward ~ 2x forward):
@@ -125,12 +126,7 @@ def _build(case: dict, device: torch.device):
                               "input_size": case["input_size"]})  # generic heads are built for it
     torch.manual_seed(0)
     task = build_task(config, num_classes=1000)
-    for module in (task.model, task.reference):
-        if module is not None:
-            module.to(device)
-            if config.channels_last:
-                module.to(memory_format=torch.channels_last)
-            keep_fp32_layers(module, device, config.amp)
+    place_task(task, config, device)
     task.train_mode()
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     return task, make_optimizer(config, task.trained)[0], scaler

@@ -250,14 +250,7 @@ def _fit(config: TrainConfig, data: Path, out: Path, resume: bool, progress: boo
     task = build_task(config, len(layout.classes))
     check_input_size(task, config.spec.input_size)
     saved = _prepare_run_folder(out, config, resume, dist)
-    task.model.to(device)
-    if task.reference is not None:
-        task.reference.to(device)
-    for module in (task.model, task.reference):
-        if module is not None:
-            if config.channels_last:
-                module.to(memory_format=torch.channels_last)
-            keep_fp32_layers(module, device, config.amp)
+    place_task(task, config, device)
     if config.sync_bn and dist.enabled:
         sync_batchnorm(task.trained if task.method != "entropic" else task.model, device)  # entropic: both stages
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
@@ -346,6 +339,16 @@ def _fit(config: TrainConfig, data: Path, out: Path, resume: bool, progress: boo
         barrier()
 
     return _final_test(config, task, out, dist, device, loop, test_loader)
+
+
+def place_task(task: Task, config: TrainConfig, device: torch.device) -> None:
+    """Move the task's models to ``device`` in the config's memory format and precision."""
+    for module in (task.model, task.reference):
+        if module is not None:
+            module.to(device)
+            if config.channels_last:
+                module.to(memory_format=torch.channels_last)
+            keep_fp32_layers(module, device, config.amp)
 
 
 def patience_spent(config: TrainConfig, epoch: int, best_epoch: int) -> bool:
