@@ -220,7 +220,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", help="the checkpoint's model name")
-    p.add_argument("--method", required=True, help="naive | kd | hnd | ae | teacher | entropic")
+    p.add_argument("--method", required=True, help="naive | kd | hnd | ae | teacher | entropic | head_kd")
     p.add_argument("--checkpoint", required=True, help="original naive/KD/HND checkpoint or an hnd checkpoint")
     p.add_argument("--data", required=True, help="image folder with val/<class>/")
     p.add_argument("--student-only", action="store_true", help="skip the teacher")
@@ -751,7 +751,7 @@ def _edge_torch(args: argparse.Namespace, fmt: str, link: dict) -> list[dict]:
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", help="student name (naive, kd, hnd) or teacher name (ae, teacher)")
-    p.add_argument("--method", required=True, help="naive | kd | hnd | ae | teacher | entropic")
+    p.add_argument("--method", required=True, help="naive | kd | hnd | ae | teacher | entropic | head_kd")
     p.add_argument("--config", help="YAML file of config keys applied over the official preset")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config keys, e.g. epochs=2 lr=0.01")
 

@@ -23,8 +23,8 @@ from hnd.files import read_mapping
 from hnd.registry import ModelSpec, resolve, student_spec
 from hnd.students import check_channels
 
-METHODS = ("naive", "kd", "hnd", "ae", "teacher", "entropic")
-STUDENT_METHODS = ("naive", "kd", "hnd", "entropic")  # trained model is a bottleneck student
+METHODS = ("naive", "kd", "hnd", "ae", "teacher", "entropic", "head_kd")
+STUDENT_METHODS = ("naive", "kd", "hnd", "entropic", "head_kd")  # trained model is a bottleneck student
 AE_CHANNELS = (3, 6, 9, 12, 15, 18)  # the original's autoencoder-baseline configs
 
 
@@ -33,7 +33,7 @@ class TrainConfig:
     """Every setting of a training run. Defaults are those of the HND method's official config."""
 
     model: str  # a student name (naive, kd, hnd, entropic) or a teacher name (ae, teacher)
-    method: str  # naive | kd | hnd | ae | teacher | entropic
+    method: str  # naive | kd | hnd | ae | teacher | entropic | head_kd
     epochs: int = 20
     batch_size: int = 32  # per process, as in the original
     eval_batch_size: int = 50  # the original's test batch
@@ -77,7 +77,7 @@ class TrainConfig:
     test_every_epoch: bool = False  # also test every epoch on val, for a curve (never used to select)
     test_first_epochs: int = 0  # also test after each of the first N epochs only (cheaper than every epoch)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: str = "none"  # none | bf16 | fp16 (CUDA only); bf16 also on CPUs (hnd/precision.py)
+    amp: str = "none"  # none | bf16 | fp16 (CUDA only) | auto (bf16 where faster); bf16 also on CPUs (hnd/precision.py)
     channels_last: bool = False  # channels-last tensors: faster convolutions on CUDA and on CPU (oneDNN)
     sync_bn: bool = False  # distributed runs: BatchNorm statistics over all processes' batches
     # The model that trains, at this run's input size (not saved: resolved from ``model`` when
@@ -105,7 +105,7 @@ _CHOICES = {
     "transforms": ("original", "torchvision"),
     "decoder": DECODERS,
     "selection": ("holdout", "val"),
-    "amp": ("none", "bf16", "fp16"),
+    "amp": ("none", "bf16", "fp16", "auto"),
 }
 
 # Per-method fields of the official configs; all four paper teachers share them.
@@ -113,6 +113,8 @@ _METHOD_PRESETS: dict[str, dict] = {
     "naive": {"optimizer": "sgd", "lr": 1e-3, "momentum": 0.9, "weight_decay": 1e-4},
     "kd": {"optimizer": "sgd", "lr": 1e-3, "momentum": 0.9, "weight_decay": 1e-4},
     "hnd": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0},
+    # Not in the papers: HND's head and frozen tail trained on KD's loss, an ablation of HND's loss.
+    "head_kd": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0},
     "ae": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0},
     # The original's org/*.yaml: fine-tuning a teacher, no learning-rate schedule.
     "teacher": {"optimizer": "sgd", "lr": 1e-2, "momentum": 0.9, "weight_decay": 5e-4, "epochs": 50,

@@ -86,6 +86,34 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, *, amp_
     return Accuracy(100 * top1 / n, 100 * top5 / n, loss / n, int(n), coded_bytes / n if coded else None)
 
 
+@torch.no_grad()
+def head_error(head: nn.Module, teacher_head: nn.Module, loader: DataLoader, device: torch.device, *,
+               channels_last: bool = False) -> float:
+    """The fraction of the teacher head's output variance over ``loader``'s images that ``head``'s
+    output leaves unexplained: the summed squared error over the sum of squares about each
+    channel's mean (in fp32). 0 is a perfect mimic, 1 no better than every channel's mean: how
+    closely a student head gives its frozen tail what the tail was trained on."""
+    head.eval()
+    teacher_head.eval()
+    error, count, sums, squares = 0.0, 0.0, 0.0, 0.0
+    for batch in loader:
+        if batch is None:
+            continue
+        x = batch[0].to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        student, teacher = head(x).float(), teacher_head(x).float()  # [N, C, H, W] each
+        error += float(((student - teacher) ** 2).sum())
+        count += teacher.numel() / teacher.shape[1]  # values per channel
+        sums = sums + teacher.sum(dim=(0, 2, 3)).double()  # [C]
+        squares += float((teacher.double() ** 2).sum())
+    if not count:
+        raise HndError("no image could be evaluated")
+    error, count, squares, *sums = all_reduce_sum([error, count, squares, *torch.as_tensor(sums).tolist()], device)
+    spread = squares - sum(s * s for s in sums) / count  # sum of squares about each channel's mean
+    return error / spread if spread > 0 else float("nan")
+
+
 def _checkpoint_config(spec: ModelSpec | None, method: str, ckpt) -> TrainConfig:
     """The run's config (hnd checkpoints record it) or the official preset (original files);
     ``spec=None``: the model the file records."""

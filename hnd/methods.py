@@ -6,6 +6,9 @@
   (the teacher head stays in eval mode, so its BatchNorm statistics never move);
 - ``ae``: an autoencoder inserted at the teacher's split point, summed squared error to the
   frozen teacher head's output (the baseline of the papers);
+- ``head_kd`` (not in the papers; the book's ablation of HND's loss): HND's student head and
+  frozen teacher tail, the head trained on KD's loss at the tail's output instead of the
+  squared error to the teacher head's output;
 - ``teacher``: a teacher trained (or fine-tuned) with cross-entropy, e.g. on a dataset
   without pretrained weights;
 - ``entropic``: the Entropic Student (Matsubara et al., WACV 2022), in two stages. Stage 1
@@ -33,6 +36,8 @@ from hnd.registry import student_from_teacher
 from hnd.students import BottleneckHead
 from hnd.teacher_outputs import TeacherOutputs
 from hnd.teachers import build_teacher, classifier_classes, replace_classifier, split_teacher
+
+FROZEN_TAIL_METHODS = ("hnd", "head_kd")  # students whose tail is the teacher's, unchanged: their head must mimic
 
 
 def build_reference_teacher(config: TrainConfig, num_classes: int) -> nn.Module:
@@ -88,9 +93,15 @@ class Task:
 
     @property
     def target_kind(self) -> str:
-        """What the frozen reference gives: the teacher's ``logits`` (KD, entropic stage 2) or
+        """What the frozen reference gives: the teacher's ``logits`` (KD, head_kd, entropic stage 2) or
         the teacher head's output (``head``: HND, AE, entropic stage 1)."""
-        return "logits" if self.method == "kd" or (self.method == "entropic" and self.stage == 2) else "head"
+        return "logits" if self.method in ("kd", "head_kd") or (self.method == "entropic" and self.stage == 2) \
+            else "head"
+
+    @property
+    def gives_logits(self) -> bool:
+        """Whether a training step computes the student's logits (then train top-1 is logged)."""
+        return self.method in ("naive", "teacher") or self.target_kind == "logits"
 
     def target(self, x: torch.Tensor, keys: torch.Tensor | None) -> torch.Tensor:
         """The frozen reference's output for batch ``x``: read from the cache by ``keys`` when
@@ -145,8 +156,8 @@ class Task:
             logits = forward(x)
             return F.cross_entropy(logits, y), logits
         target = self.target(x, keys)  # KD: teacher logits; HND/AE: teacher head output
-        if self.method == "kd":
-            logits = forward(x)
+        if self.method in ("kd", "head_kd"):
+            logits = forward(x) if self.method == "kd" else self.model.tail(forward(x))  # head_kd: frozen tail
             return kd_loss(logits, target, y, temperature=self.kd_temperature, alpha=self.kd_alpha), logits
         if self.method == "hnd":
             return head_mse_loss(forward(x), target), None
@@ -246,5 +257,8 @@ def build_task(config: TrainConfig, num_classes: int) -> Task:
                                         transform_input=spec.head_transform_input)
         student = student_from_teacher(spec, teacher)  # shares the frozen tail
         return Task("hnd", student, student.head, teacher_head, "student", teacher=teacher, **kd)
+    if config.method == "head_kd":
+        student = student_from_teacher(spec, teacher)  # shares the frozen tail, as HND
+        return Task("head_kd", student, student.head, teacher, "student", teacher=teacher, **kd)
     model = build_ae_model(spec, teacher, config.ae_channels)  # only model.ae is trainable
     return Task("ae", model, model.ae, model.head, "ae", teacher=teacher, **kd)

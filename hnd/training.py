@@ -36,9 +36,9 @@ from hnd.errors import HndError
 from hnd.files import read_json, write_text
 from hnd.image_folders import check_layout
 from hnd.registry import ModelSpec
-from hnd.evaluation import Accuracy, default_workers, eval_loader, evaluate, evaluate_checkpoint
-from hnd.methods import Task, build_task, check_input_size, make_optimizer, stage_of
-from hnd.precision import AMP_DTYPES, check_amp, keep_fp32_layers
+from hnd.evaluation import Accuracy, default_workers, eval_loader, evaluate, evaluate_checkpoint, head_error
+from hnd.methods import FROZEN_TAIL_METHODS, Task, build_task, check_input_size, make_optimizer, stage_of
+from hnd.precision import AMP_DTYPES, check_amp, keep_fp32_layers, resolve_amp
 from hnd.teacher_outputs import CachedViews, TeacherOutputs, cached_teacher_outputs, compute_teacher_outputs, \
     fingerprint, teacher_identity
 from hnd.teachers import split_teacher
@@ -135,7 +135,7 @@ def train_one_epoch(loop: _Loop, loader: DataLoader, epoch: int) -> dict:
     loss_sum, top1, top5, n = all_reduce_sum(totals, loop.device)
     stats = {"train_loss": loss_sum / max(n, 1), "images": int(n), "seconds": seconds,
              "images_per_s": n / seconds if seconds > 0 else 0.0}
-    if task.method in ("naive", "kd", "teacher") or (task.method == "entropic" and task.stage == 2):
+    if task.gives_logits:
         stats.update(train_top1=100 * top1 / max(n, 1), train_top5=100 * top5 / max(n, 1))
     if task.method == "entropic" and task.stage == 1:
         (bits,) = all_reduce_sum([task.bits], loop.device)
@@ -240,7 +240,8 @@ def fit(config: TrainConfig, data: str | os.PathLike, out: str | os.PathLike, *,
 
 def _fit(config: TrainConfig, data: Path, out: Path, resume: bool, progress: bool, dist: Dist,
          device: torch.device) -> dict:
-    check_amp(config.amp, device)
+    amp = resolve_amp(config.amp, device)  # auto: bf16 where it is faster (GPU, CPU with AMX)
+    check_amp(amp, device)
     layout = check_layout(data)
     if config.selection == "holdout":
         train_samples, select_samples = holdout_split(layout.samples["train"], config.holdout_per_class)
@@ -253,7 +254,7 @@ def _fit(config: TrainConfig, data: Path, out: Path, resume: bool, progress: boo
     place_task(task, config, device)
     if config.sync_bn and dist.enabled:
         sync_batchnorm(task.trained if task.method != "entropic" else task.model, device)  # entropic: both stages
-    scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     start_epoch, best_top1, best_epoch = 0, float("-inf"), 0
     if saved is not None:
         task.model.load_state_dict(saved["state_dict"])
@@ -288,7 +289,7 @@ def _fit(config: TrainConfig, data: Path, out: Path, resume: bool, progress: boo
                                 pin)
     test_loader = eval_loader(_eval_set(config, layout.samples["val"], evaluation), config.eval_batch_size, workers,
                               dist, pin)  # the test split: the dataset's val/
-    amp_dtype = AMP_DTYPES[config.amp]
+    amp_dtype = AMP_DTYPES[amp]
     loop = _Loop(task, forward, optimizer, scaler, device, dist, amp_dtype, config.channels_last,
                  progress and dist.main)
     coded = "coded " if task.method == "entropic" else ""
@@ -405,7 +406,13 @@ def _final_test(config, task, out, dist, device, loop, test_loader) -> dict:
     result = {"model": config.model, "method": config.method, "epochs": config.epochs,
               "epochs_run": len(read_metrics(out)), "best_epoch": best["best_epoch"],
               "select_top1": best["best_top1"], "selection": config.selection,
-              "test": test.to_dict(), "checkpoint": str(out / "best.pt")}
+              "test": test.to_dict(), "checkpoint": str(out / "best.pt"), "amp": resolve_amp(config.amp, device)}
+    if task.method in FROZEN_TAIL_METHODS:  # the teacher head's output variance its head misses
+        spec = config.spec
+        teacher_head, _ = split_teacher(spec.teacher, task.teacher, spec.split_point,
+                                        transform_input=spec.head_transform_input)
+        result["head_error"] = head_error(task.model.head, teacher_head, test_loader, device,
+                                          channels_last=config.channels_last)
     if dist.main:
         write_text(out / "result.json", json.dumps(result, indent=1) + "\n")
     barrier()

@@ -311,7 +311,10 @@ def test_smoke_book_builds_and_every_page_works_in_a_browser(tmp_path):
     assert not failed, failed
     runs = root / "runs" / "book" / "smoke"
     train = {r.method: r for r in training_runs(runs)}
-    assert set(train) == {"teacher", "naive", "kd", "hnd", "ae", "entropic"}
+    assert set(train) == {"teacher", "naive", "kd", "hnd", "ae", "entropic", "head_kd"}
+    # the students in front of the teacher's frozen tail record how far their head is from the teacher head's
+    assert {k for k, r in train.items() if r.head_error is not None} == {"hnd", "head_kd"}
+    assert all(r.head_error > 0 for k, r in train.items() if k in ("hnd", "head_kd"))
     assert all(0 <= r.test_top1 <= 100 and r.checkpoint == "run/best.pt" and r.checkpoint_path.is_file()
                for r in train.values())
     # The entropic cell: its beta reaches the config, its test bytes the record; the others have neither.
@@ -334,7 +337,7 @@ def test_smoke_book_builds_and_every_page_works_in_a_browser(tmp_path):
     pages = sorted(p.relative_to(html).as_posix() for p in html.rglob("*.html")
                    if p.name not in ("genindex.html", "search.html") and p.relative_to(html).parts[0] != "_static")
     executed = [p for p in pages if p.startswith("_executed/")]
-    assert len(executed) == 1 + 1 + 6 + 1 + 1 + 1 and "_executed/02_train/method-hnd_channels-3.html" in executed
+    assert len(executed) == 1 + 1 + 7 + 1 + 1 + 1 and "_executed/02_train/method-hnd_channels-3.html" in executed
     assert "_executed/00_data/default.html" in executed
     assert "_executed/02_train/method-entropic_channels-3_beta-0.5.html" in executed
     assert not any("missing" in p for p in pages)
@@ -343,7 +346,7 @@ def test_smoke_book_builds_and_every_page_works_in_a_browser(tmp_path):
         text = (html / page).read_text()
         assert "{glue" not in text and "smoke</span></code></strong> profile" in text, page
         images += text.count("<img ")
-    assert images >= 4 + 6 + 1 + 2 + 1  # split points, per training run, rate plane, results, delay
+    assert images >= 4 + 7 + 1 + 2 + 1  # split points, per training run, rate plane, results, delay
     rate_page = (html / "_executed" / "03_rate_accuracy" / "default.html").read_text()
     assert "The most accurate point of <strong>entropic 3ch</strong> (β=0.5) sends" in rate_page
     # Every rate point in a scrolling box, and as a CSV file the page links for download.
@@ -356,6 +359,7 @@ def test_smoke_book_builds_and_every_page_works_in_a_browser(tmp_path):
     assert "timm/regnetx_002.pycls_in1k" in split_page  # its analysis, under timm's pretrained tag
     results_page = (html / "_executed" / "04_results" / "default.html").read_text()
     assert "(β values trained: 0.5)" in results_page
+    assert re.search(r"At 3 channels the head trained on KD(’|&#8217;|')s loss reaches", results_page)  # ablation
     explorer = (html / "_executed" / "05_where_to_split" / "default.html").read_text()
     assert explorer.count('type="application/vnd.jupyter.widget-view+json"') >= 1  # rendered: check_pages
     for page in pages:  # no machine's folder names on any page

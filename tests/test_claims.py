@@ -141,3 +141,46 @@ def test_ablation_rows_give_means_and_verdicts_per_setting():
     assert rows[0]["HND 3ch"] == 50.0 and rows[0]["KD 12ch"] == 56.0
     assert (rows[0]["HND ≥ KD, naive"], rows[0]["KD ≥ naive"]) == ("does not hold", "holds")
     assert rows[1]["HND ≥ KD, naive"] == "holds" and rows[1]["HND 3ch"] == 60.0
+
+
+def with_head_kd(runs: list, top1: tuple[float, float], spread: float = 0.0, errors=(0.55, 5.4)) -> list:
+    """``runs`` plus head_kd students at 3 and 12 channels (top-1 per width), two seeds
+    ``spread`` apart; HND and head_kd runs get head errors ``errors``."""
+    from dataclasses import replace
+
+    offsets = ((0, 0.0),) if not spread else ((0, -spread / 2), (1, spread / 2))
+    runs = [replace(r, head_error=errors[0]) if r.method == "hnd" else r for r in runs]
+    return runs + [run("shufflenet_v2_x1_0", "head_kd", t + d, 86.0, channels=c, input_size=96, seed=seed,
+                       head_error=errors[1]) for c, t in zip((3, 12), top1) for seed, d in offsets]
+
+
+def test_loss_ablation_sets_the_two_losses_side_by_side_per_width():
+    from hnd.book.claims import loss_ablation_reading, loss_ablation_rows
+
+    runs = with_head_kd(grid(hnd=(60.0, 58.0), spread=1.0), top1=(60.5, 75.0), spread=1.0)
+    rows = loss_ablation_rows(runs)
+    assert [r["channels"] for r in rows] == [3, 12]
+    assert rows[1]["HND"] == "58.0% (57.5–58.5, 2 seeds)"
+    assert rows[1]["HND head, KD loss"] == "75.0% (74.5–75.5, 2 seeds)"
+    assert rows[1]["KD"] == "56.0% (55.5–56.5, 2 seeds)" and rows[1]["naive"].startswith("52.0%")
+    assert rows[0]["KD loss − HND loss"] == "+0.5 points, within noise"
+    assert rows[1]["KD loss − HND loss"] == "+17.0 points, beyond the spread between seeds"
+    assert (rows[1]["HND: head error"], rows[1]["HND head, KD loss: head error"]) == (0.55, 5.4)
+    # the ablation's runs leave the papers' claims as they were
+    assert verdicts(training_claims(runs)) == verdicts(training_claims(grid(hnd=(60.0, 58.0), spread=1.0)))
+    reading = loss_ablation_reading(runs)
+    assert "At 3 channels the head trained on KD's loss reaches 60.5% against HND's 60.0%: within the spread" in reading
+    assert "At 12 channels the head trained on KD's loss reaches 75.0% against HND's 58.0%: the head and" in reading
+    # HND's loss ahead beyond the spread
+    assert "HND's squared error trains the better head" in loss_ablation_reading(
+        with_head_kd(grid(spread=1.0), top1=(50.0, 50.0), spread=1.0))
+
+
+def test_loss_ablation_without_head_kd_runs_is_empty():
+    from hnd.book.claims import loss_ablation_reading, loss_ablation_rows
+
+    assert loss_ablation_rows(grid()) == []
+    assert loss_ablation_reading(grid()) == "No width of this grid has both HND and `head_kd` runs."
+    # head_kd runs alone, without HND at that width, give no row either
+    lone = [r for r in with_head_kd(grid(), top1=(60.0, 70.0)) if not (r.method == "hnd" and r.channels == 12)]
+    assert [r["channels"] for r in loss_ablation_rows(lone)] == [3]

@@ -23,7 +23,7 @@ from hnd.teachers import build_teacher
 from conftest import PAPER_TEACHERS
 
 STUDENT = {t: f"{t}_head_mimic-ver{'1b' if t == 'inception_v3' else '2b'}-3ch" for t in PAPER_TEACHERS}
-METHODS = ["naive", "kd", "hnd", "ae"]
+METHODS = ["naive", "kd", "hnd", "ae", "head_kd"]
 # Small inputs the models take comfortably; a DenseNet's 4x4 head output is too small for the AE.
 SMALL = {"densenet169": 64, "densenet201": 64, "resnet152": 64, "inception_v3": 75}
 
@@ -122,9 +122,9 @@ def teachers():
 
 def expected_loss(task, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
     """The HND/AE loss written out by hand from the task's modules (tests/reference/original-hnd-facts.md §3);
-    None for naive/KD, whose expected loss needs the logits of the same forward."""
+    None for naive/KD/head_kd, whose expected loss needs the logits of the same forward."""
     with torch.no_grad():
-        if task.method in ("naive", "kd"):
+        if task.method in ("naive", "kd", "head_kd"):
             return None
         if task.method == "hnd":
             return ((task.trained(x) - task.reference(x)) ** 2).sum()
@@ -145,7 +145,7 @@ def test_one_training_step(teacher, method, pretrained, teachers):
     assert task.summed_loss == (method in ("hnd", "ae"))
     assert task.part == ("ae" if method == "ae" else "student")
     assert task.trained is {"naive": task.model, "kd": task.model, "hnd": task.model.head,
-                            "ae": getattr(task.model, "ae", None)}[method]
+                            "ae": getattr(task.model, "ae", None), "head_kd": task.model.head}[method]
     assert (task.reference is None) == (method == "naive")
     if method == "ae":
         assert task.reference is task.model.head
@@ -180,9 +180,11 @@ def test_one_training_step(teacher, method, pretrained, teachers):
         assert logits.shape == (2, 1000)
     if method == "naive":
         expected = F.cross_entropy(logits.detach(), y)
-    if method == "kd":
+    if method in ("kd", "head_kd"):  # head_kd: the logits of the head through the teacher's frozen tail
         with torch.no_grad():
             teacher_logits = task.reference(x)
+            if method == "head_kd":
+                torch.testing.assert_close(logits, task.model.tail(task.model.head(x)))
         expected = kd_loss(logits.detach(), teacher_logits, y, temperature=1.0, alpha=0.5)
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=0)
     loss.backward()

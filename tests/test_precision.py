@@ -11,7 +11,7 @@ from torch import nn
 
 import hnd.machine
 import hnd.precision
-from hnd.precision import check_amp, keep_fp32_layers
+from hnd.precision import check_amp, keep_fp32_layers, resolve_amp
 
 from conftest import error
 
@@ -67,20 +67,31 @@ def test_nothing_changes_without_bf16_on_a_cpu():
     assert not any("forward" in vars(m) for m in model.modules())
 
 
-@pytest.mark.parametrize("flags, warns", [({"avx2", "fma"}, True), ({"avx512f", "avx512_bf16"}, False),
+@pytest.mark.parametrize("flags, warns", [({"avx2", "fma"}, True), ({"avx512f", "avx512_bf16"}, True),
                                           ({"amx_bf16", "amx_tile"}, False), (None, False)])
-def test_bf16_on_a_cpu_without_bf16_arithmetic_warns(flags, warns, monkeypatch):
+def test_bf16_on_a_cpu_without_amx_warns(flags, warns, monkeypatch):
     monkeypatch.setattr(hnd.precision, "cpu_flags", lambda: None if flags is None else frozenset(flags))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         check_amp("bf16", CPU)
         check_amp("none", CPU)
+        check_amp("auto", CPU)
     assert [str(w.message) for w in caught] == (
-        ["amp=bf16 on a CPU without AMX or AVX512-BF16 runs slower than fp32; use amp=none here"] if warns else [])
+        ["amp=bf16 on a CPU without AMX runs no faster than fp32; use amp=auto or none here"] if warns else [])
+
+
+@pytest.mark.parametrize("flags, resolved", [({"avx2", "fma"}, "none"), ({"avx512f", "avx512_bf16"}, "none"),
+                                             ({"amx_bf16", "amx_tile"}, "bf16"), (None, "none")])
+def test_auto_takes_bf16_on_a_cpu_with_amx_only(flags, resolved, monkeypatch):
+    monkeypatch.setattr(hnd.precision, "cpu_flags", lambda: None if flags is None else frozenset(flags))
+    assert resolve_amp("auto", CPU) == resolved
+    assert [resolve_amp(a, CPU) for a in ("none", "bf16", "fp16")] == ["none", "bf16", "fp16"]
+    # the strided depthwise convs switch exactly where auto means bf16
+    assert (keep_fp32_layers(_layers(), CPU, "auto") > 0) == (resolved == "bf16")
 
 
 def test_fp16_needs_cuda():
-    assert error(check_amp, "fp16", CPU) == "amp=fp16 needs a CUDA device; use amp=bf16 or amp=none on cpu"
+    assert error(check_amp, "fp16", CPU) == "amp=fp16 needs a CUDA device; use amp=bf16, auto or none on cpu"
 
 
 def test_cpu_model_and_flags_come_from_the_first_processor_of_cpuinfo(tmp_path, monkeypatch):

@@ -63,7 +63,7 @@ def _same_weights(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("method", ["naive", "kd", "hnd", "ae"])
+@pytest.mark.parametrize("method", ["naive", "kd", "hnd", "ae", "head_kd"])
 def test_fit_writes_a_complete_run(method, synth, teacher_ckpt, tmp_path):
     out = tmp_path / method
     result = fit(_config(method, teacher_ckpt, "epochs=2"), synth, out, progress=False)
@@ -82,6 +82,10 @@ def test_fit_writes_a_complete_run(method, synth, teacher_ckpt, tmp_path):
     best = read_file(out / "best.pt")
     assert {"versions", "classes", "best_top1", "config"} <= best.keys() and "optimizer" not in best.keys()
     assert json.loads((out / "result.json").read_text()) == result
+    # a head in front of the teacher's frozen tail: how much of the teacher head's output it misses
+    assert ("head_error" in result) == (method in ("hnd", "head_kd"))
+    assert result.get("head_error", 1.0) > 0
+    assert ("train_top1" in lines[0]) == (method in ("naive", "kd", "head_kd"))
 
     # The model is rebuilt from the file alone and reproduces the run's test accuracy.
     model = load_model(None, out / "best.pt")
@@ -115,9 +119,11 @@ def test_a_student_trains_under_bf16_autocast_on_the_cpu(synth, teacher_ckpt, tm
     assert abs(result["test"]["top1"] - again["student"]["top1"]) <= 100 / 16 + 1e-9
 
 
-def test_hnd_trains_only_the_head(synth, teacher_ckpt, tmp_path):
-    out = tmp_path / "hnd"
-    fit(_config("hnd", teacher_ckpt, "epochs=1"), synth, out, progress=False)
+@pytest.mark.parametrize("method", ["hnd", "head_kd"])
+def test_hnd_trains_only_the_head(method, synth, teacher_ckpt, tmp_path):
+    """HND and its loss ablation (KD's loss through the frozen tail) change the head only."""
+    out = tmp_path / method
+    fit(_config(method, teacher_ckpt, "epochs=1"), synth, out, progress=False)
     student = read_file(out / "last.pt")["state_dict"]
     teacher = read_file(teacher_ckpt)["state_dict"]
     tail = {k[len("tail."):]: v for k, v in student.items() if k.startswith("tail.")}
@@ -260,7 +266,7 @@ def test_torchrun_two_processes_agree_with_one_process(synth, teacher_ckpt, tmp_
     (["train", STUDENT, "--method", "hnd", "--data", "x", "--out", "/nonexistent/run", "--resume"],
      "nothing to resume"),
     (["train", STUDENT, "--method", "hnd", "--data", "x", "amp=fp16", "device=cpu"],
-     "amp=fp16 needs a CUDA device; use amp=bf16 or amp=none on cpu"),
+     "amp=fp16 needs a CUDA device; use amp=bf16, auto or none on cpu"),
 ])
 def test_cli_errors_are_one_line(args, message, capsys):
     assert main(args) == 2

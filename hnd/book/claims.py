@@ -268,3 +268,63 @@ def ablation_rows(settings: dict[str, list[RunRecord]]) -> list[dict]:
         row["HND ≥ KD, naive"], row["KD ≥ naive"] = claims[0].verdict, claims[1].verdict
         rows.append(row)
     return rows
+
+
+LOSS_ABLATION = ("hnd", "head_kd", "kd", "naive")  # the methods the loss ablation puts side by side; the
+# first two differ in their loss only
+_ABLATION_NAMES = {"hnd": "HND", "head_kd": "HND head, KD loss", "kd": "KD", "naive": "naive"}
+
+
+def _loss_effects(runs: list[RunRecord]) -> list[dict]:
+    """For every width of the lead backbone with HND and head_kd runs: the per-seed test top-1 of
+    each ablation method, the outcome of head_kd against HND (:func:`compare`), and the per-seed
+    head errors of HND and head_kd."""
+    lead = _lead(runs)
+    own = [r for r in runs if r.teacher == lead]
+    out = []
+    for w in sorted({r.channels for r in own if r.method == "head_kd"}):
+        top1 = {m: _seeds(own, m, w) for m in LOSS_ABLATION}
+        if top1["hnd"]:
+            errors = {m: [r.head_error for r in own if r.method == m and r.channels == w and r.head_error is not None]
+                      for m in LOSS_ABLATION[:2]}
+            out.append({"channels": w, "top1": top1, "outcome": compare(top1["head_kd"], top1["hnd"]),
+                        "errors": errors})
+    return out
+
+
+def loss_ablation_rows(runs: list[RunRecord]) -> list[dict]:
+    """One row per bottleneck width that has both HND and ``head_kd`` runs: the test top-1 of
+    HND, of the same head and frozen tail trained on KD's loss (``head_kd``), of KD and of naive
+    training (mean and range over seeds), whether changing only HND's loss moved the top-1
+    beyond the spread between seeds, and each of the two heads' error against the teacher head
+    (:func:`hnd.evaluation.head_error`, mean over seeds)."""
+    rows = []
+    for effect in _loss_effects(runs):
+        top1 = effect["top1"]
+        row = {"channels": effect["channels"],
+               **{_ABLATION_NAMES[m]: _describe(v) if v else "-" for m, v in top1.items()}}
+        gap = _mean(top1["head_kd"]) - _mean(top1["hnd"])
+        row["KD loss − HND loss"] = f"{gap:+.1f} points, " + (
+            "within noise" if effect["outcome"] == "noise" else "beyond the spread between seeds")
+        for m, errors in effect["errors"].items():
+            row[f"{_ABLATION_NAMES[m]}: head error"] = round(_mean(errors), 2) if errors else None
+        rows.append(row)
+    return rows
+
+
+def loss_ablation_reading(runs: list[RunRecord]) -> str:
+    """One Markdown sentence per width: what changing only HND's loss did to the top-1."""
+    sentences = []
+    for effect in _loss_effects(runs):
+        top1, outcome = effect["top1"], effect["outcome"]
+        kd, hnd = _mean(top1["head_kd"]), _mean(top1["hnd"])
+        said = f"At {effect['channels']} channels the head trained on KD's loss reaches {kd:.1f}% against HND's {hnd:.1f}%"
+        if outcome == "holds":
+            said += (": the head and its bottleneck can carry what the frozen tail needs, and HND's squared error "
+                     "to the teacher head's output does not single it out.")
+        elif outcome == "fails":
+            said += ": HND's squared error trains the better head."
+        else:
+            said += ": within the spread between seeds, so at this width the loss is not what limits HND."
+        sentences.append(said)
+    return " ".join(sentences) or "No width of this grid has both HND and `head_kd` runs."

@@ -205,10 +205,10 @@ def plot_head_comparison(teachers: Iterable[Analysis], students: Iterable[Analys
     return fig
 
 
-METHOD_COLORS = {"naive": "tab:gray", "kd": "tab:orange", "hnd": "tab:blue", "ae": "tab:green",
-                 "entropic": "tab:purple", "teacher": "black"}
+METHOD_COLORS = {"teacher": "black", "naive": "tab:gray", "kd": "tab:orange", "hnd": "tab:blue", "ae": "tab:green",
+                 "entropic": "tab:purple", "head_kd": "tab:cyan"}  # also the order of the methods in plots
 METHOD_LABELS = {"naive": "naive", "kd": "KD", "hnd": "HND", "ae": "AE", "entropic": "entropic",
-                 "teacher": "teacher"}
+                 "head_kd": "head KD", "teacher": "teacher"}
 STAGE_COLOR = "tab:purple"
 
 
@@ -321,7 +321,7 @@ def plot_training_time(runs: list[RunRecord]) -> Figure:
     """Training cost per method: seconds per epoch and images per second, one bar per
     (method, channels) run, grouped by method; entropic runs, one per (channels, β), are
     labelled with both."""
-    methods = [m for m in ("teacher", "naive", "kd", "hnd", "ae", "entropic") if any(r.method == m for r in runs)]
+    methods = [m for m in METHOD_COLORS if any(r.method == m for r in runs)]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
     for ax, key, label in ((axes[0], "seconds_per_epoch", "seconds per epoch"),
                            (axes[1], "images_per_s", "training images per second")):

@@ -91,7 +91,7 @@ class RunRecord:
     explorer and the plots read it back as this record, never as loose keys."""
 
     teacher: str  # the backbone, e.g. ``resnet18``
-    method: str  # naive | kd | hnd | ae | entropic | teacher
+    method: str  # naive | kd | hnd | ae | entropic | teacher | head_kd
     channels: int | None  # bottleneck channels; None for the teacher's own run
     beta: float | None  # the rate weight of an entropic student; None for other methods
     model: str  # the trained model's canonical name
@@ -109,6 +109,7 @@ class RunRecord:
     checkpoint: str  # the kept checkpoint, relative to the cell's folder
     seed: int = 0  # the run's seed (initialization and batch order)
     epochs_run: int | None = None  # epochs trained before the stopping rule ended the run
+    head_error: float | None = None  # HND, head_kd: the teacher head's test output variance the head misses
     folder: Path | None = field(default=None, compare=False, repr=False)  # where it was read from
 
     @classmethod
@@ -134,7 +135,7 @@ class RunRecord:
             select_top1=result.get("select_top1"), best_epoch=result["best_epoch"], epochs=config.epochs,
             train_seconds=sum(e["seconds"] for e in epochs), seconds_per_epoch=mean(e["seconds"] for e in epochs),
             images_per_s=mean(e["images_per_s"] for e in epochs), checkpoint=checkpoint.as_posix(),
-            seed=config.seed, epochs_run=len(epochs), folder=Path(output_dir))
+            seed=config.seed, epochs_run=len(epochs), head_error=result.get("head_error"), folder=Path(output_dir))
 
     @classmethod
     def from_dict(cls, doc: dict, folder: str | os.PathLike | None = None) -> RunRecord:
