@@ -87,15 +87,17 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, *, amp_
 
 
 @torch.no_grad()
-def head_error(head: nn.Module, teacher_head: nn.Module, loader: DataLoader, device: torch.device, *,
-               channels_last: bool = False) -> float:
+def head_error(head: nn.Module, teacher_head: nn.Module, loader: DataLoader, device: torch.device, channels: int,
+               *, channels_last: bool = False) -> float:
     """The fraction of the teacher head's output variance over ``loader``'s images that ``head``'s
     output leaves unexplained: the summed squared error over the sum of squares about each
     channel's mean (in fp32). 0 is a perfect mimic, 1 no better than every channel's mean: how
-    closely a student head gives its frozen tail what the tail was trained on."""
+    closely a student head gives its frozen tail what the tail was trained on. ``channels``: the
+    teacher head's output channels (every process sums them, its shard empty or not)."""
     head.eval()
     teacher_head.eval()
-    error, count, sums, squares = 0.0, 0.0, 0.0, 0.0
+    error, count, squares = 0.0, 0.0, 0.0
+    sums = torch.zeros(channels, dtype=torch.float64)
     for batch in loader:
         if batch is None:
             continue
@@ -105,11 +107,11 @@ def head_error(head: nn.Module, teacher_head: nn.Module, loader: DataLoader, dev
         student, teacher = head(x).float(), teacher_head(x).float()  # [N, C, H, W] each
         error += float(((student - teacher) ** 2).sum())
         count += teacher.numel() / teacher.shape[1]  # values per channel
-        sums = sums + teacher.sum(dim=(0, 2, 3)).double()  # [C]
+        sums += teacher.sum(dim=(0, 2, 3)).double().cpu()  # [C]
         squares += float((teacher.double() ** 2).sum())
+    error, count, squares, *sums = all_reduce_sum([error, count, squares, *sums.tolist()], device)
     if not count:
         raise HndError("no image could be evaluated")
-    error, count, squares, *sums = all_reduce_sum([error, count, squares, *torch.as_tensor(sums).tolist()], device)
     spread = squares - sum(s * s for s in sums) / count  # sum of squares about each channel's mean
     return error / spread if spread > 0 else float("nan")
 

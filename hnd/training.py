@@ -411,7 +411,7 @@ def _final_test(config, task, out, dist, device, loop, test_loader) -> dict:
         spec = config.spec
         teacher_head, _ = split_teacher(spec.teacher, task.teacher, spec.split_point,
                                         transform_input=spec.head_transform_input)
-        result["head_error"] = head_error(task.model.head, teacher_head, test_loader, device,
+        result["head_error"] = head_error(task.model.head, teacher_head, test_loader, device, spec.head_output_shape[0],
                                           channels_last=config.channels_last)
     if dist.main:
         write_text(out / "result.json", json.dumps(result, indent=1) + "\n")

@@ -97,6 +97,31 @@ def test_rate_claims_compare_the_hnd_bottleneck_and_the_entropic_student():
     assert verdicts(rate_claims([])) == [None, None]
 
 
+def _seeded_points(top1: tuple[float, float], sent: float) -> list[dict]:
+    """HND at 3 channels (one seed, less accurate) and at 12 (two seeds with ``top1``, ``sent``
+    bytes each as int8+zlib), and a JPEG sweep: q5 400 B 42.5%, q10 500 B 45%, q20 700 B 50%,
+    q40 1,100 B 60%, q70 1,700 B 75%."""
+    rows = model_points([RatePoint("bottleneck", "HND 3ch", "int8+zlib", 100, 30.0, 90.0, 10)], "hnd", 3)
+    for t in top1:
+        rows += model_points([RatePoint("bottleneck", "HND 12ch", "int8+zlib", sent, t, 90.0, 10)], "hnd", 12)
+    return rows + [RatePoint("input", "x jpeg", f"q{q}", 300 + 20 * q, 40 + q / 2, 90.0, 10).to_dict()
+                   for q in (5, 10, 20, 40, 70)]
+
+
+def test_the_jpeg_claim_weighs_the_spread_between_seeds():
+    # JPEG needs 700 B even for the lowest seed's 48%: the bottleneck's 600 B hold beyond noise
+    claim = rate_claims(_seeded_points((48.0, 58.0), 600))[0]
+    assert claim.verdict == "holds"
+    assert claim.measured == ("HND 12ch: 600 B at 53.0% (48.0–58.0, 2 seeds); JPEG at that top-1: 700 B (q20) at "
+                              "50.0% (lowest seed), 1,100 B (q40) at 60.0% (highest)")
+    # JPEG reaches the lowest seed's 44% with 500 B, the highest's 58% only with 1,100 B: within noise
+    assert rate_claims(_seeded_points((44.0, 58.0), 600))[0].verdict == "within noise"
+    # even the highest seed's 49% takes JPEG 700 B, fewer than 800
+    assert rate_claims(_seeded_points((44.0, 49.0), 800))[0].verdict == "does not hold"
+    # no JPEG quality reaches the lowest seed's top-1: the bottleneck holds
+    assert rate_claims(_seeded_points((80.0, 85.0), 5000))[0].verdict == "holds"
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return write_synthetic_dataset(tmp_path_factory.mktemp("data"), classes=3, train_per_class=4, val_per_class=1,

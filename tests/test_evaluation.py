@@ -9,6 +9,8 @@ from torch import nn
 
 from hnd.evaluation import head_error
 
+from conftest import error
+
 
 class Scaled(nn.Module):
     """``scale · teacher(x) + offset``: a head whose error to ``teacher`` is known."""
@@ -41,17 +43,22 @@ def reference(student, teacher, loader):
 
 def test_head_error_is_zero_for_the_teacher_and_one_for_channel_means():
     teacher, loader = teacher_head(), batches()
-    assert head_error(teacher, teacher, loader, torch.device("cpu")) == 0.0
+    assert head_error(teacher, teacher, loader, torch.device("cpu"), 4) == 0.0
     xs = torch.cat([b[0] for b in loader if b is not None])
     with torch.no_grad():
         means = teacher(xs).mean(dim=(0, 2, 3), keepdim=True)  # [1, C, 1, 1]
     constant = Scaled(teacher, 0.0, means)
-    assert math.isclose(head_error(constant, teacher, loader, torch.device("cpu")), 1.0, rel_tol=1e-5)
+    assert math.isclose(head_error(constant, teacher, loader, torch.device("cpu"), 4), 1.0, rel_tol=1e-5)
 
 
 def test_head_error_matches_its_definition_across_batches():
     teacher, loader = teacher_head(), batches()
     student = Scaled(teacher, 0.5, 0.3)  # wrong scale and offset
-    got = head_error(student, teacher, loader, torch.device("cpu"), channels_last=True)
+    got = head_error(student, teacher, loader, torch.device("cpu"), 4, channels_last=True)
     assert math.isclose(got, reference(student, teacher, loader), rel_tol=1e-5)
     assert 0.25 < got  # a quarter of the variance from the scale alone, plus the offset
+
+
+def test_head_error_of_no_image_is_a_clear_error():
+    teacher = teacher_head()
+    assert error(head_error, teacher, teacher, [None], torch.device("cpu"), 4) == "no image could be evaluated"
