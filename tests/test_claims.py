@@ -196,6 +196,9 @@ def test_loss_ablation_sets_the_two_losses_side_by_side_per_width():
     reading = loss_ablation_reading(runs)
     assert "At 3 channels the head trained on KD's loss reaches 60.5% against HND's 60.0%: within the spread" in reading
     assert "At 12 channels the head trained on KD's loss reaches 75.0% against HND's 58.0%: the head and" in reading
+    assert reading.endswith("(head error 5.40 against HND's 0.55): the tail needs less than a copy of that output.")
+    assert "head error" not in loss_ablation_reading(  # without head errors, no such sentence
+        with_head_kd(grid(hnd=(60.0, 58.0), spread=1.0), top1=(60.5, 75.0), spread=1.0, errors=(None, None)))
     # HND's loss ahead beyond the spread
     assert "HND's squared error trains the better head" in loss_ablation_reading(
         with_head_kd(grid(spread=1.0), top1=(50.0, 50.0), spread=1.0))

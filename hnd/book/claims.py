@@ -338,6 +338,11 @@ def loss_ablation_reading(runs: list[RunRecord]) -> str:
         if outcome == "holds":
             said += (": the head and its bottleneck can carry what the frozen tail needs, and HND's squared error "
                      "to the teacher head's output does not single it out.")
+            errors = {m: _mean(e) for m, e in effect["errors"].items() if e}
+            if len(errors) == 2 and errors["head_kd"] > errors["hnd"]:
+                said += (f" The more accurate head's output lies further from the teacher head's (head error "
+                         f"{errors['head_kd']:.2f} against HND's {errors['hnd']:.2f}): the tail needs less than a "
+                         "copy of that output.")
         elif outcome == "fails":
             said += ": HND's squared error trains the better head."
         else:

@@ -342,7 +342,7 @@ def plot_training_time(runs: list[RunRecord]) -> Figure:
             ticks.append((start + x - 1) / 2)
             names.append(METHOD_LABELS[method])
             x += 0.6
-        ax.set_xticks(ticks, names)
+        ax.set_xticks(ticks, names, rotation=20, ha="right", fontsize=8)  # seven groups side by side
         ax.set(ylabel=label)
         ax.margins(y=0.25 if "entropic" in methods else 0.05)
         ax.grid(axis="y", alpha=0.3, lw=0.5)
