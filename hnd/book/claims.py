@@ -334,7 +334,8 @@ def loss_ablation_reading(runs: list[RunRecord]) -> str:
     for effect in _loss_effects(runs):
         top1, outcome = effect["top1"], effect["outcome"]
         kd, hnd = _mean(top1["head_kd"]), _mean(top1["hnd"])
-        said = f"At {effect['channels']} channels the head trained on KD's loss reaches {kd:.1f}% against HND's {hnd:.1f}%"
+        said = (f"At {effect['channels']} channels the head trained on KD's loss reaches {kd:.1f}% against "
+                f"HND's {hnd:.1f}%")
         if outcome == "holds":
             said += (": the head and its bottleneck can carry what the frozen tail needs, and HND's squared error "
                      "to the teacher head's output does not single it out.")
