@@ -90,9 +90,13 @@ class _Loop:
     scaler: torch.amp.GradScaler
     device: torch.device
     dist: Dist
-    amp_dtype: torch.dtype | None
+    amp: str  # the run's autocast setting, resolved for the device (never "auto")
     channels_last: bool
     progress: bool
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        return AMP_DTYPES[self.amp]
 
 
 def train_one_epoch(loop: _Loop, loader: DataLoader, epoch: int) -> dict:
@@ -289,8 +293,7 @@ def _fit(config: TrainConfig, data: Path, out: Path, resume: bool, progress: boo
                                 pin)
     test_loader = eval_loader(_eval_set(config, layout.samples["val"], evaluation), config.eval_batch_size, workers,
                               dist, pin)  # the test split: the dataset's val/
-    amp_dtype = AMP_DTYPES[amp]
-    loop = _Loop(task, forward, optimizer, scaler, device, dist, amp_dtype, config.channels_last,
+    loop = _Loop(task, forward, optimizer, scaler, device, dist, amp, config.channels_last,
                  progress and dist.main)
     coded = "coded " if task.method == "entropic" else ""
     extra = {"method": config.method, "config": config.to_dict(), "classes": layout.classes,
@@ -311,8 +314,8 @@ def _fit(config: TrainConfig, data: Path, out: Path, resume: bool, progress: boo
         lr = optimizer.param_groups[0]["lr"]
         stats = train_one_epoch(loop, train_loader, epoch)
         task.end_epoch()
-        select = evaluate(task.model, select_loader, device, amp_dtype=amp_dtype, channels_last=config.channels_last,
-                          progress=loop.progress, desc=f"{coded}select")
+        select = evaluate(task.model, select_loader, device, amp_dtype=loop.amp_dtype,
+                          channels_last=config.channels_last, progress=loop.progress, desc=f"{coded}select")
         scheduler.step()
         improved = broadcast_flag(select.top1 > best_top1, device)
         if improved:
@@ -322,7 +325,7 @@ def _fit(config: TrainConfig, data: Path, out: Path, resume: bool, progress: boo
         if select.bytes_per_image is not None:
             line["select_bytes_per_image"] = select.bytes_per_image
         if config.test_every_epoch or epoch < config.test_first_epochs:  # a curve on the test split; never selects
-            line["test_top1"] = evaluate(task.model, test_loader, device, amp_dtype=amp_dtype,
+            line["test_top1"] = evaluate(task.model, test_loader, device, amp_dtype=loop.amp_dtype,
                                          channels_last=config.channels_last, desc="test").top1
         if dist.main:
             state = {"epoch": epoch + 1, "stage": task.stage, "best_top1": best_top1, "best_epoch": best_epoch,
@@ -406,7 +409,7 @@ def _final_test(config, task, out, dist, device, loop, test_loader) -> dict:
     result = {"model": config.model, "method": config.method, "epochs": config.epochs,
               "epochs_run": len(read_metrics(out)), "best_epoch": best["best_epoch"],
               "select_top1": best["best_top1"], "selection": config.selection,
-              "test": test.to_dict(), "checkpoint": str(out / "best.pt"), "amp": resolve_amp(config.amp, device)}
+              "test": test.to_dict(), "checkpoint": str(out / "best.pt"), "amp": loop.amp}
     if task.method in FROZEN_TAIL_METHODS:  # the teacher head's output variance its head misses
         spec = config.spec
         teacher_head, _ = split_teacher(spec.teacher, task.teacher, spec.split_point,

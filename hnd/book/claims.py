@@ -22,6 +22,7 @@ AE_BASELINE = "the original code's autoencoder baseline"
 PAPER_EPOCHS = 20  # every method of the official ImageNet configs
 PAPER_STUDENT = "densenet169_head_mimic-ver2b-3ch"  # the papers' first student, for comparisons
 SIMILAR_TOP1 = 2.0  # points of top-1 within which two students count as equally accurate
+METHOD_NAMES = {"hnd": "HND", "kd": "KD", "naive": "naive", "ae": "AE", "head_kd": "HND head, KD loss"}  # in tables
 
 
 @dataclass
@@ -90,8 +91,7 @@ def _describe(values: list[float]) -> str:
 
 
 def _per_width(runs: list[RunRecord], methods: tuple[str, ...], widths: list[int]) -> str:
-    names = {"hnd": "HND", "kd": "KD", "naive": "naive", "ae": "AE"}
-    return "; ".join(f"{w} ch: " + ", ".join(f"{names[m]} {_describe(_seeds(runs, m, w))}" for m in methods
+    return "; ".join(f"{w} ch: " + ", ".join(f"{METHOD_NAMES[m]} {_describe(_seeds(runs, m, w))}" for m in methods
                                               if _seeds(runs, m, w)) for w in widths)
 
 
@@ -288,7 +288,6 @@ def ablation_rows(settings: dict[str, list[RunRecord]]) -> list[dict]:
 
 LOSS_ABLATION = ("hnd", "head_kd", "kd", "naive")  # the methods the loss ablation puts side by side; the
 # first two differ in their loss only
-_ABLATION_NAMES = {"hnd": "HND", "head_kd": "HND head, KD loss", "kd": "KD", "naive": "naive"}
 
 
 def _loss_effects(runs: list[RunRecord]) -> list[dict]:
@@ -318,12 +317,12 @@ def loss_ablation_rows(runs: list[RunRecord]) -> list[dict]:
     for effect in _loss_effects(runs):
         top1 = effect["top1"]
         row = {"channels": effect["channels"],
-               **{_ABLATION_NAMES[m]: _describe(v) if v else "-" for m, v in top1.items()}}
+               **{METHOD_NAMES[m]: _describe(v) if v else "-" for m, v in top1.items()}}
         gap = _mean(top1["head_kd"]) - _mean(top1["hnd"])
         row["KD loss − HND loss"] = f"{gap:+.1f} points, " + (
             "within noise" if effect["outcome"] == "noise" else "beyond the spread between seeds")
         for m, errors in effect["errors"].items():
-            row[f"{_ABLATION_NAMES[m]}: head error"] = round(_mean(errors), 2) if errors else None
+            row[f"{METHOD_NAMES[m]}: head error"] = round(_mean(errors), 2) if errors else None
         rows.append(row)
     return rows
 
