@@ -346,8 +346,9 @@ def _fit(config: TrainConfig, data: Path, out: Path, resume: bool, progress: boo
 
 
 def place_task(task: Task, config: TrainConfig, device: torch.device) -> None:
-    """Move the task's models to ``device`` in the config's memory format and precision."""
-    for module in (task.model, task.reference):
+    """Move the task's models to ``device`` in the config's memory format and precision; the
+    teacher too, which fills a teacher cache and measures head errors."""
+    for module in (task.model, task.reference, task.teacher):
         if module is not None:
             module.to(device)
             if config.channels_last:

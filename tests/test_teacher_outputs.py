@@ -15,8 +15,9 @@ from hnd.registry import resolve
 from hnd.config import resolve_config
 from hnd.data import ImageDataset, train_transform
 from hnd.image_folders import check_layout
+from hnd.methods import build_task
 from hnd.teacher_outputs import CachedViews, compute_teacher_outputs
-from hnd.training import finished_run, fit, read_metrics, train_or_resume
+from hnd.training import finished_run, fit, place_task, read_metrics, train_or_resume
 from test_training import STUDENT, TEACHER, TINY, synth, teacher_ckpt  # noqa: F401 - fixtures
 
 VIEWS = ["augment_views=2", "epochs=3"]
@@ -143,3 +144,16 @@ def test_a_run_trained_elsewhere_is_tested_again_and_checked(synth, tmp_path):
         f"the run in {shipped} was trained with other settings (lr) than asked"
     (shipped / "best.pt").unlink()
     assert error(finished_run, config, shipped, synth) == f"{shipped} holds no finished run (result.json and best.pt)"
+
+
+@pytest.mark.parametrize("method", ["naive", "entropic"])
+def test_the_teacher_that_fills_the_cache_is_placed_like_the_student(method, teacher_ckpt, tmp_path):
+    # naive keeps a pristine copy of the teacher and entropic trains a copy of its tail: the
+    # teacher itself, which fills the cache, must still go to the device and memory format
+    config = _config(method, teacher_ckpt, f"teacher_cache={tmp_path}", "channels_last=true", "stage1_epochs=1")
+    task = build_task(config, num_classes=4)
+    place_task(task, config, torch.device("cpu"))
+    kernels = [m.weight for m in task.teacher.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
+    assert kernels and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+                           for w in kernels)
+
