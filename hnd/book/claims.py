@@ -346,6 +346,7 @@ def loss_ablation_reading(runs: list[RunRecord]) -> str:
         elif outcome == "fails":
             said += ": HND's squared error trains the better head."
         else:
-            said += ": within the spread between seeds, so at this width the loss is not what limits HND."
+            said += (": within the spread between seeds, so at this width this grid cannot tell whether the loss "
+                     "limits HND.")
         sentences.append(said)
     return " ".join(sentences) or "No width of this grid has both HND and `head_kd` runs."
