@@ -156,4 +156,3 @@ def test_the_teacher_that_fills_the_cache_is_placed_like_the_student(method, tea
     kernels = [m.weight for m in task.teacher.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
     assert kernels and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
                            for w in kernels)
-
