@@ -18,6 +18,10 @@ def _print_json(doc: object) -> None:
     sys.stdout.write("\n")
 
 
+# the training methods for help texts, written here so that `hnd --help` imports neither
+# hnd.config nor torch; tests/test_cli.py checks them against hnd.config.METHODS
+METHODS_HELP = "naive | kd | hnd | ae | teacher | entropic | head_kd"
+
 MODELS_HELP = """model names (resolved once into a spec; `str(spec)` is the canonical name):
   TEACHER               any torchvision image classifier, cut at its default split point:
                         resnet152, densenet169, mobilenet_v3_large, efficientnet_b0, ... (--all)
@@ -220,7 +224,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", help="the checkpoint's model name")
-    p.add_argument("--method", required=True, help="naive | kd | hnd | ae | teacher | entropic | head_kd")
+    p.add_argument("--method", required=True, help=METHODS_HELP)
     p.add_argument("--checkpoint", required=True, help="original naive/KD/HND checkpoint or an hnd checkpoint")
     p.add_argument("--data", required=True, help="image folder with val/<class>/")
     p.add_argument("--student-only", action="store_true", help="skip the teacher")
@@ -750,8 +754,8 @@ def _edge_torch(args: argparse.Namespace, fmt: str, link: dict) -> list[dict]:
 
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("name", help="student name (naive, kd, hnd) or teacher name (ae, teacher)")
-    p.add_argument("--method", required=True, help="naive | kd | hnd | ae | teacher | entropic | head_kd")
+    p.add_argument("name", help="the student's name, or the teacher's for --method ae or teacher")
+    p.add_argument("--method", required=True, help=METHODS_HELP)
     p.add_argument("--config", help="YAML file of config keys applied over the official preset")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config keys, e.g. epochs=2 lr=0.01")
 
@@ -776,7 +780,7 @@ def build_parser() -> argparse.ArgumentParser:
     _command(sub, _config_arguments, cmd_config, "config",
              help="print the resolved training config (official preset + overrides)")
     _command(sub, _train_arguments, cmd_train, "train",
-             help="train with naive, kd, hnd, ae or teacher (torchrun for several processes)")
+             help="train a model with one of the methods (torchrun for several processes)")
     _command(sub, _evaluate_arguments, cmd_evaluate, "evaluate",
              help="top-1/top-5 of a checkpoint (and its teacher) on DATA/val")
 

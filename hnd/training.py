@@ -315,7 +315,7 @@ def _fit(config: TrainConfig, data: Path, out: Path, resume: bool, progress: boo
         stats = train_one_epoch(loop, train_loader, epoch)
         task.end_epoch()
         select = evaluate(task.model, select_loader, device, amp_dtype=loop.amp_dtype,
-                          channels_last=config.channels_last, progress=loop.progress, desc=f"{coded}select")
+                          channels_last=loop.channels_last, progress=loop.progress, desc=f"{coded}select")
         scheduler.step()
         improved = broadcast_flag(select.top1 > best_top1, device)
         if improved:
@@ -326,7 +326,7 @@ def _fit(config: TrainConfig, data: Path, out: Path, resume: bool, progress: boo
             line["select_bytes_per_image"] = select.bytes_per_image
         if config.test_every_epoch or epoch < config.test_first_epochs:  # a curve on the test split; never selects
             line["test_top1"] = evaluate(task.model, test_loader, device, amp_dtype=loop.amp_dtype,
-                                         channels_last=config.channels_last, desc="test").top1
+                                         channels_last=loop.channels_last, desc="test").top1
         if dist.main:
             state = {"epoch": epoch + 1, "stage": task.stage, "best_top1": best_top1, "best_epoch": best_epoch,
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -406,7 +406,7 @@ def _final_test(config, task, out, dist, device, loop, test_loader) -> dict:
     best = read_file(out / "best.pt")
     task.model.load_state_dict(best["state_dict"])
     test: Accuracy = evaluate(task.model, test_loader, device, amp_dtype=loop.amp_dtype,
-                              channels_last=config.channels_last, progress=loop.progress, desc="test")
+                              channels_last=loop.channels_last, progress=loop.progress, desc="test")
     result = {"model": config.model, "method": config.method, "epochs": config.epochs,
               "epochs_run": len(read_metrics(out)), "best_epoch": best["best_epoch"],
               "select_top1": best["best_top1"], "selection": config.selection,
@@ -416,7 +416,7 @@ def _final_test(config, task, out, dist, device, loop, test_loader) -> dict:
         teacher_head, _ = split_teacher(spec.teacher, task.teacher, spec.split_point,
                                         transform_input=spec.head_transform_input)
         result["head_error"] = head_error(task.model.head, teacher_head, test_loader, device, spec.head_output_shape[0],
-                                          channels_last=config.channels_last)
+                                          channels_last=loop.channels_last)
     if dist.main:
         write_text(out / "result.json", json.dumps(result, indent=1) + "\n")
     barrier()

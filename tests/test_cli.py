@@ -117,3 +117,15 @@ def test_console_entry_point_prints_no_traceback(tmp_path):
     done = subprocess.run([sys.executable, "-m", "hnd", "models", "--json"], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0 and json.loads(done.stdout)[0]["name"] == "densenet121"
+
+
+@pytest.mark.parametrize("command", ["train", "config", "evaluate"])
+def test_method_help_names_every_method(command, capsys):
+    """The help texts name the methods without importing hnd.config: they must not fall behind it."""
+    from hnd.config import METHODS
+
+    with pytest.raises(SystemExit) as stop:
+        main([command, "--help"])
+    assert stop.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps help lines
+    assert " | ".join(METHODS) in text
