@@ -97,6 +97,37 @@ def test_rate_claims_compare_the_hnd_bottleneck_and_the_entropic_student():
     assert verdicts(rate_claims([])) == [None, None]
 
 
+def _entropic_seeds(entropic: dict, hnd: tuple[float, ...]) -> list[dict]:
+    """HND 3ch sent as int8+zlib (400 B) with one seed per top-1 in ``hnd``, and entropic 3ch
+    students: {β: (bytes, top-1 per seed)}."""
+    rows = []
+    for t in hnd:
+        rows += model_points([RatePoint("bottleneck", "HND 3ch", "int8+zlib", 400, t, 90.0, 10)], "hnd", 3)
+    for beta, (sent, top1) in entropic.items():
+        for t in top1:
+            rows += model_points([RatePoint("bottleneck", "entropic 3ch", "entropy", sent, t, 90.0, 10)],
+                                 "entropic", 3, beta)
+    return rows
+
+
+def test_the_entropy_claim_weighs_every_seed_of_both_students():
+    # the most accurate β on average (β=1: 82.5%) against both HND seeds (76.75%): 7.75 points of
+    # margin beyond a spread of 6
+    claim = rate_claims(_entropic_seeds({1.0: (187, (85.5, 79.5)), 30.0: (157, (79.5, 61.5))}, (78.5, 75.0)))[1]
+    assert claim.verdict == "holds"
+    assert claim.measured == ("3 ch: entropic (β=1) 187 B at 82.5% (79.5–85.5, 2 seeds), HND int8+zlib 400 B at "
+                              "76.8% (75.0–78.5, 2 seeds)")
+    # HND's seeds 12 points apart: a 5-point lead is within noise
+    assert rate_claims(_entropic_seeds({1.0: (187, (78.5, 79.5))}, (80.0, 68.0)))[1].verdict == "within noise"
+    # neither the best entropic seed nor HND's first seed decides: 58.5% on average against 60%
+    # is within noise of HND's 20-point spread, though 59 against 50 would have held
+    assert rate_claims(_entropic_seeds({1.0: (187, (58.0, 59.0))}, (50.0, 70.0)))[1].verdict == "within noise"
+    # 4.75 points short on average with seeds 1 point apart: it does not hold
+    assert rate_claims(_entropic_seeds({1.0: (187, (55.0, 56.0))}, (60.0, 60.5)))[1].verdict == "does not hold"
+    # an entropic student without an HND student of its width is not measured
+    assert rate_claims(_entropic_seeds({1.0: (187, (80.0,))}, ()))[1].verdict == "not measured"
+
+
 def _seeded_points(top1: tuple[float, float], sent: float) -> list[dict]:
     """HND at 3 channels (one seed, less accurate) and at 12 (two seeds with ``top1``, ``sent``
     bytes each as int8+zlib), and a JPEG sweep: q5 400 B 42.5%, q10 500 B 45%, q20 700 B 50%,

@@ -185,15 +185,39 @@ def test_entropic_comparison_pairs_each_point_with_its_alternatives():
     assert entropic_comparison([r for r in _table() if not is_entropic_point(r)]) == []
 
 
+def _seeded_table() -> list[dict]:
+    """_table() with a second seed of entropic 3ch at β=1 and of HND 3ch (int8+zlib)."""
+    rows = _table()
+    rows += model_points([RatePoint("bottleneck", "entropic 3ch", "entropy", 26, 60.0, 90.0, 10)], "entropic", 3, 1.0)
+    rows += model_points([RatePoint("bottleneck", "HND 3ch", "int8+zlib", 150, 48.0, 90.0, 10)], "hnd", 3)
+    return rows
+
+
+def test_entropic_comparison_averages_every_method_over_its_seeds():
+    first = entropic_comparison(_seeded_table())[0]
+    assert (first["beta"], first["seeds"], first["bytes"], first["top1"]) == (1.0, 2, 25, 55.0)
+    assert (first["top1_low"], first["top1_high"]) == (50.0, 60.0)
+    # HND's two seeds, not its first: (140 + 150) / 2 bytes at (58 + 48) / 2 top-1
+    assert (first["hnd_zlib_bytes"], first["hnd_zlib_top1"]) == (145, 53.0)
+    assert first["hnd_int8_bytes"] == 155  # one seed measured as int8
+    assert first["jpeg_quality"] == "40"  # the JPEG sweep reaching the mean, 55%: 40 + 40/2
+
+
 def test_entropic_summary_names_the_best_point_and_the_range():
     text = entropic_summary(entropic_comparison(_table()))
-    assert text.count("The most accurate point of") == 2
+    assert text.count("The most accurate rate weight of") == 2
     assert "**entropic 3ch** (β=0.2) sends 40 bytes per image at 60.0% top-1" in text
-    assert "HND 3ch sends 140 bytes with int8+zlib at 58.0%" in text
+    assert "HND 3ch sends 140 bytes with int8+zlib at 58.0% (the mean over its seeds)" in text
     assert "1,800 bytes as JPEG (quality 40) and 1,700 bytes as WebP (quality 40)" in text
     assert "from 24 bytes (β=1, 50.0%) to 40 bytes (β=0.2, 60.0%)" in text
     assert "**entropic 12ch** (β=0.2) sends 120 bytes" in text and "JPEG and WebP reach it at no quality" in text
     assert entropic_summary([]) == "No entropic student was measured in this run."
+    seeded = entropic_summary(entropic_comparison(_seeded_table()))
+    assert "(β=0.2) sends 40 bytes per image at 60.0% top-1" in seeded  # β=1 averages 55.0 over its seeds
+    assert "from 25 bytes (β=1, 55.0%)" in seeded and "at 53.0% (the mean over its seeds)" in seeded
+    wide = entropic_summary(entropic_comparison(_seeded_table() + model_points(
+        [RatePoint("bottleneck", "entropic 12ch", "entropy", 130, 90.0, 90.0, 10)], "entropic", 12, 0.2)))
+    assert "**entropic 12ch** (β=0.2) sends 125 bytes per image at 85.0% top-1 (80.0–90.0, 2 seeds)" in wide
 
 
 def test_best_run_takes_the_best_beta():

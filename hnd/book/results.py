@@ -324,42 +324,66 @@ def matched_input(rows: list[dict], codec: str, top1: float) -> dict | None:
     return min(sent, key=lambda r: (r["bytes"], -r["top1"])) if sent else None
 
 
+def hnd_partner(rows: list[dict], channels: int | None, fmt: str) -> list[dict]:
+    """The HND student's points at ``channels`` sent as ``fmt``, one per seed: what an entropic
+    student of that width is weighed against."""
+    return [r for r in rows if r.get("kind") == "bottleneck" and r.get("method") == "hnd"
+            and r.get("channels") == channels and r.get("setting") == fmt]
+
+
+def entropic_settings(rows: list[dict]) -> dict[tuple, list[dict]]:
+    """The entropic points grouped by (label, channels, β), one point per seed."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if is_entropic_point(r):
+            groups.setdefault((r["label"], r.get("channels"), r["beta"]), []).append(r)
+    return groups
+
+
 def entropic_comparison(rows: list[dict]) -> list[dict]:
-    """One row per entropic point (by channels, then bytes): its bytes and top-1, the HND student
-    of the same width sent as int8 and int8+zlib, and the fewest bytes with which the input image
-    reaches the same top-1 as JPEG and as WebP (:func:`matched_input`). Missing partners are None."""
+    """One row per entropic student and rate weight β (by channels, then bytes), averaged over
+    its seeds: bytes, top-1 and its lowest and highest seed; the HND student of the same width
+    sent as int8 and int8+zlib, averaged over its seeds; and the fewest bytes with which the
+    input image reaches the mean top-1 as JPEG and as WebP (:func:`matched_input`). Every method
+    is a mean over its seeds, so that no seed is picked. Missing partners are None."""
     out = []
-    for r in sorted((r for r in rows if is_entropic_point(r)), key=lambda r: (r.get("channels") or 0, r["bytes"])):
-        line = {"label": r["label"], "channels": r.get("channels"), "beta": r["beta"], "bytes": r["bytes"],
-                "top1": r["top1"]}
+    for (label, channels, beta), seeds in entropic_settings(rows).items():
+        top1 = [r["top1"] for r in seeds]
+        line = {"label": label, "channels": channels, "beta": beta, "seeds": len(seeds),
+                "bytes": mean(r["bytes"] for r in seeds), "top1": mean(top1), "top1_low": min(top1),
+                "top1_high": max(top1)}
         for fmt, key in (("int8", "hnd_int8"), ("int8+zlib", "hnd_zlib")):
-            hnd = [h for h in rows if h.get("kind") == "bottleneck" and h.get("method") == "hnd"
-                   and h.get("channels") == r.get("channels") and h.get("setting") == fmt]
-            line[f"{key}_bytes"] = hnd[0]["bytes"] if hnd else None
-            line[f"{key}_top1"] = hnd[0]["top1"] if hnd else None
+            hnd = hnd_partner(rows, channels, fmt)
+            line[f"{key}_bytes"] = mean(h["bytes"] for h in hnd) if hnd else None
+            line[f"{key}_top1"] = mean(h["top1"] for h in hnd) if hnd else None
         for codec in ("jpeg", "webp"):
-            match = matched_input(rows, codec, r["top1"])
+            match = matched_input(rows, codec, line["top1"])
             line[f"{codec}_bytes"] = match["bytes"] if match else None
             line[f"{codec}_quality"] = match["setting"].lstrip("q") if match else None
         out.append(line)
-    return out
+    return sorted(out, key=lambda c: (c["channels"] or 0, c["bytes"]))
+
+
+def _seed_range(c: dict) -> str:
+    """`` (55.0–65.0, 2 seeds)``: the top-1 of the lowest and highest seed; empty for one seed."""
+    return f" ({c['top1_low']:.1f}–{c['top1_high']:.1f}, {c['seeds']} seeds)" if c["seeds"] > 1 else ""
 
 
 def entropic_summary(comparison: list[dict]) -> str:
     """A Markdown paragraph for the rate chapter: per entropic student (channel count), its most
-    accurate point against HND int8+zlib of the same width and JPEG/WebP at the same top-1, and
-    the range of bytes over its β values."""
+    accurate β (mean over seeds) against HND int8+zlib of the same width and JPEG/WebP at the
+    same top-1, and the range of bytes over its β values."""
     if not comparison:
         return "No entropic student was measured in this run."
     sentences = []
     for label in dict.fromkeys(c["label"] for c in comparison):
         own = [c for c in comparison if c["label"] == label]
         top = max(own, key=lambda c: (c["top1"], -c["bytes"]))
-        text = (f"The most accurate point of **{label}** ({beta_setting(top['beta'])}) sends "
-                f"{top['bytes']:,.0f} bytes per image at {top['top1']:.1f}% top-1")
+        text = (f"The most accurate rate weight of **{label}** ({beta_setting(top['beta'])}) sends "
+                f"{top['bytes']:,.0f} bytes per image at {top['top1']:.1f}% top-1{_seed_range(top)}")
         if top["hnd_zlib_bytes"] is not None:
             text += (f", where HND {top['channels']}ch sends {top['hnd_zlib_bytes']:,.0f} bytes with int8+zlib "
-                     f"at {top['hnd_zlib_top1']:.1f}%")
+                     f"at {top['hnd_zlib_top1']:.1f}% (the mean over its seeds)")
         codecs = [f"{top[f'{c}_bytes']:,.0f} bytes as {name} (quality {top[f'{c}_quality']})"
                   for c, name in (("jpeg", "JPEG"), ("webp", "WebP")) if top[f"{c}_bytes"] is not None]
         missing = [name for c, name in (("jpeg", "JPEG"), ("webp", "WebP")) if top[f"{c}_bytes"] is None]
