@@ -11,8 +11,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from hnd.book.results import (RunRecord, beta_setting, entropic_settings, hnd_partner, matched_input,
-                              teacher_reference)
+from hnd.book.results import (RunRecord, beta_setting, entropic_comparison, entropic_settings, hnd_partner,
+                              matched_input, most_accurate, teacher_reference)
 from hnd.image_folders import check_layout
 from hnd.synth import SUMMARY_FILE
 
@@ -195,25 +195,18 @@ def _entropy_claim(rows: list[dict]) -> Claim:
     than SIMILAR_TOP1 points lower, both beyond the spread between seeds."""
     claim = ("A learned entropy model on the bottleneck sends fewer bytes than the 8-bit bottleneck of a student "
              f"of the same width, at a top-1 within {SIMILAR_TOP1:g} points.")
-    best: dict[int, list[dict]] = {}
-    for (_, channels, _), seeds in entropic_settings(rows).items():
-        if hnd_partner(rows, channels, "int8+zlib") and (
-                channels not in best or _mean_point(seeds) > _mean_point(best[channels])):
-            best[channels] = seeds
+    comparison = [c for c in entropic_comparison(rows) if c["hnd_zlib_bytes"] is not None]
     measured, outcomes = [], []
-    for channels, seeds in sorted(best.items()):
+    for channels in sorted({c["channels"] for c in comparison}):
+        top = most_accurate([c for c in comparison if c["channels"] == channels])
+        seeds = entropic_settings(rows)[(top["label"], channels, top["beta"])]
         hnd = hnd_partner(rows, channels, "int8+zlib")
         sent, hnd_sent = [r["bytes"] for r in seeds], [r["bytes"] for r in hnd]
         top1, hnd_top1 = [r["top1"] for r in seeds], [r["top1"] for r in hnd]
         outcomes += [compare(hnd_sent, sent), compare(top1, hnd_top1, margin=SIMILAR_TOP1)]
-        measured.append(f"{channels} ch: entropic ({beta_setting(seeds[0]['beta'])}) {_mean(sent):,.0f} B at "
+        measured.append(f"{channels} ch: entropic ({beta_setting(top['beta'])}) {_mean(sent):,.0f} B at "
                         f"{_describe(top1)}, HND int8+zlib {_mean(hnd_sent):,.0f} B at {_describe(hnd_top1)}")
     return _claim(claim, ENTROPIC_2022, "; ".join(measured), outcomes)
-
-
-def _mean_point(seeds: list[dict]) -> tuple[float, float]:
-    """How one β ranks among its student's: mean top-1, then fewer mean bytes."""
-    return _mean([r["top1"] for r in seeds]), -_mean([r["bytes"] for r in seeds])
 
 
 def differences(runs: list[RunRecord], data: str | os.PathLike) -> str:

@@ -364,6 +364,12 @@ def entropic_comparison(rows: list[dict]) -> list[dict]:
     return sorted(out, key=lambda c: (c["channels"] or 0, c["bytes"]))
 
 
+def most_accurate(settings: list[dict]) -> dict:
+    """The most accurate of ``settings`` (rows of :func:`entropic_comparison`): the highest mean
+    top-1, then the fewest bytes."""
+    return max(settings, key=lambda c: (c["top1"], -c["bytes"]))
+
+
 def _seed_range(c: dict) -> str:
     """`` (55.0–65.0, 2 seeds)``: the top-1 of the lowest and highest seed; empty for one seed."""
     return f" ({c['top1_low']:.1f}–{c['top1_high']:.1f}, {c['seeds']} seeds)" if c["seeds"] > 1 else ""
@@ -378,7 +384,7 @@ def entropic_summary(comparison: list[dict]) -> str:
     sentences = []
     for label in dict.fromkeys(c["label"] for c in comparison):
         own = [c for c in comparison if c["label"] == label]
-        top = max(own, key=lambda c: (c["top1"], -c["bytes"]))
+        top = most_accurate(own)
         text = (f"The most accurate rate weight of **{label}** ({beta_setting(top['beta'])}) sends "
                 f"{top['bytes']:,.0f} bytes per image at {top['top1']:.1f}% top-1{_seed_range(top)}")
         if top["hnd_zlib_bytes"] is not None:
