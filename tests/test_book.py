@@ -348,7 +348,7 @@ def test_smoke_book_builds_and_every_page_works_in_a_browser(tmp_path):
         images += text.count("<img ")
     assert images >= 4 + 7 + 1 + 2 + 1  # split points, per training run, rate plane, results, delay
     rate_page = (html / "_executed" / "03_rate_accuracy" / "default.html").read_text()
-    assert "The most accurate point of <strong>entropic 3ch</strong> (β=0.5) sends" in rate_page
+    assert "The most accurate rate weight of <strong>entropic 3ch</strong> (β=0.5) sends" in rate_page
     # Every rate point in a scrolling box, and as a CSV file the page links for download.
     assert '<div class="hnd-scroll-table"' in rate_page and "…" not in rate_page
     csv = re.search(r'href="([^"]*_downloads/[0-9a-f]+/rate_accuracy.csv)"', rate_page)
