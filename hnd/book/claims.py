@@ -196,10 +196,11 @@ def _entropy_claim(rows: list[dict]) -> Claim:
     claim = ("A learned entropy model on the bottleneck sends fewer bytes than the 8-bit bottleneck of a student "
              f"of the same width, at a top-1 within {SIMILAR_TOP1:g} points.")
     comparison = [c for c in entropic_comparison(rows) if c["hnd_zlib_bytes"] is not None]
+    settings = entropic_settings(rows)
     measured, outcomes = [], []
     for channels in sorted({c["channels"] for c in comparison}):
         top = most_accurate([c for c in comparison if c["channels"] == channels])
-        seeds = entropic_settings(rows)[(top["label"], channels, top["beta"])]
+        seeds = settings[(top["label"], channels, top["beta"])]
         hnd = hnd_partner(rows, channels, "int8+zlib")
         sent, hnd_sent = [r["bytes"] for r in seeds], [r["bytes"] for r in hnd]
         top1, hnd_top1 = [r["top1"] for r in seeds], [r["top1"] for r in hnd]
