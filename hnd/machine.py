@@ -28,6 +28,11 @@ def cpu_model() -> str:
     return _cpuinfo().get("model name") or platform.processor() or platform.machine()
 
 
+def cpu_vendor() -> str | None:
+    """The CPU's maker as ``/proc/cpuinfo`` names it (``GenuineIntel``, ``AuthenticAMD``); None where unknown."""
+    return _cpuinfo().get("vendor_id")
+
+
 def cpu_flags() -> frozenset[str] | None:
     """The CPU's feature flags (``/proc/cpuinfo`` on x86 Linux); None where they cannot be read."""
     flags = _cpuinfo().get("flags")

@@ -67,27 +67,39 @@ def test_nothing_changes_without_bf16_on_a_cpu():
     assert not any("forward" in vars(m) for m in model.modules())
 
 
-@pytest.mark.parametrize("flags, warns", [({"avx2", "fma"}, True), ({"avx512f", "avx512_bf16"}, True),
-                                          ({"amx_bf16", "amx_tile"}, False), (None, False)])
-def test_bf16_on_a_cpu_without_amx_warns(flags, warns, monkeypatch):
+INTEL, AMD = "GenuineIntel", "AuthenticAMD"
+# (vendor, flags, auto's precision): bf16 where its convolutions were measured faster than fp32
+CPUS = [(INTEL, {"avx2", "fma"}, "none"), (INTEL, {"avx512f", "avx512_bf16"}, "none"),
+        (INTEL, {"amx_bf16", "amx_tile"}, "bf16"), (AMD, {"avx2", "fma"}, "none"),
+        (AMD, {"avx512f", "avx512_bf16"}, "bf16"), (None, None, "none")]
+
+
+def _on_cpu(monkeypatch, vendor, flags):
     monkeypatch.setattr(hnd.precision, "cpu_flags", lambda: None if flags is None else frozenset(flags))
+    monkeypatch.setattr(hnd.precision, "cpu_vendor", lambda: vendor)
+
+
+@pytest.mark.parametrize("vendor, flags, auto", CPUS)
+def test_bf16_on_a_cpu_where_it_is_no_faster_warns(vendor, flags, auto, monkeypatch):
+    _on_cpu(monkeypatch, vendor, flags)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         check_amp("bf16", CPU)
         check_amp("none", CPU)
         check_amp("auto", CPU)
+    warns = flags is not None and auto == "none"
     assert [str(w.message) for w in caught] == (
-        ["amp=bf16 on a CPU without AMX runs no faster than fp32; use amp=auto or none here"] if warns else [])
+        ["amp=bf16 on a CPU without AMX or AMD's AVX512-BF16 runs no faster than fp32; use amp=auto or none here"]
+        if warns else [])
 
 
-@pytest.mark.parametrize("flags, resolved", [({"avx2", "fma"}, "none"), ({"avx512f", "avx512_bf16"}, "none"),
-                                             ({"amx_bf16", "amx_tile"}, "bf16"), (None, "none")])
-def test_auto_takes_bf16_on_a_cpu_with_amx_only(flags, resolved, monkeypatch):
-    monkeypatch.setattr(hnd.precision, "cpu_flags", lambda: None if flags is None else frozenset(flags))
-    assert resolve_amp("auto", CPU) == resolved
+@pytest.mark.parametrize("vendor, flags, auto", CPUS)
+def test_auto_takes_bf16_on_a_cpu_where_it_is_faster(vendor, flags, auto, monkeypatch):
+    _on_cpu(monkeypatch, vendor, flags)
+    assert resolve_amp("auto", CPU) == auto
     assert [resolve_amp(a, CPU) for a in ("none", "bf16", "fp16")] == ["none", "bf16", "fp16"]
     # the strided depthwise convs switch exactly where auto means bf16
-    assert (keep_fp32_layers(_layers(), CPU, "auto") > 0) == (resolved == "bf16")
+    assert (keep_fp32_layers(_layers(), CPU, "auto") > 0) == (auto == "bf16")
 
 
 def test_fp16_needs_cuda():
@@ -95,15 +107,18 @@ def test_fp16_needs_cuda():
 
 
 def test_cpu_model_and_flags_come_from_the_first_processor_of_cpuinfo(tmp_path, monkeypatch):
-    (tmp_path / "cpuinfo").write_text("processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: fpu avx2 amx_bf16\n\n"
+    (tmp_path / "cpuinfo").write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: Test CPU 9000\n"
+                                      "flags\t\t: fpu avx2 amx_bf16\n\n"
                                       "processor\t: 1\nmodel name\t: Other\nflags\t\t: fpu\n")
     monkeypatch.setattr(hnd.machine, "Path", lambda _: tmp_path / "cpuinfo")
     hnd.machine._cpuinfo.cache_clear()
     try:
         assert hnd.machine.cpu_model() == "Test CPU 9000"
+        assert hnd.machine.cpu_vendor() == "AuthenticAMD"
         assert hnd.machine.cpu_flags() == frozenset({"fpu", "avx2", "amx_bf16"})
         (tmp_path / "cpuinfo").write_text("processor\t: 0\nFeatures\t: fp asimd\n")  # an ARM board: no flags line
         hnd.machine._cpuinfo.cache_clear()
         assert hnd.machine.cpu_flags() is None and hnd.machine.cpu_model()
+        assert hnd.machine.cpu_vendor() is None
     finally:
         hnd.machine._cpuinfo.cache_clear()

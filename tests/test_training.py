@@ -107,7 +107,7 @@ def test_runs_test_after_the_epochs_asked_and_the_kept_one_at_the_end(synth, tea
         assert "test_top1" not in kept or kept["test_top1"] == result["test"]["top1"]
 
 
-@pytest.mark.filterwarnings("ignore:amp=bf16 on a CPU without AMX")  # expected on such a CPU; works all the same
+@pytest.mark.filterwarnings("ignore:amp=bf16 on a CPU without AMX or AMD")  # expected on such a CPU; works all the same
 def test_a_student_trains_under_bf16_autocast_on_the_cpu(synth, teacher_ckpt, tmp_path):
     """bf16 autocast (fp32 weights and checkpoint) trains on the CPU as on a GPU; its test top-1
     equals an fp32 evaluation of the checkpoint within one image of the 16."""
