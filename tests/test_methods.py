@@ -201,6 +201,28 @@ def test_one_training_step(teacher, method, pretrained, teachers):
         assert any(n.startswith("head.") for n in moved) and any(n.startswith("tail.") for n in moved)
 
 
+@pytest.mark.parametrize("optimizer, stage", [("adam", 1), ("sgd", 1), ("adam", 2)])
+def test_optimizers_take_one_fused_step_with_the_same_result(optimizer, stage):
+    """On the CPU each optimizer steps fused (one kernel over all tensors), as the unfused step
+    would; parameters on another device (meta here) get the unfused one."""
+    config = TrainConfig(model="resnet18-3ch", method="entropic" if stage == 2 else "hnd", optimizer=optimizer,
+                         lr=0.01, weight_decay=1e-4, stage2_lr=0.01)
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    twin = copy.deepcopy(module)
+    fused, _ = make_optimizer(config, module, stage)
+    plain = type(fused)(twin.parameters(), **{**fused.defaults, "fused": False})
+    assert type(fused).__name__ == ("Adam" if optimizer == "adam" and stage == 1 else "SGD")
+    assert fused.defaults["fused"] is True
+    for _ in range(3):
+        for m, opt in ((module, fused), (twin, plain)):
+            opt.zero_grad()
+            m(torch.arange(8.0).view(2, 4)).square().sum().backward()
+            opt.step()
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(module.parameters(), twin.parameters()))
+    assert not make_optimizer(config, nn.Linear(4, 3, device="meta"), stage)[0].defaults["fused"]
+
+
 # ---------------------------------------------------------------- input sizes and the AE bottleneck
 
 def test_too_small_input_for_the_autoencoder():
