@@ -212,8 +212,9 @@ def _fused(params: list[nn.Parameter]) -> bool:
 
 
 def make_optimizer(config: TrainConfig, module: nn.Module, stage: int = 1):
-    """(optimizer, per-epoch MultiStepLR) over ``module``'s trainable parameters (placed on their
-    device first); entropic stage 2 uses SGD with ``stage2_lr`` and ``stage2_milestones``."""
+    """(optimizer, per-epoch MultiStepLR) over ``module``'s trainable parameters, fused where they
+    are on CPU or CUDA (so build it after placing them); entropic stage 2 uses SGD with
+    ``stage2_lr`` and ``stage2_milestones``."""
     params = [p for p in module.parameters() if p.requires_grad]
     fused = _fused(params)
     if stage == 2:

@@ -8,7 +8,7 @@ MobileNet downsample with them) hold few MACs, so under CPU autocast they run in
 gradients will flow through them, and in bf16 otherwise (a frozen teacher, evaluation).
 ``bench/train_step.py --amp bf16`` shows the step times. Without AMX it depends on the maker:
 on an Intel Xeon with AVX512-BF16, bf16 steps ran no faster than fp32 ones (HND 172 against
-146 ms, KD 323 against 287); on an AMD EPYC (Zen 4) with AVX512-BF16 they ran 1.5-1.7x faster
+146 ms, KD 323 against 287); on an AMD EPYC (Zen 4) with AVX512-BF16 they ran 1.4-1.7x faster
 (HND 99 against 164 ms, KD 174 against 273). So ``amp=auto`` takes bf16 on a CPU with AMX or
 with AMD's AVX512-BF16.
 """
@@ -56,8 +56,7 @@ def check_amp(amp: str, device: torch.device) -> None:
         raise HndError(f"amp=fp16 needs a CUDA device; use amp=bf16, auto or none on {device}")
     if device.type == "cpu" and _cpu_runs_bf16_fast() is False:
         warnings.warn("amp=bf16 on a CPU without AMX or AMD's AVX512-BF16 runs no faster than fp32; use amp=auto "
-                      "or none here",
-                      stacklevel=2)
+                      "or none here", stacklevel=2)
 
 
 def _is_strided_depthwise(module: nn.Module) -> bool:
