@@ -22,9 +22,14 @@ setup() {
     # Bytecode for every installed module and for hnd, compiled on all cores (pip compiles on one:
     # the book's install took 100 s that way, 60 s + 22 s this way, on 2 cores); every notebook's
     # kernel imports from it, also where PYTHONDONTWRITEBYTECODE keeps Python from writing it.
-    # Some packages ship files that do not compile (templates, other Pythons' tests): ignored.
-    "$PY" -m compileall -q -j 0 "$("$PY" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" hnd \
-        >/dev/null 2>&1 || true
+    # Once per set of requirements (a stamp in the venv), not at every start. Some packages ship
+    # files that do not compile (templates, other Pythons' tests): ignored.
+    local stamp="$VENV/.bytecode-$(cat constraints.txt pyproject.toml | sha256sum | cut -c1-16)-${extras//,/-}"
+    if [ ! -e "$stamp" ]; then
+        "$PY" -m compileall -q -j 0 "$("$PY" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" hnd \
+            >/dev/null 2>&1 || true
+        touch "$stamp"
+    fi
     "$PY" -c 'import torch, torchvision; print(f"torch {torch.__version__}, torchvision {torchvision.__version__}")'
 }
 
