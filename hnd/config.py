@@ -73,7 +73,7 @@ class TrainConfig:
     # through V fixed views per image (epoch e shows view e mod V, the same for every run and
     # seed), so that the frozen teacher's outputs can be computed once (`teacher_cache`).
     augment_views: int = 0
-    teacher_cache: str | None = None  # folder of cached teacher outputs (needs augment_views > 0)
+    teacher_cache: str | None = None  # folder of cached teacher outputs and test accuracy (needs augment_views > 0)
     test_every_epoch: bool = False  # also test every epoch on val, for a curve (never used to select)
     test_first_epochs: int = 0  # also test after each of the first N epochs only (cheaper than every epoch)
     device: str = "auto"  # auto | cpu | cuda | cuda:N

@@ -25,7 +25,6 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 from torchvision import io as tvio
 from torchvision import transforms
-from torchvision.transforms import v2
 
 from hnd.errors import HndError
 from hnd.image_folders import SPLITS, Layout, check_layout, load_image
@@ -61,11 +60,13 @@ def pixels_uint8(image: Image.Image | torch.Tensor) -> torch.Tensor:
 
 def normalize_pixels(pixels: torch.Tensor, decoder: str = "pil", mean=IMAGENET_MEAN,
                      std=IMAGENET_STD) -> torch.Tensor:
-    """uint8 [3, H, W] -> the normalized float tensor that the training transform gives for the
-    same pixels, bit for bit: the transform's own last steps (``mean``/``std``: the teacher's)."""
-    if decoder == "pil":  # ToTensor takes an H x W x C array, as it does a PIL image
-        return transforms.Compose(normalize_steps(decoder, mean, std))(pixels.permute(1, 2, 0).numpy())
-    return v2.Compose(normalize_steps(decoder, mean, std))(pixels)
+    """uint8 [..., 3, H, W], one image or a batch -> the normalized float tensor that the
+    training transform gives for the same pixels, bit for bit: the transform's own last steps
+    (``mean``/``std``: the teacher's), applied to the whole batch at once."""
+    to_float, normalize = normalize_steps(decoder, mean, std)
+    if decoder == "pil":  # ToTensor's arithmetic (float, then / 255); it takes one image, not a batch
+        return normalize(pixels.to(torch.get_default_dtype()).div(255))
+    return normalize(to_float(pixels))
 
 
 def read_image(path: str | os.PathLike, decoder: str = "pil") -> Image.Image | torch.Tensor:

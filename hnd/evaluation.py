@@ -22,6 +22,7 @@ from hnd.errors import HndError
 from hnd.registry import ModelSpec
 from hnd.methods import build_reference_teacher
 from hnd.models import create_model
+from hnd.teacher_outputs import cached_teacher_accuracy, fingerprint, teacher_identity
 from hnd.teachers import classifier_classes
 
 
@@ -156,11 +157,21 @@ def evaluate_teacher(config: TrainConfig, data: str | os.PathLike, *, batch_size
                      device: str = "auto", progress: bool = False) -> dict | None:
     """Top-1/top-5 on ``data``/val of the teacher a run of ``config`` learns from (its
     ``teacher_checkpoint`` or pretrained weights); None for a teacher run or an untrained teacher.
-    A finished run has tested itself (``result.json``), so this is all its record still needs."""
+    A finished run has tested itself (``result.json``), so this is all its record still needs.
+    With a ``teacher_cache`` the accuracy is kept there: every student of a grid measures its
+    teacher once."""
     layout = check_layout(data, splits=("val",))
     dev = pick_device(device)
-    loader = _val_loader(config, layout, batch_size, num_workers, dev)
-    return _teacher_accuracy(config, len(layout.classes), loader, dev, progress)
+
+    def measure() -> dict | None:
+        loader = _val_loader(config, layout, batch_size, num_workers, dev)
+        return _teacher_accuracy(config, len(layout.classes), loader, dev, progress)
+
+    if not config.teacher_cache or not _has_teacher(config):
+        return measure()
+    teacher = teacher_identity(config.teacher_checkpoint, config.spec.teacher.name, config.pretrained, config.seed)
+    key = fingerprint(teacher, layout.samples["val"], config.eval_transform(), 0, f"test/{dev.type}")
+    return cached_teacher_accuracy(config.teacher_cache, key, measure)
 
 
 def _val_loader(config: TrainConfig, layout, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
@@ -169,9 +180,14 @@ def _val_loader(config: TrainConfig, layout, batch_size: int, num_workers: int, 
     return eval_loader(dataset, batch_size, num_workers, pin_memory=device.type == "cuda")
 
 
+def _has_teacher(config: TrainConfig) -> bool:
+    """Whether a run of ``config`` learns from a trained teacher (not a teacher run, not random weights)."""
+    return config.method != "teacher" and bool(config.teacher_checkpoint or config.pretrained)
+
+
 def _teacher_accuracy(config: TrainConfig, classes: int, loader: DataLoader, device: torch.device,
                       progress: bool) -> dict | None:
-    if config.method == "teacher" or not (config.teacher_checkpoint or config.pretrained):
+    if not _has_teacher(config):
         return None
     teacher = build_reference_teacher(config, classes).to(device)
     return evaluate(teacher, loader, device, progress=progress, desc="teacher").to_dict()

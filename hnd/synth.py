@@ -20,6 +20,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -178,13 +179,15 @@ def _check_int(name: str, value, minimum: int, maximum: int | None = None) -> No
 
 def write_synthetic_dataset(out: str | os.PathLike, *, classes: int = 10, train_per_class: int = 100,
                             val_per_class: int = 20, image_size: int = 72, seed: int = 0,
-                            progress: Callable[[int, int], None] | None = None) -> dict:
+                            progress: Callable[[int, int], None] | None = None,
+                            processes: int | None = None) -> dict:
     """Write ``out/{train,val}/<class>/<class>_<index:05d>.JPEG`` for the first ``classes`` of
     SYNTH_CLASSES and return a summary (root, classes, counts per split, image_size, seed).
 
     The images are written to a hidden sibling folder renamed to ``out`` at the end, so ``out``
     is either complete or absent; an existing non-empty ``out`` is an error, never overwritten.
-    ``progress(n_done, n_total)`` is called after each image.
+    One class folder per task, on ``processes`` processes (None: one per core); the files are
+    the same for any number. ``progress(n_done, n_total)`` is called after each class folder.
     """
     _check_int("classes", classes, 2, len(SYNTH_CLASSES))
     _check_int("train_per_class", train_per_class, 1)
@@ -202,28 +205,40 @@ def write_synthetic_dataset(out: str | os.PathLike, *, classes: int = 10, train_
     tmp.mkdir()
     summary = {"classes": names, "counts": {s: classes * n for s, n in per_class.items()},
                "image_size": image_size, "seed": seed}
+    folders = [(tmp / split / name, split, label, name, count, image_size, seed)
+               for split, count in per_class.items() for label, name in enumerate(names)]
+    processes = min(len(folders), processes or os.cpu_count() or 1)
+    pool = ProcessPoolExecutor(processes) if processes > 1 else None
     try:
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
-        for split, count in per_class.items():
-            for label, name in enumerate(names):
-                folder = tmp / split / name
-                folder.mkdir(parents=True)
-                for index in range(count):
-                    rng = np.random.default_rng([seed, _SPLIT_IDS[split], label, index])
-                    image = render(name, image_size, rng)
-                    image.save(folder / f"{name}_{index:05d}.JPEG", quality=_JPEG_QUALITY)
-                    done += 1
-                    if progress is not None:
-                        progress(done, total)
+        for written in (pool.map if pool else map)(_write_class_folder, folders):  # in order
+            done += written
+            if progress is not None:
+                progress(done, total)
         try:
             os.replace(tmp, out)  # fails if something appeared in ``out`` meanwhile
         except OSError as e:
             raise HndError(f"{out} already exists; choose another --out or delete it "
                            f"({e.strerror})") from None
     except BaseException:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)  # the folders being written finish before the cleanup
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if pool is not None:
+            pool.shutdown()
     return {"root": str(out), **summary}
+
+
+def _write_class_folder(job: tuple) -> int:
+    """Render one class folder of one split; returns the number of images written."""
+    folder, split, label, name, count, image_size, seed = job
+    folder.mkdir(parents=True)
+    for index in range(count):
+        rng = np.random.default_rng([seed, _SPLIT_IDS[split], label, index])
+        render(name, image_size, rng).save(folder / f"{name}_{index:05d}.JPEG", quality=_JPEG_QUALITY)
+    return count
 
 
 def ensure_synthetic_dataset(out: str | os.PathLike, *, classes: int = 10, train_per_class: int = 100,

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from hnd.checkpoints import atomic_save, read_file
 from hnd.data import ImageDataset, normalize_pixels, pixels_uint8
 from hnd.errors import HndError
+from hnd.files import read_json, write_text
 from hnd.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
 FORMAT = 2  # bump when what a cache file holds changes
@@ -54,8 +55,8 @@ class TeacherOutputs:
 def fingerprint(teacher: str, samples: list[tuple[str, int]], transform: object, views: int,
                 split: str) -> str:
     """What the outputs depend on: the teacher (its checkpoint file's path, size and time, or
-    its pretrained name), the split point, the training images and labels, the augmentation
-    and the number of views."""
+    its pretrained name), the split point (or ``split`` names another measurement of it), the
+    images and labels, the augmentation and the number of views."""
     doc = {"format": FORMAT, "teacher": teacher, "split": split, "views": views, "transform": repr(transform),
            "samples": [(os.path.abspath(p), label) for p, label in samples]}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:20]
@@ -71,21 +72,29 @@ def teacher_identity(checkpoint: str | None, name: str, pretrained: bool, seed: 
 
 
 @torch.no_grad()
-def compute_teacher_outputs(head: nn.Module, teacher: nn.Module, views: ImageDataset, batch_size: int,
-                            num_workers: int, device: torch.device, *, mean=IMAGENET_MEAN,
-                            std=IMAGENET_STD) -> TeacherOutputs:
-    """Run the frozen ``head`` and whole ``teacher`` over every view of every image; ``views``
-    gives the augmented images before normalization (``train_transform(normalize=False)``)."""
+def compute_teacher_outputs(head: nn.Module, tail: nn.Module, views: ImageDataset, batch_size: int,
+                            num_workers: int, device: torch.device, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                            channels_last: bool = False, teacher: nn.Module | None = None) -> TeacherOutputs:
+    """Run the frozen teacher, split into ``head`` and ``tail``, over every view of every image:
+    the logits are ``tail(head(x))``, bit for bit the whole teacher's, without running the head
+    twice; or ``teacher(x)`` where the head is not the teacher's own start (an Inception head
+    without the input transform its teacher applies). ``views`` gives the augmented images
+    before normalization (``train_transform(normalize=False)``)."""
     count, n = views.views, len(views)
-    head.eval(), teacher.eval()
+    for module in (head, tail, teacher):
+        if module is not None:
+            module.eval()
     rows: list[tuple[torch.Tensor, ...]] = []
     for view in range(count):
         views.set_epoch(view)
         loader = DataLoader(views, batch_size=batch_size, num_workers=num_workers, collate_fn=_pixels)
         for pixels, keys in loader:
-            x = torch.stack([normalize_pixels(p, views.decoder, mean, std) for p in pixels])  # [B, 3, S, S]
-            x = x.to(device)
-            rows.append((keys, pixels, head(x).half().cpu(), teacher(x).float().cpu()))
+            x = normalize_pixels(pixels, views.decoder, mean, std).to(device)  # [B, 3, S, S]
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            h = head(x)  # [B, C, H, W]
+            logits = tail(h) if teacher is None else teacher(x)  # [B, classes]
+            rows.append((keys, pixels, h.half().cpu(), logits.float().cpu()))
     keys = torch.cat([r[0] for r in rows])
     order = torch.empty_like(keys)
     order[keys] = torch.arange(len(keys))  # row index·V + view
@@ -134,14 +143,31 @@ def _locked(path: Path):
 def cached_teacher_outputs(folder: str | os.PathLike, key: str, compute) -> TeacherOutputs:
     """The outputs stored as ``folder/<key>.pt``, or ``compute()``'s, stored there first. Runs
     asking for the same key at once wait for the first to finish and read its file."""
-    path = Path(folder) / f"{key}.pt"
-    with _locked(path.with_suffix(".lock")):
-        if path.is_file():
-            doc = read_file(path)
-            if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-                raise HndError(f"{path} is not a teacher-output cache of this version; delete it")
-            return TeacherOutputs(doc["pixels"], doc["head"], doc["logits"])
-        outputs = compute()
+    def read(path: Path) -> TeacherOutputs:
+        doc = read_file(path)
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise HndError(f"{path} is not a teacher-output cache of this version; delete it")
+        return TeacherOutputs(doc["pixels"], doc["head"], doc["logits"])
+
+    def write(outputs: TeacherOutputs, path: Path) -> None:
         atomic_save({"format": FORMAT, "pixels": outputs.pixels, "head": outputs.head, "logits": outputs.logits},
                     path)
-        return outputs
+
+    return _cached(Path(folder) / f"{key}.pt", read, write, compute)
+
+
+def cached_teacher_accuracy(folder: str | os.PathLike, key: str, compute) -> dict:
+    """The teacher's accuracy on a test split stored as ``folder/<key>.json``, or ``compute()``'s
+    (a dict), stored there first: every student of a grid shows its teacher's, measured once."""
+    return _cached(Path(folder) / f"{key}.json", read_json,
+                   lambda value, path: write_text(path, json.dumps(value, indent=1) + "\n"), compute)
+
+
+def _cached(path: Path, read, write, compute):
+    """``read(path)``, or ``compute()`` written with ``write(value, path)`` first, under a lock."""
+    with _locked(path.with_suffix(".lock")):
+        if path.is_file():
+            return read(path)
+        value = compute()
+        write(value, path)
+        return value

@@ -91,6 +91,18 @@ def _indexed(node: fx.Node) -> bool:
     return any(u.op == "call_function" and u.target is operator.getitem for u in node.users)
 
 
+def stage_ends(points: list[str]) -> list[str]:
+    """The split points (in the order run) that end a stage, where a reader would cut: a point's
+    stage is its name up to the first part ending in a digit (``layer2.1.add`` -> ``layer2``,
+    ``features.4.conv.0`` -> ``features.4``, ``denseblock1.denselayer3`` -> ``denseblock1``,
+    ``stage3.2`` -> ``stage3``), else the whole name; the other points lie inside a stage."""
+    def stage(point: str) -> str:
+        parts = point.split(".")
+        return ".".join(parts[:next((i + 1 for i, p in enumerate(parts) if p[-1:].isdigit()), len(parts))])
+
+    return [p for p, after in zip(points, points[1:] + [None]) if after is None or stage(after) != stage(p)]
+
+
 def split_points(gm: fx.GraphModule) -> list[SplitPoint]:
     """Every valid cut of ``gm`` in graph order (not after the last computing node: that
     would leave no tail)."""

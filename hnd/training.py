@@ -383,13 +383,15 @@ def _teacher_cache(config: TrainConfig, task: Task, train_set: ImageDataset, wor
                       f"{spec.split_point}/{spec.head_transform_input}")
 
     def compute() -> TeacherOutputs:
-        head, _ = split_teacher(spec.teacher, task.teacher, spec.split_point,
-                                transform_input=spec.head_transform_input)
+        head, tail = split_teacher(spec.teacher, task.teacher, spec.split_point,
+                                   transform_input=spec.head_transform_input)
         pixels = train_transform(spec, config.transforms, config.resize_size, config.decoder, normalize=False)
         views = ImageDataset(train_set.samples, pixels, augment=True, decoder=config.decoder,
                              views=config.augment_views)
-        return compute_teacher_outputs(head, task.teacher, views, config.eval_batch_size, workers, device,
-                                       mean=spec.teacher.mean, std=spec.teacher.std)
+        dropped = spec.head_transform_input is False and getattr(task.teacher, "transform_input", False)
+        return compute_teacher_outputs(head, tail, views, config.eval_batch_size, workers, device,
+                                       mean=spec.teacher.mean, std=spec.teacher.std,
+                                       channels_last=config.channels_last, teacher=task.teacher if dropped else None)
 
     return cached_teacher_outputs(config.teacher_cache, key, compute)
 

@@ -23,6 +23,7 @@ from hnd.registry import resolve
 from hnd.errors import HndError
 from hnd.book.results import finished_runs, grid_cells, train_overrides, training_runs, unfinished_cells
 from hnd.files import read_json
+from hnd.tracing import stage_ends
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES = ("smoke", "cpu", "paper")
@@ -326,6 +327,8 @@ def test_smoke_book_builds_and_every_page_works_in_a_browser(tmp_path):
     assert stages == [1, 2]
     rate = read_json(runs / "03_rate_accuracy" / "default" / "metrics.json")["points"]
     assert {p["kind"] for p in rate} == {"bottleneck", "input", "teacher_split"}
+    splits = [p["setting"] for p in rate if p["kind"] == "teacher_split"]
+    assert len(splits) > 2 and stage_ends(splits) == splits  # the plain teacher cut where its stages end
     coded = [p for p in rate if p["method"] == "entropic"]
     assert [(p["label"], p["setting"], p["beta"], p["channels"]) for p in coded] == [("entropic 3ch", "β=0.5", 0.5, 3)]
     # The range coder's bytes are the same in training's test and in the rate chapter (same images, one at a time).

@@ -11,11 +11,12 @@ import pytest
 from hnd.errors import HndError
 import hnd.book.explore as explore
 from hnd.book.explore import BEST_SPLIT, DEVICE, ENTROPY, RATE_READOUT, SplitExplorer, _options, \
-    accuracy_from_runs, app_explorer, known_teachers, offered, shortlist, stage_ends, zlib_ratios_from_runs
+    accuracy_from_runs, app_explorer, known_teachers, offered, shortlist, zlib_ratios_from_runs
 from hnd.book.plots import format_rate, plot_delay_breakdown
 from hnd.devices import list_device_profiles, load_device_profile, rows_of, save_device_profile
 from hnd.latency import coded_student, crossovers, plan
 from hnd.registry import resolve
+from hnd.tracing import stage_ends
 
 PROFILES = list_device_profiles()
 

@@ -83,10 +83,11 @@ def test_images_are_rgb_with_sizes_in_range(small):
     assert len(sizes) > 1  # sizes vary, so resize and crop have work to do
 
 
-def test_same_arguments_give_identical_bytes(small, tmp_path):
+@pytest.mark.parametrize("processes", [1, 2, 3])
+def test_same_arguments_give_identical_bytes_on_any_number_of_processes(small, tmp_path, processes):
     out, _ = small
-    write_synthetic_dataset(tmp_path / "again", **SMALL)
-    assert hashes(tmp_path / "again") == hashes(out)
+    write_synthetic_dataset(tmp_path / "again", **SMALL, processes=processes)
+    assert hashes(tmp_path / "again") == hashes(out) and len(hashes(out)) == 18
 
 
 def test_an_image_depends_on_seed_split_class_and_index_only(small, tmp_path):
@@ -149,17 +150,18 @@ def test_an_empty_folder_and_missing_parents_are_fine(tmp_path):
     assert len(hashes(tmp_path / "empty")) == 18
 
 
-def test_progress_and_cleanup_after_a_failure(tmp_path):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_progress_and_cleanup_after_a_failure(tmp_path, processes):
     calls = []
-    write_synthetic_dataset(tmp_path / "ok", **SMALL, progress=lambda *args: calls.append(args))
-    assert calls == [(i, 18) for i in range(1, 19)]
+    write_synthetic_dataset(tmp_path / "ok", **SMALL, progress=lambda *args: calls.append(args), processes=processes)
+    assert calls == [(n, 18) for n in (4, 8, 12, 14, 16, 18)]  # after each class folder: train, then val
 
     def interrupt(done, total):
-        if done == 5:
+        if done >= 5:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        write_synthetic_dataset(tmp_path / "stopped", **SMALL, progress=interrupt)
+        write_synthetic_dataset(tmp_path / "stopped", **SMALL, progress=interrupt, processes=processes)
     assert siblings(tmp_path / "ok") == ["ok"]  # neither ``stopped`` nor its temporary folder
 
 

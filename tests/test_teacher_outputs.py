@@ -9,14 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
+import hnd.evaluation
 import hnd.training
 from conftest import error
 from hnd.registry import resolve
 from hnd.config import resolve_config
-from hnd.data import ImageDataset, train_transform
+from hnd.data import ImageDataset, normalize_pixels, train_transform
+from hnd.evaluation import evaluate_teacher
 from hnd.image_folders import check_layout
 from hnd.methods import build_task
 from hnd.teacher_outputs import CachedViews, compute_teacher_outputs
+from hnd.teachers import build_teacher, split_teacher, teacher_spec
 from hnd.training import finished_run, fit, place_task, read_metrics, train_or_resume
 from test_training import STUDENT, TEACHER, TINY, synth, teacher_ckpt  # noqa: F401 - fixtures
 
@@ -53,7 +56,7 @@ def test_cached_views_are_the_decoded_ones_bit_for_bit(decoder, synth):
                               decoder=decoder, views=2)
     pixels = ImageDataset(samples, train_transform(SPEC_64, decoder=decoder, normalize=False),
                           augment=True, decoder=decoder, views=2)
-    pool = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())  # a "teacher" with 3 logits
+    pool = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())  # a "tail" giving 3 logits
     outputs = compute_teacher_outputs(torch.nn.Identity(), pool, pixels, 2, 0, torch.device("cpu"))
     assert outputs.pixels.dtype == torch.uint8 and outputs.pixels.shape == (10, 3, 64, 64)
     cached = CachedViews(outputs, [label for _, label in samples], 2, decoder)
@@ -64,6 +67,27 @@ def test_cached_views_are_the_decoded_ones_bit_for_bit(decoder, synth):
             y, cached_label, cached_key = cached[i]
             assert torch.equal(x, y) and (label, key) == (cached_label, cached_key)
             assert torch.equal(outputs.head[key], x.half()) and torch.allclose(outputs.logits[key], x.mean((1, 2)))
+        batch = torch.stack([normalized[i][0] for i in range(len(samples))])  # [N, 3, S, S]
+        keys = [index * 2 + epoch % 2 for index in range(len(samples))]
+        assert torch.equal(normalize_pixels(outputs.pixels[keys], decoder), batch)  # a batch at once, the same
+
+
+def test_cached_logits_are_the_whole_teachers(synth):
+    """The head runs once: the logits are tail(head(x)), the whole teacher's bit for bit."""
+    samples = check_layout(synth).samples["train"][:6]
+    pixels = ImageDataset(samples, train_transform(SPEC_64, normalize=False), augment=True, views=2)
+    torch.manual_seed(0)
+    teacher = build_teacher(teacher_spec(TEACHER), pretrained=False, num_classes=4, input_size=64).eval()
+    head, tail = split_teacher(teacher_spec(TEACHER), teacher)
+    for channels_last in (False, True):
+        outputs = compute_teacher_outputs(head, tail, pixels, 4, 0, torch.device("cpu"), channels_last=channels_last)
+        whole = compute_teacher_outputs(head, tail, pixels, 4, 0, torch.device("cpu"), channels_last=channels_last,
+                                        teacher=teacher)
+        assert outputs.logits.shape == (12, 4) and torch.equal(outputs.logits, whole.logits)
+        assert torch.equal(outputs.head, whole.head)
+    cut = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    other = compute_teacher_outputs(head, tail, pixels, 4, 0, torch.device("cpu"), teacher=cut)
+    assert other.logits.shape == (12, 3)  # a head that is not the teacher's start: the teacher's own logits
 
 
 @pytest.mark.parametrize("method", ["naive", "hnd", "kd", "ae"])
@@ -102,6 +126,22 @@ def test_a_new_teacher_or_other_views_make_a_new_cache(synth, teacher_ckpt, tmp_
     shutil.copy(teacher_ckpt, other)
     fit(_config("hnd", other, f"teacher_cache={cache}", "epochs=1"), synth, tmp_path / "c", progress=False)
     assert len(list(cache.glob("*.pt"))) == 3
+
+
+def test_the_teachers_test_accuracy_is_measured_once_per_cache(synth, teacher_ckpt, tmp_path, monkeypatch):
+    calls = []
+    measure = hnd.evaluation._teacher_accuracy
+    monkeypatch.setattr(hnd.evaluation, "_teacher_accuracy", lambda *a: calls.append(1) or measure(*a))
+    cache = tmp_path / "cache"
+    first = evaluate_teacher(_config("hnd", teacher_ckpt, f"teacher_cache={cache}"), synth, num_workers=0)
+    again = evaluate_teacher(_config("kd", teacher_ckpt, f"teacher_cache={cache}", "seed=1"), synth, num_workers=0)
+    plain = evaluate_teacher(_config("hnd", teacher_ckpt), synth, num_workers=0)  # no cache: measured
+    assert calls == [1, 1] and first == again == plain and 0 <= first["top1"] <= 100
+    assert len(list(cache.glob("*.json"))) == 1
+    other = tmp_path / "teacher.pt"
+    shutil.copy(teacher_ckpt, other)  # another teacher file: measured again
+    assert evaluate_teacher(_config("hnd", other, f"teacher_cache={cache}"), synth, num_workers=0) == first
+    assert len(calls) == 3 and len(list(cache.glob("*.json"))) == 2
 
 
 def test_patience_stops_a_run_that_no_longer_improves(synth, teacher_ckpt, tmp_path):

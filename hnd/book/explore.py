@@ -31,6 +31,7 @@ from hnd.book.plots import format_rate, plot_delay_breakdown
 from hnd.registry import list_models, resolve
 from hnd.students import OFFICIAL_CHANNELS
 from hnd.teachers import PAPER_TEACHERS
+from hnd.tracing import stage_ends
 
 FORMATS = ("fp32", "fp16", "int8", "int8+zlib")
 ENTROPY = "entropy"  # the format choice of entropic students, offered when runs measured some
@@ -46,18 +47,6 @@ class RateSlider(widgets.FloatLogSlider):
     trailing zeros)."""
 
     readout_format = traitlets.Unicode(RATE_READOUT).tag(sync=True)
-
-
-def stage_ends(points: list[str]) -> list[str]:
-    """The split points (in the order run) that end a stage, where a reader would cut: a point's
-    stage is its name up to the first part ending in a digit (``layer2.1.add`` -> ``layer2``,
-    ``features.4.conv.0`` -> ``features.4``, ``denseblock1.denselayer3`` -> ``denseblock1``,
-    ``stage3.2`` -> ``stage3``), else the whole name; the other points lie inside a stage."""
-    def stage(point: str) -> str:
-        parts = point.split(".")
-        return ".".join(parts[:next((i + 1 for i, p in enumerate(parts) if p[-1:].isdigit()), len(parts))])
-
-    return [p for p, after in zip(points, points[1:] + [None]) if after is None or stage(after) != stage(p)]
 
 
 @lru_cache(maxsize=128)
