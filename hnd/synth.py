@@ -210,24 +210,23 @@ def write_synthetic_dataset(out: str | os.PathLike, *, classes: int = 10, train_
     processes = min(len(folders), processes or os.cpu_count() or 1)
     pool = ProcessPoolExecutor(processes) if processes > 1 else None
     try:
-        (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
-        for written in (pool.map if pool else map)(_write_class_folder, folders):  # in order
-            done += written
-            if progress is not None:
-                progress(done, total)
+        try:
+            (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
+            for written in (pool.map if pool else map)(_write_class_folder, folders):  # in order
+                done += written
+                if progress is not None:
+                    progress(done, total)
+        finally:
+            if pool is not None:  # after a failure: the folders being written finish before the cleanup
+                pool.shutdown(cancel_futures=True)
         try:
             os.replace(tmp, out)  # fails if something appeared in ``out`` meanwhile
         except OSError as e:
             raise HndError(f"{out} already exists; choose another --out or delete it "
                            f"({e.strerror})") from None
     except BaseException:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)  # the folders being written finish before the cleanup
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    finally:
-        if pool is not None:
-            pool.shutdown()
     return {"root": str(out), **summary}
 
 
