@@ -22,7 +22,7 @@ from hnd.errors import HndError
 from hnd.registry import ModelSpec
 from hnd.methods import build_reference_teacher
 from hnd.models import create_model
-from hnd.teacher_outputs import cached_teacher_accuracy, fingerprint, teacher_identity
+from hnd.teacher_outputs import cache_key, cached_teacher_accuracy
 from hnd.teachers import classifier_classes
 
 
@@ -169,8 +169,7 @@ def evaluate_teacher(config: TrainConfig, data: str | os.PathLike, *, batch_size
 
     if not config.teacher_cache or not _has_teacher(config):
         return measure()
-    teacher = teacher_identity(config.teacher_checkpoint, config.spec.teacher.name, config.pretrained, config.seed)
-    key = fingerprint(teacher, layout.samples["val"], config.eval_transform(), 0, f"test/{dev.type}")
+    key = cache_key(config, layout.samples["val"], config.eval_transform(), 0, f"test/{dev.type}")
     return cached_teacher_accuracy(config.teacher_cache, key, measure)
 
 

@@ -5,7 +5,7 @@ entropic stage 1) and its logits (the soft labels of KD and entropic stage 2) ar
 function of the augmented image. With ``augment_views=V`` every epoch shows one of V fixed
 views of each image (:class:`hnd.data.ImageDataset`), the same for every run and seed, so
 :func:`cached_teacher_outputs` computes both outputs for every view once, keeps them in
-``<teacher_cache>/<fingerprint>.pt`` with the views' pixels, and every run on the same
+``<teacher_cache>/<cache_key>.pt`` with the views' pixels, and every run on the same
 teacher, data and views reads them back instead of decoding images and running the teacher:
 across epochs, bottleneck widths, methods and seeds (:class:`CachedViews`). Caching teacher
 outputs is how torchdistill speeds up distillation too. A file lock makes runs that start
@@ -21,6 +21,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -31,6 +32,9 @@ from hnd.data import ImageDataset, normalize_pixels, pixels_uint8
 from hnd.errors import HndError
 from hnd.files import read_json, write_text
 from hnd.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+
+if TYPE_CHECKING:
+    from hnd.config import TrainConfig
 
 FORMAT = 2  # bump when what a cache file holds changes
 
@@ -52,21 +56,23 @@ class TeacherOutputs:
         return rows.to(device=device, dtype=torch.float32)
 
 
-def fingerprint(teacher: str, samples: list[tuple[str, int]], transform: object, views: int,
-                split: str) -> str:
-    """What the outputs depend on: the teacher (its checkpoint file's path, size and time, or
-    its pretrained name), the split point (or ``split`` names another measurement of it), the
-    images and labels, the augmentation and the number of views."""
-    doc = {"format": FORMAT, "teacher": teacher, "split": split, "views": views, "transform": repr(transform),
-           "samples": [(os.path.abspath(p), label) for p, label in samples]}
+def cache_key(config: TrainConfig, samples: list[tuple[str, int]], transform: object, views: int,
+              split: str) -> str:
+    """The name of what a cache holds for ``config``'s teacher: it depends on the teacher (its
+    checkpoint file's path, size and time, or its pretrained name), the split point (or
+    ``split`` names another measurement of it), the images and labels, the augmentation and
+    the number of views."""
+    doc = {"format": FORMAT, "teacher": _teacher_identity(config), "split": split, "views": views,
+           "transform": repr(transform), "samples": [(os.path.abspath(p), label) for p, label in samples]}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def teacher_identity(checkpoint: str | None, name: str, pretrained: bool, seed: int) -> str:
+def _teacher_identity(config: TrainConfig) -> str:
     """A teacher checkpoint as path, size and modification time (no second read of the file);
     pretrained teachers by name, random ones by name and the seed that drew them."""
+    checkpoint, name = config.teacher_checkpoint, config.spec.teacher.name
     if not checkpoint:
-        return f"pretrained:{name}" if pretrained else f"random:{name}:{seed}"
+        return f"pretrained:{name}" if config.pretrained else f"random:{name}:{config.seed}"
     stat = Path(checkpoint).stat()
     return f"{os.path.abspath(checkpoint)}:{stat.st_size}:{stat.st_mtime_ns}"
 

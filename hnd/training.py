@@ -39,8 +39,8 @@ from hnd.registry import ModelSpec
 from hnd.evaluation import Accuracy, default_workers, eval_loader, evaluate, evaluate_checkpoint, head_error
 from hnd.methods import FROZEN_TAIL_METHODS, Task, build_task, check_input_size, make_optimizer, stage_of
 from hnd.precision import AMP_DTYPES, check_amp, keep_fp32_layers, resolve_amp
-from hnd.teacher_outputs import CachedViews, TeacherOutputs, cached_teacher_outputs, compute_teacher_outputs, \
-    fingerprint, teacher_identity
+from hnd.teacher_outputs import CachedViews, TeacherOutputs, cache_key, cached_teacher_outputs, \
+    compute_teacher_outputs
 from hnd.teachers import split_teacher
 
 # Keys a resumed run may change: they do not alter what is computed.
@@ -378,9 +378,8 @@ def _teacher_cache(config: TrainConfig, task: Task, train_set: ImageDataset, wor
     if not config.teacher_cache or task.teacher is None:
         return None
     spec = config.spec
-    teacher = teacher_identity(config.teacher_checkpoint, spec.teacher.name, config.pretrained, config.seed)
-    key = fingerprint(teacher, train_set.samples, train_set.transform, config.augment_views,
-                      f"{spec.split_point}/{spec.head_transform_input}")
+    key = cache_key(config, train_set.samples, train_set.transform, config.augment_views,
+                    f"{spec.split_point}/{spec.head_transform_input}")
 
     def compute() -> TeacherOutputs:
         head, tail = split_teacher(spec.teacher, task.teacher, spec.split_point,
