@@ -104,6 +104,9 @@ def _steps_of(conf: str) -> list[int]:
 
 
 def _config(folder: Path, node: str, cpus: int, memory_mb: int, dbd_port: int | None) -> str:
+    """slurm.conf. A requeued job is held back until its old credentials expire (a job started
+    sooner is killed as "Job credential revoked"): ``cred_expire=5`` makes that hold 6 s instead
+    of 121, and the main scheduler, which starts it then, looks every second instead of every 60."""
     storage = (f"accounting_storage/slurmdbd\nAccountingStorageHost=127.0.0.1\nAccountingStoragePort={dbd_port}"
                if dbd_port else "accounting_storage/none")
     return f"""\
@@ -130,6 +133,8 @@ SelectTypeParameters=CR_Core
 ReturnToService=2
 MinJobAge=600
 KillWait=10
+AuthInfo=cred_expire=5
+SchedulerParameters=sched_interval=1
 NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN
 PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
 """
