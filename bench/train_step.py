@@ -11,7 +11,9 @@ next to one large fp32 matrix product on the same device and threads ("matmul"):
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the process's peak RSS, each
 (model, method) case running in a fresh subprocess. "built" is the memory after building the
-models (CPU: current RSS; CUDA: allocated), "peak" the peak at the end of the case.
+models (CPU: current RSS; CUDA: allocated), "peak" the peak at the end of the case. "1st step s" is
+the first step's seconds: under ``--compile`` it holds the compilation, which training would pay
+once per process (less where inductor's on-disk cache already holds the graphs).
 HND needs the student head's output shape to equal the teacher head's: true at the official sizes,
 but not at every ``--input-size`` (e.g. 128 fits DenseNet and ResNet, 131 Inception-v3); a mismatch
 shows as an error row.
@@ -21,6 +23,7 @@ Usage:
     python bench/train_step.py --models resnet152 --methods kd hnd --steps 5
     python bench/train_step.py --device cpu --batch-size 2 --input-size 128 --models resnet152  # quick
     python bench/train_step.py --device cuda --amp bf16 --channels-last --json train_step.json
+    python bench/train_step.py --compile ...                     # each method's loss under torch.compile
     OMP_NUM_THREADS=1 python bench/train_step.py --device cpu --batch-size 32 --input-size 80 --channels 3 \
         --models shufflenet_v2_x1_0@stage2 [--channels-last]          # the cpu profile's students
 """
@@ -28,6 +31,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -67,10 +71,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input-size", type=int, help="default: official (224; Inception-v3 299)")
     p.add_argument("--batch-size", type=int, help="default: 32 on CUDA, 4 on CPU")
     p.add_argument("--steps", type=int, help="timed steps; default: 20 on CUDA, 3 on CPU")
-    p.add_argument("--warmup", type=int, help="untimed steps first; default: 5 on CUDA, 1 on CPU")
+    p.add_argument("--warmup", type=int, help="untimed steps first (at least 1, the first of them shown as "
+                   "'1st step s'); default: 5 on CUDA, 1 on CPU")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--amp", choices=("bf16", "fp16"), help="autocast dtype (fp16: CUDA only)")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    p.add_argument("--compile", action="store_true", help="run each method's loss under torch.compile (inductor)")
     p.add_argument("--json", metavar="FILE", help="also write the rows and ratios to FILE")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one case (JSON) and print its row
     args = p.parse_args(argv)
@@ -90,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(str(exc))
     args.batch_size = args.batch_size or (32 if cuda else 4)
     args.steps = args.steps or (20 if cuda else 3)
-    args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
+    args.warmup = max(1, args.warmup) if args.warmup is not None else (5 if cuda else 1)
     return args
 
 
@@ -148,16 +154,23 @@ def measure(case: dict) -> dict:
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (case["batch"],), device=device)
     amp_dtype = AMP_DTYPES[case["amp"] or "none"]
+    loss_of = functools.partial(task.loss, task.trained)
+    if case["compile"]:
+        loss_of = torch.compile(loss_of)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            loss, _ = task.loss(task.trained, x, y)
+            loss, _ = loss_of(x, y)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
 
-    for _ in range(case["warmup"]):
+    start = time.perf_counter()
+    step()  # the first step: with --compile, the compilation
+    _sync(device)
+    first_step_s = time.perf_counter() - start
+    for _ in range(case["warmup"] - 1):  # the rest of the warm-up
         step()
     _sync(device)
     times = []
@@ -169,7 +182,7 @@ def measure(case: dict) -> dict:
     seconds = statistics.median(times)
     peak = _mib(torch.cuda.max_memory_allocated(device)) if cuda else _peak_rss_mib()
     return {**case, "ms_per_step": 1000 * seconds, "ms_steps": [1000 * t for t in times],
-            "images_per_s": case["batch"] / seconds,
+            "images_per_s": case["batch"] / seconds, "first_step_s": first_step_s,
             "built_mib": built, "peak_mib": peak}
 
 
@@ -227,8 +240,9 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-ROW_FORMAT = "{:<13} {:<6} {:>5} {:>5} {:>9} {:>10} {:>10} {:>10} {:>8} {:>8}"
-HEADER = ("model", "method", "batch", "size", "images/s", "ms/step", "built MiB", "peak MiB", "GFLOP/s", "% matmul")
+ROW_FORMAT = "{:<13} {:<6} {:>5} {:>5} {:>9} {:>10} {:>10} {:>10} {:>8} {:>8} {:>10}"
+HEADER = ("model", "method", "batch", "size", "images/s", "ms/step", "built MiB", "peak MiB", "GFLOP/s", "% matmul",
+          "1st step s")
 
 
 def with_arithmetic(row: dict, macs_per_image: int | None, matmul: float) -> dict:
@@ -241,11 +255,11 @@ def with_arithmetic(row: dict, macs_per_image: int | None, matmul: float) -> dic
 
 def print_row(row: dict) -> None:
     if "error" in row:
-        values, tail = ["-"] * 6, f"  error: {row['error']}"
+        values, tail = ["-"] * 7, f"  error: {row['error']}"
     else:
         values, tail = [f"{row['images_per_s']:.2f}", f"{row['ms_per_step']:.1f}", f"{row['built_mib']:.0f}",
                         f"{row['peak_mib']:.0f}", _fmt(row.get("gflops"), ".1f"),
-                        _fmt(row.get("pct_of_matmul"), ".0f")], ""
+                        _fmt(row.get("pct_of_matmul"), ".0f"), f"{row['first_step_s']:.1f}"], ""
     print(ROW_FORMAT.format(row["model"], row["method"], row["batch"], row["input_size"], *values) + tail,
           flush=True)
 
@@ -268,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(measure(json.loads(args.one))))
         return
     env = {"torch": torch.__version__, "device": args.device, "threads": torch.get_num_threads(),
-           "amp": args.amp or "none", "channels_last": args.channels_last}
+           "amp": args.amp or "none", "channels_last": args.channels_last, "compile": args.compile}
     if args.device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
     env["matmul_gflops"] = round(matmul_gflops(args.device), 1)
@@ -282,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
         for method in args.methods:
             case = {"model": teacher, "method": method, "channels": args.channels, "device": args.device,
                     "batch": args.batch_size, "input_size": size, "steps": args.steps, "warmup": args.warmup,
-                    "amp": args.amp, "channels_last": args.channels_last}
+                    "amp": args.amp, "channels_last": args.channels_last, "compile": args.compile}
             rows.append(with_arithmetic(run_case(case), macs.get(method), env["matmul_gflops"]))
             print_row(rows[-1])
         if "hnd" in args.methods:
