@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torchvision
 import torchvision.models as tvm
 from torch import nn
 from torchvision.models.inception import Inception3

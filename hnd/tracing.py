@@ -25,7 +25,6 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 import torchvision
 from torch import fx, nn
 from torchvision.models.feature_extraction import NodePathTracer
