@@ -2,11 +2,13 @@
 CPU node (``slurm_cluster.py``) cannot produce in a test's time: GPUs in the batch file, ``sbatch``
 refusing at a submit limit and a job ended by its time limit.
 
-``sbatch FILE`` refuses while ``<state>/refuse`` exists, else numbers the job, keeps the batch file as ``<state>/<id>.sbatch`` and runs it
-in the background as a Slurm node would (SLURM_* variables set); ``srun --output PATTERN CMD``
-runs CMD with its output appended to the pattern's file; ``sacct -j ID[,ID]`` reports RUNNING,
-COMPLETED or FAILED from the job's process and exit code, or the state a test writes into
-``<state>/<id>.state`` (e.g. TIMEOUT).
+``sbatch FILE`` refuses while ``<state>/refuse`` exists, else numbers the job, keeps the batch file
+as ``<state>/<id>.sbatch`` and runs that copy in the background as a Slurm node would (SLURM_*
+variables set). Slurm too runs its own copy: submitit moves FILE right after ``sbatch`` returns,
+so a job that opened FILE itself could find it gone (bash's exit 127). ``srun --output PATTERN
+CMD`` runs CMD with its output appended to the pattern's file; ``sacct -j ID[,ID]`` reports
+RUNNING, COMPLETED or FAILED from the job's process and exit code, or the state a test writes
+into ``<state>/<id>.state`` (e.g. TIMEOUT).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ script = Path(sys.argv[-1]).read_text()
 (state / f"{job}.sbatch").write_text(script)
 env = dict(os.environ, SLURM_JOB_ID=str(job), SLURM_NTASKS="1", SLURM_JOB_NUM_NODES="1", SLURM_NODEID="0",
            SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_JOB_NODELIST="fakenode")
-wrapper = f'bash {sys.argv[-1]}; echo $? > {state}/{job}.rc'
+wrapper = f'bash {state}/{job}.sbatch; echo $? > {state}/{job}.rc'  # the copy, as Slurm runs its own
 process = subprocess.Popen(["sh", "-c", wrapper], env=env, start_new_session=True, stdin=subprocess.DEVNULL,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 (state / f"{job}.pid").write_text(str(process.pid))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -278,6 +279,24 @@ def test_slurm_jobs_through_sbatch_and_sacct(project, tmp_path, monkeypatch, cap
     out = capsys.readouterr().out
     assert re.search(r"02_train/x-1 +failed .*submission failed: .*QOSMaxSubmitJobPerUserLimit", out), out
     assert re.search(r"02_train/wide_x-2 +done \(cached\)", out), out
+
+
+def test_the_stand_in_sbatch_runs_its_own_copy_of_the_script(tmp_path):
+    """As Slurm does: the job still runs when the submitted file is gone right after sbatch
+    returns (submitit moves it then; a job that opened the file itself failed with exit 127)."""
+    bin_dir, state = fake_slurm.install(tmp_path / "slurm")
+    script, marker, late = tmp_path / "job.sh", tmp_path / "ran", tmp_path / "late"
+    script.write_text(f"#!/bin/bash\ntouch {marker}\n")
+    late.mkdir()  # a bash that starts the job only once the submitted file is gone: the race, every time
+    (late / "bash").write_text(f'#!/bin/sh\nwhile [ -e {script} ]; do sleep 0.02; done\n'
+                               f'exec {shutil.which("bash")} "$@"\n')
+    (late / "bash").chmod(0o755)
+    env = dict(os.environ, FAKE_SLURM_STATE=str(state), PATH=f"{late}{os.pathsep}{os.environ['PATH']}")
+    done = subprocess.run([str(bin_dir / "sbatch"), str(script)], env=env, capture_output=True, text=True)
+    script.unlink()
+    assert done.stdout.strip() == "Submitted batch job 1"
+    _wait(lambda: (state / "1.rc").is_file(), "job 1 to end")
+    assert (state / "1.rc").read_text().strip() == "0" and marker.is_file()
 
 
 def test_every_job_flag_of_the_command_is_a_job_option():
