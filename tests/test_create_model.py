@@ -179,8 +179,8 @@ def test_inside_the_package_models_travel_as_specs():
         for _, obj in inspect.getmembers(module):
             if getattr(obj, "__module__", None) != info.name:
                 continue
-            members = [obj] + ([m for _, m in inspect.getmembers(obj, inspect.isfunction)] if inspect.isclass(obj)
-                               else [])
+            # a class's own attributes only: walking inherited ones touches ipywidgets' deprecated class attributes
+            members = [obj] + ([getattr(obj, key) for key in vars(obj)] if inspect.isclass(obj) else [])
             for fn in map(inspect.unwrap, members):  # through lru_cache
                 if inspect.isfunction(fn) and any(_takes_a_name(a) for a in fn.__annotations__.values()):
                     found.add(f"{fn.__module__}.{fn.__qualname__}")

@@ -196,3 +196,26 @@ def test_the_teacher_that_fills_the_cache_is_placed_like_the_student(method, tea
     kernels = [m.weight for m in task.teacher.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
     assert kernels and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
                            for w in kernels)
+
+
+def test_inception_logits_keep_the_input_transform_its_student_head_drops(synth, tmp_path):
+    """An official Inception-v3 student's head starts without the input transform (the
+    original never applied it) while its KD teacher was asked for one: the cached logits are
+    the whole teacher's, transform included, and the cached head outputs the head's without it."""
+    name = "inception_v3_head_mimic-ver1b-3ch"
+    config = resolve_config(resolve(name), "kd", None, ["pretrained=false", "inception_transform_input=true",
+                                                        "augment_views=1", "eval_batch_size=2", "num_workers=0",
+                                                        f"teacher_cache={tmp_path / 'cache'}"])
+    torch.manual_seed(0)
+    task = build_task(config, 4)
+    assert task.teacher.transform_input and config.spec.head_transform_input is False
+    samples = check_layout(synth).samples["train"][:2]
+    train_set = ImageDataset(samples, train_transform(config.spec), augment=True, views=1)
+    cached = hnd.training._teacher_cache(config, task, train_set, 0, torch.device("cpu"))
+    head, tail = split_teacher(config.spec.teacher, task.teacher, config.spec.split_point, transform_input=False)
+    x = torch.stack([train_set[i][0] for i in range(2)])  # [2, 3, 299, 299], the views the cache holds
+    with torch.no_grad():
+        whole, cut = task.teacher(x), head(x)
+        assert torch.allclose(cached.logits, whole, atol=1e-4)
+        assert not torch.allclose(cached.logits, tail(cut), atol=1e-2)  # what the teacher gives without it
+        assert torch.allclose(cached.head.float(), cut.half().float())
