@@ -1,6 +1,6 @@
-"""A stand-in for Slurm's sbatch, srun, sacct and squeue on one machine, for what a real single
-CPU node (``slurm_cluster.py``) cannot produce in a test's time: GPUs in the batch file, ``sbatch``
-refusing at a submit limit and a job ended by its time limit.
+"""A stand-in for Slurm's sbatch, srun, sacct and squeue on one machine, for what the real
+single node of ``slurm_cluster.py`` does not produce in a test's time: ``sbatch`` refusing at a
+submit limit and a job ended by its time limit.
 
 ``sbatch FILE`` refuses while ``<state>/refuse`` exists, else numbers the job, keeps the batch file
 as ``<state>/<id>.sbatch`` and runs that copy in the background as a Slurm node would (SLURM_*

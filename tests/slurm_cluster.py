@@ -1,7 +1,8 @@
 """A real single-node Slurm for the cluster tests: Debian's slurm-wlm (22.05) and munge on this
 machine, configured in a folder of its own (no cgroups) and stopped at the end; without an
 accounting daemon, as on many small clusters, or with one (slurmdbd on a MariaDB server of its
-own, in the same folder).
+own, in the same folder). The node has two GPUs for Slurm to count and allocate (``gres/gpu``):
+two files of the folder stand in for their device nodes, and nothing runs on them.
 
 ``start(folder, accounting=...)`` writes ``slurm.conf``, starts munged (if none runs), with
 accounting MariaDB and slurmdbd (registering the cluster), then slurmctld and slurmd on free
@@ -103,6 +104,9 @@ def _steps_of(conf: str) -> list[int]:
     return found
 
 
+GPUS = 2  # the node's gres/gpu count
+
+
 def _config(folder: Path, node: str, cpus: int, memory_mb: int, dbd_port: int | None) -> str:
     """slurm.conf. A requeued job is held back until its old credentials expire (a job started
     sooner is killed as "Job credential revoked"): ``cred_expire=5`` makes that hold 6 s instead
@@ -111,6 +115,7 @@ def _config(folder: Path, node: str, cpus: int, memory_mb: int, dbd_port: int | 
                if dbd_port else "accounting_storage/none")
     return f"""\
 ClusterName=hndtest
+GresTypes=gpu
 SlurmctldHost={node}(127.0.0.1)
 SlurmctldPort={_free_port()}
 SlurmdPort={_free_port()}
@@ -135,9 +140,17 @@ MinJobAge=600
 KillWait=10
 AuthInfo=cred_expire=5
 SchedulerParameters=sched_interval=1
-NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN
+NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} Gres=gpu:{GPUS} State=UNKNOWN
 PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
 """
+
+
+def _write_gres(folder: Path, node: str) -> None:
+    """gres.conf beside slurm.conf: the node's GPUs as files slurmd finds (it counts the files
+    named, and drains a node that reports fewer GPUs than slurm.conf gives it)."""
+    for index in range(GPUS):
+        (folder / f"gpu{index}").touch()
+    (folder / "gres.conf").write_text(f"NodeName={node} Name=gpu File={folder}/gpu[0-{GPUS - 1}]\n")
 
 
 def _munged_running() -> bool:
@@ -190,6 +203,7 @@ def start(folder: str | Path, *, accounting: bool = False, timeout_s: float = 12
     conf = folder / "slurm.conf"
     db_port, dbd_port = (_free_port(), _free_port()) if accounting else (None, None)
     conf.write_text(_config(folder, node, cpus, memory_mb, dbd_port))
+    _write_gres(folder, node)
     cluster = Cluster(folder, node, {"SLURM_CONF": str(conf)})
     begin = time.monotonic()
     if not _munged_running():

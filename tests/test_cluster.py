@@ -38,7 +38,7 @@ pause: float = 0.0  # seconds per epoch
 output_dir: str = ""  # the cell folder (set by the runner)
 profile: str = "manual"  # the profile (set by the runner)
 processes: int = 1  # training processes (set by the runner)'''
-TRAIN = '''import json, pathlib, time  # not hnd: a kernel without torch starts in a second
+TRAIN = '''import json, os, pathlib, time  # not hnd: a kernel without torch starts in a second
 run = pathlib.Path(output_dir, "run")
 run.mkdir(exist_ok=True)
 last = run / "last.json"
@@ -50,7 +50,8 @@ for epoch in range(start, epochs):
     (run / "last.tmp").write_text(json.dumps({"epoch": epoch}))
     (run / "last.tmp").replace(last)
 pathlib.Path(output_dir, "metrics.json").write_text(json.dumps(
-    {"test_top1": float(x), "resumed_at": start, "processes": processes}))'''
+    {"test_top1": float(x), "resumed_at": start, "processes": processes,
+     "gpus_on_node": os.environ.get("SLURM_GPUS_ON_NODE")}))'''
 
 
 @pytest.fixture

@@ -4,16 +4,19 @@ job cancelled mid-cell (as an admin, a node failure or an out-of-memory kill end
 through ``squeue`` when ``sacct`` has no answer, and the next run resumes the cell from its last
 checkpoint; a job requeued by ``scontrol requeue`` runs the cell again, resumed, to the end.
 Then once with accounting (slurmdbd on MariaDB): the cancelled job's state comes from ``sacct``.
+A step that asks for GPUs gets them from Slurm (the node's two ``gres/gpu``, files in place of
+device nodes), and one that asks for more than the node has is refused by ``sbatch``.
 
-What still uses the stand-in of ``fake_slurm.py`` (``test_cluster.py``): GPUs in the batch file
-(``--gpus-per-node``: a CPU node has none), ``sbatch`` refusing at a QOS submit limit (the
-accounting cluster could hold one, with ``AccountingStorageEnforce=limits`` and a QOS; not set
-up, to keep the suite's time) and a time limit (Slurm's shortest is a minute; submitit's
-signal-and-requeue path runs in the local-executor test)."""
+What still uses the stand-in of ``fake_slurm.py`` (``test_cluster.py``): ``sbatch`` refusing at
+a QOS submit limit (the accounting cluster could hold one, with
+``AccountingStorageEnforce=limits`` and a QOS; not set up, to keep the suite's time) and a time
+limit (Slurm's shortest is a minute; submitit's signal-and-requeue path runs in the
+local-executor test)."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -176,3 +179,25 @@ def test_with_accounting_sacct_tells_the_cancelled_job_and_the_cell_resumes(proj
     _wait(lambda: slurm_states([second]).get(second, "RUNNING") not in ("RUNNING", "COMPLETING"), "the job to end", 60)
     assert accounting_cluster.run("sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", second).stdout \
         .startswith(f"{second}|COMPLETED")
+
+
+def test_gpus_a_step_asks_for_are_allocated_by_slurm_or_refused_at_submission(project, slurm_env):
+    """A step with ``slurm: {gpus: 2}`` is a job that Slurm gives the node's two GPUs, and its
+    cell is told to train with one process per GPU; a step asking for more GPUs than any node
+    has is refused by sbatch, and only its cell fails, with Slurm's words."""
+    write_profile(project, "grid", {"steps": [
+        {"notebook": "02_train", "name": "wide", "grid": {"x": [1]}, "parameters": {"epochs": 1},
+         "slurm": {"gpus": slurm_cluster.GPUS}},
+        {"notebook": "02_train", "name": "wider", "grid": {"x": [2]}, "parameters": {"epochs": 1},
+         "slurm": {"gpus": slurm_cluster.GPUS + 1}},
+    ]})
+    runs = project / "runs" / "book" / "grid"
+    with open(project / "run.log", "w") as log:
+        assert _book(project, *RUN, output=log).wait(timeout=300) == 1
+    text = (project / "run.log").read_text()
+    metrics = read_json(runs / "02_train" / "wide_x-1" / "metrics.json")
+    assert metrics["processes"] == slurm_cluster.GPUS and metrics["gpus_on_node"] == str(slurm_cluster.GPUS), text
+    job = slurm_env.run("scontrol", "-d", "-o", "show", "job", _job_id(runs, "wide_x-1")).stdout
+    assert f" JOB_GRES=gpu:{slurm_cluster.GPUS} " in job, job  # what Slurm allocated to the job
+    assert re.search(r"02_train/wider_x-2 +failed .*submission failed: .*Requested node configuration is not "
+                     r"available", text), text
