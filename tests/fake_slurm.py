@@ -1,11 +1,11 @@
 """A stand-in for Slurm's sbatch, srun, sacct and squeue on one machine, for what the real
-single node of ``slurm_cluster.py`` does not produce in a test's time: ``sbatch`` refusing at a
-submit limit and a job ended by its time limit.
+single node of ``slurm_cluster.py`` does not produce in a test's time: a job ended by its time
+limit (Slurm's shortest is a minute).
 
-``sbatch FILE`` refuses while ``<state>/refuse`` exists, else numbers the job, keeps the batch file
-as ``<state>/<id>.sbatch`` and runs that copy in the background as a Slurm node would (SLURM_*
-variables set). Slurm too runs its own copy: submitit moves FILE right after ``sbatch`` returns,
-so a job that opened FILE itself could find it gone (bash's exit 127). ``srun --output PATTERN
+``sbatch FILE`` numbers the job, keeps the batch file as ``<state>/<id>.sbatch`` and runs that
+copy in the background as a Slurm node would (SLURM_* variables set). Slurm too runs its own
+copy: submitit moves FILE right after ``sbatch`` returns, so a job that opened FILE itself could
+find it gone (bash's exit 127). ``srun --output PATTERN
 CMD`` runs CMD with its output appended to the pattern's file; ``sacct -j ID[,ID]`` reports
 RUNNING, COMPLETED or FAILED from the job's process and exit code, or the state a test writes
 into ``<state>/<id>.state`` (e.g. TIMEOUT).
@@ -21,8 +21,6 @@ import os, re, subprocess, sys
 from pathlib import Path
 state = Path(os.environ["FAKE_SLURM_STATE"])
 state.mkdir(parents=True, exist_ok=True)
-if (state / "refuse").exists():  # as a cluster at its submit limit
-    sys.exit("sbatch: error: QOSMaxSubmitJobPerUserLimit")
 counter = state / "counter"
 job = int(counter.read_text()) + 1 if counter.exists() else 1
 counter.write_text(str(job))

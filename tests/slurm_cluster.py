@@ -1,8 +1,9 @@
 """A real single-node Slurm for the cluster tests: Debian's slurm-wlm (22.05) and munge on this
 machine, configured in a folder of its own (no cgroups) and stopped at the end; without an
 accounting daemon, as on many small clusters, or with one (slurmdbd on a MariaDB server of its
-own, in the same folder). The node has two GPUs for Slurm to count and allocate (``gres/gpu``):
-two files of the folder stand in for their device nodes, and nothing runs on them.
+own, in the same folder), which enforces QOS limits. The node has two GPUs for Slurm to count
+and allocate (``gres/gpu``): two files of the folder stand in for their device nodes, and
+nothing runs on them.
 
 ``start(folder, accounting=...)`` writes ``slurm.conf``, starts munged (if none runs), with
 accounting MariaDB and slurmdbd (registering the cluster), then slurmctld and slurmd on free
@@ -105,14 +106,15 @@ def _steps_of(conf: str) -> list[int]:
 
 
 GPUS = 2  # the node's gres/gpu count
+ONE_AT_A_TIME = "one"  # with accounting: a QOS under which a user may have one job queued or running
 
 
 def _config(folder: Path, node: str, cpus: int, memory_mb: int, dbd_port: int | None) -> str:
     """slurm.conf. A requeued job is held back until its old credentials expire (a job started
     sooner is killed as "Job credential revoked"): ``cred_expire=5`` makes that hold 6 s instead
     of 121, and the main scheduler, which starts it then, looks every second instead of every 60."""
-    storage = (f"accounting_storage/slurmdbd\nAccountingStorageHost=127.0.0.1\nAccountingStoragePort={dbd_port}"
-               if dbd_port else "accounting_storage/none")
+    storage = (f"accounting_storage/slurmdbd\nAccountingStorageHost=127.0.0.1\nAccountingStoragePort={dbd_port}\n"
+               "AccountingStorageEnforce=limits,qos" if dbd_port else "accounting_storage/none")
     return f"""\
 ClusterName=hndtest
 GresTypes=gpu
@@ -189,7 +191,9 @@ def _start_accounting(cluster: Cluster, env: dict, db_port: int, dbd_port: int) 
     cluster.processes.append(subprocess.Popen([_daemon("slurmdbd"), "-D"], env=env, stdout=subprocess.DEVNULL,
                                               stderr=subprocess.DEVNULL, start_new_session=True))
     _until(lambda: cluster.run("sacctmgr", "-n", "list", "cluster", check=False).returncode == 0, "slurmdbd")
-    cluster.run("sacctmgr", "-i", "add", "cluster", "hndtest")
+    cluster.run("sacctmgr", "-i", "add", "cluster", "hndtest")  # root's association comes with it
+    cluster.run("sacctmgr", "-i", "add", "qos", ONE_AT_A_TIME, "MaxSubmitJobsPerUser=1")
+    cluster.run("sacctmgr", "-i", "modify", "user", "root", "set", f"qos+={ONE_AT_A_TIME}")
 
 
 def start(folder: str | Path, *, accounting: bool = False, timeout_s: float = 120.0) -> Cluster:

@@ -5,11 +5,10 @@ through ``squeue`` when ``sacct`` has no answer, and the next run resumes the ce
 checkpoint; a job requeued by ``scontrol requeue`` runs the cell again, resumed, to the end.
 Then once with accounting (slurmdbd on MariaDB): the cancelled job's state comes from ``sacct``.
 A step that asks for GPUs gets them from Slurm (the node's two ``gres/gpu``, files in place of
-device nodes), and one that asks for more than the node has is refused by ``sbatch``.
+device nodes), and one that asks for more than the node has is refused by ``sbatch``; with
+accounting, ``sbatch`` refuses a job over a QOS submit limit. Either way only that cell fails.
 
-What still uses the stand-in of ``fake_slurm.py`` (``test_cluster.py``): ``sbatch`` refusing at
-a QOS submit limit (the accounting cluster could hold one, with
-``AccountingStorageEnforce=limits`` and a QOS; not set up, to keep the suite's time) and a time
+What still uses the stand-in of ``fake_slurm.py`` (``test_cluster.py``): a job ended by its time
 limit (Slurm's shortest is a minute; submitit's signal-and-requeue path runs in the
 local-executor test)."""
 
@@ -201,3 +200,26 @@ def test_gpus_a_step_asks_for_are_allocated_by_slurm_or_refused_at_submission(pr
     assert f" JOB_GRES=gpu:{slurm_cluster.GPUS} " in job, job  # what Slurm allocated to the job
     assert re.search(r"02_train/wider_x-2 +failed .*submission failed: .*Requested node configuration is not "
                      r"available", text), text
+
+
+def test_with_accounting_sbatch_refuses_a_job_over_the_qos_submit_limit(project, accounting_cluster, monkeypatch):
+    """Under a QOS that lets a user have one job at a time (``MaxSubmitJobsPerUser=1``), sbatch
+    refuses the second cell of a step: only that cell fails, with Slurm's words, and the next
+    run submits it, the first one's result kept."""
+    for key, value in accounting_cluster.env.items():
+        monkeypatch.setenv(key, value)
+    runs = _grid(project, epochs=4, pause=0.5, cells=(1, 2))
+    limited = [*RUN, f"--sbatch=--qos={slurm_cluster.ONE_AT_A_TIME}"]
+    with open(project / "first.log", "w") as log:
+        assert _book(project, *limited, output=log).wait(timeout=300) == 1
+    text = (project / "first.log").read_text()
+    refused = re.findall(r"(02_train/x-\d) +failed .*submission failed: .*Job violates accounting/QOS policy "
+                         r"\(job submit limit", text)
+    assert len(refused) == 1, text
+    done = ({"02_train/x-1", "02_train/x-2"} - set(refused)).pop()
+    assert cell_state(runs / done)["status"] == "done"
+
+    with open(project / "second.log", "w") as log:
+        assert _book(project, *limited, output=log).wait(timeout=300) == 0
+    text = (project / "second.log").read_text()
+    assert f"{refused[0]}: submitted as slurm job" in text and re.search(rf"{done} +done \(cached\)", text), text
