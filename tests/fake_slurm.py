@@ -5,10 +5,9 @@ limit (Slurm's shortest is a minute).
 ``sbatch FILE`` numbers the job, keeps the batch file as ``<state>/<id>.sbatch`` and runs that
 copy in the background as a Slurm node would (SLURM_* variables set). Slurm too runs its own
 copy: submitit moves FILE right after ``sbatch`` returns, so a job that opened FILE itself could
-find it gone (bash's exit 127). ``srun --output PATTERN
-CMD`` runs CMD with its output appended to the pattern's file; ``sacct -j ID[,ID]`` reports
-RUNNING, COMPLETED or FAILED from the job's process and exit code, or the state a test writes
-into ``<state>/<id>.state`` (e.g. TIMEOUT).
+find it gone (bash's exit 127). ``srun --output PATTERN CMD`` runs CMD with its output appended
+to the pattern's file; ``sacct -j ID[,ID]`` reports RUNNING, COMPLETED or FAILED from the job's
+process and exit code, or the state a test writes into ``<state>/<id>.state`` (e.g. TIMEOUT).
 """
 
 from __future__ import annotations
