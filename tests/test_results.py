@@ -326,6 +326,21 @@ def test_training_plot_of_an_entropic_run_shows_its_rate_and_stages(plt):
     assert not any(list(line.get_xdata()) == [2.5, 2.5] for ax in plain.axes for line in ax.lines)
 
 
+def test_training_plot_of_a_long_run_shows_only_its_epochs(plt):
+    """Past 12 epochs the axes keep integer ticks of their own and end within an epoch of the
+    run's first and last (no epoch -5 or 20 on a 15-epoch run)."""
+    from hnd.book.plots import plot_training
+
+    lines = [{"epoch": e, "train_loss": 10.0 / e, "select_top1": 5.0 * e, "seconds": 4.0} for e in range(1, 16)]
+    fig = plot_training(lines)
+    fig.canvas.draw()
+    for ax in fig.axes:
+        low, high = ax.get_xlim()
+        assert -1 < low < 1 and 15 < high < 17, (ax.get_title(), low, high)
+        shown = [t for t in ax.get_xticks() if low <= t <= high]
+        assert len(shown) >= 3 and all(float(t).is_integer() for t in shown), shown
+
+
 def test_narrowest_summary_reads_each_method_at_the_narrowest_width():
     from hnd.book.results import narrowest_summary
 

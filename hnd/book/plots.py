@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
-from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, NullFormatter, NullLocator
+from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, MaxNLocator, NullFormatter, NullLocator
 
 from hnd.book.results import RunRecord, beta_setting, is_entropic_point
 
@@ -262,7 +262,10 @@ def plot_training(metrics: list[dict], title: str = "") -> Figure:
                          fontsize=7, color=STAGE_COLOR)
     for ax in axes:
         ax.grid(alpha=0.3, lw=0.5)
-        ax.set_xticks(epochs if len(epochs) <= 12 else ax.get_xticks())
+        if len(epochs) <= 12:
+            ax.set_xticks(epochs)
+        else:  # a locator, not fixed ticks: those would widen the axis past the run (epoch -5 to 20)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
