@@ -1,4 +1,5 @@
-"""Shared fixtures: an isolated torch cache with generated "pretrained" weights, images."""
+"""Shared fixtures: an isolated torch cache with generated "pretrained" weights, images, and
+the training tests' generated dataset and teacher."""
 
 from __future__ import annotations
 
@@ -13,8 +14,12 @@ import torch
 from PIL import Image
 from torch import nn
 
+from hnd.config import resolve_config
 from hnd.errors import HndError
+from hnd.registry import resolve
+from hnd.synth import write_synthetic_dataset
 from hnd.teachers import teacher_spec, weights_path
+from hnd.training import fit
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one test process per core: one thread each, subprocesses too
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -25,6 +30,11 @@ OFFICIAL_STUDENTS = [
     f"{t}_head_mimic-ver{'1b' if t == 'inception_v3' else '2b'}-{c}ch"
     for t in PAPER_TEACHERS for c in (3, 6, 9, 12)
 ]
+# The training tests' teacher and student, tiny and quick: 64-px inputs, 4 classes, no worker processes.
+TEACHER = "resnet18"
+STUDENT = "resnet18@layer2-3ch"
+TINY = ["input_size=64", "batch_size=8", "eval_batch_size=16", "num_workers=0", "holdout_per_class=2",
+        "milestones=[1]"]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -43,6 +53,22 @@ def torch_home(tmp_path_factory) -> Path:
         else:
             os.environ[k] = v
 
+
+
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory) -> Path:
+    """A generated 4-class dataset of 64-px images (16 training and 4 validation per class)."""
+    return Path(write_synthetic_dataset(tmp_path_factory.mktemp("data") / "synth", classes=4, train_per_class=16,
+                                        val_per_class=4, image_size=64, seed=0)["root"])
+
+
+@pytest.fixture(scope="session")
+def teacher_ckpt(synth, tmp_path_factory) -> Path:
+    """A 4-class ResNet-18 teacher trained from scratch for one epoch (the CPU profile's start)."""
+    out = tmp_path_factory.mktemp("runs") / "teacher"
+    config = resolve_config(resolve(TEACHER), "teacher", None, [*TINY, "pretrained=false", "epochs=1", "lr=0.002"])
+    fit(config, synth, out, progress=False)
+    return out / "best.pt"
 
 @contextmanager
 def parameters_on_meta():

@@ -3,7 +3,6 @@ our modules, walking them in the order the original's decomposition flattened th
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from hnd.students import Student

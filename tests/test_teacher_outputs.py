@@ -11,7 +11,7 @@ import torch
 
 import hnd.evaluation
 import hnd.training
-from conftest import error
+from conftest import STUDENT, TEACHER, TINY, error
 from hnd.registry import resolve
 from hnd.config import resolve_config
 from hnd.data import ImageDataset, normalize_pixels, train_transform
@@ -21,7 +21,6 @@ from hnd.methods import build_task
 from hnd.teacher_outputs import CachedViews, compute_teacher_outputs
 from hnd.teachers import build_teacher, split_teacher, teacher_spec
 from hnd.training import finished_run, fit, place_task, read_metrics, train_or_resume
-from test_training import STUDENT, TEACHER, TINY, synth, teacher_ckpt  # noqa: F401 - fixtures
 
 VIEWS = ["augment_views=2", "epochs=3"]
 SPEC_64 = resolve(STUDENT).at_input_size(64)

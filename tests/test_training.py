@@ -18,35 +18,14 @@ import torch
 from hnd.registry import resolve
 from hnd.checkpoints import load_model, read_file
 from hnd.cli import main
-from conftest import error
+from conftest import STUDENT, TEACHER, TINY, error
 from hnd.config import resolve_config
 from hnd.errors import HndError
 from hnd.evaluation import evaluate_checkpoint, evaluate_teacher
 from hnd.methods import build_task
-from hnd.synth import write_synthetic_dataset
 from hnd.training import fit, read_metrics, resume_config, train_or_resume
 
-TEACHER = "resnet18"
-STUDENT = "resnet18@layer2-3ch"
-# Tiny and quick: 64-px inputs, 4 classes, no worker processes.
-TINY = ["input_size=64", "batch_size=8", "eval_batch_size=16", "num_workers=0", "holdout_per_class=2",
-        "milestones=[1]"]
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def synth(tmp_path_factory) -> Path:
-    return Path(write_synthetic_dataset(tmp_path_factory.mktemp("data") / "synth", classes=4, train_per_class=16,
-                                        val_per_class=4, image_size=64, seed=0)["root"])
-
-
-@pytest.fixture(scope="session")
-def teacher_ckpt(synth, tmp_path_factory) -> Path:
-    """A 4-class ResNet-18 teacher trained from scratch for one epoch (the CPU profile's start)."""
-    out = tmp_path_factory.mktemp("runs") / "teacher"
-    config = resolve_config(resolve(TEACHER), "teacher", None, [*TINY, "pretrained=false", "epochs=1", "lr=0.002"])
-    fit(config, synth, out, progress=False)
-    return out / "best.pt"
 
 
 def _config(method: str, teacher_ckpt: Path, *extra: str):
