@@ -84,11 +84,25 @@ PAGE_STATE_JS = r"""
       inWidget: !!img.closest('.widget-subarea'),
     };
   });
-  // Tables wider than the text column make the reader scroll sideways.
-  const column = document.querySelector('main article, article, main');
-  const limit = column ? column.getBoundingClientRect().width : window.innerWidth;
-  const wideTables = [...document.querySelectorAll('table')].map(
-      (t) => Math.round(t.getBoundingClientRect().width)).filter((w) => w > limit + 1);
+  // Tables wider than the text column make the reader scroll sideways. The column is the
+  // article's content box (the theme's <main> also holds the page's table of contents).
+  const column = document.querySelector('article') || document.querySelector('main');
+  const padding = (el) => parseFloat(getComputedStyle(el).paddingLeft) + parseFloat(getComputedStyle(el).paddingRight);
+  const limit = column ? column.clientWidth - padding(column) : window.innerWidth;
+  // So does a table in a scrolling box narrower than the table (a vertical scrollbar
+  // takes its width from the box): the box's width, 0 where no box scrolls sideways.
+  const sideways = (t) => {
+    for (let el = t.parentElement; el && el !== column; el = el.parentElement) {
+      const style = getComputedStyle(el).overflowX;
+      if ((style === 'auto' || style === 'scroll') && el.scrollWidth > el.clientWidth + 1) {
+        return Math.round(el.clientWidth);
+      }
+    }
+    return 0;
+  };
+  const wideTables = [...document.querySelectorAll('table')].map((t) => ({
+    width: Math.round(t.getBoundingClientRect().width), box: sideways(t),
+  })).filter((t) => t.width > limit + 1 || t.box > 0);
   // A Markdown table that was rendered as text: a line of pipes and dashes (Sphinx's
   // smart quotes turn --- into an em dash) outside code.
   const separator = /^\s*\|?(\s*:?[-\u2013\u2014]+:?\s*\|)+\s*(:?[-\u2013\u2014]+:?\s*)?$/;
@@ -354,8 +368,11 @@ def _state_problems(state: dict) -> list[str]:
         elif img["visible"] and (img["width"] == 0 or img["height"] == 0):
             problems.append(f"image {_short(img['src'])} is rendered with zero size "
                             f"({img['width']:g}x{img['height']:g})")
-    for width in state.get("wideTables", []):
-        problems.append(f"a table is {width} px wide, wider than the text column ({state['column']} px)")
+    for table in state.get("wideTables", []):
+        if table["width"] > state["column"] + 1:
+            problems.append(f"a table is {table['width']} px wide, wider than the text column ({state['column']} px)")
+        else:
+            problems.append(f"a table scrolls sideways in a box {table['box']} px wide")
     for text in state.get("rawTables", []):
         problems.append(f"a Markdown table shows as text, not as a table: {text!r}")
     if state["math"]:

@@ -53,6 +53,15 @@ PAGES = {
     # A Markdown table displayed by a cell and rendered as CommonMark: one paragraph of pipes.
     "markdown_table.html": ("<p>| claim | holds |\n|---|:---:|\n| smaller | yes |</p>",
                             "a Markdown table shows as text, not as a table: '| claim | holds |"),
+    # A table wider than the article, in a page whose <main> is wide enough for it (the theme's
+    # <main> holds the article and the page's table of contents).
+    "wide_table.html": ('<main style="width: 1000px"><article style="width: 600px"><div style="overflow-x: auto">'
+                        '<table style="width: 800px"><tr><td>wide</td></tr></table></div></article></main>',
+                        "a table is 800 px wide, wider than the text column (600 px)"),
+    # A table that fits the article, in a scrolling box that does not.
+    "boxed_table.html": ('<article style="width: 600px"><div style="width: 500px; overflow-x: auto">'
+                         '<table style="width: 550px"><tr><td>boxed</td></tr></table></div></article>',
+                         "a table scrolls sideways in a box 500 px wide"),
     # The same after Sphinx's smart quotes, which turn --- into em dashes.
     "markdown_table_dashes.html": ("<p>| claim | here |\n| \u2014 | \u2014 |\n| smaller | <strong>holds</strong> |</p>",
                                    "a Markdown table shows as text"),
