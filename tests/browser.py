@@ -87,7 +87,10 @@ PAGE_STATE_JS = r"""
   // Tables wider than the text column make the reader scroll sideways. The column is the
   // article's content box (the theme's <main> also holds the page's table of contents).
   const column = document.querySelector('article') || document.querySelector('main');
-  const padding = (el) => parseFloat(getComputedStyle(el).paddingLeft) + parseFloat(getComputedStyle(el).paddingRight);
+  const padding = (el) => {
+    const style = getComputedStyle(el);
+    return parseFloat(style.paddingLeft) + parseFloat(style.paddingRight);
+  };
   const limit = column ? column.clientWidth - padding(column) : window.innerWidth;
   // So does a table in a scrolling box narrower than the table (a vertical scrollbar
   // takes its width from the box): the box's width, 0 where no box scrolls sideways.

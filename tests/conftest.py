@@ -54,7 +54,6 @@ def torch_home(tmp_path_factory) -> Path:
             os.environ[k] = v
 
 
-
 @pytest.fixture(scope="session")
 def synth(tmp_path_factory) -> Path:
     """A generated 4-class dataset of 64-px images (16 training and 4 validation per class)."""
@@ -69,6 +68,7 @@ def teacher_ckpt(synth, tmp_path_factory) -> Path:
     config = resolve_config(resolve(TEACHER), "teacher", None, [*TINY, "pretrained=false", "epochs=1", "lr=0.002"])
     fit(config, synth, out, progress=False)
     return out / "best.pt"
+
 
 @contextmanager
 def parameters_on_meta():
