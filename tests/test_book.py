@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import nbformat
@@ -16,6 +17,7 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 from browser import check_pages
 from conftest import error
 from hnd.book.build import build_book
+from hnd.book.cells import KERNEL_STARTS, CellRun
 from hnd.book.grid import check_cells, load_profile, plan_cells, profile_names, run_grid, summary_table
 from hnd.cli import main
 from hnd.config import experiment_config
@@ -411,3 +413,36 @@ def test_a_full_scale_profile_from_the_command_line_then_hnd_book_build(toy, mon
     assert "squared 25" in page.read_text()
     assert main(["book", "build", "--profile", "nosuch"]) == 2
     assert "nosuch" in capsys.readouterr().err
+
+
+# A papermill run whose kernel dies at start while its port is taken, for the first ``taken``
+# starts, then runs (or fails otherwise); jupyter_client's port race cannot be forced, so this
+# prints what such a run logs.
+PORT_RACE = """import pathlib, sys
+starts = pathlib.Path(sys.argv[1])
+starts.write_text(starts.read_text() + "x" if starts.exists() else "x")
+if len(starts.read_text()) <= int(sys.argv[2]):
+    print("zmq.error.ZMQError: Address already in use (addr='tcp://127.0.0.1:44605')")
+    print("RuntimeError: Kernel died before replying to kernel_info")
+    sys.exit(1)
+if sys.argv[3] == "fails":
+    print("ModuleNotFoundError: No module named 'hnd'")
+    sys.exit(1)
+print("the notebook ran")"""
+
+
+@pytest.mark.parametrize("taken, then, status, starts", [
+    (1, "runs", "done", 2),  # started again, and it ran
+    (KERNEL_STARTS, "runs", "failed", KERNEL_STARTS),  # no more than KERNEL_STARTS starts
+    (1, "fails", "failed", 2),  # the second start failed otherwise: not started again
+    (0, "fails", "failed", 1),  # a notebook that fails otherwise runs once
+])
+def test_a_kernel_whose_port_was_taken_is_started_again(tmp_path, taken, then, status, starts):
+    counter = tmp_path / "starts"
+    run = CellRun("02_train/x-1", str(tmp_path), str(tmp_path),
+                  [sys.executable, "-c", PORT_RACE, str(counter), str(taken), then], {"cell": "02_train/x-1"})
+    record = run.execute()
+    assert (record["status"], len(counter.read_text())) == (status, starts)
+    log = (tmp_path / "log.txt").read_text()
+    assert log.count("the kernel could not bind its ports; starting it again") == starts - 1
+    assert read_json(tmp_path / "results.json")["status"] == status

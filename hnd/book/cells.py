@@ -137,6 +137,21 @@ def log_tail(path: Path, lines: int = 3) -> str:
     return " | ".join(text[-lines:])
 
 
+# jupyter_client picks free ports for a kernel, then the kernel binds them: a process that takes
+# one in between (another kernel starting beside it) makes the kernel die before any cell ran.
+PORT_TAKEN = ("Address already in use", "Kernel died before replying to kernel_info")
+KERNEL_STARTS = 3  # tries per run when that happens
+
+
+def _lost_its_ports(log: Path, begin: int) -> bool:
+    """Whether the run logged from byte ``begin`` of ``log`` on ended with a kernel that died
+    at start because one of its ports was taken."""
+    with open(log, "rb") as f:
+        f.seek(begin)
+        text = f.read().decode(errors="replace")
+    return all(sign in text for sign in PORT_TAKEN)
+
+
 @dataclass
 class CellRun:
     """One cell's papermill run as a picklable value: executed by this process, or shipped to a
@@ -167,10 +182,15 @@ class CellRun:
         start = time.perf_counter()
         with open(folder / "log.txt", "a") as log_file:  # a resumed cell's earlier attempts stay
             log_file.write(f"--- {now()}: {record.get('job', {}).get('id', 'run')} on {platform.node()}\n")
-            log_file.flush()
-            self._process = subprocess.Popen(self.command, cwd=self.root, env={**os.environ, **(env or {})},
-                                             stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-            rc = self._process.wait()
+            for attempt in range(1, KERNEL_STARTS + 1):
+                log_file.flush()
+                begin = os.fstat(log_file.fileno()).st_size  # the kernels write here too
+                self._process = subprocess.Popen(self.command, cwd=self.root, env={**os.environ, **(env or {})},
+                                                 stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                rc = self._process.wait()
+                if rc == 0 or attempt == KERNEL_STARTS or not _lost_its_ports(folder / "log.txt", begin):
+                    break
+                log_file.write(f"--- {now()}: the kernel could not bind its ports; starting it again\n")
         seconds = round(time.perf_counter() - start, 1)
         if rc < 0 and not final_on_signal:
             return {**record, "seconds": seconds, "error": f"ended by signal {-rc}"}
