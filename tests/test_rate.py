@@ -285,6 +285,38 @@ def test_plot_rate_accuracy(teacher_top1):
         plt.close(fig)
 
 
+def test_plot_rate_accuracy_draws_an_entropic_curve_through_its_seed_means_and_writes_every_beta():
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import LineCollection
+    from matplotlib.colors import to_rgba
+
+    from hnd.book.plots import plot_rate_accuracy
+    from hnd.book.results import model_points
+
+    # Two seeds per β whose points lie close: one seed of β=30 as accurate as β=1 (seen in a build).
+    coded = []
+    for beta, seeds in ((1.0, ((186.5, 78.5), (187.6, 79.5))), (30.0, ((157.2, 78.5), (157.3, 67.0)))):
+        for b, top1 in seeds:
+            coded += model_points([RatePoint("bottleneck", "entropic 3ch", "entropy", b, top1, 99.0, 10)],
+                                  "entropic", 3, beta)
+    fig = plot_rate_accuracy(_points() + coded, teacher_top1=75.0)
+    try:
+        (ax,) = fig.axes
+        (curve,) = [line for line in ax.lines if "range-coded" in line.get_label()]
+        assert list(curve.get_xdata()) == pytest.approx([157.25, 187.05])  # one point per β, not per seed
+        assert list(curve.get_ydata()) == pytest.approx([72.75, 79.0])
+        (bars,) = [c for c in ax.collections if isinstance(c, LineCollection)]
+        assert [tuple(bars.get_color()[0])] == [to_rgba(curve.get_color())]
+        spans = sorted((seg[0][1], seg[1][1]) for seg in bars.get_segments())
+        assert spans == [(67.0, 78.5), (78.5, 79.5)]  # from the lowest to the highest seed
+        written = [t.get_text() for t in ax.texts]
+        assert written.count("β=1") == 1 and written.count("β=30") == 1
+    finally:
+        plt.close(fig)
+
+
 def test_plot_rate_accuracy_draws_each_entropic_student_as_a_curve_over_beta():
     matplotlib = pytest.importorskip("matplotlib")
     matplotlib.use("Agg")

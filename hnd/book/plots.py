@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, MaxNLocator, NullFormatter, NullLocator
 
-from hnd.book.results import RunRecord, beta_setting, is_entropic_point
+from hnd.book.results import RunRecord, beta_setting, entropic_means, is_entropic_point
 
 if TYPE_CHECKING:  # torch: only the figures of models need it, not those of runs
     from hnd.analysis import Analysis
@@ -380,8 +380,9 @@ def _annotate_sparsely(ax, series: list[dict], most: int, placed: list, y_tol: f
 def plot_rate_accuracy(points: list[RatePoint] | list[dict], teacher_top1: float | None = None) -> Figure:
     """Top-1 against bytes sent per image (log scale) for :mod:`hnd.rate` points: bottlenecks
     as markers (colour by model, marker by tensor format), each entropic student (rows with a
-    ``beta``, see :func:`hnd.book.results.model_points`) as one curve over its β values, joined in
-    order of bytes and labelled with β, one line per input codec over its qualities, one line
+    ``beta``, see :func:`hnd.book.results.model_points`) as one curve through the mean of its
+    seeds at each β, joined in order of bytes, with a bar from its lowest to its highest seed and
+    every β written, one line per input codec over its qualities, one line
     per teacher through its split stages (in stage order), the raw input size as a dotted
     vertical line, the teacher's top-1 (if given) as a dashed line. Sized to be read at the
     width of a page: the legend sits below the axes, in columns."""
@@ -413,13 +414,20 @@ def plot_rate_accuracy(points: list[RatePoint] | list[dict], teacher_top1: float
             curves.append((label, color))
     handles += [plt.Line2D([], [], ls="", marker=markers[f], ms=6, color="0.6", mec="black", mew=0.4,
                            label=f"bottleneck {f}") for f in formats]
+    means = entropic_means(bottlenecks)
     for label, color in curves:
-        series = sorted((r for r in bottlenecks if r["label"] == label and is_entropic_point(r)),
-                        key=lambda r: (r["bytes"], r["beta"]))
-        (line,) = ax.plot([r["bytes"] for r in series], [r["top1"] for r in series], marker="P", ms=8, lw=1.6,
+        series = sorted((c for c in means if c["label"] == label), key=lambda c: (c["bytes"], c["beta"]))
+        (line,) = ax.plot([c["bytes"] for c in series], [c["top1"] for c in series], marker="P", ms=8, lw=1.6,
                           color=color, mec="black", mew=0.4, zorder=4, label=f"{label}, range-coded over β")
         handles.append(line)
-        _annotate_sparsely(ax, series, 5, placed, y_tol, xytext=(5, -11), fontsize=_NOTE_SIZE, color=color)
+        spread = [c for c in series if c["top1_high"] > c["top1_low"]]
+        if spread:  # from the lowest to the highest seed, as the results chapter draws them
+            ax.vlines([c["bytes"] for c in spread], [c["top1_low"] for c in spread],
+                      [c["top1_high"] for c in spread], color=color, lw=1.6, zorder=4)
+        for c in series:  # every β: the curve's points mean nothing without it
+            placed.append((c["bytes"], c["top1"]))
+            ax.annotate(beta_setting(c["beta"]), (c["bytes"], c["top1"]), textcoords="offset points",
+                        xytext=(5, -11), fontsize=_NOTE_SIZE, color=color)
 
     inputs = [r for r in rows if r["kind"] == "input"]
     for label in dict.fromkeys(r["label"] for r in inputs if r["setting"] != "raw"):

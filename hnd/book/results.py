@@ -340,18 +340,27 @@ def entropic_settings(rows: list[dict]) -> dict[tuple, list[dict]]:
     return groups
 
 
-def entropic_comparison(rows: list[dict]) -> list[dict]:
+def entropic_means(rows: list[dict]) -> list[dict]:
     """One row per entropic student and rate weight β (by channels, then bytes), averaged over
-    its seeds: bytes, top-1 and its lowest and highest seed; the HND student of the same width
-    sent as int8 and int8+zlib, averaged over its seeds; and the fewest bytes with which the
-    input image reaches the mean top-1 as JPEG and as WebP (:func:`matched_input`). Every method
-    is a mean over its seeds, so that no seed is picked. Missing partners are None."""
+    its seeds: label, channels, β, seeds, bytes, top-1 and the top-1 of its lowest and highest
+    seed, so that no seed is picked."""
     out = []
     for (label, channels, beta), seeds in entropic_settings(rows).items():
         top1 = [r["top1"] for r in seeds]
-        line = {"label": label, "channels": channels, "beta": beta, "seeds": len(seeds),
-                "bytes": mean(r["bytes"] for r in seeds), "top1": mean(top1), "top1_low": min(top1),
-                "top1_high": max(top1)}
+        out.append({"label": label, "channels": channels, "beta": beta, "seeds": len(seeds),
+                    "bytes": mean(r["bytes"] for r in seeds), "top1": mean(top1), "top1_low": min(top1),
+                    "top1_high": max(top1)})
+    return sorted(out, key=lambda c: (c["channels"] or 0, c["bytes"]))
+
+
+def entropic_comparison(rows: list[dict]) -> list[dict]:
+    """:func:`entropic_means`, each row with its alternatives: the HND student of the same width
+    sent as int8 and int8+zlib, averaged over its seeds, and the fewest bytes with which the input
+    image reaches the mean top-1 as JPEG and as WebP (:func:`matched_input`). Missing partners
+    are None."""
+    out = []
+    for line in entropic_means(rows):
+        channels = line["channels"]
         for fmt, key in (("int8", "hnd_int8"), ("int8+zlib", "hnd_zlib")):
             hnd = hnd_partner(rows, channels, fmt)
             line[f"{key}_bytes"] = mean(h["bytes"] for h in hnd) if hnd else None
@@ -361,7 +370,7 @@ def entropic_comparison(rows: list[dict]) -> list[dict]:
             line[f"{codec}_bytes"] = match["bytes"] if match else None
             line[f"{codec}_quality"] = match["setting"].lstrip("q") if match else None
         out.append(line)
-    return sorted(out, key=lambda c: (c["channels"] or 0, c["bytes"]))
+    return out
 
 
 def most_accurate(settings: list[dict]) -> dict:
