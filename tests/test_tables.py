@@ -24,6 +24,14 @@ def test_scroll_table_shows_every_row_where_pandas_cuts_them():
     assert "…" not in html and "..." not in html
 
 
+def test_scroll_table_leaves_a_value_that_does_not_apply_empty():
+    frame = pd.DataFrame({"method": ["teacher", "hnd", "entropic"], "channels": pd.array([pd.NA, 3, 3], dtype="Int64"),
+                          "beta": [None, None, 1.0], "bytes per image": [None, None, 187.1]})
+    html = scroll_table(frame.set_index(["method", "channels"])).data  # the teacher has no channels
+    assert "NaN" not in html and "<NA>" not in html and "&lt;NA&gt;" not in html
+    assert html.count("<td></td>") == 4 and "<td>187.1</td>" in html and ">3</th>" in html
+
+
 def test_csv_download_writes_the_table_and_links_it_beside_the_page(tmp_path):
     cell = tmp_path / "03_rate_accuracy" / "default"
     cell.mkdir(parents=True)

@@ -18,10 +18,20 @@ from IPython.display import HTML, Markdown
 SCROLL_CLASS = "hnd-scroll-table"  # styled in _vendor/book.css
 
 
+def _blank_labels(index: pd.Index) -> pd.Index:
+    """``index`` with its missing labels as empty strings: ``to_html``'s ``na_rep`` covers only
+    the values (a teacher's bottleneck channels are missing in the index of every run)."""
+    if isinstance(index, pd.MultiIndex):
+        levels = [_blank_labels(index.get_level_values(k)) for k in range(index.nlevels)]
+        return pd.MultiIndex.from_arrays(levels, names=index.names)
+    return pd.Index(["" if pd.isna(v) else v for v in index], name=index.name) if index.hasnans else index
+
+
 def scroll_table(frame: pd.DataFrame, label: str = "table") -> HTML:
     """Every row of ``frame`` as an HTML table in a box of limited height that scrolls, its
-    header kept in view; ``label`` names the box for screen readers."""
-    table = frame.to_html(max_rows=None, max_cols=None)
+    header kept in view; ``label`` names the box for screen readers. A missing value (a column
+    that does not apply to the row, such as an HND student's β) is an empty cell, not "NaN"."""
+    table = frame.set_axis(_blank_labels(frame.index)).to_html(max_rows=None, max_cols=None, na_rep="")
     return HTML(f'<div class="{SCROLL_CLASS}" tabindex="0" role="region" '
                 f'aria-label="{html.escape(label)}">{table}</div>')
 
