@@ -382,6 +382,15 @@ def test_runs_read_as_if_they_had_stopped_earlier(tmp_path, plt):
     means = {r.method: r for r in seed_means(early)}
     assert means["kd"].test_top1 == 58.5 and means["kd"].seed == -1 and means["hnd"].seed == 0
     fig = plot_learning_curves(curves)
-    left, right = fig.axes
-    assert sum(1 for line in left.lines if len(line.get_xdata()) == 4) == 3
-    assert max(max(line.get_xdata()) for line in right.lines if len(line.get_xdata())) == 8.0  # 4 epochs x 2 s
+    by_epoch, by_seconds = fig.axes
+    assert sum(1 for line in by_epoch.lines if len(line.get_xdata()) == 4) == 3
+    assert max(max(line.get_xdata()) for line in by_seconds.lines if len(line.get_xdata())) == 8.0  # 4 epochs x 2 s
+    # Read at a page's width (about 7 inches): the panels stacked, the legend below them, no text under 8 points.
+    fig.canvas.draw()
+    (legend,) = fig.legends
+    assert fig.get_figwidth() <= 8 and by_seconds.get_window_extent().y1 < by_epoch.get_window_extent().y0
+    assert legend.get_window_extent().y1 <= by_seconds.get_window_extent().y0
+    words = [*legend.get_texts()] + [t for ax in fig.axes for t in (*ax.get_xticklabels(), *ax.get_yticklabels(),
+                                                                    ax.xaxis.label, ax.yaxis.label)]
+    assert min(t.get_fontsize() for t in words) >= 8
+    assert {t.get_text() for t in legend.get_texts()} == {"HND", "KD", "3 ch", "kept epoch"}

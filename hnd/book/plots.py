@@ -555,11 +555,12 @@ def plot_delay_vs_rate(options_by_teacher: dict[str, list], rtt_ms: float) -> Fi
 
 
 def plot_learning_curves(curves: list[tuple[RunRecord, list[dict]]], key: str = "select_top1") -> Figure:
-    """Every student's top-1 (``key``: selection or test split) against epoch and against
-    training seconds: one colour per method, solid for the narrowest bottleneck and dashed for
-    wider ones, one line per seed; a cross marks the epoch each run kept. The right panel is
-    the papers' cost argument: accuracy per second of training."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    """Every student's top-1 (``key``: selection or test split) against epoch (top) and against
+    training seconds (below): one colour per method, solid for the narrowest bottleneck and dashed
+    for wider ones, one line per seed; a cross marks the epoch each run kept. The lower panel is
+    the papers' cost argument: accuracy per second of training. Sized to be read at the width of
+    a page: the panels share its width, the legend sits below them."""
+    fig, axes = plt.subplots(2, 1, figsize=(7.5, 7.5), sharey=True, layout="constrained")
     widths = sorted({r.channels for r, _ in curves if r.channels is not None})
     for record, metrics in curves:
         series = [(m["epoch"], m[key], m["seconds"]) for m in metrics if key in m]
@@ -574,19 +575,24 @@ def plot_learning_curves(curves: list[tuple[RunRecord, list[dict]]], key: str = 
             kept = record.best_epoch - epochs[0]
             if 0 <= kept < len(x):
                 ax.plot(x[kept], top1[kept], "x", ms=7, color=style["color"])
-    for method in dict.fromkeys(r.method for r, _ in curves):
-        axes[0].plot([], [], color=METHOD_COLORS.get(method, STAGE_COLOR), label=METHOD_LABELS.get(method, method))
+    handles = [plt.Line2D([], [], color=METHOD_COLORS.get(method, STAGE_COLOR), label=METHOD_LABELS.get(method, method))
+               for method in dict.fromkeys(r.method for r, _ in curves)]
     if widths:
-        axes[0].plot([], [], color="0.3", ls="-", label=f"{widths[0]} ch")
+        handles.append(plt.Line2D([], [], color="0.3", ls="-", label=f"{widths[0]} ch"))
     if len(widths) > 1:
-        axes[0].plot([], [], color="0.3", ls="--", label=f"{', '.join(map(str, widths[1:]))} ch")
-    axes[0].plot([], [], "x", color="0.3", label="kept epoch")
-    axes[0].set(xlabel="epoch", ylabel=f"{'selection' if key == 'select_top1' else 'test'} top-1")
-    axes[1].set(xlabel="training seconds (cumulative)")
+        handles.append(plt.Line2D([], [], color="0.3", ls="--", label=f"{', '.join(map(str, widths[1:]))} ch"))
+    handles.append(plt.Line2D([], [], ls="", marker="x", color="0.3", label="kept epoch"))
+    split = "selection" if key == "select_top1" else "test"
+    axes[0].set(xlabel="epoch", ylabel=f"{split} top-1")
+    axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[1].set(xlabel="training seconds (cumulative, log scale)", ylabel=f"{split} top-1")
     axes[1].set_xscale("log")
+    axes[1].xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))  # 1,000 s, not 10³
     for ax in axes:
         ax.yaxis.set_major_formatter(_PERCENT)
-        ax.grid(alpha=0.3, lw=0.5)
-    axes[0].legend(fontsize=9, loc="lower right", ncol=2)
-    fig.tight_layout()
+        ax.tick_params(labelsize=10)
+        ax.xaxis.label.set_size(11)
+        ax.yaxis.label.set_size(11)
+        ax.grid(alpha=0.3, lw=0.5, which="both")
+    fig.legend(handles=handles, fontsize=10, loc="outside lower center", ncol=3, frameon=False)
     return fig
